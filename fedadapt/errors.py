@@ -1,0 +1,31 @@
+"""Domain errors: each says what is wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class FedAdaptError(Exception):
+    """Base class of every error fedadapt raises on purpose."""
+
+
+class ConfigError(FedAdaptError, ValueError):
+    """A configuration value is out of range or unknown."""
+
+
+class BackboneError(FedAdaptError):
+    """The backbone cannot be loaded or is not usable for classification."""
+
+
+class FrozenBackboneError(FedAdaptError):
+    """A backbone weight requires grad or changed although it must stay frozen."""
+
+
+class SchemaMismatch(FedAdaptError, ValueError):
+    """Adapter state was produced for a different adapter schema."""
+
+
+class StateError(FedAdaptError, ValueError):
+    """Adapter state or a delta is malformed (names, shapes, dtypes, values or bytes)."""
+
+
+class AdapterFolderError(FedAdaptError):
+    """An adapter folder is missing files or does not match the backbone it is loaded onto."""

@@ -1,0 +1,172 @@
+"""The adapter folder: one format written by training and checkpoints, read by the exporter.
+
+Layout::
+
+    fedadapt_adapter.json        method config, backbone id + fingerprint, pooling, labels,
+                                 state split, schema and schema id
+    adapter_config.json          PEFT methods: PEFT's own files, so that
+    adapter_model.safetensors      PeftModel.from_pretrained(classifier, folder) loads them
+    adapter.safetensors          fedadapt's methods: the full trainable state by schema name
+
+A folder is written to a temporary sibling and renamed into place, so a crash never
+leaves a half-written adapter behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import peft
+from safetensors.torch import load_file, save_file
+
+from fedadapt.backbone import BackboneConfig, load_backbone
+from fedadapt.errors import AdapterFolderError, SchemaMismatch
+from fedadapt.methods import config_to_dict, method_config_from_dict
+from fedadapt.model import AdapterModel, StateSplit
+from fedadapt.pooling import PoolingConfig
+
+MANIFEST = "fedadapt_adapter.json"
+OWN_WEIGHTS = "adapter.safetensors"
+PEFT_WEIGHTS = ("adapter_config.json", "adapter_model.safetensors")
+FOLDER_FORMAT = "fedadapt.adapter.v1"
+
+
+def weight_files(model: AdapterModel) -> tuple[str, ...]:
+    """Names of the files that hold the adapter's weights in its folder."""
+    return PEFT_WEIGHTS if model.method.saves_peft_format else (OWN_WEIGHTS,)
+
+
+def save_adapter(model: AdapterModel, out_dir: str | Path) -> Path:
+    """Write ``model``'s adapter folder to ``out_dir`` atomically and return its path."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise AdapterFolderError(f"{out} exists and is not an adapter folder; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if model.method.saves_peft_format:
+            model.module.save_pretrained(str(staging))
+        else:
+            save_file(model.state(), str(staging / OWN_WEIGHTS), metadata={"schema_id": model.schema_id})
+        _write_json(staging / MANIFEST, _manifest(model))
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The folder's manifest; AdapterFolderError if it is missing or of another format."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise AdapterFolderError(f"{folder} is not a fedadapt adapter folder: {MANIFEST} is missing")
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    if manifest.get("format") != FOLDER_FORMAT:
+        raise AdapterFolderError(f"{path} has format {manifest.get('format')!r}; this fedadapt reads {FOLDER_FORMAT!r}")
+    return manifest
+
+
+def load_adapter(folder: str | Path, backbone: str | None = None) -> AdapterModel:
+    """Load an adapter folder onto its backbone (or onto ``backbone``, which must match it)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    recorded = manifest["backbone"]
+    loaded = load_backbone(
+        BackboneConfig(
+            name_or_path=backbone or recorded["name_or_path"],
+            num_labels=recorded["num_labels"],
+            pooling=PoolingConfig(**recorded["pooling"]),
+            head_dropout=recorded["head_dropout"],
+            seed=recorded["seed"],
+        )
+    )
+    if loaded.fingerprint != recorded["fingerprint"]:
+        raise AdapterFolderError(
+            f"{folder} was trained on backbone {recorded['name_or_path']!r} (fingerprint "
+            f"{recorded['fingerprint'][:12]}…), but the backbone loaded has fingerprint {loaded.fingerprint[:12]}…; "
+            "load it onto the same backbone weights"
+        )
+    split = StateSplit(personal=tuple(manifest["split"]["personal"]))
+    model = AdapterModel(loaded, method_config_from_dict(manifest["method"]), split, tuple(manifest["labels"]))
+    if model.schema_id != manifest["schema_id"]:
+        raise SchemaMismatch(
+            f"{folder} has schema {manifest['schema_id']}, but its method config builds schema {model.schema_id}; "
+            "the folder was written by an incompatible fedadapt or PEFT version"
+        )
+    _load_weights(model, folder)
+    return model
+
+
+def _load_weights(model: AdapterModel, folder: Path) -> None:
+    missing = [f for f in weight_files(model) if not (folder / f).is_file()]
+    if missing:
+        raise AdapterFolderError(f"{folder} lacks weight files {missing}")
+    if not model.method.saves_peft_format:
+        model.load_state(load_file(str(folder / OWN_WEIGHTS)))
+        return
+    saved = load_file(str(folder / PEFT_WEIGHTS[1]))
+    expected = set(peft.get_peft_model_state_dict(model.module))
+    if set(saved) != expected:
+        raise AdapterFolderError(
+            f"{folder / PEFT_WEIGHTS[1]} holds tensors {sorted(set(saved) ^ expected)[:3]} that do not match the "
+            "method config in the manifest"
+        )
+    peft.set_peft_model_state_dict(model.module, saved)
+
+
+def _manifest(model: AdapterModel) -> dict[str, Any]:
+    config = model.backbone.config
+    return {
+        "format": FOLDER_FORMAT,
+        "method": config_to_dict(model.method),
+        "backbone": {
+            "name_or_path": config.name_or_path,
+            "fingerprint": model.backbone.fingerprint,
+            "num_labels": config.num_labels,
+            "pooling": {"mode": model.backbone.pooling.mode, "normalize": model.backbone.pooling.normalize},
+            "head_dropout": config.head_dropout,
+            "seed": config.seed,
+        },
+        "labels": list(model.labels),
+        "split": {"personal": list(model.split.personal)},
+        "schema_id": model.schema_id,
+        "schema": model.schema.to_dict(),
+        "weights": list(weight_files(model)),
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Swap ``staging`` in as ``out``; the old folder is removed only after the swap."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    os.replace(out, retired / out.name)
+    os.replace(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,41 @@
+"""What every adapter method provides to the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from torch import nn
+
+from fedadapt.backbone import SequenceClassifier
+
+
+@dataclass
+class AppliedMethod:
+    """The result of putting a method on a classifier.
+
+    ``module`` is what is called for forward passes; ``released`` names backbone weights
+    the method trains on purpose (BitFit's biases) so the frozen guard stops watching them;
+    ``extras`` are facts that belong in the adapter schema (e.g. FFA-LoRA's hash of A).
+    """
+
+    module: nn.Module
+    released: tuple[str, ...] = ()
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class MethodConfig(Protocol):
+    """A frozen dataclass per method. ``size_field`` is what ``--rank`` sets, if anything."""
+
+    name: ClassVar[str]
+    size_field: ClassVar[str | None]
+    saves_peft_format: ClassVar[bool]
+
+    def apply(self, model: SequenceClassifier) -> AppliedMethod: ...
+
+
+def config_to_dict(config: MethodConfig) -> dict[str, Any]:
+    """JSON-ready fields of a method config, with its name."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}  # type: ignore[arg-type]
+    return {"name": config.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}

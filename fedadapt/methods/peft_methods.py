@@ -1,0 +1,176 @@
+"""Adapter methods provided by Hugging Face PEFT: LoRA, FFA-LoRA, IA3, prompt and prefix tuning.
+
+FFA-LoRA: Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024.
+Freezing A at a seeded random init makes FedAvg of the B matrices the exact average of
+the updates B·A, which plain LoRA (averaging A and B separately) is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import peft
+import torch
+from torch import nn
+
+from fedadapt.backbone import SequenceClassifier
+from fedadapt.errors import BackboneError, ConfigError
+from fedadapt.freeze import fingerprint_tensors
+from fedadapt.methods.base import AppliedMethod
+
+
+def _wrap(model: SequenceClassifier, config: peft.PeftConfig, method: str) -> nn.Module:
+    try:
+        return peft.get_peft_model(model, config)
+    except (ValueError, TypeError, AttributeError, NotImplementedError) as err:
+        raise BackboneError(
+            f"PEFT cannot apply {method} to backbone type {model.config.model_type!r}: {err}. "
+            "Name its target modules explicitly or pick another method."
+        ) from err
+
+
+def _check_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}")
+
+
+def _check_dropout(value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA: W + (alpha/r)·B·A on the target linear layers; B starts at zero (identity)."""
+
+    name: ClassVar[str] = "lora"
+    size_field: ClassVar[str | None] = "r"
+    saves_peft_format: ClassVar[bool] = True
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # None: PEFT's default for the backbone's model type (BERT: query and value).
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r (the LoRA rank) must be a positive integer, got {self.r!r}")
+        _check_positive("alpha", self.alpha)
+        _check_dropout(self.dropout)
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("target_modules must name at least one module, or be None for the default")
+
+    def peft_config(self) -> peft.LoraConfig:
+        targets = list(self.target_modules) if self.target_modules else None
+        return peft.LoraConfig(
+            task_type=peft.TaskType.SEQ_CLS,
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+        )
+
+    def apply(self, model: SequenceClassifier) -> AppliedMethod:
+        return AppliedMethod(module=_wrap(model, self.peft_config(), self.name))
+
+
+@dataclass(frozen=True)
+class FfaLoraConfig(LoraConfig):
+    """FFA-LoRA: LoRA with A frozen at a random init drawn from ``a_seed``; only B trains."""
+
+    name: ClassVar[str] = "ffa-lora"
+    a_seed: int = 0
+
+    def apply(self, model: SequenceClassifier) -> AppliedMethod:
+        module = _wrap(model, self.peft_config(), self.name)
+        frozen_a = _reinit_lora_a(module, self.a_seed)
+        return AppliedMethod(module=module, extras={"lora_a_seed": self.a_seed, "lora_a_hash": frozen_a})
+
+
+def _reinit_lora_a(module: nn.Module, seed: int) -> str:
+    """Draw every A from one seeded generator, in module order, freeze it, return its hash."""
+    generator = torch.Generator().manual_seed(seed)
+    a_weights: list[tuple[str, torch.Tensor]] = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, peft.tuners.lora.LoraLayer):
+            for adapter_name, linear in layer.lora_A.items():
+                weight = linear.weight
+                bound = 1.0 / weight.shape[1] ** 0.5  # kaiming-uniform(a=sqrt(5)) bound, as PEFT uses
+                with torch.no_grad():
+                    weight.copy_(torch.rand(weight.shape, generator=generator) * 2 * bound - bound)
+                weight.requires_grad_(False)
+                a_weights.append((f"{name}.lora_A.{adapter_name}", weight))
+    if not a_weights:
+        raise BackboneError("FFA-LoRA found no LoRA layers to freeze; check target_modules")
+    return fingerprint_tensors(a_weights)
+
+
+@dataclass(frozen=True)
+class IA3Config:
+    """IA3: learned per-channel scales on keys, values and the FFN (ones at init: identity)."""
+
+    name: ClassVar[str] = "ia3"
+    size_field: ClassVar[str | None] = None
+    saves_peft_format: ClassVar[bool] = True
+    target_modules: tuple[str, ...] | None = None
+    feedforward_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.target_modules is None) != (self.feedforward_modules is None):
+            raise ConfigError("set target_modules and feedforward_modules together, or neither")
+
+    def apply(self, model: SequenceClassifier) -> AppliedMethod:
+        config = peft.IA3Config(
+            task_type=peft.TaskType.SEQ_CLS,
+            target_modules=list(self.target_modules) if self.target_modules else None,
+            feedforward_modules=list(self.feedforward_modules) if self.feedforward_modules else None,
+        )
+        return AppliedMethod(module=_wrap(model, config, self.name))
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Prompt tuning: trainable virtual token embeddings put before the input."""
+
+    name: ClassVar[str] = "prompt"
+    size_field: ClassVar[str | None] = "num_virtual_tokens"
+    saves_peft_format: ClassVar[bool] = True
+    num_virtual_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+
+    def apply(self, model: SequenceClassifier) -> AppliedMethod:
+        config = peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=self.num_virtual_tokens)
+        return AppliedMethod(module=_wrap(model, config, self.name))
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """Prefix tuning: trainable key/value prefixes in every attention layer."""
+
+    name: ClassVar[str] = "prefix"
+    size_field: ClassVar[str | None] = "num_virtual_tokens"
+    saves_peft_format: ClassVar[bool] = True
+    num_virtual_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+
+    def apply(self, model: SequenceClassifier) -> AppliedMethod:
+        if not _accepts_past_key_values(model.backbone):
+            raise BackboneError(
+                f"prefix tuning needs a backbone whose forward takes past_key_values; "
+                f"{type(model.backbone).__name__} does not. Use prompt tuning or LoRA instead."
+            )
+        config = peft.PrefixTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=self.num_virtual_tokens)
+        return AppliedMethod(module=_wrap(model, config, self.name))
+
+
+def _accepts_past_key_values(backbone: nn.Module) -> bool:
+    import inspect
+
+    return "past_key_values" in inspect.signature(backbone.forward).parameters

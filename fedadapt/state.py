@@ -1,0 +1,129 @@
+"""Adapter state: the schema that names it, and deltas between two states.
+
+An adapter's trainable state is an ordered name → tensor mapping split into a *shared*
+part (what federation averages) and a *personal* part (stays on the device). Its schema —
+names, shapes, dtypes, parts, the method config, the backbone fingerprint and method
+extras such as FFA-LoRA's seed — hashes to one ``schema_id`` that encryption and export
+bind to, so state never lands on an adapter it was not made for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from fedadapt.errors import StateError
+
+Part = Literal["shared", "personal"]
+PARTS: tuple[Part, ...] = ("shared", "personal")
+Role = Literal["adapter", "head"]
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the state: its name, shape, dtype, part and role."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    part: Part
+    role: Role
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "part": self.part, "role": self.role}
+
+
+@dataclass(frozen=True)
+class AdapterSchema:
+    """Everything that must agree for two states to be combined."""
+
+    method: dict[str, Any]
+    backbone_fingerprint: str
+    tensors: tuple[TensorSpec, ...]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "backbone_fingerprint": self.backbone_fingerprint,
+            "tensors": [t.to_dict() for t in self.tensors],
+            "extras": self.extras,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterSchema:
+        tensors = tuple(
+            TensorSpec(t["name"], tuple(t["shape"]), t["dtype"], t["part"], t["role"]) for t in data["tensors"]
+        )
+        return cls(dict(data["method"]), str(data["backbone_fingerprint"]), tensors, dict(data.get("extras", {})))
+
+    @property
+    def schema_id(self) -> str:
+        """SHA-256 (hex, 32 chars) of the schema's canonical JSON."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+    def specs(self, part: Part | None = None) -> tuple[TensorSpec, ...]:
+        """Tensor specs of one part, in state order, or of all parts."""
+        return tuple(t for t in self.tensors if part is None or t.part == part)
+
+    def num_params(self, part: Part | None = None) -> int:
+        total = 0
+        for spec in self.specs(part):
+            count = 1
+            for dim in spec.shape:
+                count *= dim
+            total += count
+        return total
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_state(state: Mapping[str, torch.Tensor], specs: tuple[TensorSpec, ...], *, what: str = "state") -> None:
+    """Raise StateError unless ``state`` has exactly ``specs``' names, shapes, dtypes, finite values."""
+    expected = {s.name: s for s in specs}
+    unknown = [n for n in state if n not in expected]
+    if unknown:
+        raise StateError(f"{what} has tensors the schema does not know: {unknown[:3]} ({len(unknown)} in all)")
+    missing = [n for n in expected if n not in state]
+    if missing:
+        raise StateError(f"{what} lacks tensors the schema requires: {missing[:3]} ({len(missing)} in all)")
+    for name, tensor in state.items():
+        spec = expected[name]
+        if tuple(tensor.shape) != spec.shape:
+            raise StateError(f"{what} tensor {name!r} has shape {tuple(tensor.shape)}, expected {spec.shape}")
+        if dtype_name(tensor.dtype) != spec.dtype:
+            raise StateError(f"{what} tensor {name!r} has dtype {dtype_name(tensor.dtype)}, expected {spec.dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise StateError(f"{what} tensor {name!r} has non-finite values (NaN or inf)")
+
+
+def _check_same_names(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], what: str) -> None:
+    if list(a) != list(b):
+        only_a = sorted(set(a) - set(b))[:3]
+        only_b = sorted(set(b) - set(a))[:3]
+        raise StateError(f"{what}: tensor names differ (only in first: {only_a}, only in second: {only_b})")
+    for name in a:
+        if a[name].shape != b[name].shape:
+            raise StateError(f"{what}: tensor {name!r} has shapes {tuple(a[name].shape)} and {tuple(b[name].shape)}")
+
+
+def compute_delta(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> State:
+    """new − old, per tensor (same names in the same order)."""
+    _check_same_names(new, old, "compute_delta")
+    return {name: (new[name].detach() - old[name].detach()).to(new[name].dtype) for name in new}
+
+
+def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], scale: float = 1.0) -> State:
+    """base + scale·delta, per tensor, in base's dtypes; inputs are not modified."""
+    _check_same_names(base, delta, "apply_delta")
+    return {name: (base[name].detach() + scale * delta[name].to(base[name].dtype)) for name in base}
