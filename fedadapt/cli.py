@@ -48,20 +48,21 @@ def _print_table(info: dict[str, Any]) -> None:
 @app.command()
 def info(
     method: Annotated[str, typer.Option(help="Adapter method: lora, ffa-lora, ia3, prompt, prefix, bitfit.")] = "lora",
-    rank: Annotated[
-        int | None, typer.Option(help="LoRA rank, or number of virtual tokens for prompt/prefix.")
+    rank: Annotated[int | None, typer.Option(help="LoRA rank, or number of virtual tokens for prompt/prefix.")] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="HF model folder or hub id (default: packaged MiniLM-L6).")
     ] = None,
-    backbone: Annotated[str | None, typer.Option(help="HF model folder or hub id (default: packaged MiniLM-L6).")] = None,
     num_labels: Annotated[int, typer.Option(help="Classes of the classification head.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Parameter counts and sizes of an adapter method on a backbone."""
-    from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig
-    from fedadapt.info import adapter_info
     from fedadapt.methods import make_method_config
 
     try:
-        method_config = make_method_config(method, size=rank)
+        method_config = make_method_config(method, size=rank)  # fails fast, before torch loads
+        from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig
+        from fedadapt.info import adapter_info
+
         backbone_config = BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, num_labels=num_labels)
         result = adapter_info(method_config, backbone_config)
     except FedAdaptError as err:

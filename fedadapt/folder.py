@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import peft
 from safetensors.torch import load_file, save_file
@@ -50,7 +50,8 @@ def save_adapter(model: AdapterModel, out_dir: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if model.method.saves_peft_format:
-            model.module.save_pretrained(str(staging))
+            # The backbone is frozen, so embeddings never change: skip PEFT's hub lookup for that.
+            cast(peft.PeftModel, model.module).save_pretrained(str(staging), save_embedding_layers=False)
         else:
             save_file(model.state(), str(staging / OWN_WEIGHTS), metadata={"schema_id": model.schema_id})
         _write_json(staging / MANIFEST, _manifest(model))

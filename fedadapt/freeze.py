@@ -17,7 +17,7 @@ def tensor_digest(name: str, tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's name, dtype, shape and raw bytes."""
     digest = hashlib.sha256(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
     raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    digest.update(memoryview(raw.numpy()))
+    digest.update(raw.numpy().data)
     return digest.hexdigest()
 
 

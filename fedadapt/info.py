@@ -21,7 +21,9 @@ def adapter_info(method: MethodConfig, backbone: BackboneConfig) -> dict[str, An
     shared_bytes = len(serialize_state(model.state("shared"), model.schema, "shared"))
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_adapter(model, Path(tmp) / "adapter")
-        adapter_bytes = sum((folder / name).stat().st_size for name in weight_files(model) if name.endswith(".safetensors"))
+        adapter_bytes = sum(
+            (folder / name).stat().st_size for name in weight_files(model) if name.endswith(".safetensors")
+        )
     return {
         "method": method.name,
         "method_config": config_to_dict(method),

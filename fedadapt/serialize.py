@@ -44,6 +44,10 @@ def serialize_state(
         tensor = tensor.detach().cpu().contiguous()
         if compression == "fp16" and tensor.is_floating_point():
             tensor = tensor.to(torch.float16)
+            if not bool(torch.isfinite(tensor).all()):
+                raise StateError(
+                    f"tensor {name!r} has values beyond float16's range (|x| > 65504): use compression 'int8' or 'none'"
+                )
         elif compression == "int8" and tensor.is_floating_point():
             scale = float(tensor.abs().max()) / 127.0 or 1.0
             tensor = torch.round(tensor.float() / scale).clamp_(-127, 127).to(torch.int8)
@@ -75,10 +79,15 @@ def deserialize_state(data: bytes, schema: AdapterSchema, part: Part | None = "s
     if compression not in COMPRESSIONS:
         raise StateError(f"blob compression {compression!r} is not one of {COMPRESSIONS}")
     try:
-        raw = safetensors_load(data)
-        scales = json.loads(metadata.get("int8_scales", "{}"))
+        raw = safetensors_load(bytes(data))
     except (SafetensorError, ValueError) as err:
         raise StateError(f"blob is not valid safetensors: {err}") from err
+    try:
+        scales = json.loads(metadata.get("int8_scales", "{}"))
+    except ValueError as err:
+        raise StateError(f"blob's int8 scales are not JSON: {err}") from err
+    if not isinstance(scales, dict):
+        raise StateError(f"blob's int8 scales must be a JSON object, got {type(scales).__name__}")
     specs = {s.name: s for s in schema.specs(part)}
     _check_wire(raw, specs, compression)
     state = {name: _decode(raw[name], specs[name], compression, scales.get(name)) for name in specs}
@@ -104,6 +113,8 @@ def read_metadata(data: bytes) -> dict[str, str]:
     if not isinstance(header, dict):
         raise StateError("blob is not safetensors: header is not a JSON object")
     metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise StateError("blob is not safetensors: its __metadata__ is not a JSON object")
     return {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -135,7 +146,7 @@ def _check_wire(raw: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec]
 def _decode(tensor: torch.Tensor, spec: TensorSpec, compression: str, scale: float | None) -> torch.Tensor:
     target = getattr(torch, spec.dtype)
     if compression == "int8" and tensor.dtype == torch.int8 and spec.dtype != "int8":
-        if scale is None or not (scale > 0 and scale < float("inf")):
+        if not isinstance(scale, int | float) or isinstance(scale, bool) or not 0 < scale < float("inf"):
             raise StateError(f"received tensor {spec.name!r} has no valid int8 scale (got {scale!r})")
         return (tensor.to(torch.float32) * scale).to(target)
     return tensor.to(target)

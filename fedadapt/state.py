@@ -111,6 +111,9 @@ def _check_same_names(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tenso
     if list(a) != list(b):
         only_a = sorted(set(a) - set(b))[:3]
         only_b = sorted(set(b) - set(a))[:3]
+        if not only_a and not only_b:
+            i, name_a, name_b = next((i, x, y) for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+            raise StateError(f"{what}: same tensor names in another order: position {i} is {name_a!r} and {name_b!r}")
         raise StateError(f"{what}: tensor names differ (only in first: {only_a}, only in second: {only_b})")
     for name in a:
         if a[name].shape != b[name].shape:

@@ -13,7 +13,8 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-WORDS = "the a my card has not arrived yet where is money transfer account balance top up why declined".split()
+WORDS = ["the", "a", "my", "card", "has", "not", "arrived", "yet", "where", "is", "money", "transfer"]
+WORDS += ["account", "balance", "top", "up", "why", "declined"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
 
 
@@ -37,7 +38,7 @@ def _write_tiny_bert(folder: Path, sentence_transformers: bool) -> Path:
             json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
         )
         (folder / "modules.json").write_text(
-            json.dumps([{"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+            json.dumps([{"idx": 2, "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
         )
     return folder
 

@@ -10,12 +10,12 @@ from fedadapt.methods.base import AppliedMethod, MethodConfig, config_to_dict
 from fedadapt.methods.bitfit import BitFitConfig
 from fedadapt.methods.peft_methods import FfaLoraConfig, IA3Config, LoraConfig, PrefixConfig, PromptConfig
 
-METHODS: dict[str, type] = {
+METHODS: dict[str, type[MethodConfig]] = {
     cls.name: cls for cls in (LoraConfig, FfaLoraConfig, IA3Config, PromptConfig, PrefixConfig, BitFitConfig)
 }
 
 
-def register_method(config_class: type) -> None:
+def register_method(config_class: type[MethodConfig]) -> None:
     """Add a method (a frozen dataclass following ``MethodConfig``) to the registry."""
     METHODS[config_class.name] = config_class
 
@@ -29,7 +29,7 @@ def make_method_config(name: str, size: int | None = None, **fields: Any) -> Met
         if config_class.size_field is None:
             raise ConfigError(f"method {name!r} has no rank or size to set; drop --rank")
         fields[config_class.size_field] = size
-    known = {f.name for f in dataclasses.fields(config_class)}
+    known = {f.name for f in dataclasses.fields(config_class)}  # type: ignore[arg-type]
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ConfigError(f"method {name!r} has no settings {unknown}; it has {sorted(known)}")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from fedadapt.backbone import SequenceClassifier
+    from fedadapt.backbone import SequenceClassifier
 
 
 @dataclass

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from fedadapt.backbone import SequenceClassifier
 from fedadapt.methods.base import AppliedMethod
+
+if TYPE_CHECKING:
+    from fedadapt.backbone import SequenceClassifier
 
 
 @dataclass(frozen=True)

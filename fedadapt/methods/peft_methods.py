@@ -3,24 +3,29 @@
 FFA-LoRA: Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024.
 Freezing A at a seeded random init makes FedAvg of the B matrices the exact average of
 the updates B·A, which plain LoRA (averaging A and B separately) is not.
+
+Configs validate without importing torch or PEFT (the CLI answers bad input at once);
+PEFT is imported when a method is applied.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-import peft
-import torch
-from torch import nn
-
-from fedadapt.backbone import SequenceClassifier
 from fedadapt.errors import BackboneError, ConfigError
-from fedadapt.freeze import fingerprint_tensors
 from fedadapt.methods.base import AppliedMethod
 
+if TYPE_CHECKING:
+    from torch import nn
 
-def _wrap(model: SequenceClassifier, config: peft.PeftConfig, method: str) -> nn.Module:
+    from fedadapt.backbone import SequenceClassifier
+
+
+def _wrap(model: SequenceClassifier, config: Any, method: str) -> nn.Module:
+    import peft
+
     try:
         return peft.get_peft_model(model, config)
     except (ValueError, TypeError, AttributeError, NotImplementedError) as err:
@@ -48,7 +53,7 @@ class LoraConfig:
     size_field: ClassVar[str | None] = "r"
     saves_peft_format: ClassVar[bool] = True
     r: int = 8
-    alpha: float = 16.0
+    alpha: int = 16
     dropout: float = 0.0
     # None: PEFT's default for the backbone's model type (BERT: query and value).
     target_modules: tuple[str, ...] | None = None
@@ -61,7 +66,10 @@ class LoraConfig:
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("target_modules must name at least one module, or be None for the default")
 
-    def peft_config(self) -> peft.LoraConfig:
+    def peft_config(self) -> Any:
+        """The equivalent ``peft.LoraConfig``."""
+        import peft
+
         targets = list(self.target_modules) if self.target_modules else None
         return peft.LoraConfig(
             task_type=peft.TaskType.SEQ_CLS,
@@ -90,12 +98,17 @@ class FfaLoraConfig(LoraConfig):
 
 def _reinit_lora_a(module: nn.Module, seed: int) -> str:
     """Draw every A from one seeded generator, in module order, freeze it, return its hash."""
+    import peft
+    import torch
+
+    from fedadapt.freeze import fingerprint_tensors
+
     generator = torch.Generator().manual_seed(seed)
     a_weights: list[tuple[str, torch.Tensor]] = []
     for name, layer in module.named_modules():
         if isinstance(layer, peft.tuners.lora.LoraLayer):
             for adapter_name, linear in layer.lora_A.items():
-                weight = linear.weight
+                weight = cast("torch.Tensor", linear.weight)
                 bound = 1.0 / weight.shape[1] ** 0.5  # kaiming-uniform(a=sqrt(5)) bound, as PEFT uses
                 with torch.no_grad():
                     weight.copy_(torch.rand(weight.shape, generator=generator) * 2 * bound - bound)
@@ -121,6 +134,8 @@ class IA3Config:
             raise ConfigError("set target_modules and feedforward_modules together, or neither")
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
+        import peft
+
         config = peft.IA3Config(
             task_type=peft.TaskType.SEQ_CLS,
             target_modules=list(self.target_modules) if self.target_modules else None,
@@ -143,6 +158,8 @@ class PromptConfig:
             raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
+        import peft
+
         config = peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=self.num_virtual_tokens)
         return AppliedMethod(module=_wrap(model, config, self.name))
 
@@ -166,11 +183,11 @@ class PrefixConfig:
                 f"prefix tuning needs a backbone whose forward takes past_key_values; "
                 f"{type(model.backbone).__name__} does not. Use prompt tuning or LoRA instead."
             )
+        import peft
+
         config = peft.PrefixTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=self.num_virtual_tokens)
         return AppliedMethod(module=_wrap(model, config, self.name))
 
 
 def _accepts_past_key_values(backbone: nn.Module) -> bool:
-    import inspect
-
     return "past_key_values" in inspect.signature(backbone.forward).parameters

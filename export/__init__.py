@@ -1,0 +1,1 @@
+"""ONNX export of backbone + adapter for edge devices: merged or swappable, optionally int8."""

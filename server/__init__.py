@@ -1,0 +1,1 @@
+"""Flower ServerApp: aggregates adapter deltas with FedAvg, checkpoints every round, resumes."""

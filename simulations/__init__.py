@@ -1,0 +1,1 @@
+"""Fleet simulation scenarios (TOML) and their runner."""

