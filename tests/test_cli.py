@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedadapt.cli import app
+from fedadapt.methods import METHODS
 
 runner = CliRunner()
 
@@ -86,7 +87,5 @@ def test_console_script_exit_code_and_no_traceback() -> None:
         timeout=120,
     )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == "error: unknown method 'nope'; choose one of " + str(
-        ["bitfit", "ffa-lora", "ia3", "lora", "prefix", "prompt"]
-    )
+    assert done.stderr.strip() == f"error: unknown method 'nope'; choose one of {sorted(METHODS)}"
     assert done.stdout == ""
