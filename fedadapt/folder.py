@@ -44,6 +44,8 @@ def weight_files(model: AdapterModel) -> tuple[str, ...]:
 def save_adapter(model: AdapterModel, out_dir: str | Path) -> Path:
     """Write ``model``'s adapter folder to ``out_dir`` atomically and return its path."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AdapterFolderError(f"{out} is a file; give a folder path for the adapter")
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise AdapterFolderError(f"{out} exists and is not an adapter folder; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ def _write_tiny_bert(folder: Path, sentence_transformers: bool) -> Path:
     BertModel(config).save_pretrained(folder)
     vocab_file = folder / "vocab.txt"
     vocab_file.write_text("\n".join(VOCAB) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab_file)).save_pretrained(folder)
+    BertTokenizerFast(vocab=str(vocab_file)).save_pretrained(folder)
     if sentence_transformers:
         (folder / "1_Pooling").mkdir()
         (folder / "1_Pooling" / "config.json").write_text(
