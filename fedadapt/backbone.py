@@ -58,8 +58,8 @@ def resolve_backbone_path(name_or_path: str) -> str:
 def detect_pooling(model_path: str, config: Any) -> PoolingConfig:
     """Pooling the backbone was trained for: a sentence-transformers declaration, else CLS.
 
-    Models with a trained pooler layer (BERT's NSP pooler) get it; others use the
-    first token's state.
+    CLS (the first token's final state) is what transformers' classifiers read; BERT's NSP
+    pooler on top of it is available as ``PoolingConfig(mode="pooler")`` when asked for.
     """
     folder = Path(model_path)
     declared = read_sentence_transformers_pooling(folder) if folder.is_dir() else None
@@ -83,7 +83,10 @@ class SequenceClassifier(nn.Module):
         self.dropout = nn.Dropout(head_dropout)
         self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
         self.num_labels = num_labels
-        self.name_or_path = ""  # set by load_backbone; PEFT records it in adapter_config.json
+        # Set by load_backbone. PEFT records name_or_path in adapter_config.json; composed
+        # methods check adapter folders against the fingerprint.
+        self.name_or_path = ""
+        self.backbone_fingerprint = ""
 
     @property
     def device(self) -> torch.device:
@@ -157,7 +160,8 @@ def load_backbone(config: BackboneConfig) -> LoadedBackbone:
     frozen = freeze_module(encoder)
     torch.manual_seed(config.seed)
     model = SequenceClassifier(encoder, pooling, config.num_labels, config.head_dropout)
-    model.name_or_path = config.name_or_path  # PEFT records it as base_model_name_or_path
+    model.name_or_path = config.name_or_path
+    model.backbone_fingerprint = frozen.fingerprint
     nn.init.normal_(model.classifier.weight, std=0.02)
     nn.init.zeros_(model.classifier.bias)
     logger.info("loaded backbone %s (%s pooling)", config.name_or_path, pooling.mode)

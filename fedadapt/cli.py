@@ -47,8 +47,17 @@ def _print_table(info: dict[str, Any]) -> None:
 
 @app.command()
 def info(
-    method: Annotated[str, typer.Option(help="Adapter method: lora, ffa-lora, ia3, prompt, prefix, bitfit.")] = "lora",
-    rank: Annotated[int | None, typer.Option(help="LoRA rank, or number of virtual tokens for prompt/prefix.")] = None,
+    method: Annotated[
+        str,
+        typer.Option(help="Adapter method: lora, ffa-lora, ia3, prompt, prefix, bitfit, houlsby, pfeiffer, parallel."),
+    ] = "lora",
+    rank: Annotated[
+        int | None,
+        typer.Option(help="LoRA rank, bottleneck size (houlsby/pfeiffer/parallel) or virtual tokens (prompt/prefix)."),
+    ] = None,
+    drop_layers: Annotated[
+        int | None, typer.Option(help="AdapterDrop: no bottleneck adapters in the lowest K layers.")
+    ] = None,
     backbone: Annotated[
         str | None, typer.Option(help="HF model folder or hub id (default: packaged MiniLM-L6).")
     ] = None,
@@ -59,7 +68,8 @@ def info(
     from fedadapt.methods import make_method_config
 
     try:
-        method_config = make_method_config(method, size=rank)  # fails fast, before torch loads
+        extra = {} if drop_layers is None else {"drop_layers": drop_layers}
+        method_config = make_method_config(method, size=rank, **extra)  # fails fast, before torch loads
         from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig
         from fedadapt.info import adapter_info
 
@@ -74,9 +84,17 @@ def info(
         _print_table(result)
 
 
+def _quiet_transformers() -> None:
+    """Weight-loading progress bars are noise on a command line that prints a result."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _quiet_transformers()
     app()
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from fedadapt.backbone import LoadedBackbone
 from fedadapt.errors import ConfigError
 from fedadapt.freeze import FrozenWeights
-from fedadapt.methods import MethodConfig, config_to_dict
+from fedadapt.methods import MethodConfig, schema_method_dict
 from fedadapt.state import PARTS, AdapterSchema, Part, Role, State, TensorSpec, check_state, dtype_name
 
 ROLES: tuple[Role, ...] = ("adapter", "head")
@@ -64,7 +64,7 @@ class AdapterModel:
         self._params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
         self._roles: dict[str, Role] = {n: "head" if id(p) in head_ids else "adapter" for n, p in self._params.items()}
         self.schema = AdapterSchema(
-            method=config_to_dict(method),
+            method=schema_method_dict(method),
             backbone_fingerprint=loaded.fingerprint,
             tensors=tuple(
                 TensorSpec(n, tuple(p.shape), dtype_name(p.dtype), self.split.part_of(self._roles[n]), self._roles[n])

@@ -5,13 +5,28 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from fedadapt.adapters.bottleneck import HoulsbyConfig, ParallelConfig, PfeifferConfig
+from fedadapt.adapters.compose import FusionConfig, StackConfig
 from fedadapt.errors import ConfigError
-from fedadapt.methods.base import AppliedMethod, MethodConfig, config_to_dict
+from fedadapt.methods.base import AppliedMethod, MethodConfig, config_to_dict, schema_method_dict
 from fedadapt.methods.bitfit import BitFitConfig
 from fedadapt.methods.peft_methods import FfaLoraConfig, IA3Config, LoraConfig, PrefixConfig, PromptConfig
 
 METHODS: dict[str, type[MethodConfig]] = {
-    cls.name: cls for cls in (LoraConfig, FfaLoraConfig, IA3Config, PromptConfig, PrefixConfig, BitFitConfig)
+    cls.name: cls
+    for cls in (
+        LoraConfig,
+        FfaLoraConfig,
+        IA3Config,
+        PromptConfig,
+        PrefixConfig,
+        BitFitConfig,
+        HoulsbyConfig,
+        PfeifferConfig,
+        ParallelConfig,
+        StackConfig,
+        FusionConfig,
+    )
 }
 
 
@@ -55,4 +70,5 @@ __all__ = [
     "make_method_config",
     "method_config_from_dict",
     "register_method",
+    "schema_method_dict",
 ]

@@ -40,3 +40,13 @@ def config_to_dict(config: MethodConfig) -> dict[str, Any]:
     """JSON-ready fields of a method config, with its name."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}  # type: ignore[arg-type]
     return {"name": config.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+
+
+def schema_method_dict(config: MethodConfig) -> dict[str, Any]:
+    """The config as the schema records it: without fields that only say where files are.
+
+    Composed methods name adapter folders (``location_fields``); their content enters the
+    schema as schema ids instead, so devices that keep the folders elsewhere still agree.
+    """
+    located = getattr(config, "location_fields", ())
+    return {k: v for k, v in config_to_dict(config).items() if k not in located}

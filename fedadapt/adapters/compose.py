@@ -1,0 +1,124 @@
+"""Composition over one backbone: stacking adapters and AdapterFusion, as adapter methods.
+
+Both start from trained bottleneck adapter folders, load them frozen under their own
+names, and train something new on top: a task adapter above the stack, or (AdapterFusion
+stage 2, Pfeiffer et al., EACL 2021) only a per-layer fusion attention over their outputs.
+Folders are where the adapters come from, not what they are: the schema records their
+schema ids instead of their paths, so devices with different paths agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from fedadapt.errors import AdapterFolderError, ConfigError
+from fedadapt.methods.base import AppliedMethod
+
+if TYPE_CHECKING:
+    from fedadapt.backbone import SequenceClassifier
+
+BOTTLENECK_METHODS = ("houlsby", "pfeiffer", "parallel")
+FUSION = "fusion"
+
+
+def load_frozen_adapter(model: SequenceClassifier, name: str, folder: str | Path) -> str:
+    """Insert the bottleneck adapter saved in ``folder`` as adapter ``name``, frozen; return its schema id."""
+    from safetensors.torch import load_file
+
+    from fedadapt.adapters.bottleneck import DEFAULT_ADAPTER, add_bottleneck
+    from fedadapt.folder import OWN_WEIGHTS, read_manifest
+    from fedadapt.methods import method_config_from_dict
+
+    manifest = read_manifest(folder)
+    method = manifest["method"]["name"]
+    if method not in BOTTLENECK_METHODS:
+        raise AdapterFolderError(f"{folder} holds a {method!r} adapter; only {BOTTLENECK_METHODS} can be composed")
+    recorded = manifest["backbone"]["fingerprint"]
+    if recorded != model.backbone_fingerprint:
+        raise AdapterFolderError(
+            f"{folder} was trained on another backbone (fingerprint {recorded[:12]}…, "
+            f"this one {model.backbone_fingerprint[:12]}…)"
+        )
+    config = method_config_from_dict(manifest["method"])
+    add_bottleneck(model.backbone, name, config)  # type: ignore[arg-type]
+    saved = load_file(str(Path(folder) / OWN_WEIGHTS))
+    marker = f".adapters.{DEFAULT_ADAPTER}."
+    params = dict(model.named_parameters())
+    loaded = 0
+    for saved_name, tensor in saved.items():
+        if marker not in saved_name:
+            continue  # the folder's head: composition trains its own
+        target = params[saved_name.replace(marker, f".adapters.{name}.")]
+        target.data.copy_(tensor)
+        target.requires_grad_(False)
+        loaded += 1
+    if loaded == 0:
+        raise AdapterFolderError(f"{Path(folder) / OWN_WEIGHTS} holds no adapter tensors")
+    schema_id: str = manifest["schema_id"]
+    return schema_id
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Frozen adapters from ``below`` (applied first, in order), then a new trainable ``top`` adapter."""
+
+    name: ClassVar[str] = "stack"
+    size_field: ClassVar[str | None] = "r"
+    saves_peft_format: ClassVar[bool] = False
+    location_fields: ClassVar[tuple[str, ...]] = ("below",)
+    below: tuple[str, ...] = ()
+    top: str = "pfeiffer"
+    r: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.below:
+            raise ConfigError("stack needs at least one trained adapter folder in 'below'")
+        if self.top not in BOTTLENECK_METHODS:
+            raise ConfigError(f"the top of a stack must be one of {BOTTLENECK_METHODS}, got {self.top!r}")
+
+    def apply(self, model: SequenceClassifier) -> AppliedMethod:
+        from fedadapt.adapters.bottleneck import DEFAULT_ADAPTER, add_bottleneck
+        from fedadapt.adapters.slots import Stack, set_setup
+        from fedadapt.methods import make_method_config
+
+        names, schema_ids = _load_all(model, self.below, "stacked")
+        add_bottleneck(model.backbone, DEFAULT_ADAPTER, make_method_config(self.top, size=self.r))  # type: ignore[arg-type]
+        set_setup(model.backbone, Stack((*names, DEFAULT_ADAPTER)))
+        return AppliedMethod(module=model, extras={"below_schema_ids": schema_ids})
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """AdapterFusion stage 2: ``adapters`` frozen, one trainable fusion attention per position."""
+
+    name: ClassVar[str] = "fusion"
+    size_field: ClassVar[str | None] = None
+    saves_peft_format: ClassVar[bool] = False
+    location_fields: ClassVar[tuple[str, ...]] = ("adapters",)
+    adapters: tuple[str, ...] = ()
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if len(self.adapters) < 2:
+            raise ConfigError(f"fusion needs at least two trained adapter folders, got {len(self.adapters)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature!r}")
+
+    def apply(self, model: SequenceClassifier) -> AppliedMethod:
+        from fedadapt.adapters.modules import FusionLayer
+        from fedadapt.adapters.slots import Fuse, find_slots, set_setup
+
+        names, schema_ids = _load_all(model, self.adapters, "fused")
+        for slot in find_slots(model.backbone):
+            if any(n in slot.adapters for n in names):
+                slot.add_fusion(FUSION, FusionLayer(slot.hidden_size, self.temperature))
+        set_setup(model.backbone, Fuse(tuple(names), FUSION))
+        return AppliedMethod(module=model, extras={"fused_schema_ids": schema_ids})
+
+
+def _load_all(model: SequenceClassifier, folders: tuple[str, ...], prefix: str) -> tuple[list[str], list[str]]:
+    names = [f"{prefix}{index}" for index in range(len(folders))]
+    schema_ids = [load_frozen_adapter(model, name, folder) for name, folder in zip(names, folders, strict=True)]
+    return names, schema_ids

@@ -1,0 +1,70 @@
+"""Hot-swapping: several trained bottleneck adapters on one loaded backbone, one active at a time.
+
+Switching is a pointer change (the active adapter name in every slot and the head module):
+no weights are copied and the backbone is never reloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from fedadapt.adapters.compose import load_frozen_adapter
+from fedadapt.adapters.slots import set_setup
+from fedadapt.backbone import LoadedBackbone
+from fedadapt.errors import AdapterFolderError, ConfigError
+from fedadapt.folder import OWN_WEIGHTS, read_manifest
+
+
+class AdapterSwitch:
+    """Named adapters (each with its own head) over one frozen backbone."""
+
+    def __init__(self, loaded: LoadedBackbone) -> None:
+        self.loaded = loaded
+        self.heads = nn.ModuleDict()
+        self.active: str | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.heads)
+
+    def add(self, name: str, folder: str | Path) -> None:
+        """Load the adapter and head saved in ``folder`` under ``name`` (frozen, inactive)."""
+        if name in self.heads:
+            raise ConfigError(f"an adapter named {name!r} is already loaded; remove it or pick another name")
+        labels = read_manifest(folder)["backbone"]["num_labels"]
+        if labels != self.loaded.config.num_labels:
+            served = self.loaded.config.num_labels
+            raise AdapterFolderError(f"{folder} has a {labels}-class head; this backbone serves {served}")
+        load_frozen_adapter(self.loaded.model, name, folder)
+        self.heads[name] = self._load_head(Path(folder))
+
+    def activate(self, name: str | None) -> None:
+        """Route every forward pass through adapter ``name`` and its head (None: bare backbone)."""
+        if name is not None and name not in self.heads:
+            raise ConfigError(f"no adapter named {name!r}; loaded: {list(self.heads)}")
+        set_setup(self.loaded.model.backbone, name)
+        if name is not None:
+            self.loaded.model.classifier = cast(nn.Linear, self.heads[name])
+        self.active = name
+
+    @torch.no_grad()
+    def __call__(self, **inputs: Any) -> Any:
+        if self.active is None:
+            raise ConfigError("activate an adapter first")
+        return self.loaded.model(**inputs)
+
+    def _load_head(self, folder: Path) -> nn.Linear:
+        saved = load_file(str(folder / OWN_WEIGHTS))
+        template = self.loaded.model.classifier
+        head = nn.Linear(template.in_features, template.out_features).to(template.weight.device)
+        weights = {n.rsplit(".", 1)[-1]: t for n, t in saved.items() if n.startswith("classifier.")}
+        if set(weights) != {"weight", "bias"}:
+            raise AdapterFolderError(f"{folder / OWN_WEIGHTS} has no classifier head")
+        head.load_state_dict(weights)
+        head.requires_grad_(False)
+        return head
