@@ -29,3 +29,7 @@ class StateError(FedAdaptError, ValueError):
 
 class AdapterFolderError(FedAdaptError):
     """An adapter folder is missing files or does not match the backbone it is loaded onto."""
+
+
+class DataError(FedAdaptError, ValueError):
+    """A data set cannot be loaded, has missing or empty values, or cannot be partitioned as asked."""
