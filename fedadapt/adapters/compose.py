@@ -4,7 +4,8 @@ Both start from trained bottleneck adapter folders, load them frozen under their
 names, and train something new on top: a task adapter above the stack, or (AdapterFusion
 stage 2, Pfeiffer et al., EACL 2021) only a per-layer fusion attention over their outputs.
 Folders are where the adapters come from, not what they are: the schema records their
-schema ids instead of their paths, so devices with different paths agree.
+schema ids and a hash of their frozen weights instead of their paths, so devices with
+different paths agree and devices with differently trained adapters do not.
 """
 
 from __future__ import annotations
@@ -83,10 +84,10 @@ class StackConfig:
         from fedadapt.adapters.slots import Stack, set_setup
         from fedadapt.methods import make_method_config
 
-        names, schema_ids = _load_all(model, self.below, "stacked")
+        names, schema_ids, hashes = _load_all(model, self.below, "stacked")
         add_bottleneck(model.backbone, DEFAULT_ADAPTER, make_method_config(self.top, size=self.r))  # type: ignore[arg-type]
         set_setup(model.backbone, Stack((*names, DEFAULT_ADAPTER)))
-        return AppliedMethod(module=model, extras={"below_schema_ids": schema_ids})
+        return AppliedMethod(module=model, extras={"below_schema_ids": schema_ids, "below_weight_hashes": hashes})
 
 
 @dataclass(frozen=True)
@@ -110,15 +111,27 @@ class FusionConfig:
         from fedadapt.adapters.modules import FusionLayer
         from fedadapt.adapters.slots import Fuse, find_slots, set_setup
 
-        names, schema_ids = _load_all(model, self.adapters, "fused")
+        names, schema_ids, hashes = _load_all(model, self.adapters, "fused")
         for slot in find_slots(model.backbone):
             if any(n in slot.adapters for n in names):
                 slot.add_fusion(FUSION, FusionLayer(slot.hidden_size, self.temperature))
         set_setup(model.backbone, Fuse(tuple(names), FUSION))
-        return AppliedMethod(module=model, extras={"fused_schema_ids": schema_ids})
+        return AppliedMethod(module=model, extras={"fused_schema_ids": schema_ids, "fused_weight_hashes": hashes})
 
 
-def _load_all(model: SequenceClassifier, folders: tuple[str, ...], prefix: str) -> tuple[list[str], list[str]]:
+def _load_all(
+    model: SequenceClassifier, folders: tuple[str, ...], prefix: str
+) -> tuple[list[str], list[str], list[str]]:
+    """Load ``folders`` frozen as ``prefix0``, ``prefix1``…; return names, schema ids and weight hashes.
+
+    Schema ids alone do not tell two adapters of the same config apart; the hashes bind the
+    schema to the frozen weights, as FFA-LoRA's ``lora_a_hash`` does for its frozen A.
+    """
+    from fedadapt.freeze import fingerprint_tensors
+
     names = [f"{prefix}{index}" for index in range(len(folders))]
     schema_ids = [load_frozen_adapter(model, name, folder) for name, folder in zip(names, folders, strict=True)]
-    return names, schema_ids
+    hashes = [
+        fingerprint_tensors((n, p) for n, p in model.named_parameters() if f".adapters.{name}." in n) for name in names
+    ]
+    return names, schema_ids, hashes

@@ -56,6 +56,7 @@ class AdapterSwitch:
     def __call__(self, **inputs: Any) -> Any:
         if self.active is None:
             raise ConfigError("activate an adapter first")
+        self.loaded.model.eval()  # serving: load_backbone leaves the head's dropout in training mode
         return self.loaded.model(**inputs)
 
     def _load_head(self, folder: Path) -> nn.Linear:

@@ -151,7 +151,10 @@ def ensure_slots(backbone: nn.Module) -> list[LayerSlots]:
     pairs = _LAYOUTS.get(model_type, locate_bert_family)(backbone)
     expected = getattr(getattr(backbone, "config", None), "num_hidden_layers", len(pairs))
     if len(pairs) != expected:
-        raise BackboneError(f"found output blocks for {len(pairs)} layers, the config says {expected}")
+        raise BackboneError(
+            f"found output blocks for {len(pairs)} layers, the config says {expected}; register a locator "
+            "for this architecture with fedadapt.adapters.register_layout"
+        )
     paths = {id(m): name for name, m in backbone.named_modules()}
     slots = []
     for layer, (attention, ffn) in enumerate(pairs):
