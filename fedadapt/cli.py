@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -31,11 +34,11 @@ def _fail(message: str) -> None:
     raise typer.Exit(USAGE_ERROR)
 
 
-def _print_table(info: dict[str, Any]) -> None:
+def _print_table(info: dict[str, Any], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{info['method']} on {info['backbone']}", show_header=False)
+    table = Table(title=title, show_header=False)
     for key, value in info.items():
         if key == "trainable_fraction":
             value = f"{value:.4%}"
@@ -81,7 +84,93 @@ def info(
     if as_json:
         typer.echo(json.dumps(result))
     else:
-        _print_table(result)
+        _print_table(result, f"{result['method']} on {result['backbone']}")
+
+
+@app.command()
+def train(
+    data: Annotated[
+        str, typer.Option(help="CSV/JSON/JSONL file, folder with train/test files, HF folder, or 'synthetic'.")
+    ],
+    method: Annotated[str, typer.Option(help="Adapter method (see `fedadapt info --help`).")] = "lora",
+    rank: Annotated[int | None, typer.Option(help="LoRA rank, bottleneck size or virtual tokens.")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the training data.")] = 1,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps (overrides --epochs).")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Train on a seeded sample of N examples.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Adapter learning rate.")] = 2e-3,
+    head_lr: Annotated[float, typer.Option(help="Classifier head learning rate.")] = 2e-2,
+    max_length: Annotated[int, typer.Option(help="Tokens per text (longer texts are truncated).")] = 64,
+    text_column: Annotated[str | None, typer.Option(help="Name of the text column.")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Name of the label column.")] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="HF model folder or hub id (default: packaged MiniLM-L6).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for sampling, shuffling and initialization.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Adapter folder to write (with metrics.json).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object (last line).")] = False,
+) -> None:
+    """Train an adapter centrally (the baseline), evaluate it on the test split and save it."""
+    from fedadapt.methods import make_method_config
+
+    try:
+        method_config = make_method_config(method, size=rank)
+        from fedadapt.backbone import DEFAULT_BACKBONE
+        from fedadapt.baseline import DataConfig, train_baseline
+        from fedadapt.train import TrainConfig
+
+        data_config = DataConfig(
+            path=data, text_column=text_column, label_column=label_column, max_examples=max_examples, seed=seed
+        )
+        train_config = TrainConfig(
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            learning_rate=lr,
+            head_learning_rate=head_lr,
+            max_length=max_length,
+            seed=seed,
+            device=device,
+        )
+        with _step_progress(f"training {method}") as on_step:
+            metrics = train_baseline(
+                data_config,
+                method_config,
+                train_config,
+                backbone or DEFAULT_BACKBONE,
+                out or Path("runs") / f"train-{method}",
+                on_step,
+            )
+    except FedAdaptError as err:
+        _fail(str(err))
+        return
+    if as_json:
+        typer.echo(json.dumps(metrics))
+    else:
+        _print_table({k: v for k, v in metrics.items() if not isinstance(v, dict)}, f"{method} on {data}")
+
+
+@contextlib.contextmanager
+def _step_progress(description: str) -> Iterator[Callable[[int, int, float], None]]:
+    """A rich progress bar on stderr fed by a training step callback."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+        task = progress.add_task(description, total=None, loss="-")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, total=total, loss=f"{loss:.3f}")
+
+        yield on_step
 
 
 def _quiet_transformers() -> None:
