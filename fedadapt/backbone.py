@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedadapt.errors import BackboneError, ConfigError
@@ -55,17 +55,29 @@ def resolve_backbone_path(name_or_path: str) -> str:
     return str(path) if path.exists() else name_or_path
 
 
-def detect_pooling(model_path: str, config: Any) -> PoolingConfig:
+def detect_pooling(model_path: str) -> PoolingConfig:
     """Pooling the backbone was trained for: a sentence-transformers declaration, else CLS.
 
     CLS (the first token's final state) is what transformers' classifiers read; BERT's NSP
     pooler on top of it is available as ``PoolingConfig(mode="pooler")`` when asked for.
+    For a hub id the two small sentence-transformers files are fetched (or read from the
+    cache when offline); if neither is to be had, the model is taken as a plain encoder.
     """
     folder = Path(model_path)
+    if not folder.is_dir():
+        folder = _fetch_pooling_files(model_path) or folder
     declared = read_sentence_transformers_pooling(folder) if folder.is_dir() else None
-    if declared is not None:
-        return declared
-    return PoolingConfig(mode="cls")
+    return declared or PoolingConfig(mode="cls")
+
+
+def _fetch_pooling_files(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["1_Pooling/config.json", "modules.json"]))
+    except (OSError, ValueError) as err:  # offline and not cached, or no such repo
+        logger.info("no sentence-transformers pooling files for %s (%s); using CLS pooling", repo_id, err)
+        return None
 
 
 class SequenceClassifier(nn.Module):
@@ -115,8 +127,16 @@ class SequenceClassifier(nn.Module):
             "past_key_values": past_key_values,
         }
         outputs = self.backbone(**{k: v for k, v in inputs.items() if v is not None})
-        hidden = outputs[0]  # (B, T, H)
-        backbone_pooled = getattr(outputs, "pooler_output", None)
+        return self.classify(outputs[0], attention_mask, getattr(outputs, "pooler_output", None), labels)
+
+    def classify(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        backbone_pooled: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> SequenceClassifierOutput:
+        """Pool the encoder's (B, T, H) states, apply the head, and the loss if ``labels`` are given."""
         pooled = self.pooler(hidden, attention_mask, backbone_pooled)  # (B, H)
         logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
@@ -142,7 +162,6 @@ def load_backbone(config: BackboneConfig) -> LoadedBackbone:
     """Load a frozen encoder with a fresh, seeded classification head."""
     path = resolve_backbone_path(config.name_or_path)
     try:
-        hf_config = AutoConfig.from_pretrained(path)
         encoder, info = AutoModel.from_pretrained(path, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -150,7 +169,7 @@ def load_backbone(config: BackboneConfig) -> LoadedBackbone:
             f"could not load backbone {config.name_or_path!r}: {err}. "
             "Pass a Hugging Face model folder or, when online, a hub id."
         ) from err
-    pooling = config.pooling or detect_pooling(path, hf_config)
+    pooling = config.pooling or detect_pooling(path)
     if pooling.mode != "pooler" and isinstance(getattr(encoder, "pooler", None), nn.Module):
         # An unused pooler only costs compute and, untrained in sentence-transformers
         # folders, would load random weights that change the fingerprint every load.

@@ -372,3 +372,19 @@ def test_import_loads_neither_flower_nor_onnxruntime() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_hub_id_reads_sentence_transformers_pooling(monkeypatch: pytest.MonkeyPatch, tiny_bert: Path) -> None:
+    """A hub id gets the pooling its repo declares; with no such files it falls back to CLS."""
+    import huggingface_hub
+
+    from fedadapt.backbone import detect_pooling
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(tiny_bert))
+    assert detect_pooling("someone/sentence-model") == PoolingConfig(mode="mean", normalize=True)
+
+    def offline(repo_id: str, allow_patterns: list[str]) -> str:
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline and not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert detect_pooling("someone/plain-model") == PoolingConfig(mode="cls")
