@@ -137,7 +137,7 @@ def personalization_rows(name: str, data: TextDataset, partition: PartitionConfi
     shared = make_model()
     train_adapter(shared, encode(shared, union, labels), TrainConfig(epochs=global_epochs))
     local = TrainConfig(epochs=5, batch_size=16)
-    finetune = TrainConfig(epochs=5, batch_size=16, head_learning_rate=2e-2)
+    finetune = TrainConfig(epochs=5, batch_size=16)
     reports = []
     for client in clients:
         train, test = encode(shared, client.train, labels), encode(shared, client.test, labels)

@@ -99,7 +99,7 @@ def train(
     max_examples: Annotated[int | None, typer.Option(help="Train on a seeded sample of N examples.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
     lr: Annotated[float, typer.Option(help="Adapter learning rate.")] = 2e-3,
-    head_lr: Annotated[float, typer.Option(help="Classifier head learning rate.")] = 2e-2,
+    head_lr: Annotated[float, typer.Option(help="Classifier head learning rate.")] = 5e-2,
     max_length: Annotated[int, typer.Option(help="Tokens per text (longer texts are truncated).")] = 64,
     text_column: Annotated[str | None, typer.Option(help="Name of the text column.")] = None,
     label_column: Annotated[str | None, typer.Option(help="Name of the label column.")] = None,

@@ -34,7 +34,7 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 32
     learning_rate: float = 2e-3
-    head_learning_rate: float = 2e-2
+    head_learning_rate: float = 5e-2
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
