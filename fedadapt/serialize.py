@@ -19,7 +19,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedadapt.errors import SchemaMismatch, StateError
-from fedadapt.state import AdapterSchema, Part, State, TensorSpec, check_state, dtype_name
+from fedadapt.state import AdapterSchema, Part, State, TensorSpec, check_names_and_shapes, check_state, dtype_name
 
 Compression = Literal["none", "fp16", "int8"]
 COMPRESSIONS: tuple[Compression, ...] = ("none", "fp16", "int8")
@@ -125,16 +125,9 @@ def _wire_dtype(spec: TensorSpec, compression: str) -> str:
 
 
 def _check_wire(raw: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec], compression: str) -> None:
-    unknown = [n for n in raw if n not in specs]
-    if unknown:
-        raise StateError(f"received blob has tensors the schema does not know: {unknown[:3]} ({len(unknown)} in all)")
-    missing = [n for n in specs if n not in raw]
-    if missing:
-        raise StateError(f"received blob lacks tensors the schema requires: {missing[:3]} ({len(missing)} in all)")
+    check_names_and_shapes(raw, specs, what="received blob")
     for name, tensor in raw.items():
         spec = specs[name]
-        if tuple(tensor.shape) != spec.shape:
-            raise StateError(f"received tensor {name!r} has shape {tuple(tensor.shape)}, expected {spec.shape}")
         expected = _wire_dtype(spec, compression)
         if dtype_name(tensor.dtype) != expected:
             raise StateError(

@@ -88,9 +88,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_state(state: Mapping[str, torch.Tensor], specs: tuple[TensorSpec, ...], *, what: str = "state") -> None:
-    """Raise StateError unless ``state`` has exactly ``specs``' names, shapes, dtypes, finite values."""
-    expected = {s.name: s for s in specs}
+def check_names_and_shapes(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, TensorSpec], *, what: str = "state"
+) -> None:
+    """Raise StateError unless ``state`` has exactly the ``expected`` names, each of its shape."""
     unknown = [n for n in state if n not in expected]
     if unknown:
         raise StateError(f"{what} has tensors the schema does not know: {unknown[:3]} ({len(unknown)} in all)")
@@ -98,9 +99,16 @@ def check_state(state: Mapping[str, torch.Tensor], specs: tuple[TensorSpec, ...]
     if missing:
         raise StateError(f"{what} lacks tensors the schema requires: {missing[:3]} ({len(missing)} in all)")
     for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name].shape:
+            raise StateError(f"{what} tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected[name].shape}")
+
+
+def check_state(state: Mapping[str, torch.Tensor], specs: tuple[TensorSpec, ...], *, what: str = "state") -> None:
+    """Raise StateError unless ``state`` has exactly ``specs``' names, shapes, dtypes, finite values."""
+    expected = {s.name: s for s in specs}
+    check_names_and_shapes(state, expected, what=what)
+    for name, tensor in state.items():
         spec = expected[name]
-        if tuple(tensor.shape) != spec.shape:
-            raise StateError(f"{what} tensor {name!r} has shape {tuple(tensor.shape)}, expected {spec.shape}")
         if dtype_name(tensor.dtype) != spec.dtype:
             raise StateError(f"{what} tensor {name!r} has dtype {dtype_name(tensor.dtype)}, expected {spec.dtype}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -145,10 +145,9 @@ class IA3Config:
 
 
 @dataclass(frozen=True)
-class PromptConfig:
-    """Prompt tuning: trainable virtual token embeddings put before the input."""
+class _VirtualTokens:
+    """Shared size and validation of the methods that add virtual tokens."""
 
-    name: ClassVar[str] = "prompt"
     size_field: ClassVar[str | None] = "num_virtual_tokens"
     saves_peft_format: ClassVar[bool] = True
     num_virtual_tokens: int = 20
@@ -156,6 +155,13 @@ class PromptConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
             raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+
+
+@dataclass(frozen=True)
+class PromptConfig(_VirtualTokens):
+    """Prompt tuning: trainable virtual token embeddings put before the input."""
+
+    name: ClassVar[str] = "prompt"
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
         import peft
@@ -165,17 +171,10 @@ class PromptConfig:
 
 
 @dataclass(frozen=True)
-class PrefixConfig:
+class PrefixConfig(_VirtualTokens):
     """Prefix tuning: trainable key/value prefixes in every attention layer."""
 
     name: ClassVar[str] = "prefix"
-    size_field: ClassVar[str | None] = "num_virtual_tokens"
-    saves_peft_format: ClassVar[bool] = True
-    num_virtual_tokens: int = 20
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
         if not _accepts_past_key_values(model.backbone):
