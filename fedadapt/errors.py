@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class FedAdaptError(Exception):
     """Base class of every error fedadapt raises on purpose."""
@@ -33,3 +35,11 @@ class AdapterFolderError(FedAdaptError):
 
 class DataError(FedAdaptError, ValueError):
     """A data set cannot be loaded, has missing or empty values, or cannot be partitioned as asked."""
+
+
+class EmptyAggregateError(FedAdaptError, ValueError):
+    """No client delta was accepted, so there is no mean to apply; ``rejected`` says why for each client."""
+
+    def __init__(self, message: str, rejected: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.rejected = list(rejected)
