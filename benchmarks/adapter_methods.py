@@ -114,11 +114,14 @@ def run(threads: int, repeats: int) -> str:
         state = model.state()
         fp32 = len(serialize_state(state, model.schema, None, "none"))
         fp16 = len(serialize_state(state, model.schema, None, "fp16"))
-        latency = median_forward_ms(model.module, inputs, repeats) / bare_ms
+        # The bare backbone is timed again right before each method: the ratio stays fair
+        # when the load on a shared machine drifts during the run.
+        latency = median_forward_ms(model.module, inputs, repeats) / median_forward_ms(bare.model, inputs, repeats)
         drop = ""
         if method in ("houlsby", "pfeiffer", "parallel"):
             set_adapter_drop(model.module.backbone, 3)
-            drop = f"{median_forward_ms(model.module, inputs, repeats) / bare_ms:.2f}×"
+            dropped_ms = median_forward_ms(model.module, inputs, repeats)
+            drop = f"{dropped_ms / median_forward_ms(bare.model, inputs, repeats):.2f}×"
         base_trainable, base_backbone = bert_base_trainable(method)
         rows.append(
             f"| {method} | {trainable:,} | {100 * trainable / backbone_params:.2f}% | "
