@@ -151,6 +151,33 @@ def train(
         _print_table({k: v for k, v in metrics.items() if not isinstance(v, dict)}, f"{method} on {data}")
 
 
+@app.command()
+def simulate(
+    scenario: Annotated[Path, typer.Option(help="Scenario TOML file (see simulations/README.md).")],
+    rounds: Annotated[int | None, typer.Option(help="Rounds in all (overrides the scenario's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/sim-<name>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = False,
+) -> None:
+    """Run a fleet scenario in Flower's simulation engine: metrics.json and final_adapter/ in --out."""
+    try:
+        runner = _checkout_module("simulations.runner")
+        runner.simulate(scenario, rounds=rounds, out=out, resume=resume)
+    except FedAdaptError as err:
+        _fail(str(err))
+
+
+def _checkout_module(name: str) -> Any:
+    """Import an app module from the checkout that holds this fedadapt (the apps are not installed)."""
+    import importlib
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / name.split(".")[0]).is_dir():
+        _fail(f"{name} is not beside this fedadapt ({root}): app commands need an editable install of the checkout")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(name)
+
+
 @contextlib.contextmanager
 def _step_progress(description: str) -> Iterator[Callable[[int, int, float], None]]:
     """A rich progress bar on stderr fed by a training step callback."""

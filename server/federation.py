@@ -1,0 +1,288 @@
+"""The server's round loop on a Flower grid: sample, send the global adapter, validate and average deltas.
+
+Each round: wait for enough connected clients, sample ``clients_per_round`` of them with a seeded
+RNG, send the global shared state (uncompressed), validate every returned delta and stream their
+example-weighted mean into the server optimizer (``fedadapt.aggregate``; rejected clients are
+logged and left out, the round completes), evaluate the global model on the server's test split,
+checkpoint atomically and rewrite ``metrics.json``. A run resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedadapt import protocol
+from fedadapt.aggregate import DeltaValidator, FedAvgConfig, ServerOptimizer, aggregate_round
+from fedadapt.errors import EmptyAggregateError, SchemaMismatch
+from fedadapt.fleet import FleetRun, build_model, encode_split, load_fleet_data
+from fedadapt.folder import save_adapter, write_bytes_atomic
+from fedadapt.serialize import serialize_state
+from fedadapt.state import State, check_state
+from fedadapt.train import evaluate
+from server.checkpoint import (
+    Checkpoint,
+    load_latest_checkpoint,
+    rng_state_from_json,
+    rng_state_to_json,
+    save_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+FINAL_ADAPTER = "final_adapter"
+
+
+def bytes_to_array(blob: bytes) -> Array:
+    """Bytes as a uint8 Array (Flower chunks large arrays on the wire; np.save format, no pickle)."""
+    return Array(np.frombuffer(blob, dtype=np.uint8))
+
+
+def array_to_bytes(array: Array) -> bytes:
+    return array.numpy().tobytes()
+
+
+class Federation:
+    """The global state, the server optimizer and the history of one run."""
+
+    def __init__(self, run: FleetRun) -> None:
+        self.run = run
+        self.scenario = run.scenario
+        fleet = load_fleet_data(self.scenario)
+        self.model = build_model(self.scenario, fleet.labels.names)
+        self.schema = self.model.schema
+        self.test_set = encode_split(self.model, fleet.splits.test, fleet.labels, self.scenario.max_length)
+        self.validator = DeltaValidator(self.schema, max_norm=self.scenario.max_delta_norm)
+        self.optimizer = ServerOptimizer(FedAvgConfig(server_lr=self.scenario.server_lr), self.schema)
+        self.rng = random.Random(self.scenario.seed)
+        self.global_state: State = self.model.state("shared")
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def completed_rounds(self) -> int:
+        return len(self.history)
+
+    # --- resume -------------------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from the latest checkpoint in the out dir, if there is one."""
+        checkpoint = load_latest_checkpoint(self.run.out_dir)
+        if checkpoint is None:
+            logger.info("no checkpoint in %s: starting at round 1", self.run.out_dir)
+            return
+        if checkpoint.schema_id != self.schema.schema_id:
+            raise SchemaMismatch(
+                f"the checkpoint in {self.run.out_dir} was made for adapter schema {checkpoint.schema_id}, this "
+                f"scenario builds {self.schema.schema_id}: resume with the scenario that started the run"
+            )
+        specs = self.schema.specs("shared")
+        check_state(checkpoint.global_state, specs, what="checkpointed global state")
+        self.global_state = {s.name: checkpoint.global_state[s.name] for s in specs}
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.rng.setstate(rng_state_from_json(checkpoint.rng_state))
+        self.history = checkpoint.history
+        logger.info("resumed %s after round %d", self.run.out_dir, checkpoint.round)
+
+    # --- rounds -------------------------------------------------------------------------------------------------
+
+    def run_rounds(self, grid: Grid) -> None:
+        """Run the remaining rounds, checkpointing after each, then write the final adapter and metrics."""
+        for server_round in range(self.completed_rounds + 1, self.scenario.rounds + 1):
+            record = self.run_round(grid, server_round)
+            self.history.append(record)
+            save_checkpoint(self.run.out_dir, self._checkpoint())
+            self.write_metrics(complete=False)
+            logger.info("round %d: %s", server_round, _round_line(record))
+        self.model.load_state(self.global_state, "shared")
+        save_adapter(self.model, self.run.out_dir / FINAL_ADAPTER)
+        self.write_metrics(complete=True)
+
+    def run_round(self, grid: Grid, server_round: int) -> dict[str, Any]:
+        """One round: returns its metrics record."""
+        start = time.perf_counter()
+        nodes = wait_for_nodes(grid, self.scenario.sample_size, self.scenario.node_timeout)
+        sampled = sorted(self.rng.sample(sorted(nodes), self.scenario.sample_size))
+        blob = serialize_state(self.global_state, self.schema, "shared", "none")
+        content = RecordDict(
+            {
+                protocol.ARRAYS: ArrayRecord({protocol.ADAPTER_STATE: bytes_to_array(blob)}),
+                protocol.CONFIG: ConfigRecord(
+                    {
+                        protocol.SERVER_ROUND: server_round,
+                        protocol.SCHEMA_ID: self.schema.schema_id,
+                        protocol.COMPRESSION: "none",
+                    }
+                ),
+            }
+        )
+        messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in sampled]
+        replies = list(grid.send_and_receive(messages, timeout=self.scenario.round_timeout))
+        unpacked = _unpack_replies(replies, sampled)
+        record: dict[str, Any] = {
+            "round": server_round,
+            "clients": len(sampled),
+            "bytes_down": len(blob) * len(sampled),
+            "bytes_up": sum(len(r[1]) for r in unpacked.deltas),
+            "uploads": len(unpacked.deltas),
+        }
+        rejected = list(unpacked.rejected)
+        try:
+            result = aggregate_round(self.global_state, iter(unpacked.deltas), self.validator, self.optimizer)
+            self.global_state = result.state
+            rejected += result.rejected
+            record |= {"accepted": result.accepted, "clipped": result.clipped}
+        except EmptyAggregateError as err:
+            logger.warning("round %d: %s; the global state stays as it was", server_round, err)
+            rejected += err.rejected
+            record |= {"accepted": 0, "clipped": []}
+        record["rejected"] = [{"client": c, "reason": r} for c, r in rejected]
+        record |= self._evaluate(unpacked.client_metrics)
+        record["client_results"] = unpacked.client_metrics
+        record["seconds"] = time.perf_counter() - start
+        return record
+
+    def _evaluate(self, client_metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        """Central accuracy of the global model, when it has a shared head; the clients' own accuracy always."""
+        scores: dict[str, Any] = {"client_accuracy": _weighted_accuracy(client_metrics)}
+        if self.scenario.personal_head:
+            # The head is personal: the global model has no trained head to score centrally.
+            return scores | {"accuracy": scores["client_accuracy"], "loss": None, "macro_f1": None}
+        self.model.load_state(self.global_state, "shared")
+        result = evaluate(self.model, self.test_set, device=self.scenario.device)
+        return scores | {"accuracy": result.accuracy, "loss": result.loss, "macro_f1": result.macro_f1}
+
+    def _checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            round=self.completed_rounds,
+            schema_id=self.schema.schema_id,
+            global_state=self.global_state,
+            optimizer=self.optimizer.state_dict(),
+            rng_state=rng_state_to_json(self.rng.getstate()),
+            history=self.history,
+        )
+
+    # --- metrics ------------------------------------------------------------------------------------------------
+
+    def write_metrics(self, complete: bool) -> Path:
+        """metrics.json: per-round records and a summary; rewritten atomically after every round."""
+        data = {
+            "scenario": asdict(self.scenario),
+            "schema_id": self.schema.schema_id,
+            "complete": complete,
+            "rounds": self.history,
+            "summary": self.summary(),
+        }
+        path = self.run.out_dir / METRICS_FILE
+        write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+        return path
+
+    def summary(self) -> dict[str, Any]:
+        """Final accuracy, personalized accuracy and communication per client and round."""
+        last = self.history[-1] if self.history else {}
+        uploads = sum(r["uploads"] for r in self.history)
+        sent = sum(r["clients"] for r in self.history)
+        summary: dict[str, Any] = {
+            "rounds": self.completed_rounds,
+            "final_accuracy": last.get("accuracy"),
+            "final_loss": last.get("loss"),
+            "accuracy_source": "clients" if self.scenario.personal_head else "central",
+            "bytes_up_per_client_round": sum(r["bytes_up"] for r in self.history) / uploads if uploads else None,
+            "bytes_down_per_client_round": sum(r["bytes_down"] for r in self.history) / sent if sent else None,
+            "shared_params": self.schema.num_params("shared"),
+            "full_model_bytes": full_model_bytes(self.model),
+            "seconds": sum(r["seconds"] for r in self.history),
+        }
+        personalized = _latest_client_accuracy(self.history)
+        if self.scenario.personal_head and personalized:
+            summary["personalized_accuracy"] = sum(personalized.values()) / len(personalized)
+            summary["personalized_clients"] = len(personalized)
+        return summary
+
+
+# --- helpers --------------------------------------------------------------------------------------------------
+
+
+class _Replies:
+    """Deltas to aggregate, transport-level rejections and the clients' metrics of one round."""
+
+    def __init__(self) -> None:
+        self.deltas: list[tuple[str, bytes, int]] = []
+        self.rejected: list[tuple[str, str]] = []
+        self.client_metrics: list[dict[str, Any]] = []
+
+
+def _unpack_replies(replies: list[Message], sampled: list[int]) -> _Replies:
+    out = _Replies()
+    answered = set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        client = f"node {node}"
+        if reply.has_error():
+            out.rejected.append((client, f"client error: {reply.error.reason}"[:300]))
+            continue
+        try:
+            blob = array_to_bytes(reply.content.array_records[protocol.ARRAYS][protocol.ADAPTER_DELTA])
+            metrics: dict[str, Any] = dict(reply.content.metric_records[protocol.METRICS])
+            num_examples = metrics.pop(protocol.NUM_EXAMPLES)
+        except (KeyError, TypeError, ValueError) as err:
+            out.rejected.append((client, f"malformed reply: missing or bad {err}"[:300]))
+            continue
+        if "partition-id" in metrics:
+            client = f"client {metrics['partition-id']} (node {node})"
+        out.deltas.append((client, blob, num_examples))
+        out.client_metrics.append({"client": client, **metrics})
+    out.rejected += [(f"node {n}", "no reply before the round timeout") for n in sampled if n not in answered]
+    return out
+
+
+def _weighted_accuracy(client_metrics: list[dict[str, Any]]) -> float | None:
+    scored = [(m["accuracy"], m.get("test-examples", 1)) for m in client_metrics if "accuracy" in m]
+    total = sum(n for _, n in scored)
+    return sum(a * n for a, n in scored) / total if total else None
+
+
+def _latest_client_accuracy(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Each client's accuracy on its own test split in the last round it took part in."""
+    latest: dict[str, float] = {}
+    for record in history:
+        for metrics in record.get("client_results", []):
+            if "accuracy" in metrics and "partition-id" in metrics:
+                latest[str(metrics["partition-id"])] = float(metrics["accuracy"])
+    return latest
+
+
+def full_model_bytes(model: Any) -> int:
+    """Bytes of every parameter of the model (backbone, adapter, head), each tensor counted once."""
+    seen = {id(p): p.numel() * p.element_size() for p in model.module.parameters()}
+    return sum(seen.values())
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
+    """Connected node ids once at least ``needed`` are connected; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < needed:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of the {needed} clients a round needs joined within {timeout:g} s")
+        logger.info("waiting for clients: %d connected, %d needed", len(nodes), needed)
+        time.sleep(1.0)
+    return nodes
+
+
+def _round_line(record: dict[str, Any]) -> str:
+    accuracy = record.get("accuracy")
+    shown = "n/a" if accuracy is None else f"{accuracy:.3f}"
+    return (
+        f"accuracy {shown}, {record['accepted']}/{record['clients']} clients accepted, "
+        f"{record['bytes_up']:,} B up, {record['bytes_down']:,} B down, {record['seconds']:.1f} s"
+    )

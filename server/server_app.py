@@ -1,0 +1,45 @@
+"""The Flower ServerApp: parses the run config and runs fedadapt's own round loop on the grid."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedadapt.errors import ConfigError
+from fedadapt.fleet import fleet_run_from_config
+from server.checkpoint import list_checkpoints
+from server.federation import Federation
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # inside the FAB Flower unpacks, or the checkout
+
+app = ServerApp()
+
+
+def _log_rounds() -> None:
+    """INFO from fedadapt and the server (one line per round) into the run's log; other libraries stay quiet."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("fedadapt", "server"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or resume) the scenario named in the run config."""
+    _log_rounds()
+    run = fleet_run_from_config(context.run_config, PROJECT_ROOT)
+    if list_checkpoints(run.out_dir) and not run.resume:
+        raise ConfigError(
+            f"{run.out_dir} already holds checkpoints: set resume=true to continue, or use another out-dir"
+        )
+    federation = Federation(run)
+    if run.resume:
+        federation.resume()
+    federation.run_rounds(grid)

@@ -1,0 +1,374 @@
+"""Runs a fleet scenario in Flower's simulation engine: ``fedadapt simulate`` calls ``simulate``.
+
+Why ``flwr run`` against a SuperLink we start ourselves, rather than ``flwr.simulation.run_simulation``:
+``run_simulation`` is deprecated in Flower 1.41 and ignores ``[tool.flwr.app.config]``, so the apps
+would need a side channel for their configuration; ``flwr run`` is the path the same apps take in
+deployment, and it works offline. Letting ``flwr run`` start its local SuperLink is not enough: that
+one is detached, listens on fixed ports and keeps running afterwards. So this module starts
+``flower-superlink --simulation`` itself on a free port, in a private ``FLWR_HOME`` and working
+directory (never the project folder, whose live files the ClientApps could otherwise import instead
+of the packaged app), points ``flwr run`` at it via ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``, and stops
+it (and anything left below it) by PID when the run ends. Progress comes from the ``metrics.json``
+the ServerApp rewrites after every round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedadapt.errors import ConfigError, FedAdaptError
+from fedadapt.fleet import (
+    CLIENT_STATE_FOLDER,
+    PERSONAL_FILE,
+    RUN_NUM_ROUNDS,
+    RUN_OUT_DIR,
+    RUN_RESUME,
+    RUN_SCENARIO,
+    ScenarioConfig,
+    load_scenario,
+    with_overrides,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+METRICS_FILE = "metrics.json"  # written by server.federation
+CHECKPOINTS = "checkpoints"
+FLWR_LOG = "flwr.log"
+SUPERLINK_LOG = "superlink.log"
+STARTUP_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+FLOWER_ENV = {
+    # Set for the child processes only, never at import (../shared/FLOWER-1.41-NOTES.md).
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+class SimulationError(FedAdaptError):
+    """The simulation did not finish; the message names the log to read."""
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    """What one ``simulate`` call runs, and where its files go."""
+
+    scenario_path: Path
+    scenario: ScenarioConfig
+    out_dir: Path
+    resume: bool
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.out_dir / METRICS_FILE
+
+
+def plan_simulation(scenario: Path, rounds: int | None, out: Path | None, resume: bool) -> SimulationPlan:
+    """Check the scenario and the out dir before anything starts."""
+    scenario_path = Path(scenario).expanduser().resolve()
+    config = with_overrides(load_scenario(scenario_path), rounds=rounds)
+    out_dir = (Path(out) if out else Path("runs") / f"sim-{config.name}").expanduser().resolve()
+    has_checkpoints = (out_dir / CHECKPOINTS).is_dir() and any((out_dir / CHECKPOINTS).iterdir())
+    if has_checkpoints and not resume:
+        raise ConfigError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    return SimulationPlan(scenario_path, config, out_dir, resume and has_checkpoints)
+
+
+def _remove_stale_client_state(out_dir: Path) -> None:
+    """Personal parts left by a run that never checkpointed a round would leak into a fresh one."""
+    folder = out_dir / CLIENT_STATE_FOLDER
+    pattern = PERSONAL_FILE.format(partition_id="*")
+    for path in folder.glob(pattern) if folder.is_dir() else ():
+        path.unlink()
+
+
+def simulate(
+    scenario: Path, rounds: int | None = None, out: Path | None = None, resume: bool = False, show: bool = True
+) -> dict[str, Any]:
+    """Run the scenario to its last round and return the contents of its metrics.json."""
+    plan = plan_simulation(scenario, rounds, out, resume)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    if not plan.resume:
+        _remove_stale_client_state(plan.out_dir)
+    flwr_home = Path(tempfile.mkdtemp(prefix="fedadapt-flwr-"))
+    try:
+        with _superlink(flwr_home, plan.out_dir / SUPERLINK_LOG) as env:
+            code = _run_app(plan, flwr_home, env, show)
+    finally:
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    metrics = _read_metrics(plan.metrics_file)
+    if code != 0 or not metrics.get("complete"):
+        raise SimulationError(
+            f"the simulation did not finish (flwr run exited with {code}); see {plan.out_dir / FLWR_LOG}"
+            f"{_log_tail(plan.out_dir / FLWR_LOG)}"
+        )
+    if show:
+        print_summary(metrics)
+    return metrics
+
+
+# --- processes --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tool(name: str) -> str:
+    """A console script of this environment (flwr, flower-superlink), else the one on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        raise SimulationError(f"`{name}` is not installed: pip install 'flwr[simulation]~=1.41.0'")
+    return found
+
+
+@contextlib.contextmanager
+def _superlink(flwr_home: Path, log_file: Path) -> Iterator[dict[str, str]]:
+    """A simulation SuperLink on a free port; yields the environment ``flwr run`` needs to use it."""
+    port = free_port()
+    env = os.environ | FLOWER_ENV | {"FLWR_HOME": str(flwr_home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port)}
+    # The SuperLink starts flower-superexec and flwr-simulation by name: this environment's must come first.
+    env["PATH"] = os.pathsep.join([str(Path(_tool("flower-superlink")).parent), env.get("PATH", "")])
+    command = [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(port, process, log_file)
+        yield env
+    finally:
+        stop_process_tree(process)
+
+
+def _wait_healthy(port: int, process: subprocess.Popen[bytes], log_file: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with {process.returncode}; see {log_file}")
+        if _healthy(port):
+            return
+        time.sleep(0.2)
+    raise SimulationError(
+        f"flower-superlink did not answer on port {port} within {STARTUP_TIMEOUT:g} s; see {log_file}"
+    )
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def stop_process_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ``process``, then any of its descendants still alive; SIGKILL what ignores it."""
+    descendants = _descendants(process.pid)
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pid in descendants:  # the SuperLink's SuperExec and simulation normally exit with it
+        _signal_until_gone(pid)
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs below ``pid`` (Linux /proc; empty elsewhere), deepest last."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _signal_until_gone(pid: int) -> None:
+    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; its parent reaps it
+
+
+# --- the run ----------------------------------------------------------------------------------------------------
+
+
+def _run_app(plan: SimulationPlan, flwr_home: Path, env: dict[str, str], show: bool) -> int:
+    """``flwr run`` the project on the SuperLink; returns its exit code."""
+    overrides = flwr_home / "run-config.toml"
+    overrides.write_text(
+        _toml(
+            {
+                RUN_SCENARIO: str(plan.scenario_path),
+                RUN_OUT_DIR: str(plan.out_dir),
+                RUN_NUM_ROUNDS: plan.scenario.rounds,
+                RUN_RESUME: plan.resume,
+            }
+        )
+    )
+    scenario = plan.scenario
+    federation = (
+        f"num-supernodes={scenario.num_clients} client-resources-num-cpus={scenario.client_cpus} "
+        f"client-resources-num-gpus={scenario.client_gpus}"
+    )
+    command = [_tool("flwr"), "run", str(PROJECT_ROOT), "local", "--stream"]
+    command += ["--federation-config", federation, "--run-config", str(overrides)]
+    with (plan.out_dir / FLWR_LOG).open("ab") as log:
+        process = subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _follow(plan, process, show)
+    finally:
+        stop_process_tree(process)  # a no-op after a normal exit; on Ctrl-C it stops the run
+    return process.returncode
+
+
+def _toml(values: dict[str, str | int | bool]) -> str:
+    # json.dumps of str/int/bool is valid TOML for them (basic strings, integers, true/false).
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+
+
+def _follow(plan: SimulationPlan, process: subprocess.Popen[bytes], show: bool) -> None:
+    """Wait for ``process``, showing a progress bar fed by metrics.json."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("acc {task.fields[accuracy]}  up {task.fields[up]}  rejected {task.fields[rejected]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), disable=not show) as progress:
+        task = progress.add_task(
+            f"{plan.scenario.name}: rounds", total=plan.scenario.rounds, accuracy="-", up="-", rejected=0
+        )
+        while process.poll() is None:
+            _show_rounds(progress, task, plan.metrics_file)
+            time.sleep(0.5)
+        _show_rounds(progress, task, plan.metrics_file)
+
+
+def _show_rounds(progress: Any, task: Any, metrics_file: Path) -> None:
+    rounds = _read_metrics(metrics_file).get("rounds", [])
+    if not rounds:
+        return
+    last = rounds[-1]
+    progress.update(
+        task,
+        completed=last["round"],
+        accuracy=_fmt_accuracy(last.get("accuracy")),
+        up=_fmt_bytes(sum(r["bytes_up"] for r in rounds)),
+        rejected=sum(len(r["rejected"]) for r in rounds),
+    )
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet (it is replaced atomically, never half-written)
+        return {}
+    return data
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n" + "\n".join(tail)
+
+
+# --- the summary ------------------------------------------------------------------------------------------------
+
+
+def _fmt_accuracy(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _fmt_bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1000
+    return f"{value:,.1f} GB"
+
+
+def _fmt_summary(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if "bytes" in key:
+        return _fmt_bytes(value)
+    if key == "seconds":
+        return f"{value:.1f}"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def print_summary(metrics: dict[str, Any]) -> None:
+    """One row per round, then the run's summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rounds = Table(title=f"{metrics['scenario']['name']}: rounds")
+    for name in ("round", "accuracy", "client acc.", "clients", "rejected", "bytes up", "bytes down", "seconds"):
+        rounds.add_column(name, justify="right")
+    for r in metrics["rounds"]:
+        rounds.add_row(
+            str(r["round"]),
+            _fmt_accuracy(r.get("accuracy")),
+            _fmt_accuracy(r.get("client_accuracy")),
+            f"{r['accepted']}/{r['clients']}",
+            str(len(r["rejected"])),
+            _fmt_bytes(r["bytes_up"]),
+            _fmt_bytes(r["bytes_down"]),
+            f"{r['seconds']:.1f}",
+        )
+    summary = Table(title="summary", show_header=False)
+    for key, value in metrics["summary"].items():
+        summary.add_row(key, _fmt_summary(key, value))
+    console = Console()
+    console.print(rounds)
+    console.print(summary)

@@ -1,0 +1,234 @@
+"""Fleet scenarios and one device's round on a tiny BERT (no Flower)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import fedadapt.train as train_module
+from fedadapt import fleet
+from fedadapt.errors import ConfigError
+from fedadapt.fleet import (
+    SCENARIO_KEYS,
+    ClientReply,
+    ScenarioConfig,
+    build_model,
+    fleet_run_from_config,
+    load_fleet_data,
+    load_scenario,
+    personal_path,
+    run_client_round,
+    scenario_from_dict,
+)
+from fedadapt.model import AdapterModel
+from fedadapt.serialize import deserialize_state, read_metadata, serialize_state
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _scenario(tiny_bert: Path, **changes: object) -> ScenarioConfig:
+    base = ScenarioConfig(
+        name="tiny",
+        backbone=str(tiny_bert),
+        num_clients=3,
+        method="lora",
+        rank=4,
+        local_max_steps=2,
+        batch_size=8,
+        max_length=16,
+        device="cpu",
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def _global(scenario: ScenarioConfig) -> tuple[AdapterModel, bytes]:
+    model = build_model(scenario, load_fleet_data(scenario).labels.names)
+    return model, serialize_state(model.state("shared"), model.schema, "shared", "none")
+
+
+def _decode(model: AdapterModel, reply: ClientReply) -> dict[str, torch.Tensor]:
+    return deserialize_state(reply.delta_blob, model.schema, "shared")
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    # Compare tensors, not blobs: safetensors does not keep the header's metadata order.
+    return list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+# --- scenario files -----------------------------------------------------------------------------------------------
+
+
+def test_load_scenario_maps_kebab_keys_and_resolves_paths_against_the_file(tmp_path: Path) -> None:
+    (tmp_path / "data.csv").write_text("text,label\na,x\nb,y\n")
+    file = tmp_path / "s.toml"
+    file.write_text(
+        'name = "s"\ndata = "data.csv"\nnum-clients = 2\nclients-per-round = 1\nalpha = 1\n'
+        'personal-head = true\ncompression = "int8"\nrank = 4\n'
+    )
+    scenario = load_scenario(file)
+    assert scenario.num_clients == 2 and scenario.clients_per_round == 1 and scenario.sample_size == 1
+    assert scenario.alpha == 1.0 and isinstance(scenario.alpha, float)
+    assert scenario.personal_head and scenario.compression == "int8"
+    assert scenario.data == str((tmp_path / "data.csv").resolve())
+
+
+def test_unknown_key_names_every_allowed_key(tmp_path: Path) -> None:
+    file = tmp_path / "s.toml"
+    file.write_text("num-clients = 2\nnum_rounds = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown keys \['num_rounds'\]") as caught:
+        load_scenario(file)
+    assert all(key in str(caught.value) for key in SCENARIO_KEYS)
+    assert "clients-per-round" in SCENARIO_KEYS and "personal-head" in SCENARIO_KEYS
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"num-clients": "4"}, "must be a int"),
+        ({"personal-head": 1}, "must be a bool"),
+        ({"rounds": True}, "must be a int"),
+        ({"compression": "zip"}, "compression must be one of"),
+        ({"partition": "random"}, "partition must be one of"),
+        ({"num-clients": 2, "clients-per-round": 3}, "cannot exceed num_clients"),
+        ({"rounds": 0}, "rounds must be a positive integer"),
+        ({"method": "nope"}, "unknown method"),
+        ({"method": "bitfit", "rank": 4}, "no rank or size"),
+        ({"test-fraction": 1.0}, "test_fraction"),
+    ],
+)
+def test_bad_values_are_refused(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        scenario_from_dict(data)
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_scenario(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("rounds = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_scenario(tmp_path / "bad.toml")
+
+
+def test_shipped_scenarios_load() -> None:
+    for file in sorted((PROJECT_ROOT / "simulations").glob("*.toml")):
+        scenario = load_scenario(file)
+        assert scenario.num_clients >= scenario.sample_size, file
+
+
+def test_run_config_resolves_the_scenario_against_the_project(tmp_path: Path) -> None:
+    run = fleet_run_from_config(
+        {"scenario": "simulations/quickstart.toml", "out-dir": str(tmp_path), "num-rounds": 7, "resume": True},
+        PROJECT_ROOT,
+    )
+    assert run.scenario.name == "quickstart" and run.scenario.rounds == 7
+    assert run.resume and run.out_dir == tmp_path and run.state_dir == tmp_path / "clients"
+    unchanged = fleet_run_from_config({"scenario": "simulations/quickstart.toml", "out-dir": "x"}, PROJECT_ROOT)
+    assert unchanged.scenario.rounds == load_scenario(PROJECT_ROOT / "simulations/quickstart.toml").rounds
+    with pytest.raises(ConfigError, match="unknown keys"):
+        fleet_run_from_config({"scenario": "s.toml", "out-dir": "x", "rounds": 2}, PROJECT_ROOT)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_natural_partition_gives_one_client_per_user(tiny_bert: Path) -> None:
+    data = load_fleet_data(_scenario(tiny_bert, partition="natural", num_clients=3))
+    assert len(data.clients) == 3
+    users = [set(client.train.user_ids or ()) for client in data.clients]
+    assert all(len(u) == 1 for u in users) and len(set.union(*users)) == 3
+    assert len(data.labels) == 6 and len(data.splits.test) > 0
+
+
+# --- one device's round -------------------------------------------------------------------------------------------
+
+
+def test_client_round_sends_only_the_shared_delta(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = _scenario(tiny_bert, personal_head=True, compression="fp16")
+    model, blob = _global(scenario)
+    reply = run_client_round(scenario, 1, blob, tmp_path, server_round=1)
+    delta = deserialize_state(reply.delta_blob, model.schema, "shared")
+    assert list(delta) == [s.name for s in model.schema.specs("shared")]
+    assert not set(delta) & set(model.frozen.params)  # no backbone tensor
+    assert not any(s.role == "head" for s in model.schema.specs("shared"))  # the head is personal
+    assert read_metadata(reply.delta_blob)["compression"] == "fp16"
+    assert any(bool(t.abs().sum() > 0) for t in delta.values())
+    assert reply.num_examples == len(load_fleet_data(scenario).clients[1].train)
+    assert reply.metrics["partition-id"] == 1 and reply.metrics["train-steps"] == 2
+    assert 0.0 <= reply.metrics["accuracy"] <= 1.0
+
+
+def test_personal_head_is_kept_on_disk_and_restored_next_round(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scenario = _scenario(tiny_bert, personal_head=True)
+    model, blob = _global(scenario)
+    run_client_round(scenario, 0, blob, tmp_path, server_round=1)
+    saved = deserialize_state(personal_path(tmp_path, 0).read_bytes(), model.schema, "personal")
+    assert saved and all(spec.role == "head" for spec in model.schema.specs("personal"))
+    run_client_round(scenario, 2, blob, tmp_path, server_round=1)  # the same process serves another device
+    seen: list[dict[str, torch.Tensor]] = []
+    original = train_module.train_adapter
+
+    def spy(model: AdapterModel, *args: object, **kwargs: object) -> object:
+        seen.append(model.state("personal"))  # what the device starts round 2 from
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_adapter", spy)
+    run_client_round(scenario, 0, blob, tmp_path, server_round=2)
+    for name, tensor in saved.items():
+        assert torch.equal(seen[0][name], tensor), name
+    after = deserialize_state(personal_path(tmp_path, 0).read_bytes(), model.schema, "personal")
+    assert any(not torch.equal(after[n], saved[n]) for n in saved)  # trained again and saved again
+
+
+def test_a_device_without_a_personal_part_starts_from_the_initial_head(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = _scenario(tiny_bert, personal_head=True)
+    model, blob = _global(scenario)
+    run_client_round(scenario, 0, blob, tmp_path / "a", server_round=1)
+    first = run_client_round(scenario, 1, blob, tmp_path / "a", server_round=1)
+    fresh = run_client_round(scenario, 1, blob, tmp_path / "b", server_round=1)
+    assert _equal(_decode(model, first), _decode(model, fresh))  # client 0's head did not leak into client 1
+
+
+def test_shared_head_travels_in_the_delta_and_nothing_is_written(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = _scenario(tiny_bert, personal_head=False, compression="int8")
+    model, blob = _global(scenario)
+    reply = run_client_round(scenario, 2, blob, tmp_path, server_round=1)
+    delta = deserialize_state(reply.delta_blob, model.schema, "shared")
+    assert any(s.role == "head" for s in model.schema.specs("shared")) and set(delta) == set(model.state("shared"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_same_round_same_delta_and_rounds_differ(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = _scenario(tiny_bert, compression="none")
+    model, blob = _global(scenario)
+    one, again, other = (run_client_round(scenario, 0, blob, tmp_path, server_round=r) for r in (1, 1, 2))
+    assert _equal(_decode(model, one), _decode(model, again))
+    assert not _equal(_decode(model, one), _decode(model, other))
+
+
+def test_wrong_partition_id_and_foreign_blob_are_refused(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = _scenario(tiny_bert)
+    _, blob = _global(scenario)
+    with pytest.raises(ConfigError, match="partition id"):
+        run_client_round(scenario, 3, blob, tmp_path)
+    other, _ = _global(dataclasses.replace(scenario, rank=2))
+    foreign = serialize_state(other.state("shared"), other.schema, "shared", "none")
+    with pytest.raises(ValueError, match="schema"):
+        run_client_round(scenario, 0, foreign, tmp_path)
+
+
+def test_personal_file_of_another_scenario_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = _scenario(tiny_bert, personal_head=True)
+    _, blob = _global(scenario)
+    personal_path(tmp_path, 0).write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match="another scenario"):
+        run_client_round(scenario, 0, blob, tmp_path)
+
+
+def test_fleet_module_does_not_import_flower() -> None:
+    source = Path(fleet.__file__).read_text()
+    assert "import flwr" not in source and "from flwr" not in source

@@ -1,0 +1,260 @@
+"""The Flower apps: the server's round loop and the ClientApp on an in-process grid, then a real simulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedadapt import protocol
+from fedadapt.errors import ConfigError
+from fedadapt.folder import load_adapter
+from fedadapt.serialize import deserialize_state, serialize_state
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed; Flower imports them from the project folder
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from clients.client_app import app as client_app  # noqa: E402
+from server.checkpoint import list_checkpoints, load_latest_checkpoint  # noqa: E402
+from server.server_app import app as server_app  # noqa: E402
+
+Tamper = Callable[[Message], Message]
+
+
+class InProcessGrid(Grid):
+    """A grid whose nodes run the ClientApp in this process (node 101 is partition 0, and so on)."""
+
+    def __init__(self, num_nodes: int, run_config: dict[str, Any], tamper: dict[int, Tamper] | None = None) -> None:
+        self.nodes = {101 + i: i for i in range(num_nodes)}
+        self.run_config = run_config
+        self.tamper = tamper or {}
+        self.sent: list[int] = []
+        self.global_blobs: list[bytes] = []  # what each message carried
+
+    def set_run(self, run: Any) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self.sent.append(node)
+            self.global_blobs.append(message.content[protocol.ARRAYS][protocol.ADAPTER_STATE].numpy().tobytes())
+            context = Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": self.nodes[node]},
+                state=RecordDict(),
+                run_config=self.run_config,
+            )
+            reply = client_app(message, context)
+            replies.append(self.tamper.get(node, lambda m: m)(reply))
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages take their run id from the process's task identity, which Flower's runtime sets."""
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _scenario_file(tmp_path: Path, tiny_bert: Path, **extra: Any) -> Path:
+    values = {
+        "name": "tiny",
+        "backbone": str(tiny_bert),
+        "num-clients": 3,
+        "clients-per-round": 2,
+        "rank": 4,
+        "rounds": 2,
+        "local-max-steps": 2,
+        "batch-size": 8,
+        "max-length": 16,
+        "device": "cpu",
+        "seed": 3,
+    } | extra
+    file = tmp_path / "scenario.toml"
+    file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return file
+
+
+def _run(grid: InProcessGrid) -> dict[str, Any]:
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=grid.run_config))
+    out_dir = Path(str(grid.run_config["out-dir"]))
+    return dict(json.loads((out_dir / "metrics.json").read_text()))
+
+
+def _config(scenario: Path, out_dir: Path, **extra: Any) -> dict[str, Any]:
+    return {"scenario": str(scenario), "out-dir": str(out_dir)} | extra
+
+
+def test_rounds_write_metrics_checkpoints_and_the_final_adapter(tiny_bert: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    grid = InProcessGrid(3, _config(_scenario_file(tmp_path, tiny_bert), out))
+    metrics = _run(grid)
+    assert metrics["complete"] and [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for record in metrics["rounds"]:
+        assert record["clients"] == 2 and record["accepted"] == 2 and record["rejected"] == []
+        assert record["bytes_up"] > 0 and record["bytes_down"] > record["bytes_up"]  # fp16 up, fp32 down
+        assert 0.0 <= record["accuracy"] <= 1.0 and record["loss"] > 0
+    summary = metrics["summary"]
+    assert summary["rounds"] == 2 and summary["accuracy_source"] == "central"
+    assert summary["final_accuracy"] == metrics["rounds"][-1]["accuracy"]
+    assert "personalized_accuracy" not in summary
+    assert summary["full_model_bytes"] > 10 * summary["bytes_up_per_client_round"]
+    assert len(grid.sent) == 4 and set(grid.sent) <= set(grid.nodes)
+    model = load_adapter(out / "final_adapter")
+    assert model.schema_id == metrics["schema_id"]
+    assert [p.name for p in list_checkpoints(out)] == ["round-0001.safetensors", "round-0002.safetensors"]
+
+
+def test_resume_continues_where_the_checkpoint_left_off(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = _scenario_file(tmp_path, tiny_bert)
+    straight = _run(InProcessGrid(3, _config(scenario, tmp_path / "straight")))
+    _run(InProcessGrid(3, _config(scenario, tmp_path / "resumed", **{"num-rounds": 1})))
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        _run(InProcessGrid(3, _config(scenario, tmp_path / "resumed")))
+    grid = InProcessGrid(3, _config(scenario, tmp_path / "resumed", resume=True))
+    resumed = _run(grid)
+    assert len(grid.sent) == 2  # round 2 only
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2]
+    for a, b in zip(straight["rounds"], resumed["rounds"], strict=True):
+        assert a["accuracy"] == b["accuracy"] and a["client_results"] == _without_seconds(b["client_results"], a)
+    final_a = load_latest_checkpoint(tmp_path / "straight")
+    final_b = load_latest_checkpoint(tmp_path / "resumed")
+    assert final_a is not None and final_b is not None
+    for name, tensor in final_a.global_state.items():
+        assert torch.equal(tensor, final_b.global_state[name]), name  # sampling RNG and state restored exactly
+
+
+def _without_seconds(results: list[dict[str, Any]], like: dict[str, Any]) -> list[dict[str, Any]]:
+    # Training time differs run to run; everything else must match.
+    seconds = {r["client"]: r["train-seconds"] for r in like["client_results"]}
+    return [r | {"train-seconds": seconds.get(r["client"], r["train-seconds"])} for r in results]
+
+
+def _garbage_delta(reply: Message) -> Message:
+    content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord({protocol.ADAPTER_DELTA: Array(torch.zeros(64, dtype=torch.uint8).numpy())}),
+            protocol.METRICS: reply.content[protocol.METRICS],
+        }
+    )
+    return Message(content=content, reply_to=_original(reply))
+
+
+def _error_reply(reply: Message) -> Message:
+    return Message(Error(code=0, reason="device ran out of battery"), reply_to=_original(reply))
+
+
+def _original(reply: Message) -> Message:
+    # A reply is built from the message it answers; rebuild one addressed the same way.
+    return Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=reply.metadata.src_node_id)
+
+
+def test_bad_clients_are_left_out_and_the_round_completes(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = _scenario_file(tmp_path, tiny_bert, **{"clients-per-round": 3, "rounds": 1})
+    tamper = {101: _garbage_delta, 102: _error_reply}
+    metrics = _run(InProcessGrid(3, _config(scenario, tmp_path / "run"), tamper))
+    record = metrics["rounds"][0]
+    assert record["accepted"] == 1 and record["clients"] == 3
+    reasons = {r["client"]: r["reason"] for r in record["rejected"]}
+    assert len(reasons) == 2
+    assert any("StateError" in reason for reason in reasons.values())
+    assert any("out of battery" in reason for reason in reasons.values())
+    assert metrics["complete"]
+
+
+def test_a_round_without_accepted_deltas_keeps_the_global_state(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = _scenario_file(tmp_path, tiny_bert, **{"clients-per-round": 2, "rounds": 1, "num-clients": 2})
+    grid = InProcessGrid(2, _config(scenario, tmp_path / "run"), {101: _garbage_delta, 102: _garbage_delta})
+    metrics = _run(grid)
+    record = metrics["rounds"][0]
+    assert record["accepted"] == 0 and len(record["rejected"]) == 2
+    checkpoint = load_latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None
+    schema = load_adapter(tmp_path / "run" / "final_adapter").schema
+    sent = deserialize_state(grid.global_blobs[0], schema, "shared")
+    for name, tensor in checkpoint.global_state.items():
+        assert torch.equal(tensor, sent[name])
+
+
+def test_personal_heads_are_scored_by_the_clients(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = _scenario_file(tmp_path, tiny_bert, **{"personal-head": True, "rounds": 1})
+    out = tmp_path / "run"
+    metrics = _run(InProcessGrid(3, _config(scenario, out)))
+    summary = metrics["summary"]
+    assert summary["accuracy_source"] == "clients" and summary["personalized_clients"] == 2
+    assert summary["final_accuracy"] == metrics["rounds"][0]["client_accuracy"]
+    assert len(list((out / "clients").glob("client-*.safetensors"))) == 2
+    # The evaluate handler scores a device's own model: the final global adapter with its personal head.
+    schema = load_adapter(out / "final_adapter").schema
+    checkpoint = load_latest_checkpoint(out)
+    assert checkpoint is not None
+    blob = serialize_state(checkpoint.global_state, schema, "shared", "none")
+    arrays = ArrayRecord({protocol.ADAPTER_STATE: Array(np.frombuffer(blob, dtype=np.uint8))})
+    message = Message(RecordDict({protocol.ARRAYS: arrays}), message_type=MessageType.EVALUATE, dst_node_id=101)
+    context = Context(
+        run_id=1, node_id=101, node_config={"partition-id": 0}, state=RecordDict(), run_config=_config(scenario, out)
+    )
+    scores = client_app(message, context).content.metric_records[protocol.METRICS]
+    assert 0.0 <= float(scores["accuracy"]) <= 1.0 and scores["partition-id"] == 0
+
+
+def test_simulate_command_refuses_bad_input_before_starting_flower(tiny_bert: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedadapt.cli import app as cli
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("num-clients = 2\nlocal-epoch = 1\n")
+    result = CliRunner().invoke(cli, ["simulate", "--scenario", str(bad)])
+    assert result.exit_code == 2 and "unknown keys ['local-epoch']" in result.output
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "round-0001.safetensors").write_bytes(b"")
+    scenario = _scenario_file(tmp_path, tiny_bert)
+    result = CliRunner().invoke(cli, ["simulate", "--scenario", str(scenario), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--resume" in result.output
+
+
+@pytest.mark.simulation
+@pytest.mark.timeout(300)
+def test_flower_simulation_end_to_end(tiny_bert: Path, tmp_path: Path) -> None:
+    """`fedadapt simulate` for real: SuperLink, `flwr run`, Ray workers; everything it started is gone after."""
+    from simulations.runner import _alive, _descendants, simulate
+
+    scenario = _scenario_file(tmp_path, tiny_bert, **{"num-clients": 2, "clients-per-round": 2})
+    metrics = simulate(scenario, out=tmp_path / "run", show=False)
+    assert metrics["complete"] and len(metrics["rounds"]) == 2
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["round"] for r in written["rounds"]] == [1, 2]
+    assert all(r["accepted"] == 2 for r in written["rounds"])
+    assert load_adapter(tmp_path / "run" / "final_adapter").schema_id == written["schema_id"]
+    assert not [pid for pid in _descendants(os.getpid()) if _alive(pid)]
