@@ -81,11 +81,27 @@ def plan_simulation(scenario: Path, rounds: int | None, out: Path | None, resume
     """Check the scenario and the out dir before anything starts."""
     scenario_path = Path(scenario).expanduser().resolve()
     config = with_overrides(load_scenario(scenario_path), rounds=rounds)
-    out_dir = (Path(out) if out else Path("runs") / f"sim-{config.name}").expanduser().resolve()
-    has_checkpoints = (out_dir / CHECKPOINTS).is_dir() and any((out_dir / CHECKPOINTS).iterdir())
+    out_dir = (Path(out) if out else _default_out_dir(config.name, resume)).expanduser().resolve()
+    has_checkpoints = _has_checkpoints(out_dir)
     if has_checkpoints and not resume:
         raise ConfigError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
     return SimulationPlan(scenario_path, config, out_dir, resume and has_checkpoints)
+
+
+def _has_checkpoints(out_dir: Path) -> bool:
+    return (out_dir / CHECKPOINTS).is_dir() and any((out_dir / CHECKPOINTS).iterdir())
+
+
+def _default_out_dir(name: str, resume: bool) -> Path:
+    """runs/sim-NAME; a fresh run beside earlier ones gets the next free runs/sim-NAME-N, so
+    running the same command twice starts a second run instead of refusing, and --resume
+    continues the newest."""
+    base = Path("runs") / f"sim-{name}"
+    taken = [base, *(Path(f"{base}-{n}") for n in range(2, 1000))]
+    used = [d for d in taken if _has_checkpoints(d)]
+    if resume:
+        return used[-1] if used else base
+    return next(d for d in taken if not _has_checkpoints(d))
 
 
 def _remove_stale_client_state(out_dir: Path) -> None:

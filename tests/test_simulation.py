@@ -258,3 +258,18 @@ def test_flower_simulation_end_to_end(tiny_bert: Path, tmp_path: Path) -> None:
     assert all(r["accepted"] == 2 for r in written["rounds"])
     assert load_adapter(tmp_path / "run" / "final_adapter").schema_id == written["schema_id"]
     assert not [pid for pid in _descendants(os.getpid()) if _alive(pid)]
+
+
+def test_default_out_dir_never_refuses_a_repeated_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running the README's command twice starts a second run; --resume continues the newest."""
+    from simulations.runner import CHECKPOINTS, plan_simulation
+
+    scenario = Path(__file__).resolve().parent.parent / "simulations" / "quickstart.toml"
+    monkeypatch.chdir(tmp_path)
+    assert plan_simulation(scenario, None, None, resume=False).out_dir == tmp_path / "runs" / "sim-quickstart"
+    (tmp_path / "runs" / "sim-quickstart" / CHECKPOINTS).mkdir(parents=True)
+    (tmp_path / "runs" / "sim-quickstart" / CHECKPOINTS / "round-0001.safetensors").write_bytes(b"x")
+    assert plan_simulation(scenario, None, None, resume=False).out_dir == tmp_path / "runs" / "sim-quickstart-2"
+    assert plan_simulation(scenario, None, None, resume=True).out_dir == tmp_path / "runs" / "sim-quickstart"
+    with pytest.raises(ConfigError, match="already holds a run"):
+        plan_simulation(scenario, None, tmp_path / "runs" / "sim-quickstart", resume=False)
