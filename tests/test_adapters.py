@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import pytest
 import torch
+from helpers import train_steps
 from safetensors.torch import load_file
 from torch import nn
 from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
@@ -64,16 +65,6 @@ def _slots(model: AdapterModel) -> list[AdaptedOutput]:
 
 def _adapter(slot: AdaptedOutput, name: str = "default") -> BottleneckAdapter:
     return cast(BottleneckAdapter, slot.adapters[name])
-
-
-def _train(model: AdapterModel, batch: dict[str, torch.Tensor], steps: int, lr: float) -> None:
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(**batch).loss.backward()
-        optimizer.step()
-    model.eval()
 
 
 # ---------------------------------------------------------------------------------- identity at init
@@ -199,7 +190,7 @@ def test_training_changes_adapters_not_backbone(tiny_bert: Path, batch: dict[str
     with torch.no_grad():
         start = float(model(**batch).loss)
     before = model.state()
-    _train(model, batch, steps=8, lr=2e-2)
+    train_steps(model, batch, steps=8, lr=2e-2)
     with torch.no_grad():
         end = float(model(**batch).loss)
     assert end < start - 0.1, (start, end)

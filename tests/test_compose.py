@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import train_steps
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
@@ -52,16 +53,6 @@ def _encoded(model: AdapterModel, batch: dict[str, torch.Tensor]) -> torch.Tenso
 def _perturb(model: AdapterModel, seed: int, scale: float = 0.3) -> None:
     gen = torch.Generator().manual_seed(seed)
     model.load_state({n: t + scale * torch.randn(t.shape, generator=gen) for n, t in model.state().items()})
-
-
-def _train(model: AdapterModel, batch: dict[str, torch.Tensor], steps: int = 5, lr: float = 1e-2) -> None:
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(**batch).loss.backward()
-        optimizer.step()
-    model.eval()
 
 
 def _named(model: AdapterModel, marker: str) -> dict[str, torch.nn.Parameter]:
@@ -132,7 +123,7 @@ def test_stack_loads_below_frozen_and_trains_only_top(
 
     below = {n: p.detach().clone() for n, p in _named(model, ".adapters.stacked0.").items()}
     before = model.state()
-    _train(model, batch)
+    train_steps(model, batch)
     model.frozen.check_unchanged()
     assert all(torch.equal(below[n], p) for n, p in _named(model, ".adapters.stacked0.").items())
     after = model.state()
@@ -290,7 +281,7 @@ def test_fusion_trains_only_the_fusion_layers(
     fixed = {n: p.detach().clone() for n, p in model.module.named_parameters() if not p.requires_grad}
     assert any(".adapters.fused0." in n for n in fixed) and any(".adapters.fused1." in n for n in fixed)
     before = model.state()
-    _train(model, batch)
+    train_steps(model, batch)
     model.frozen.check_unchanged()
     now = dict(model.module.named_parameters())
     assert not [n for n, t in fixed.items() if not torch.equal(t, now[n])]
@@ -320,7 +311,7 @@ def test_fusion_round_trip(
     tiny_bert: Path, folders: dict[str, Path], tmp_path: Path, batch: dict[str, torch.Tensor]
 ) -> None:
     model = _build(tiny_bert, "fusion", adapters=(str(folders["a"]), str(folders["b"]))).eval()
-    _train(model, batch, steps=3)
+    train_steps(model, batch, steps=3)
     folder = save_adapter(model, tmp_path / "fusion")
     saved = load_file(str(folder / OWN_WEIGHTS))
     assert set(saved) == set(_named(model, ".fusions.")) | HEAD

@@ -11,26 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import build_lora
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 import fedadapt.serialize
-from fedadapt import AdapterModel, BackboneConfig, StateSplit, load_backbone, make_method_config
+from fedadapt import AdapterModel, StateSplit
 from fedadapt.errors import SchemaMismatch, StateError
 from fedadapt.serialize import Compression, deserialize_state, read_metadata, serialize_state
 from fedadapt.state import AdapterSchema, State, TensorSpec
 
 
-def build_model(tiny_bert: Path, r: int = 8, split: StateSplit | None = None) -> AdapterModel:
-    loaded = load_backbone(BackboneConfig(name_or_path=str(tiny_bert), num_labels=3))
-    return AdapterModel(loaded, make_method_config("lora", r=r), split)
-
-
 @pytest.fixture(scope="module")
 def lora(tiny_bert: Path) -> AdapterModel:
-    return build_model(tiny_bert)
+    return build_lora(tiny_bert)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +114,7 @@ def test_int8_error_bound_holds_for_random_tensors(shape: tuple[int, ...], magni
 
 
 def test_personal_part_round_trip(tiny_bert: Path) -> None:
-    model = build_model(tiny_bert, split=StateSplit(personal=("head",)))
+    model = build_lora(tiny_bert, split=StateSplit(personal=("head",)))
     personal = {n: t + 1.0 for n, t in model.state("personal").items()}
     data = serialize_state(personal, model.schema, "personal")
     assert read_metadata(data)["part"] == "personal"
@@ -127,7 +123,7 @@ def test_personal_part_round_trip(tiny_bert: Path) -> None:
 
 
 def test_full_state_round_trip_with_part_none(tiny_bert: Path) -> None:
-    model = build_model(tiny_bert, split=StateSplit(personal=("head",)))
+    model = build_lora(tiny_bert, split=StateSplit(personal=("head",)))
     full = model.state()
     data = serialize_state(full, model.schema, None)
     assert read_metadata(data)["part"] == "all"
@@ -272,7 +268,7 @@ def test_truncated_blobs_are_rejected(lora: AdapterModel, blob: bytes, region: s
 
 
 def test_a_blob_for_another_schema_raises_schema_mismatch(tiny_bert: Path, lora: AdapterModel) -> None:
-    rank4 = build_model(tiny_bert, r=4)
+    rank4 = build_lora(tiny_bert, r=4)
     data = serialize_state(rank4.state("shared"), rank4.schema, "shared")
     with pytest.raises(SchemaMismatch, match=rank4.schema_id):
         deserialize_state(data, lora.schema, "shared")
@@ -369,7 +365,7 @@ def test_a_blob_with_an_int8_scale_that_overflows_is_rejected(lora: AdapterModel
 
 
 def test_a_personal_blob_read_as_shared_is_rejected(tiny_bert: Path) -> None:
-    model = build_model(tiny_bert, split=StateSplit(personal=("head",)))
+    model = build_lora(tiny_bert, split=StateSplit(personal=("head",)))
     data = serialize_state(model.state("personal"), model.schema, "personal")
     with pytest.raises(StateError, match="'personal' part, expected 'shared'"):
         deserialize_state(data, model.schema, "shared")

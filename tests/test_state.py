@@ -9,30 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import build_lora
 
 from fedadapt import (
     AdapterModel,
     AdapterSchema,
-    BackboneConfig,
     StateSplit,
     apply_delta,
     compute_delta,
-    load_backbone,
-    make_method_config,
 )
 from fedadapt.errors import StateError
 from fedadapt.state import State
 
 
-def build_model(tiny_bert: Path, r: int = 8, split: StateSplit | None = None) -> AdapterModel:
-    loaded = load_backbone(BackboneConfig(name_or_path=str(tiny_bert), num_labels=3))
-    return AdapterModel(loaded, make_method_config("lora", r=r), split)
-
-
 @pytest.fixture(scope="module")
 def lora(tiny_bert: Path) -> AdapterModel:
     """One LoRA model shared by the read-only tests of this module."""
-    return build_model(tiny_bert)
+    return build_lora(tiny_bert)
 
 
 def perturbed(state: State, seed: int = 0, std: float = 0.05) -> State:
@@ -163,14 +156,14 @@ def test_same_names_in_another_order_are_reported_as_an_order_problem() -> None:
 
 
 def test_schema_id_is_stable_across_builds(tiny_bert: Path, lora: AdapterModel) -> None:
-    again = build_model(tiny_bert)
+    again = build_lora(tiny_bert)
     assert again.schema == lora.schema
     assert again.schema_id == lora.schema_id
     assert re.fullmatch(r"[0-9a-f]{32}", lora.schema_id)
 
 
 def test_schema_id_changes_with_the_method_config(tiny_bert: Path, lora: AdapterModel) -> None:
-    rank4 = build_model(tiny_bert, r=4)
+    rank4 = build_lora(tiny_bert, r=4)
     assert rank4.schema.method["r"] == 4
     assert rank4.schema_id != lora.schema_id
 
@@ -187,7 +180,7 @@ def test_schema_id_changes_with_the_backbone_fingerprint(lora: AdapterModel) -> 
 
 
 def test_schema_id_changes_when_the_head_becomes_personal(tiny_bert: Path, lora: AdapterModel) -> None:
-    personal_head = build_model(tiny_bert, split=StateSplit(personal=("head",)))
+    personal_head = build_lora(tiny_bert, split=StateSplit(personal=("head",)))
     assert [t.name for t in personal_head.schema.tensors] == [t.name for t in lora.schema.tensors]
     assert personal_head.schema_id != lora.schema_id
 
@@ -198,14 +191,14 @@ def test_schema_id_changes_with_extras(lora: AdapterModel) -> None:
 
 @pytest.mark.parametrize("split", [StateSplit(), StateSplit(personal=("head",))])
 def test_schema_dict_round_trip_keeps_the_id(tiny_bert: Path, split: StateSplit) -> None:
-    schema = build_model(tiny_bert, split=split).schema
+    schema = build_lora(tiny_bert, split=split).schema
     restored = AdapterSchema.from_dict(schema.to_dict())
     assert restored == schema
     assert restored.schema_id == schema.schema_id
 
 
 def test_schema_counts_parameters_per_part(tiny_bert: Path) -> None:
-    model = build_model(tiny_bert, split=StateSplit(personal=("head",)))
+    model = build_lora(tiny_bert, split=StateSplit(personal=("head",)))
     # BERT default LoRA targets query and value: 2 layers × 2 modules × (A: 8×32 + B: 32×8).
     assert model.schema.num_params("shared") == 2 * 2 * (8 * 32 + 32 * 8)
     assert model.schema.num_params("personal") == 3 * 32 + 3
@@ -224,7 +217,7 @@ def test_state_matches_the_schema(lora: AdapterModel) -> None:
 
 
 def test_state_is_a_copy(tiny_bert: Path) -> None:
-    model = build_model(tiny_bert)
+    model = build_lora(tiny_bert)
     state = model.state("shared")
     name = next(iter(state))
     state[name].add_(1.0)
@@ -232,7 +225,7 @@ def test_state_is_a_copy(tiny_bert: Path) -> None:
 
 
 def test_load_state_round_trip(tiny_bert: Path) -> None:
-    model = build_model(tiny_bert)
+    model = build_lora(tiny_bert)
     original = model.state("shared")
     target = perturbed(original, seed=7)
     model.load_state(target, "shared")
@@ -242,7 +235,7 @@ def test_load_state_round_trip(tiny_bert: Path) -> None:
 
 
 def test_load_state_moves_state_between_models(tiny_bert: Path) -> None:
-    sender, receiver = build_model(tiny_bert), build_model(tiny_bert)
+    sender, receiver = build_lora(tiny_bert), build_lora(tiny_bert)
     sender.load_state(perturbed(sender.state("shared"), seed=8), "shared")
     receiver.load_state(sender.state("shared"), "shared")
     assert_states_equal(receiver.state("shared"), sender.state("shared"))
@@ -285,7 +278,7 @@ def test_load_state_rejects_a_wrong_dtype(lora: AdapterModel) -> None:
 
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
 def test_load_state_rejects_non_finite_values(tiny_bert: Path, bad_value: float) -> None:
-    model = build_model(tiny_bert)
+    model = build_lora(tiny_bert)
     before = model.state("shared")
     state = cloned(before)
     name = list(state)[-1]
@@ -296,14 +289,14 @@ def test_load_state_rejects_non_finite_values(tiny_bert: Path, bad_value: float)
 
 
 def test_load_state_rejects_a_full_state_as_a_part(tiny_bert: Path) -> None:
-    model = build_model(tiny_bert, split=StateSplit(personal=("head",)))
+    model = build_lora(tiny_bert, split=StateSplit(personal=("head",)))
     head = model.schema.specs("personal")[0].name
     with pytest.raises(StateError, match=re.escape(head)):
         model.load_state(model.state(), "shared")
 
 
 def test_personal_head_split_separates_roles(tiny_bert: Path) -> None:
-    model = build_model(tiny_bert, split=StateSplit(personal=("head",)))
+    model = build_lora(tiny_bert, split=StateSplit(personal=("head",)))
     roles = {t.name: t.role for t in model.schema.tensors}
     shared, personal = model.state("shared"), model.state("personal")
     assert shared and personal
@@ -320,7 +313,7 @@ def test_default_split_shares_everything(lora: AdapterModel) -> None:
 
 
 def test_personal_state_round_trip(tiny_bert: Path) -> None:
-    model = build_model(tiny_bert, split=StateSplit(personal=("head",)))
+    model = build_lora(tiny_bert, split=StateSplit(personal=("head",)))
     shared_before = model.state("shared")
     target = perturbed(model.state("personal"), seed=9)
     model.load_state(target, "personal")
