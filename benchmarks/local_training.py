@@ -25,7 +25,7 @@ import torch
 
 from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_config
 from fedadapt.baseline import DataConfig, load_splits
-from fedadapt.batching import EncodedTexts, batch_indices, collate, encode_texts
+from fedadapt.batching import EncodedTexts, batch_indices, collate, encode_dataset
 from fedadapt.cache import PrefixCache, train_adapter_cached
 from fedadapt.data import LabelMap, TextDataset
 from fedadapt.partition import PartitionConfig, partition_dataset
@@ -37,7 +37,7 @@ BANKING77 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ba
 
 
 def encode(model: AdapterModel, data: TextDataset, labels: LabelMap, max_length: int = 64) -> EncodedTexts:
-    return encode_texts(model.backbone.tokenizer, data.texts, labels.encode(data.labels), max_length)
+    return encode_dataset(model.backbone.tokenizer, data, labels, max_length)
 
 
 def baseline() -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig, load_backbone
-from fedadapt.batching import encode_texts
+from fedadapt.batching import encode_dataset
 from fedadapt.data import LabelMap, TextDataset, load_text_dataset
 from fedadapt.errors import ConfigError, DataError
 from fedadapt.folder import save_adapter, write_bytes_atomic
@@ -101,8 +101,8 @@ def train_baseline(
     loaded = load_backbone(BackboneConfig(name_or_path=backbone, num_labels=len(splits.labels), seed=train.seed))
     model = AdapterModel(loaded, method, labels=splits.labels.names)
     tokenizer = loaded.tokenizer
-    train_set = encode_texts(tokenizer, splits.train.texts, splits.labels.encode(splits.train.labels), train.max_length)
-    test_set = encode_texts(tokenizer, splits.test.texts, splits.labels.encode(splits.test.labels), train.max_length)
+    train_set = encode_dataset(tokenizer, splits.train, splits.labels, train.max_length)
+    test_set = encode_dataset(tokenizer, splits.test, splits.labels, train.max_length)
     result = train_adapter(model, train_set, train, on_step)
     scores = evaluate(model, test_set, device=train.device)
     _, trainable = model.num_parameters()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from fedadapt.data import LabelMap, TextDataset
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,13 @@ def encode_texts(
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return EncodedTexts(tuple(tuple(x) for x in ids), tuple(labels), pad)
+
+
+def encode_dataset(
+    tokenizer: PreTrainedTokenizerBase, data: TextDataset, labels: LabelMap, max_length: int
+) -> EncodedTexts:
+    """Token ids and class ids of ``data`` under the global label map (errors name its source)."""
+    return encode_texts(tokenizer, data.texts, labels.encode(data.labels, source=data.source), max_length)
 
 
 def collate(encoded: EncodedTexts, indices: Sequence[int]) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from fedadapt.errors import ConfigError, DataError, FedAdaptError
 if TYPE_CHECKING:
     from fedadapt.baseline import Splits
     from fedadapt.batching import EncodedTexts
-    from fedadapt.data import LabelMap
+    from fedadapt.data import LabelMap, TextDataset
     from fedadapt.model import AdapterModel
     from fedadapt.partition import ClientSplit
     from fedadapt.state import State
@@ -310,12 +310,11 @@ def train_config(scenario: ScenarioConfig, seed: int) -> TrainConfig:
     )
 
 
-def encode_split(model: AdapterModel, data: Any, labels: LabelMap, max_length: int) -> EncodedTexts:
-    """Token ids and class ids of a TextDataset under the global label map."""
-    from fedadapt.batching import encode_texts
+def encode_split(model: AdapterModel, data: TextDataset, labels: LabelMap, max_length: int) -> EncodedTexts:
+    """Token ids and class ids of a TextDataset under the global label map, with ``model``'s tokenizer."""
+    from fedadapt.batching import encode_dataset
 
-    ids = labels.encode(data.labels, source=data.source)
-    return encode_texts(model.backbone.tokenizer, data.texts, ids, max_length)
+    return encode_dataset(model.backbone.tokenizer, data, labels, max_length)
 
 
 # --- one device's round -----------------------------------------------------------------------------------------
