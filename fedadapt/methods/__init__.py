@@ -10,6 +10,7 @@ from fedadapt.adapters.compose import FusionConfig, StackConfig
 from fedadapt.errors import ConfigError
 from fedadapt.methods.base import AppliedMethod, MethodConfig, config_to_dict, schema_method_dict
 from fedadapt.methods.bitfit import BitFitConfig
+from fedadapt.methods.full import FullFineTuneConfig
 from fedadapt.methods.peft_methods import FfaLoraConfig, IA3Config, LoraConfig, PrefixConfig, PromptConfig
 
 METHODS: dict[str, type[MethodConfig]] = {
@@ -26,6 +27,7 @@ METHODS: dict[str, type[MethodConfig]] = {
         ParallelConfig,
         StackConfig,
         FusionConfig,
+        FullFineTuneConfig,
     )
 }
 
