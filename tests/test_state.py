@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from fedadapt import (
     compute_delta,
 )
 from fedadapt.errors import StateError
-from fedadapt.state import State
+from fedadapt.state import State, TensorSpec, check_state
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +320,22 @@ def test_personal_state_round_trip(tiny_bert: Path) -> None:
     model.load_state(target, "personal")
     assert_states_equal(model.state("personal"), target)
     assert_states_equal(model.state("shared"), shared_before)
+
+
+def test_squared_norms_flag_nan_and_inf_but_not_large_finite_values() -> None:
+    from fedadapt.state import squared_norms
+
+    large = torch.full((4,), 1e20)  # its squares overflow float32; they are redone in float64
+    half = torch.full((3,), 300.0, dtype=torch.float16)  # squares above float16's range
+    nan_last = torch.zeros(5)
+    nan_last[-1] = float("nan")
+    inf_first = torch.zeros(5)
+    inf_first[0] = -float("inf")
+    squares = squared_norms({"large": large, "half": half, "nan": nan_last, "inf": inf_first, "ids": torch.ones(2)})
+    assert squares["large"] == pytest.approx(4e40, rel=1e-6)
+    assert squares["half"] == pytest.approx(3 * 300.0**2)
+    assert math.isnan(squares["nan"]) and math.isinf(squares["inf"])
+    spec = TensorSpec("large", (4,), "float32", "shared", "adapter")
+    check_state({"large": large}, (spec,))  # large but finite: accepted
+    with pytest.raises(StateError, match="'nan' has non-finite"):
+        check_state({"nan": nan_last}, (TensorSpec("nan", (5,), "float32", "shared", "adapter"),))
