@@ -42,6 +42,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    # The loss's softmax runs over the labels present in the data only: on label-skewed clients the
+    # absent classes' head rows get no gradient, so FedAvg does not average in rows pushed down by
+    # clients that never saw those classes (cf. FedRS, Li & Zhan, KDD 2021).
+    mask_absent_labels: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length"):
@@ -142,7 +146,8 @@ def train_adapter(
     optimizer = make_optimizer(model, config)
     scheduler = warmup_linear_decay(optimizer, steps, config.warmup_ratio)
     params = list(model.trainable_parameters())
-    batch_loss = forward or partial(_collated_loss, model, data)
+    present = present_labels(data, len(model.labels), device) if config.mask_absent_labels else None
+    batch_loss = forward or partial(_collated_loss, model, data, present)
     result = TrainResult(steps=0, examples_seen=0, seconds=0.0)
     start = time.perf_counter()
     with guard_frozen(model.frozen):
@@ -167,10 +172,23 @@ def train_adapter(
     return result
 
 
-def _collated_loss(model: AdapterModel, data: EncodedTexts, indices: list[int], device: torch.device) -> torch.Tensor:
+def present_labels(data: EncodedTexts, num_labels: int, device: torch.device) -> torch.Tensor:
+    """A (num_labels,) bool mask of the class ids that occur in ``data``."""
+    mask = torch.zeros(num_labels, dtype=torch.bool)
+    mask[torch.tensor(sorted(set(data.labels)), dtype=torch.long)] = True
+    return mask.to(device)
+
+
+def _collated_loss(
+    model: AdapterModel, data: EncodedTexts, present: torch.Tensor | None, indices: list[int], device: torch.device
+) -> torch.Tensor:
     batch = {k: v.to(device) for k, v in collate(data, indices).items()}
-    loss: torch.Tensor = model(**batch).loss
-    return loss
+    if present is None:
+        loss: torch.Tensor = model(**batch).loss
+        return loss
+    labels = batch.pop("labels")
+    logits = model(**batch).logits.float().masked_fill(~present, float("-inf"))
+    return torch.nn.functional.cross_entropy(logits, labels)
 
 
 @torch.no_grad()

@@ -54,6 +54,24 @@ def test_training_lowers_the_loss_and_keeps_the_backbone(tiny_bert: Path) -> Non
     model.frozen.check_unchanged()
 
 
+def test_masking_absent_labels_leaves_their_head_rows_untouched(tiny_bert: Path) -> None:
+    """A label-skewed client (labels 0 and 1 only) must not push classes 2 and 3 down in the shared head."""
+    results = {}
+    for mask in (False, True):
+        model = _model(tiny_bert)
+        texts = TEXTS[:2] * 8
+        data = encode_texts(model.backbone.tokenizer, texts, [i % 2 for i in range(len(texts))], max_length=16)
+        head = model.backbone.model.classifier.weight
+        before = head.detach().clone()
+        config = TrainConfig(epochs=3, batch_size=8, device="cpu", weight_decay=0.0, mask_absent_labels=mask)
+        result = train_adapter(model, data, config)
+        assert all(torch.isfinite(torch.tensor(result.losses)))
+        moved = (head.detach() - before).abs().amax(dim=1)
+        results[mask] = moved
+    assert results[True][2:].max() == 0.0 and results[True][:2].min() > 0  # absent rows: no gradient at all
+    assert results[False][2:].min() > 0  # without the mask the absent classes are pushed down
+
+
 def test_same_seed_same_weights(tiny_bert: Path) -> None:
     states = []
     for _ in range(2):
