@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, MetricR
 from flwr.clientapp import ClientApp
 
 from fedadapt import protocol
-from fedadapt.fleet import FleetRun, evaluate_client, fleet_run_from_config, run_client_round
+from fedadapt.fleet import FleetRun, empty_client_round, evaluate_client, fleet_run_from_config, run_client_round
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # inside the FAB Flower unpacks, or the checkout
 PARTITION_ID = "partition-id"  # node config key Flower's simulation sets for each virtual device
@@ -23,9 +23,12 @@ def train(msg: Message, context: Context) -> Message:
     """Train on the device's data from the global adapter received; reply with the delta only."""
     run = fleet_run_from_config(context.run_config, PROJECT_ROOT)
     server_round = int(msg.content.config_records[protocol.CONFIG][protocol.SERVER_ROUND])  # type: ignore[arg-type]
-    reply = run_client_round(
-        run.scenario, _partition_id(context), _global_blob(msg), _state_dir(run, context), server_round
-    )
+    if run.empty_clients:
+        reply = empty_client_round(run.scenario, _partition_id(context))
+    else:
+        reply = run_client_round(
+            run.scenario, _partition_id(context), _global_blob(msg), _state_dir(run, context), server_round
+        )
     delta = np.frombuffer(reply.delta_blob, dtype=np.uint8)  # bytes travel as a uint8 array (np.save format)
     metrics: dict[str, MetricRecordValues] = {protocol.NUM_EXAMPLES: reply.num_examples, **reply.metrics}
     content = RecordDict(

@@ -22,7 +22,7 @@ import torch
 
 from fedadapt.errors import ConfigError, EmptyAggregateError, FedAdaptError, SchemaMismatch, StateError
 from fedadapt.serialize import deserialize_state
-from fedadapt.state import PARTS, AdapterSchema, Part, State, TensorSpec, check_state, dtype_name
+from fedadapt.state import PARTS, AdapterSchema, Part, State, TensorSpec, check_state, dtype_name, squared_norms
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,12 @@ class DeltaValidator:
 
     def check(self, blob: bytes) -> CheckedDelta:
         """The validated (and possibly clipped) delta in ``blob``, with its norm."""
-        state = deserialize_state(blob, self.schema, self.part)
-        norm = state_norm(state)
+        state = deserialize_state(blob, self.schema, self.part, check_values=False)
+        squares = squared_norms(state)  # finiteness and the norm in one pass
+        bad = [name for name, value in squares.items() if not math.isfinite(value)]
+        if bad:
+            raise StateError(f"received blob tensor {bad[0]!r} has non-finite values (NaN or inf)")
+        norm = math.sqrt(sum(squares.values()))
         if self.max_norm is None or norm <= self.max_norm:
             return CheckedDelta(state, norm, clipped=False)
         if self.norm_policy == "reject":
@@ -81,14 +85,8 @@ class DeltaValidator:
 
 
 def state_norm(state: Mapping[str, torch.Tensor]) -> float:
-    """Global L2 norm over every tensor of ``state`` (per-tensor norms in the tensor's dtype, summed in float64)."""
-    squares = 0.0
-    for tensor in state.values():
-        norm = float(torch.linalg.vector_norm(tensor))
-        if math.isinf(norm):  # overflow of the squares (fp16 above ~256, fp32 above ~1e19): redo it in float64
-            norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
-        squares += norm * norm
-    return math.sqrt(squares)
+    """Global L2 norm over every tensor of ``state`` (NaN or inf when a tensor holds NaN or inf)."""
+    return math.sqrt(sum(squared_norms(state).values()))
 
 
 # --- streaming weighted mean ---------------------------------------------------------------------------------
@@ -108,6 +106,7 @@ class StreamingFedAvg:
             raise ConfigError(f"only floating-point tensors can be averaged, got integer tensors {integral[:3]}")
         self._sums: State = {s.name: torch.zeros(s.shape, dtype=torch.float64) for s in self.specs}
         self._totals = list(self._sums.values())  # the same tensors, in spec order
+        self._layout = [(s.name, torch.Size(s.shape), getattr(torch, s.dtype)) for s in self.specs]
         self.num_clients = 0
         self.num_examples = 0
 
@@ -130,9 +129,9 @@ class StreamingFedAvg:
         self.num_examples += num_examples
 
     def _check_layout(self, delta: Mapping[str, torch.Tensor]) -> None:
-        same = len(delta) == len(self.specs) and all(
-            (t := delta.get(s.name)) is not None and t.shape == s.shape and dtype_name(t.dtype) == s.dtype
-            for s in self.specs
+        same = len(delta) == len(self._layout) and all(
+            (t := delta.get(name)) is not None and t.shape == shape and t.dtype == dtype
+            for name, shape, dtype in self._layout
         )
         if not same:
             check_state(delta, self.specs, what="delta to aggregate")  # raises, naming the first difference
@@ -345,14 +344,18 @@ def aggregate_round(
     replies: Iterable[ClientReply | tuple[str, bytes, int]],
     validator: DeltaValidator,
     optimizer: ServerOptimizer,
+    min_clients: int = 1,
 ) -> RoundResult:
     """Validate each reply, leave failing clients out with a logged reason, and step on the weighted mean.
 
     ``replies`` may be a generator: each blob is decoded, added and dropped before the next is read.
-    Raises EmptyAggregateError when no reply is accepted (the global state must then stay as it is).
+    Raises EmptyAggregateError when fewer than ``min_clients`` replies are accepted (the global state
+    and the optimizer then stay as they are).
     """
     if (validator.schema.schema_id, validator.part) != (optimizer.schema_id, optimizer.part):
         raise SchemaMismatch("validator and optimizer must be built for the same adapter schema and part")
+    if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
+        raise ConfigError(f"min_clients must be a positive integer, got {min_clients!r}")
     fedavg = StreamingFedAvg(validator.schema, validator.part)
     rejected: list[tuple[str, str]] = []
     clipped: list[str] = []
@@ -372,6 +375,12 @@ def aggregate_round(
     if fedavg.num_clients == 0:
         raise EmptyAggregateError(
             f"no client delta was accepted this round ({len(rejected)} rejected; first: {rejected[:3]})", rejected
+        )
+    if fedavg.num_clients < min_clients:
+        raise EmptyAggregateError(
+            f"only {fedavg.num_clients} client deltas were accepted this round, fewer than min-clients "
+            f"({min_clients}); {len(rejected)} rejected",
+            rejected,
         )
     new_state = optimizer.step(global_state, fedavg.result())
     logger.info(

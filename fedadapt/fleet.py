@@ -9,17 +9,23 @@ to disk. Backbone weights, personal state and data never leave the function.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import math
-import tomllib
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedadapt.errors import ConfigError, DataError, FedAdaptError
+from fedadapt.faults import SimulatedDeviceFailure, device_fault, stall_seconds
+from fedadapt.scenario import (
+    SYNTHETIC,
+    ScenarioConfig,
+    full_model_variant,
+    load_scenario,
+    with_overrides,
+)
 
 if TYPE_CHECKING:
     from fedadapt.baseline import Splits
@@ -32,156 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SCHEMES = ("iid", "dirichlet", "natural")
-COMPRESSIONS = ("none", "fp16", "int8")
-SYNTHETIC = "synthetic"
 PERSONAL_FILE = "client-{partition_id}.safetensors"
-
-
-@dataclass(frozen=True)
-class ScenarioConfig:
-    """One fleet scenario. TOML keys are these field names in kebab-case (``num-clients``)."""
-
-    name: str = "fleet"
-    data: str = SYNTHETIC  # 'synthetic' or a path load_text_dataset reads
-    backbone: str | None = None  # None: the packaged MiniLM-L6
-    text_column: str | None = None
-    label_column: str | None = None
-    max_examples: int | None = None  # cap on training examples before partitioning (seeded sample)
-    partition: str = "iid"  # iid | dirichlet | natural (one client per user id)
-    num_clients: int = 4
-    alpha: float = 0.5  # Dirichlet concentration (dirichlet only)
-    test_fraction: float = 0.2  # of each client's examples held out as its local test split
-    method: str = "lora"
-    rank: int | None = None  # the method's size field (LoRA rank, bottleneck, virtual tokens)
-    personal_head: bool = False  # the head stays on the device (FedPer); only the adapter is averaged
-    rounds: int = 3
-    clients_per_round: int | None = None  # None: every client, every round
-    local_epochs: int = 1
-    local_max_steps: int | None = None  # overrides local_epochs
-    batch_size: int = 16
-    learning_rate: float = 2e-3
-    head_learning_rate: float = 5e-2
-    max_length: int = 64
-    compression: str = "fp16"  # of the uploaded deltas: none | fp16 | int8
-    server_lr: float = 1.0
-    max_delta_norm: float | None = None  # reject deltas with a larger global L2 norm
-    seed: int = 0
-    device: str = "auto"
-    client_cpus: int = 1  # simulation: CPUs each virtual client reserves (Ray: an integer)
-    client_gpus: float = 0.0  # simulation: GPU share each virtual client reserves
-    round_timeout: float = 600.0  # seconds the server waits for a round's replies
-    node_timeout: float = 120.0  # seconds the server waits for enough clients to connect
-
-    def __post_init__(self) -> None:
-        if not self.name or not isinstance(self.name, str):
-            raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
-        _check_choice("partition", self.partition, SCHEMES)
-        _check_choice("compression", self.compression, COMPRESSIONS)
-        for name in ("num_clients", "rounds", "local_epochs", "batch_size", "max_length", "client_cpus"):
-            _check_positive_int(name, getattr(self, name))
-        for name in ("max_examples", "clients_per_round", "local_max_steps", "rank"):
-            if getattr(self, name) is not None:
-                _check_positive_int(name, getattr(self, name))
-        if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
-            raise ConfigError(
-                f"clients_per_round ({self.clients_per_round}) cannot exceed num_clients ({self.num_clients})"
-            )
-        for name in ("alpha", "learning_rate", "head_learning_rate", "server_lr", "round_timeout", "node_timeout"):
-            _check_positive_float(name, getattr(self, name))
-        if self.max_delta_norm is not None:
-            _check_positive_float("max_delta_norm", self.max_delta_norm)
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
-        if isinstance(self.client_gpus, bool) or not isinstance(self.client_gpus, int | float) or self.client_gpus < 0:
-            raise ConfigError(f"client_gpus must be a number >= 0, got {self.client_gpus!r}")
-
-    @property
-    def sample_size(self) -> int:
-        """Clients sampled per round."""
-        return self.clients_per_round or self.num_clients
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_positive_float(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
-
-
-SCENARIO_KEYS: tuple[str, ...] = tuple(f.name.replace("_", "-") for f in dataclasses.fields(ScenarioConfig))
-
-
-def scenario_from_dict(data: Mapping[str, Any], where: str = "scenario") -> ScenarioConfig:
-    """A scenario from kebab-case keys; unknown keys and values of the wrong type raise ConfigError."""
-    unknown = sorted(k for k in data if k not in SCENARIO_KEYS)
-    if unknown:
-        raise ConfigError(f"{where} has unknown keys {unknown}; allowed keys are: {', '.join(SCENARIO_KEYS)}")
-    types = {f.name: str(f.type) for f in dataclasses.fields(ScenarioConfig)}
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        values[name] = _coerce(key, value, types[name])
-    scenario = ScenarioConfig(**values)
-    _check_method(scenario)
-    return scenario
-
-
-def _coerce(key: str, value: Any, annotation: str) -> Any:
-    """TOML gives int for ``alpha = 1``; accept that for floats, refuse every other mismatch."""
-    if "float" in annotation and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    expected = {"str": str, "int": int, "float": float, "bool": bool}
-    allowed = tuple(t for name, t in expected.items() if name in annotation)
-    wrong_bool = isinstance(value, bool) and bool not in allowed
-    if not isinstance(value, allowed) or wrong_bool:
-        names = " or ".join(t.__name__ for t in allowed)
-        raise ConfigError(f"scenario key {key!r} must be a {names}, got {value!r}")
-    return value
-
-
-def _check_method(scenario: ScenarioConfig) -> None:
-    from fedadapt.methods import make_method_config
-
-    make_method_config(scenario.method, size=scenario.rank)
-
-
-def load_scenario(path: str | Path) -> ScenarioConfig:
-    """Read a scenario TOML file (flat kebab-case keys)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"scenario file {file} does not exist")
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"scenario file {file} is not valid TOML: {err}") from err
-    return scenario_from_dict(_relative_to(data, file.resolve().parent), where=f"scenario file {file}")
-
-
-def _relative_to(data: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Relative ``data`` and ``backbone`` paths are the scenario file's; the apps run in other folders."""
-    resolved = dict(data)
-    for key in ("data", "backbone"):
-        value = resolved.get(key)
-        if isinstance(value, str) and value != SYNTHETIC and not Path(value).expanduser().is_absolute():
-            candidate = folder / value
-            if candidate.exists():
-                resolved[key] = str(candidate.resolve())
-    return resolved
-
-
-def with_overrides(scenario: ScenarioConfig, **changes: Any) -> ScenarioConfig:
-    """A copy with some fields changed (``None`` values are ignored), validated again."""
-    return dataclasses.replace(scenario, **{k: v for k, v in changes.items() if v is not None})
-
 
 # --- data and model ---------------------------------------------------------------------------------------------
 
@@ -199,7 +56,7 @@ class FleetData:
 
 
 _DATA_FIELDS = (
-    *("data", "text_column", "label_column", "max_examples"),
+    *("data", "text_column", "label_column", "max_examples", "examples_per_user", "server_test_examples"),
     *("partition", "num_clients", "alpha", "test_fraction", "seed"),
 )
 _MODEL_FIELDS = ("backbone", "method", "rank", "personal_head", "seed")
@@ -240,7 +97,20 @@ def _load_fleet_data(scenario: ScenarioConfig) -> FleetData:
         test_fraction=scenario.test_fraction,
         min_partition_size=min(10, max(1, len(splits.train) // (2 * scenario.num_clients))),
     )
-    return FleetData(splits=splits, clients=tuple(partition_dataset(splits.train, partition)))
+    clients = tuple(partition_dataset(splits.train, partition))
+    return FleetData(splits=_cap_server_test(splits, scenario.server_test_examples, scenario.seed), clients=clients)
+
+
+def _cap_server_test(splits: Splits, cap: int | None, seed: int) -> Splits:
+    """A seeded sample of ``cap`` server test examples: central evaluation runs every round."""
+    import dataclasses
+
+    import torch
+
+    if cap is None or cap >= len(splits.test):
+        return splits
+    keep = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(seed))[:cap]
+    return dataclasses.replace(splits, test=splits.test.subset(sorted(keep.tolist())))
 
 
 def _synthetic_splits(scenario: ScenarioConfig) -> Splits:
@@ -252,7 +122,9 @@ def _synthetic_splits(scenario: ScenarioConfig) -> Splits:
     from fedadapt.synthetic import SyntheticConfig, make_synthetic_dataset
 
     users = scenario.num_clients if scenario.partition == "natural" else SyntheticConfig.num_users
-    data = make_synthetic_dataset(SyntheticConfig(num_users=users, seed=scenario.seed))
+    data = make_synthetic_dataset(
+        SyntheticConfig(num_users=users, examples_per_user=scenario.examples_per_user, seed=scenario.seed)
+    )
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(scenario.seed)).tolist()
     num_test = max(1, round(0.2 * len(data)))
     train, test = data.subset(sorted(order[num_test:])), data.subset(sorted(order[:num_test]))
@@ -294,19 +166,21 @@ def _cached_model(scenario: ScenarioConfig, labels: tuple[str, ...]) -> FleetMod
     return FleetModel(model=model, initial_personal=model.state("personal"))
 
 
-def train_config(scenario: ScenarioConfig, seed: int) -> TrainConfig:
-    """Local training settings of a round."""
+def train_config(scenario: ScenarioConfig, seed: int, partition_id: int | None = None) -> TrainConfig:
+    """Local training settings of a round (client ``partition_id``'s tier sets its step budget)."""
+    from fedadapt.scenario import local_step_budget
     from fedadapt.train import TrainConfig
 
     return TrainConfig(
         epochs=scenario.local_epochs,
-        max_steps=scenario.local_max_steps,
+        max_steps=scenario.local_max_steps if partition_id is None else local_step_budget(scenario, partition_id),
         batch_size=scenario.batch_size,
         learning_rate=scenario.learning_rate,
         head_learning_rate=scenario.head_learning_rate,
         max_length=scenario.max_length,
         seed=seed,
         device=scenario.device,
+        mask_absent_labels=scenario.mask_absent_labels,
     )
 
 
@@ -365,12 +239,22 @@ def run_client_round(
     if len(train_set) == 0:
         raise DataError(f"client {partition_id} has no training examples")
     before = _evaluate_or_none(evaluate, model, test_set, scenario.device)
-    result = train_adapter(model, train_set, train_config(scenario, _round_seed(scenario, server_round, partition_id)))
+    seed = _round_seed(scenario, server_round, partition_id)
+    result = train_adapter(model, train_set, train_config(scenario, seed, partition_id))
     after = _evaluate_or_none(evaluate, model, test_set, scenario.device)
+    fault = device_fault(scenario, server_round, partition_id)
+    if fault == "crash":  # after training, before anything is saved or sent: the round's work is lost
+        raise SimulatedDeviceFailure(
+            f"client {partition_id} crashed in round {server_round} (simulated: dropout-fraction "
+            f"{scenario.dropout_fraction})"
+        )
     delta = compute_delta(model.state("shared"), global_shared)
     blob = serialize_state(delta, model.schema, "shared", scenario.compression)  # type: ignore[arg-type]
     if scenario.personal_head:
         _save_personal(model, state_dir, partition_id)
+    if fault == "stall":
+        logger.info("client %d straggles in round %d: replying after the round timeout", partition_id, server_round)
+        time.sleep(stall_seconds(scenario))
     metrics: dict[str, float | int] = {
         "partition-id": partition_id,
         "train-loss": result.final_loss,
@@ -378,9 +262,25 @@ def run_client_round(
         "train-seconds": result.seconds,
         "test-examples": len(test_set),
     }
+    if scenario.tier_steps:
+        metrics["tier"] = partition_id % len(scenario.tier_steps)
     if before is not None and after is not None:
         metrics |= {"accuracy-before": before.accuracy, "accuracy": after.accuracy, "loss": after.loss}
     return ClientReply(delta_blob=blob, num_examples=len(train_set), metrics=metrics)
+
+
+def empty_client_round(scenario: ScenarioConfig, partition_id: int) -> ClientReply:
+    """A device that does no work: an all-zero delta at once (benchmarks measure Flower's own round cost)."""
+    import torch
+
+    from fedadapt.serialize import serialize_state
+
+    fleet = load_fleet_data(scenario)
+    model = _cached_model(_only(scenario, _MODEL_FIELDS), fleet.labels.names).model
+    zeros = {s.name: torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in model.schema.specs("shared")}
+    blob = serialize_state(zeros, model.schema, "shared", scenario.compression)  # type: ignore[arg-type]
+    num_examples = max(1, len(client_split(scenario, partition_id).train))
+    return ClientReply(delta_blob=blob, num_examples=num_examples, metrics={"partition-id": partition_id})
 
 
 def evaluate_client(
@@ -451,7 +351,12 @@ RUN_OUT_DIR = "out-dir"  # where the server writes checkpoints, metrics.json and
 RUN_NUM_ROUNDS = "num-rounds"  # 0: the scenario's rounds
 RUN_RESUME = "resume"  # continue from the latest checkpoint in out-dir
 RUN_CLIENT_STATE_DIR = "client-state-dir"  # where devices keep their personal parts; '': <out-dir>/clients
-RUN_KEYS = (RUN_SCENARIO, RUN_OUT_DIR, RUN_NUM_ROUNDS, RUN_RESUME, RUN_CLIENT_STATE_DIR)
+RUN_FULL_MODEL = "full-model"  # run the scenario's full-model FedAvg variant instead
+RUN_EMPTY_CLIENTS = "empty-clients"  # benchmarks: clients reply at once with a zero delta
+RUN_KEYS = (
+    *(RUN_SCENARIO, RUN_OUT_DIR, RUN_NUM_ROUNDS, RUN_RESUME, RUN_CLIENT_STATE_DIR),
+    *(RUN_FULL_MODEL, RUN_EMPTY_CLIENTS),
+)
 CLIENT_STATE_FOLDER = "clients"
 
 
@@ -463,6 +368,7 @@ class FleetRun:
     out_dir: Path
     resume: bool = False
     client_state_dir: Path | None = None
+    empty_clients: bool = False
 
     @property
     def state_dir(self) -> Path:
@@ -480,16 +386,23 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
     rounds = run_config.get(RUN_NUM_ROUNDS, 0)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ConfigError(f"{RUN_NUM_ROUNDS} must be a non-negative integer, got {rounds!r}")
-    resume = run_config.get(RUN_RESUME, False)
-    if not isinstance(resume, bool):
-        raise ConfigError(f"{RUN_RESUME} must be true or false, got {resume!r}")
+    resume, full_model, empty = (_flag(run_config, key) for key in (RUN_RESUME, RUN_FULL_MODEL, RUN_EMPTY_CLIENTS))
     state = str(run_config.get(RUN_CLIENT_STATE_DIR, ""))
+    scenario = with_overrides(load_scenario(scenario_path), rounds=rounds or None)
     return FleetRun(
-        scenario=with_overrides(load_scenario(scenario_path), rounds=rounds or None),
+        scenario=full_model_variant(scenario) if full_model else scenario,
         out_dir=out_dir,
         resume=resume,
         client_state_dir=_resolve(state, Path.cwd(), RUN_CLIENT_STATE_DIR) if state else None,
+        empty_clients=empty,
     )
+
+
+def _flag(run_config: Mapping[str, Any], key: str) -> bool:
+    value = run_config.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def _resolve(value: str, base: Path, key: str) -> Path:

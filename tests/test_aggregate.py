@@ -365,3 +365,52 @@ def test_validator_and_optimizer_must_share_the_schema() -> None:
     other = ServerOptimizer(FedAvgConfig(), make_schema(fingerprint="other"))
     with pytest.raises(SchemaMismatch, match="same adapter schema"):
         aggregate_round(filled(0.0), [("c", blob_of(filled(1.0)), 1)], DeltaValidator(SCHEMA), other)
+
+
+# --- min_clients ---------------------------------------------------------------------------------------------
+
+
+def _same_optimizer_state(a: OptimizerState, b: OptimizerState) -> bool:
+    return a.scalars == b.scalars and close(a.tensors, b.tensors, atol=0)
+
+
+def test_fewer_accepted_deltas_than_min_clients_raise_and_leave_the_optimizer_alone() -> None:
+    optimizer = fedavg_optimizer(FedAvgMConfig(server_lr=1.0, momentum=0.9))
+    optimizer.step(filled(0.0), filled(0.5))  # non-zero momentum a failed round must not touch
+    saved = optimizer.state_dict()
+    replies = [ClientReply("a", blob_of(filled(1.0)), 1), ClientReply("b", blob_of(filled(3.0)), 1)]
+    with pytest.raises(EmptyAggregateError, match=r"only 2 client deltas .* fewer than min-clients \(3\)") as raised:
+        aggregate_round(filled(0.0), replies, DeltaValidator(SCHEMA), optimizer, min_clients=3)
+    assert isinstance(raised.value.rejected, list) and raised.value.rejected == []
+    assert optimizer.steps == 1 and _same_optimizer_state(optimizer.state_dict(), saved)
+
+
+def test_rejected_clients_count_against_min_clients() -> None:
+    optimizer = fedavg_optimizer(FedAdamConfig())
+    saved = optimizer.state_dict()
+    replies = [
+        ClientReply("a", blob_of(filled(1.0)), 1),
+        ClientReply("garbage", b"\x00" * 40, 1),
+        ClientReply("b", blob_of(filled(3.0)), 1),
+    ]
+    with pytest.raises(EmptyAggregateError, match="1 rejected") as raised:
+        aggregate_round(filled(0.0), replies, DeltaValidator(SCHEMA), optimizer, min_clients=3)
+    assert isinstance(raised.value.rejected, list) and [c for c, _ in raised.value.rejected] == ["garbage"]
+    assert optimizer.steps == 0 and _same_optimizer_state(optimizer.state_dict(), saved)
+
+
+def test_exactly_min_clients_aggregates() -> None:
+    optimizer = fedavg_optimizer(FedAvgMConfig(server_lr=1.0, momentum=0.9))
+    replies = [ClientReply("a", blob_of(filled(1.0)), 1), ClientReply("b", blob_of(filled(3.0)), 3)]
+    result = aggregate_round(filled(0.0), replies, DeltaValidator(SCHEMA), optimizer, min_clients=2)
+    assert (result.accepted, result.total_examples, result.rejected) == (2, 4, [])
+    assert close(result.state, filled(2.5))  # (1·1 + 3·3) / 4; first momentum step u = Δ̄
+    assert optimizer.steps == 1 and close(
+        optimizer.state_dict().tensors, {f"momentum/{n}": t for n, t in filled(2.5).items()}
+    )
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_min_clients_must_be_a_positive_integer(bad: object) -> None:
+    with pytest.raises(ConfigError, match="min_clients must be a positive integer"):
+        aggregate_round(filled(0.0), iter(()), DeltaValidator(SCHEMA), fedavg_optimizer(), bad)  # type: ignore[arg-type]

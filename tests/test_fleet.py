@@ -12,18 +12,15 @@ import fedadapt.train as train_module
 from fedadapt import fleet
 from fedadapt.errors import ConfigError
 from fedadapt.fleet import (
-    SCENARIO_KEYS,
     ClientReply,
-    ScenarioConfig,
     build_model,
     fleet_run_from_config,
     load_fleet_data,
-    load_scenario,
     personal_path,
     run_client_round,
-    scenario_from_dict,
 )
 from fedadapt.model import AdapterModel
+from fedadapt.scenario import SCENARIO_KEYS, ScenarioConfig, load_scenario, scenario_from_dict
 from fedadapt.serialize import deserialize_state, read_metadata, serialize_state
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
