@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -137,7 +138,9 @@ class Federation:
         }
         rejected = list(unpacked.rejected)
         try:
-            result = aggregate_round(self.global_state, iter(unpacked.deltas), self.validator, self.optimizer)
+            result = aggregate_round(
+                self.global_state, iter(unpacked.deltas), self.validator, self.optimizer, self.scenario.min_clients
+            )
             self.global_state = result.state
             rejected += result.rejected
             record |= {"accepted": result.accepted, "clipped": result.clipped}
@@ -229,7 +232,7 @@ def _unpack_replies(replies: list[Message], sampled: list[int]) -> _Replies:
         answered.add(node)
         client = f"node {node}"
         if reply.has_error():
-            out.rejected.append((client, f"client error: {reply.error.reason}"[:300]))
+            out.rejected.append((client, f"client error: {client_error_reason(reply.error.reason)}"))
             continue
         try:
             blob = array_to_bytes(reply.content.array_records[protocol.ARRAYS][protocol.ADAPTER_DELTA])
@@ -244,6 +247,19 @@ def _unpack_replies(replies: list[Message], sampled: list[int]) -> _Replies:
         out.client_metrics.append({"client": client, **metrics})
     out.rejected += [(f"node {n}", "no reply before the round timeout") for n in sampled if n not in answered]
     return out
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception|Failure|Interrupt)\w*: .+")
+
+
+def client_error_reason(text: str, limit: int = 300) -> str:
+    """The client exception's own message out of the traceback Flower (and Ray) wrap it in."""
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    messages = [line.split("Message: ", 1)[1] for line in lines if "Message: " in line]
+    exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    reason = (messages or exceptions or lines or ["(no reason given)"])[-1]
+    return reason[:limit]
 
 
 def _weighted_accuracy(client_metrics: list[dict[str, Any]]) -> float | None:

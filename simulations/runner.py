@@ -35,18 +35,20 @@ from fedadapt.errors import ConfigError, FedAdaptError
 from fedadapt.fleet import (
     CLIENT_STATE_FOLDER,
     PERSONAL_FILE,
+    RUN_EMPTY_CLIENTS,
+    RUN_FULL_MODEL,
     RUN_NUM_ROUNDS,
     RUN_OUT_DIR,
     RUN_RESUME,
     RUN_SCENARIO,
-    ScenarioConfig,
-    load_scenario,
-    with_overrides,
 )
+from fedadapt.report import compare_with_full_model
+from fedadapt.scenario import ScenarioConfig, full_model_variant, load_scenario, with_overrides
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 METRICS_FILE = "metrics.json"  # written by server.federation
 CHECKPOINTS = "checkpoints"
+FULL_MODEL_FOLDER = "full-model"  # the full-model FedAvg run of a ``full-model = true`` scenario
 FLWR_LOG = "flwr.log"
 SUPERLINK_LOG = "superlink.log"
 STARTUP_TIMEOUT = 60.0
@@ -71,21 +73,41 @@ class SimulationPlan:
     scenario: ScenarioConfig
     out_dir: Path
     resume: bool
+    full_model: bool = False  # run the scenario's full-model FedAvg variant (``scenario`` is that variant)
+    empty_clients: bool = False  # benchmarks: clients reply at once with a zero delta
 
     @property
     def metrics_file(self) -> Path:
         return self.out_dir / METRICS_FILE
 
+    def full_model_plan(self, resume: bool) -> SimulationPlan:
+        """The same scenario as full-model FedAvg, in ``<out>/full-model``."""
+        out_dir = self.out_dir / FULL_MODEL_FOLDER
+        _refuse_unless_resuming(out_dir, resume)
+        return SimulationPlan(
+            self.scenario_path,
+            full_model_variant(self.scenario),
+            out_dir,
+            resume and _has_checkpoints(out_dir),
+            full_model=True,
+            empty_clients=self.empty_clients,
+        )
 
-def plan_simulation(scenario: Path, rounds: int | None, out: Path | None, resume: bool) -> SimulationPlan:
+
+def plan_simulation(
+    scenario: Path, rounds: int | None, out: Path | None, resume: bool, empty_clients: bool = False
+) -> SimulationPlan:
     """Check the scenario and the out dir before anything starts."""
     scenario_path = Path(scenario).expanduser().resolve()
     config = with_overrides(load_scenario(scenario_path), rounds=rounds)
     out_dir = (Path(out) if out else _default_out_dir(config.name, resume)).expanduser().resolve()
-    has_checkpoints = _has_checkpoints(out_dir)
-    if has_checkpoints and not resume:
+    _refuse_unless_resuming(out_dir, resume)
+    return SimulationPlan(scenario_path, config, out_dir, resume and _has_checkpoints(out_dir), False, empty_clients)
+
+
+def _refuse_unless_resuming(out_dir: Path, resume: bool) -> None:
+    if _has_checkpoints(out_dir) and not resume:
         raise ConfigError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
-    return SimulationPlan(scenario_path, config, out_dir, resume and has_checkpoints)
 
 
 def _has_checkpoints(out_dir: Path) -> bool:
@@ -113,10 +135,37 @@ def _remove_stale_client_state(out_dir: Path) -> None:
 
 
 def simulate(
-    scenario: Path, rounds: int | None = None, out: Path | None = None, resume: bool = False, show: bool = True
+    scenario: Path,
+    rounds: int | None = None,
+    out: Path | None = None,
+    resume: bool = False,
+    show: bool = True,
+    empty_clients: bool = False,
 ) -> dict[str, Any]:
-    """Run the scenario to its last round and return the contents of its metrics.json."""
-    plan = plan_simulation(scenario, rounds, out, resume)
+    """Run the scenario to its last round and return the contents of its metrics.json.
+
+    With ``full-model = true`` the scenario then runs again as full-model FedAvg in
+    ``<out>/full-model``, and the summary gains a ``full_model`` comparison of the two.
+    PNG plots (accuracy.png, bytes.png) go beside metrics.json.
+    """
+    from simulations.plots import write_plots
+
+    plan = plan_simulation(scenario, rounds, out, resume, empty_clients)
+    metrics = run_plan(plan, show)
+    full = None
+    if plan.scenario.full_model:
+        full = run_plan(plan.full_model_plan(resume), show)
+        comparison = compare_with_full_model(metrics, full, plan.scenario.target_accuracy)
+        metrics["summary"]["full_model"] = comparison
+        _write_json(plan.metrics_file, metrics)
+    write_plots(plan.out_dir, metrics, full)
+    if show:
+        print_summary(metrics)
+    return metrics
+
+
+def run_plan(plan: SimulationPlan, show: bool) -> dict[str, Any]:
+    """One ``flwr run`` of the plan on a SuperLink of its own; its metrics.json contents."""
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     if not plan.resume:
         _remove_stale_client_state(plan.out_dir)
@@ -132,9 +181,13 @@ def simulate(
             f"the simulation did not finish (flwr run exited with {code}); see {plan.out_dir / FLWR_LOG}"
             f"{_log_tail(plan.out_dir / FLWR_LOG)}"
         )
-    if show:
-        print_summary(metrics)
     return metrics
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from fedadapt.folder import write_bytes_atomic
+
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 # --- processes --------------------------------------------------------------------------------------------------
@@ -258,6 +311,8 @@ def _run_app(plan: SimulationPlan, flwr_home: Path, env: dict[str, str], show: b
                 RUN_OUT_DIR: str(plan.out_dir),
                 RUN_NUM_ROUNDS: plan.scenario.rounds,
                 RUN_RESUME: plan.resume,
+                RUN_FULL_MODEL: plan.full_model,
+                RUN_EMPTY_CLIENTS: plan.empty_clients,
             }
         )
     )
@@ -354,10 +409,12 @@ def _fmt_bytes(value: float | None) -> str:
 def _fmt_summary(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if "bytes" in key:
+    if "bytes" in key and "ratio" not in key:
         return _fmt_bytes(value)
-    if key == "seconds":
+    if "seconds" in key:
         return f"{value:.1f}"
+    if key in ("bytes_ratio", "speedup_to_target"):
+        return f"{value:,.1f}×"
     if isinstance(value, float):
         return f"{value:.4f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
@@ -384,7 +441,37 @@ def print_summary(metrics: dict[str, Any]) -> None:
         )
     summary = Table(title="summary", show_header=False)
     for key, value in metrics["summary"].items():
-        summary.add_row(key, _fmt_summary(key, value))
+        if not isinstance(value, dict):
+            summary.add_row(key, _fmt_summary(key, value))
     console = Console()
     console.print(rounds)
     console.print(summary)
+    if "full_model" in metrics["summary"]:
+        console.print(_comparison_table(metrics["summary"]["full_model"]))
+
+
+def _comparison_table(comparison: dict[str, Any]) -> Any:
+    """Adapters beside full-model FedAvg on the same scenario."""
+    from rich.table import Table
+
+    ours, theirs = comparison["adapter"], comparison["full_model"]
+    table = Table(
+        title=f"adapters vs full-model FedAvg (target accuracy {_fmt_accuracy(comparison['target_accuracy'])})"
+    )
+    for name in ("", f"adapters ({ours['method']}, {ours['compression']})", "full-model FedAvg", "ratio"):
+        table.add_column(name, justify="right")
+    ratios = {
+        "bytes_up_per_client_round": comparison["bytes_ratio"],
+        "seconds_to_target": comparison["speedup_to_target"],
+    }
+    for key in (
+        "final_accuracy",
+        "best_accuracy",
+        "rounds_to_target",
+        "seconds_to_target",
+        "bytes_up_per_client_round",
+    ):
+        ratio = ratios.get(key)
+        shown_ratio = "" if ratio is None else f"{ratio:,.1f}×"
+        table.add_row(key, _fmt_summary(key, ours[key]), _fmt_summary(key, theirs[key]), shown_ratio)
+    return table

@@ -244,19 +244,48 @@ def test_simulate_command_refuses_bad_input_before_starting_flower(tiny_bert: Pa
     assert result.exit_code == 2 and "--resume" in result.output
 
 
+def _seed_with_one_crash(rounds: int, clients: int, dropout: float) -> tuple[int, tuple[int, int]]:
+    """A scenario seed under which exactly one (round, client) of the run crashes."""
+    from fedadapt.faults import device_fault
+    from fedadapt.scenario import ScenarioConfig
+
+    for seed in range(1000):
+        scenario = ScenarioConfig(seed=seed, dropout_fraction=dropout)
+        pairs = [(r, p) for r in range(1, rounds + 1) for p in range(clients)]
+        crashes = [pair for pair in pairs if device_fault(scenario, *pair) == "crash"]
+        if len(crashes) == 1:
+            return seed, crashes[0]
+    raise AssertionError("no seed gives exactly one crash")
+
+
 @pytest.mark.simulation
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_flower_simulation_end_to_end(tiny_bert: Path, tmp_path: Path) -> None:
-    """`fedadapt simulate` for real: SuperLink, `flwr run`, Ray workers; everything it started is gone after."""
+    """`fedadapt simulate` for real: SuperLink, `flwr run`, Ray workers; a device crashes, full-model FedAvg
+    runs beside the adapters, plots are written, and everything it started is gone after."""
     from simulations.runner import _alive, _descendants, simulate
 
-    scenario = _scenario_file(tmp_path, tiny_bert, **{"num-clients": 2, "clients-per-round": 2})
-    metrics = simulate(scenario, out=tmp_path / "run", show=False)
+    seed, (crash_round, crash_client) = _seed_with_one_crash(rounds=2, clients=3, dropout=0.2)
+    extra = {"num-clients": 3, "clients-per-round": 3, "dropout-fraction": 0.2, "seed": seed, "full-model": True}
+    metrics = simulate(_scenario_file(tmp_path, tiny_bert, **extra), out=tmp_path / "run", show=False)
     assert metrics["complete"] and len(metrics["rounds"]) == 2
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [r["round"] for r in written["rounds"]] == [1, 2]
-    assert all(r["accepted"] == 2 for r in written["rounds"])
+    for record in written["rounds"]:
+        crashed = record["round"] == crash_round
+        assert record["accepted"] == (2 if crashed else 3) and len(record["rejected"]) == (1 if crashed else 0)
+    (rejected,) = written["rounds"][crash_round - 1]["rejected"]
+    assert f"client {crash_client} crashed in round {crash_round}" in rejected["reason"]
     assert load_adapter(tmp_path / "run" / "final_adapter").schema_id == written["schema_id"]
+    # The same scenario as full-model FedAvg, compared in the summary: every backbone weight goes up.
+    full = json.loads((tmp_path / "run" / "full-model" / "metrics.json").read_text())
+    assert full["complete"] and full["scenario"]["method"] == "full" and full["scenario"]["compression"] == "none"
+    comparison = written["summary"]["full_model"]
+    assert comparison["full_model"]["bytes_up_per_client_round"] == full["summary"]["bytes_up_per_client_round"]
+    assert full["summary"]["bytes_up_per_client_round"] > 0.9 * full["summary"]["full_model_bytes"]
+    assert comparison["bytes_ratio"] > 10
+    for name in ("accuracy.png", "bytes.png"):
+        assert (tmp_path / "run" / name).read_bytes().startswith(b"\x89PNG")
     assert not [pid for pid in _descendants(os.getpid()) if _alive(pid)]
 
 
