@@ -192,6 +192,61 @@ def test_bad_clients_are_left_out_and_the_round_completes(tiny_bert: Path, tmp_p
     assert metrics["complete"]
 
 
+def _replace_delta(reply: Message, change: Callable[[dict[str, torch.Tensor]], None]) -> Message:
+    """The client's own blob with its tensors edited and the header (schema id, part) kept."""
+    from safetensors.torch import load as safetensors_load
+    from safetensors.torch import save as safetensors_save
+
+    from fedadapt.serialize import read_metadata
+
+    blob = reply.content[protocol.ARRAYS][protocol.ADAPTER_DELTA].numpy().tobytes()
+    tensors = dict(safetensors_load(blob))
+    change(tensors)
+    edited = safetensors_save(tensors, metadata=read_metadata(blob))
+    content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord({protocol.ADAPTER_DELTA: Array(np.frombuffer(edited, dtype=np.uint8))}),
+            protocol.METRICS: reply.content[protocol.METRICS],
+        }
+    )
+    return Message(content=content, reply_to=_original(reply))
+
+
+def _nan_delta(reply: Message) -> Message:
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        name = next(iter(tensors))
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = float("nan")
+
+    return _replace_delta(reply, poison)
+
+
+def _wrong_shape_delta(reply: Message) -> Message:
+    def reshape(tensors: dict[str, torch.Tensor]) -> None:
+        name = next(iter(tensors))
+        tensors[name] = torch.zeros((*tensors[name].shape[:-1], tensors[name].shape[-1] + 1), dtype=tensors[name].dtype)
+
+    return _replace_delta(reply, reshape)
+
+
+def test_nan_and_wrong_shaped_deltas_are_rejected_and_the_round_completes(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = _scenario_file(tmp_path, tiny_bert, **{"clients-per-round": 3, "rounds": 2})
+    tamper = {101: _nan_delta, 102: _wrong_shape_delta}
+    grid = InProcessGrid(3, _config(scenario, tmp_path / "run"), tamper)
+    metrics = _run(grid)
+    assert metrics["complete"] and len(metrics["rounds"]) == 2
+    for record in metrics["rounds"]:
+        assert record["accepted"] == 1 and record["clients"] == 3
+        reasons = sorted(r["reason"] for r in record["rejected"])
+        assert len(reasons) == 2
+        assert any("non-finite" in reason for reason in reasons), reasons
+        assert any("shape" in reason for reason in reasons), reasons
+    # The NaN delta left no trace in the global state.
+    checkpoint = load_latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None
+    assert all(torch.isfinite(t).all() for t in checkpoint.global_state.values())
+
+
 def test_a_round_without_accepted_deltas_keeps_the_global_state(tiny_bert: Path, tmp_path: Path) -> None:
     scenario = _scenario_file(tmp_path, tiny_bert, **{"clients-per-round": 2, "rounds": 1, "num-clients": 2})
     grid = InProcessGrid(2, _config(scenario, tmp_path / "run"), {101: _garbage_delta, 102: _garbage_delta})
