@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_scenario
 
 import fedadapt.train as train_module
 from fedadapt import fleet
@@ -24,21 +25,6 @@ from fedadapt.scenario import SCENARIO_KEYS, ScenarioConfig, load_scenario, scen
 from fedadapt.serialize import deserialize_state, read_metadata, serialize_state
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _scenario(tiny_bert: Path, **changes: object) -> ScenarioConfig:
-    base = ScenarioConfig(
-        name="tiny",
-        backbone=str(tiny_bert),
-        num_clients=3,
-        method="lora",
-        rank=4,
-        local_max_steps=2,
-        batch_size=8,
-        max_length=16,
-        device="cpu",
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 def _global(scenario: ScenarioConfig) -> tuple[AdapterModel, bytes]:
@@ -132,7 +118,7 @@ def test_run_config_resolves_the_scenario_against_the_project(tmp_path: Path) ->
 
 
 def test_synthetic_natural_partition_gives_one_client_per_user(tiny_bert: Path) -> None:
-    data = load_fleet_data(_scenario(tiny_bert, partition="natural", num_clients=3))
+    data = load_fleet_data(tiny_scenario(tiny_bert, partition="natural", num_clients=3))
     assert len(data.clients) == 3
     users = [set(client.train.user_ids or ()) for client in data.clients]
     assert all(len(u) == 1 for u in users) and len(set.union(*users)) == 3
@@ -143,7 +129,7 @@ def test_synthetic_natural_partition_gives_one_client_per_user(tiny_bert: Path) 
 
 
 def test_client_round_sends_only_the_shared_delta(tiny_bert: Path, tmp_path: Path) -> None:
-    scenario = _scenario(tiny_bert, personal_head=True, compression="fp16")
+    scenario = tiny_scenario(tiny_bert, personal_head=True, compression="fp16")
     model, blob = _global(scenario)
     reply = run_client_round(scenario, 1, blob, tmp_path, server_round=1)
     delta = deserialize_state(reply.delta_blob, model.schema, "shared")
@@ -160,7 +146,7 @@ def test_client_round_sends_only_the_shared_delta(tiny_bert: Path, tmp_path: Pat
 def test_personal_head_is_kept_on_disk_and_restored_next_round(
     tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scenario = _scenario(tiny_bert, personal_head=True)
+    scenario = tiny_scenario(tiny_bert, personal_head=True)
     model, blob = _global(scenario)
     run_client_round(scenario, 0, blob, tmp_path, server_round=1)
     saved = deserialize_state(personal_path(tmp_path, 0).read_bytes(), model.schema, "personal")
@@ -182,7 +168,7 @@ def test_personal_head_is_kept_on_disk_and_restored_next_round(
 
 
 def test_a_device_without_a_personal_part_starts_from_the_initial_head(tiny_bert: Path, tmp_path: Path) -> None:
-    scenario = _scenario(tiny_bert, personal_head=True)
+    scenario = tiny_scenario(tiny_bert, personal_head=True)
     model, blob = _global(scenario)
     run_client_round(scenario, 0, blob, tmp_path / "a", server_round=1)
     first = run_client_round(scenario, 1, blob, tmp_path / "a", server_round=1)
@@ -191,7 +177,7 @@ def test_a_device_without_a_personal_part_starts_from_the_initial_head(tiny_bert
 
 
 def test_shared_head_travels_in_the_delta_and_nothing_is_written(tiny_bert: Path, tmp_path: Path) -> None:
-    scenario = _scenario(tiny_bert, personal_head=False, compression="int8")
+    scenario = tiny_scenario(tiny_bert, personal_head=False, compression="int8")
     model, blob = _global(scenario)
     reply = run_client_round(scenario, 2, blob, tmp_path, server_round=1)
     delta = deserialize_state(reply.delta_blob, model.schema, "shared")
@@ -200,7 +186,7 @@ def test_shared_head_travels_in_the_delta_and_nothing_is_written(tiny_bert: Path
 
 
 def test_same_round_same_delta_and_rounds_differ(tiny_bert: Path, tmp_path: Path) -> None:
-    scenario = _scenario(tiny_bert, compression="none")
+    scenario = tiny_scenario(tiny_bert, compression="none")
     model, blob = _global(scenario)
     one, again, other = (run_client_round(scenario, 0, blob, tmp_path, server_round=r) for r in (1, 1, 2))
     assert _equal(_decode(model, one), _decode(model, again))
@@ -208,7 +194,7 @@ def test_same_round_same_delta_and_rounds_differ(tiny_bert: Path, tmp_path: Path
 
 
 def test_wrong_partition_id_and_foreign_blob_are_refused(tiny_bert: Path, tmp_path: Path) -> None:
-    scenario = _scenario(tiny_bert)
+    scenario = tiny_scenario(tiny_bert)
     _, blob = _global(scenario)
     with pytest.raises(ConfigError, match="partition id"):
         run_client_round(scenario, 3, blob, tmp_path)
@@ -219,7 +205,7 @@ def test_wrong_partition_id_and_foreign_blob_are_refused(tiny_bert: Path, tmp_pa
 
 
 def test_personal_file_of_another_scenario_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
-    scenario = _scenario(tiny_bert, personal_head=True)
+    scenario = tiny_scenario(tiny_bert, personal_head=True)
     _, blob = _global(scenario)
     personal_path(tmp_path, 0).write_bytes(b"not safetensors at all")
     with pytest.raises(ValueError, match="another scenario"):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_scenario
 
 from fedadapt import fleet
 from fedadapt.errors import ConfigError
@@ -34,21 +35,6 @@ from fedadapt.serialize import deserialize_state, serialize_state
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [(r, p) for r in range(1, 41) for p in range(50)]  # 2000 (round, client) pairs
-
-
-def _scenario(tiny_bert: Path, **changes: object) -> ScenarioConfig:
-    base = ScenarioConfig(
-        name="tiny",
-        backbone=str(tiny_bert),
-        num_clients=3,
-        method="lora",
-        rank=4,
-        local_max_steps=2,
-        batch_size=8,
-        max_length=16,
-        device="cpu",
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 def _global_blob(scenario: ScenarioConfig) -> bytes:
@@ -250,7 +236,7 @@ def test_stall_outlasts_the_round_timeout() -> None:
 def test_a_crashing_client_raises_and_saves_nothing(
     tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scenario = _scenario(tiny_bert, personal_head=True, dropout_fraction=0.5)
+    scenario = tiny_scenario(tiny_bert, personal_head=True, dropout_fraction=0.5)
     server_round = _first(scenario, "crash", 1)
     slept: list[float] = []
     monkeypatch.setattr(fleet.time, "sleep", slept.append)
@@ -267,7 +253,7 @@ def test_a_crashing_client_raises_and_saves_nothing(
 def test_a_straggler_sleeps_past_the_timeout_then_replies(
     tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scenario = _scenario(tiny_bert, straggler_fraction=0.5, round_timeout=30.0)
+    scenario = tiny_scenario(tiny_bert, straggler_fraction=0.5, round_timeout=30.0)
     server_round = _first(scenario, "stall", 2)
     slept: list[float] = []
     monkeypatch.setattr(fleet.time, "sleep", slept.append)
@@ -281,7 +267,7 @@ def test_a_straggler_sleeps_past_the_timeout_then_replies(
 
 
 def test_tiers_set_each_clients_step_budget(tiny_bert: Path, tmp_path: Path) -> None:
-    scenario = _scenario(tiny_bert, tier_steps=(1, 3))
+    scenario = tiny_scenario(tiny_bert, tier_steps=(1, 3))
     blob = _global_blob(scenario)
     first = run_client_round(scenario, 0, blob, tmp_path, server_round=1)
     second = run_client_round(scenario, 1, blob, tmp_path, server_round=1)
@@ -289,13 +275,13 @@ def test_tiers_set_each_clients_step_budget(tiny_bert: Path, tmp_path: Path) -> 
     assert (first.metrics["train-steps"], first.metrics["tier"]) == (1, 0)
     assert (second.metrics["train-steps"], second.metrics["tier"]) == (3, 1)
     assert (third.metrics["train-steps"], third.metrics["tier"]) == (1, 0)
-    untiered = run_client_round(_scenario(tiny_bert), 1, blob, tmp_path, server_round=1)
+    untiered = run_client_round(tiny_scenario(tiny_bert), 1, blob, tmp_path, server_round=1)
     assert untiered.metrics["train-steps"] == 2 and "tier" not in untiered.metrics
 
 
 @pytest.mark.parametrize("compression", ["none", "fp16", "int8"])
 def test_empty_client_round_sends_zeros_of_the_schema(tiny_bert: Path, compression: str) -> None:
-    scenario = _scenario(tiny_bert, compression=compression)
+    scenario = tiny_scenario(tiny_bert, compression=compression)
     reply = empty_client_round(scenario, 1)
     model = build_model(scenario, load_fleet_data(scenario).labels.names)
     delta = deserialize_state(reply.delta_blob, model.schema, "shared")
@@ -331,17 +317,17 @@ def test_run_config_flags_must_be_bools(tmp_path: Path, key: str, value: object)
 
 
 def test_server_test_examples_caps_the_server_test_split(tiny_bert: Path) -> None:
-    uncapped = load_fleet_data(_scenario(tiny_bert)).splits.test
+    uncapped = load_fleet_data(tiny_scenario(tiny_bert)).splits.test
     assert len(uncapped) == round(0.2 * 8 * 80)
-    capped = load_fleet_data(_scenario(tiny_bert, server_test_examples=20)).splits.test
+    capped = load_fleet_data(tiny_scenario(tiny_bert, server_test_examples=20)).splits.test
     assert len(capped) == 20
     assert set(capped.texts) <= set(uncapped.texts)
-    again = load_fleet_data(_scenario(tiny_bert, server_test_examples=20, name="other")).splits.test
+    again = load_fleet_data(tiny_scenario(tiny_bert, server_test_examples=20, name="other")).splits.test
     assert list(again.texts) == list(capped.texts)  # seeded sample
-    big = load_fleet_data(_scenario(tiny_bert, server_test_examples=10_000)).splits.test
+    big = load_fleet_data(tiny_scenario(tiny_bert, server_test_examples=10_000)).splits.test
     assert len(big) == len(uncapped)
-    clients = load_fleet_data(_scenario(tiny_bert, server_test_examples=20)).clients
-    assert [len(c.train) for c in clients] == [len(c.train) for c in load_fleet_data(_scenario(tiny_bert)).clients]
+    clients = load_fleet_data(tiny_scenario(tiny_bert, server_test_examples=20)).clients
+    assert [len(c.train) for c in clients] == [len(c.train) for c in load_fleet_data(tiny_scenario(tiny_bert)).clients]
 
 
 def test_examples_per_user_sets_the_synthetic_data_size(tiny_bert: Path) -> None:
@@ -349,7 +335,7 @@ def test_examples_per_user_sets_the_synthetic_data_size(tiny_bert: Path) -> None
         data = load_fleet_data(scenario)
         return len(data.splits.train) + len(data.splits.test)
 
-    assert total(_scenario(tiny_bert)) == 8 * 80
-    assert total(_scenario(tiny_bert, examples_per_user=10)) == 8 * 10
-    natural = load_fleet_data(_scenario(tiny_bert, examples_per_user=15, partition="natural"))
+    assert total(tiny_scenario(tiny_bert)) == 8 * 80
+    assert total(tiny_scenario(tiny_bert, examples_per_user=10)) == 8 * 10
+    natural = load_fleet_data(tiny_scenario(tiny_bert, examples_per_user=15, partition="natural"))
     assert len(natural.splits.train) + len(natural.splits.test) == 3 * 15
