@@ -166,6 +166,49 @@ def simulate(
         _fail(str(err))
 
 
+@app.command("export")
+def export_command(
+    adapter: Annotated[Path, typer.Option(help="Adapter folder to export (from `fedadapt train` or a simulation).")],
+    out: Annotated[Path, typer.Option(help="Folder to write model.onnx, tokenizer, labels, manifest and report to.")],
+    backbone: Annotated[
+        str | None, typer.Option(help="Backbone folder or hub id (default: the one the adapter records).")
+    ] = None,
+    mode: Annotated[str, typer.Option(help="merged: one graph, adapter included (swappable: not yet).")] = "merged",
+    opset: Annotated[int, typer.Option(help="ONNX opset, 17 to 20.")] = 17,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty --out once the new export succeeded.")] = False,
+    texts: Annotated[
+        Path | None, typer.Option(help="Text file, one text per line, for the parity check (default: built-in).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+) -> None:
+    """Export an adapter with its backbone to ONNX for phones, checked against PyTorch."""
+    try:
+        config_module = _checkout_module("export.config")
+        extra = {} if texts is None else {"texts": _read_texts(texts)}
+        config = config_module.ExportConfig(
+            adapter=adapter, out=out, backbone=backbone, mode=mode, opset=opset, force=force, **extra
+        )  # fails fast, before torch loads
+        report = _checkout_module("export.exporter").export_adapter(config)
+    except FedAdaptError as err:
+        _fail(str(err))
+        return
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        _print_table(report.summary(), f"{report.method} exported to {out}")
+
+
+def _read_texts(path: Path) -> list[str]:
+    """Non-blank lines of a UTF-8 text file."""
+    from fedadapt.errors import ConfigError
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read --texts {path}: {err}") from err
+    return [line.strip() for line in lines if line.strip()]
+
+
 def _checkout_module(name: str) -> Any:
     """Import an app module from the checkout that holds this fedadapt (the apps are not installed)."""
     import importlib

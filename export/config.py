@@ -1,0 +1,59 @@
+"""What to export and how: a frozen, validated config (no torch import, so bad input fails at once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fedadapt.errors import ConfigError
+
+Mode = Literal["merged", "swappable"]
+MODES: tuple[str, ...] = ("merged", "swappable")
+# Opset 17 is the first with LayerNormalization as one operator (older ones spell it out in several).
+MIN_OPSET = 17
+DEFAULT_OPSET = 17
+# The newest opset torch's TorchScript exporter writes (torch.onnx._constants).
+MAX_OPSET = 20
+DEFAULT_ATOL = 1e-4
+
+PARITY_TEXTS: tuple[str, ...] = (
+    "I still have not received my new card, it was ordered three weeks ago and the tracking shows nothing",
+    "top up failed",
+    "Why was my card payment declined at the supermarket?",
+    "How long does a transfer from another bank take to arrive in my account?",
+    "change my PIN",
+    "There is a direct debit on my statement that I do not recognise, can you tell me where it comes from?",
+)
+"""Banking-style queries of mixed lengths: padded together they exercise the attention mask."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Export the adapter folder ``adapter`` (on ``backbone``, default: the one it records) to ``out``.
+
+    ``texts`` feed the parity check; ``atol`` is the largest logit difference it accepts.
+    ``force`` replaces a non-empty ``out``, and only after the new export succeeded.
+    """
+
+    adapter: Path
+    out: Path
+    backbone: str | None = None
+    mode: Mode = "merged"
+    opset: int = DEFAULT_OPSET
+    force: bool = False
+    texts: tuple[str, ...] = PARITY_TEXTS
+    atol: float = DEFAULT_ATOL
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapter", Path(self.adapter))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "texts", tuple(self.texts))
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.opset, int) or not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ConfigError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {self.opset!r}")
+        if not self.texts or not all(isinstance(t, str) and t.strip() for t in self.texts):
+            raise ConfigError("texts for the parity check must be one or more non-empty strings")
+        if not self.atol > 0:
+            raise ConfigError(f"atol must be positive, got {self.atol!r}")
