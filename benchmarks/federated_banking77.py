@@ -17,6 +17,7 @@ The centralized baseline is `fedadapt train` of docs/local-training.md (LoRA r=8
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def run_or_read(scenario: Path, out: Path, from_run: Path | None) -> dict[str, A
 
 def full_test_accuracy(folder: Path, scenario: ScenarioConfig) -> float:
     """The final model of a run on the whole test split (the rounds used a seeded sample)."""
-    whole = with_overrides(scenario, server_test_examples=None)
+    whole = dataclasses.replace(scenario, server_test_examples=None)  # with_overrides ignores None
     fleet = load_fleet_data(whole)
     model = load_adapter(folder)
     data = encode_split(model, fleet.splits.test, fleet.labels, scenario.max_length)
