@@ -169,13 +169,35 @@ def simulate(
 @app.command("export")
 def export_command(
     adapter: Annotated[Path, typer.Option(help="Adapter folder to export (from `fedadapt train` or a simulation).")],
-    out: Annotated[Path, typer.Option(help="Folder to write model.onnx, tokenizer, labels, manifest and report to.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Folder to write the graph, tokenizer, labels, manifest and report to. With --mode swappable, an "
+            "existing swappable bundle gains this adapter (its layout must match)."
+        ),
+    ],
     backbone: Annotated[
         str | None, typer.Option(help="Backbone folder or hub id (default: the one the adapter records).")
     ] = None,
-    mode: Annotated[str, typer.Option(help="merged: one graph, adapter included (swappable: not yet).")] = "merged",
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="merged: one model.onnx with the adapter built in. swappable: a shared backbone.onnx plus "
+            "adapters/<name>.onnx_adapter per user, switched at run time (not for full, stack or fusion)."
+        ),
+    ] = "merged",
+    adapter_name: Annotated[
+        str | None,
+        typer.Option(help="Swappable only: the adapter's name in the bundle (default: the adapter folder's name)."),
+    ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset, 17 to 20.")] = 17,
-    force: Annotated[bool, typer.Option(help="Replace a non-empty --out once the new export succeeded.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Replace a non-empty --out once the new export succeeded; when adding to a swappable bundle, "
+            "replace an adapter of the same name."
+        ),
+    ] = False,
     texts: Annotated[
         Path | None, typer.Option(help="Text file, one text per line, for the parity check (default: built-in).")
     ] = None,
@@ -186,7 +208,14 @@ def export_command(
         config_module = _checkout_module("export.config")
         extra = {} if texts is None else {"texts": _read_texts(texts)}
         config = config_module.ExportConfig(
-            adapter=adapter, out=out, backbone=backbone, mode=mode, opset=opset, force=force, **extra
+            adapter=adapter,
+            out=out,
+            backbone=backbone,
+            mode=mode,
+            opset=opset,
+            force=force,
+            adapter_name=adapter_name,
+            **extra,
         )  # fails fast, before torch loads
         report = _checkout_module("export.exporter").export_adapter(config)
     except FedAdaptError as err:

@@ -238,7 +238,8 @@ def run_client_round(
     test_set = encode_split(model, split.test, fleet.labels, scenario.max_length)
     if len(train_set) == 0:
         raise DataError(f"client {partition_id} has no training examples")
-    before = _evaluate_or_none(evaluate, model, test_set, scenario.device)
+    # Scoring the received global model too costs a forward pass per round: only when asked.
+    before = _evaluate_or_none(evaluate, model, test_set, scenario.device) if scenario.eval_before_training else None
     seed = _round_seed(scenario, server_round, partition_id)
     result = train_adapter(model, train_set, train_config(scenario, seed, partition_id))
     after = _evaluate_or_none(evaluate, model, test_set, scenario.device)
@@ -264,8 +265,10 @@ def run_client_round(
     }
     if scenario.tier_steps:
         metrics["tier"] = partition_id % len(scenario.tier_steps)
-    if before is not None and after is not None:
-        metrics |= {"accuracy-before": before.accuracy, "accuracy": after.accuracy, "loss": after.loss}
+    if after is not None:
+        metrics |= {"accuracy": after.accuracy, "loss": after.loss}
+    if before is not None:
+        metrics["accuracy-before"] = before.accuracy
     return ClientReply(delta_blob=blob, num_examples=len(train_set), metrics=metrics)
 
 

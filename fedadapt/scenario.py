@@ -42,6 +42,7 @@ class ScenarioConfig:
     method: str = "lora"
     rank: int | None = None  # the method's size field (LoRA rank, bottleneck, virtual tokens)
     personal_head: bool = False  # the head stays on the device (FedPer); only the adapter is averaged
+    eval_before_training: bool = False  # clients also score the global model they received (accuracy-before)
     rounds: int = 3
     clients_per_round: int | None = None  # None: every client, every round
     min_clients: int = 1  # fewer accepted deltas than this: the round leaves the global state as it was

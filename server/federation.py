@@ -205,8 +205,10 @@ class Federation:
             "full_model_bytes": full_model_bytes(self.model),
             "seconds": sum(r["seconds"] for r in self.history),
         }
+        # Each device's accuracy on its own test split after its latest local training: the model it
+        # would use (the global adapter fine-tuned on its data, with its own head when heads are personal).
         personalized = _latest_client_accuracy(self.history)
-        if self.scenario.personal_head and personalized:
+        if personalized:
             summary["personalized_accuracy"] = sum(personalized.values()) / len(personalized)
             summary["personalized_clients"] = len(personalized)
         return summary

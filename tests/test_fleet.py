@@ -215,3 +215,12 @@ def test_personal_file_of_another_scenario_is_refused(tiny_bert: Path, tmp_path:
 def test_fleet_module_does_not_import_flower() -> None:
     source = Path(fleet.__file__).read_text()
     assert "import flwr" not in source and "from flwr" not in source
+
+
+def test_scoring_the_received_model_before_training_is_opt_in(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = tiny_scenario(tiny_bert)
+    _, blob = _global(scenario)
+    plain = run_client_round(scenario, 0, blob, tmp_path, server_round=1).metrics
+    assert "accuracy-before" not in plain and 0.0 <= plain["accuracy"] <= 1.0
+    both = run_client_round(dataclasses.replace(scenario, eval_before_training=True), 0, blob, tmp_path, 1).metrics
+    assert 0.0 <= both["accuracy-before"] <= 1.0 and both["accuracy"] == plain["accuracy"]

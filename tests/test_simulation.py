@@ -127,7 +127,9 @@ def test_rounds_write_metrics_checkpoints_and_the_final_adapter(tiny_bert: Path,
     summary = metrics["summary"]
     assert summary["rounds"] == 2 and summary["accuracy_source"] == "central"
     assert summary["final_accuracy"] == metrics["rounds"][-1]["accuracy"]
-    assert "personalized_accuracy" not in summary
+    latest = {c["partition-id"]: c["accuracy"] for r in metrics["rounds"] for c in r["client_results"]}
+    assert summary["personalized_clients"] == len(latest)
+    assert summary["personalized_accuracy"] == pytest.approx(sum(latest.values()) / len(latest))
     assert summary["full_model_bytes"] > 10 * summary["bytes_up_per_client_round"]
     assert len(grid.sent) == 4 and set(grid.sent) <= set(grid.nodes)
     model = load_adapter(out / "final_adapter")
