@@ -150,5 +150,6 @@ def _decode(tensor: torch.Tensor, spec: TensorSpec, compression: str, scale: flo
     if compression == "int8" and tensor.dtype == torch.int8 and spec.dtype != "int8":
         if not isinstance(scale, int | float) or isinstance(scale, bool) or not 0 < scale < float("inf"):
             raise StateError(f"received tensor {spec.name!r} has no valid int8 scale (got {scale!r})")
-        return (tensor.to(torch.float32) * scale).to(target)
-    return tensor.to(target)
+        decoded = tensor * scale  # int8 × float promotes to the default float dtype in one pass
+        return decoded if decoded.dtype == target else decoded.to(target)
+    return tensor if tensor.dtype == target else tensor.to(target)
