@@ -128,7 +128,7 @@ class Federation:
         )
         messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in sampled]
         replies = list(grid.send_and_receive(messages, timeout=self.scenario.round_timeout))
-        unpacked = _unpack_replies(replies, sampled)
+        unpacked = _unpack_replies(replies, sampled, self.scenario.round_timeout)
         record: dict[str, Any] = {
             "round": server_round,
             "clients": len(sampled),
@@ -226,7 +226,7 @@ class _Replies:
         self.client_metrics: list[dict[str, Any]] = []
 
 
-def _unpack_replies(replies: list[Message], sampled: list[int]) -> _Replies:
+def _unpack_replies(replies: list[Message], sampled: list[int], timeout: float) -> _Replies:
     out = _Replies()
     answered = set()
     for reply in replies:
@@ -247,7 +247,8 @@ def _unpack_replies(replies: list[Message], sampled: list[int]) -> _Replies:
             client = f"client {metrics['partition-id']} (node {node})"
         out.deltas.append((client, blob, num_examples))
         out.client_metrics.append({"client": client, **metrics})
-    out.rejected += [(f"node {n}", "no reply before the round timeout") for n in sampled if n not in answered]
+    late = f"no reply within the round timeout ({timeout:g} s): a lost or straggling device"
+    out.rejected += [(f"node {n}", late) for n in sampled if n not in answered]
     return out
 
 
@@ -261,7 +262,7 @@ def client_error_reason(text: str, limit: int = 300) -> str:
     messages = [line.split("Message: ", 1)[1] for line in lines if "Message: " in line]
     exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
     reason = (messages or exceptions or lines or ["(no reason given)"])[-1]
-    return reason[:limit]
+    return reason.rstrip("'\"> ")[:limit]  # Ray wraps the message in "<'...'>"
 
 
 def _weighted_accuracy(client_metrics: list[dict[str, Any]]) -> float | None:

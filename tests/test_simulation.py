@@ -29,7 +29,7 @@ from clients.client_app import app as client_app  # noqa: E402
 from server.checkpoint import list_checkpoints, load_latest_checkpoint  # noqa: E402
 from server.server_app import app as server_app  # noqa: E402
 
-Tamper = Callable[[Message], Message]
+Tamper = Callable[[Message], Message | None]
 
 
 class InProcessGrid(Grid):
@@ -74,8 +74,9 @@ class InProcessGrid(Grid):
                 state=RecordDict(),
                 run_config=self.run_config,
             )
-            reply = client_app(message, context)
-            replies.append(self.tamper.get(node, lambda m: m)(reply))
+            reply = self.tamper.get(node, lambda m: m)(client_app(message, context))
+            if reply is not None:  # None: the reply never arrived (a lost or straggling device)
+                replies.append(reply)
         return replies
 
 
@@ -247,6 +248,32 @@ def test_nan_and_wrong_shaped_deltas_are_rejected_and_the_round_completes(tiny_b
     checkpoint = load_latest_checkpoint(tmp_path / "run")
     assert checkpoint is not None
     assert all(torch.isfinite(t).all() for t in checkpoint.global_state.values())
+
+
+def test_a_device_that_never_replies_is_left_out_with_the_timeout_named(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = _scenario_file(tmp_path, tiny_bert, **{"clients-per-round": 3, "rounds": 1, "round-timeout": 42})
+    metrics = _run(InProcessGrid(3, _config(scenario, tmp_path / "run"), {103: lambda reply: None}))
+    record = metrics["rounds"][0]
+    assert record["accepted"] == 2 and record["clients"] == 3 and metrics["complete"]
+    assert record["rejected"] == [
+        {"client": "node 103", "reason": "no reply within the round timeout (42 s): a lost or straggling device"}
+    ]
+
+
+def test_client_errors_are_reduced_to_the_exception_message() -> None:
+    from server.federation import client_error_reason
+
+    ray_text = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m\n"
+        'Traceback (most recent call last):\n  File "x.py", line 1\n'
+        "fedadapt.faults.SimulatedDeviceFailure: client 3 crashed in round 2 (simulated)\n"
+        "Exception ClientAppException occurred. Message: client 3 crashed in round 2 (simulated)'>"
+    )
+    assert client_error_reason(ray_text) == "client 3 crashed in round 2 (simulated)"
+    assert client_error_reason("Traceback:\n  File y\nValueError: bad shape") == "ValueError: bad shape"
+    assert client_error_reason("device ran out of battery") == "device ran out of battery"
+    assert client_error_reason("") == "(no reason given)"
+    assert len(client_error_reason("x" * 1000)) == 300
 
 
 def test_a_round_without_accepted_deltas_keeps_the_global_state(tiny_bert: Path, tmp_path: Path) -> None:
