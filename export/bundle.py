@@ -2,6 +2,8 @@
 
 Everything is written to a temporary sibling of the output folder and renamed into place
 only when the export (parity included) succeeded, so no error leaves a half-written bundle.
+Adding a user to a swappable bundle writes each changed file to a temporary file beside it
+and renames them into place afterwards, manifest.json last.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,69 @@ def _replace_dir(staging: Path, out: Path, force: bool) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def read_bundle_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of an export bundle; ExportError if it is missing or was not written by this exporter."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{folder} has no readable {MANIFEST_FILE} ({err}); it is not an export bundle") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise ExportError(f"{folder / MANIFEST_FILE} is not of format {BUNDLE_FORMAT}; it is not an export bundle")
+    return manifest
+
+
+def is_swappable_bundle(folder: Path) -> bool:
+    """Whether ``folder`` holds a swappable export (which another user's adapter may join)."""
+    return is_export_bundle(folder) and read_bundle_manifest(folder).get("mode") == "swappable"
+
+
+def check_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """ExportError unless every file the manifest lists is in ``folder`` with its recorded size and sha256."""
+    bad = []
+    for name, entry in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            bad.append(f"{name} is missing")
+        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            bad.append(f"{name} differs from the manifest")
+    if bad:
+        raise ExportError(f"the bundle {folder} was changed after export ({'; '.join(bad)}); export it again")
+
+
+@contextlib.contextmanager
+def committed_files(folder: Path) -> Iterator[Callable[[str], Path]]:
+    """Yield ``temp(name)``: a temporary path beside ``folder / name`` to write that file's new content to.
+
+    On success each temporary file is renamed over its final path in the order ``temp`` was
+    called (so call it for manifest.json last: its rename commits the update); on any error
+    all of them are removed and ``folder`` is as it was.
+    """
+    pending: dict[Path, Path] = {}
+
+    def temp(name: str) -> Path:
+        final = folder / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        handle, path = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(handle)
+        pending[final] = Path(path)
+        return Path(path)
+
+    try:
+        yield temp
+        for final, path in pending.items():
+            path.chmod(0o644)  # mkstemp's 0600 would hide the file from the app's build tools
+            os.replace(path, final)
+    except BaseException:
+        for path in pending.values():
+            path.unlink(missing_ok=True)
+        raise
+
+
+def tokenizer_padding(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The pad token and its id: what a runtime without transformers pads batches with."""
+    return {"pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id}
+
+
 def write_json(path: Path, data: Any) -> None:
     """Pretty, stable JSON (sorted keys, trailing newline)."""
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -109,8 +174,13 @@ def file_entries(folder: Path, skip: Sequence[str] = (MANIFEST_FILE,)) -> dict[s
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
         if name not in skip:
-            entries[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            entries[name] = file_entry(path)
     return entries
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """A manifest's record of one file: its size in bytes and sha256."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def sha256_file(path: Path) -> str:
@@ -122,8 +192,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, description: dict[str, Any]) -> dict[str, Any]:
-    """manifest.json: ``description`` plus every other file's size and sha256; return it."""
-    manifest = {"format": BUNDLE_FORMAT, **description, "files": file_entries(folder)}
-    write_json(folder / MANIFEST_FILE, manifest)
+def write_manifest(
+    folder: Path, description: dict[str, Any], files: dict[str, dict[str, Any]] | None = None, path: Path | None = None
+) -> dict[str, Any]:
+    """manifest.json (or ``path``): ``description`` plus each file's size and sha256 (default: every other file)."""
+    manifest = {"format": BUNDLE_FORMAT, **description, "files": file_entries(folder) if files is None else files}
+    write_json(path or folder / MANIFEST_FILE, manifest)
     return manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,8 @@ DEFAULT_OPSET = 17
 # The newest opset torch's TorchScript exporter writes (torch.onnx._constants).
 MAX_OPSET = 20
 DEFAULT_ATOL = 1e-4
+# An adapter name becomes a file name (adapters/<name>.onnx_adapter) on every phone: keep it portable.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 PARITY_TEXTS: tuple[str, ...] = (
     "I still have not received my new card, it was ordered three weeks ago and the tracking shows nothing",
@@ -33,7 +36,10 @@ class ExportConfig:
     """Export the adapter folder ``adapter`` (on ``backbone``, default: the one it records) to ``out``.
 
     ``texts`` feed the parity check; ``atol`` is the largest logit difference it accepts.
-    ``force`` replaces a non-empty ``out``, and only after the new export succeeded.
+    ``force`` replaces a non-empty ``out``, and only after the new export succeeded; when ``out`` is
+    a swappable bundle and ``mode`` is swappable, the adapter joins it and ``force`` only allows
+    replacing an adapter of the same name. ``adapter_name`` (swappable only) names the adapter
+    inside the bundle; default: the adapter folder's name.
     """
 
     adapter: Path
@@ -44,6 +50,7 @@ class ExportConfig:
     force: bool = False
     texts: tuple[str, ...] = PARITY_TEXTS
     atol: float = DEFAULT_ATOL
+    adapter_name: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapter", Path(self.adapter))
@@ -57,3 +64,21 @@ class ExportConfig:
             raise ConfigError("texts for the parity check must be one or more non-empty strings")
         if not self.atol > 0:
             raise ConfigError(f"atol must be positive, got {self.atol!r}")
+        self._check_adapter_name()
+
+    @property
+    def user_name(self) -> str:
+        """The adapter's name inside a swappable bundle."""
+        return self.adapter_name or self.adapter.resolve().name
+
+    def _check_adapter_name(self) -> None:
+        if self.mode != "swappable":
+            if self.adapter_name is not None:
+                raise ConfigError("--adapter-name names an adapter inside a swappable bundle; add --mode swappable")
+            return
+        if not ADAPTER_NAME.fullmatch(self.user_name):
+            source = "--adapter-name" if self.adapter_name else "the adapter folder's name (default of --adapter-name)"
+            raise ConfigError(
+                f"{source} {self.user_name!r} is not a valid adapter name: use 1 to 100 letters, digits, '.', '_' "
+                "or '-', starting with a letter or digit; pass another --adapter-name"
+            )

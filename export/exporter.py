@@ -1,8 +1,10 @@
 """Entry point of ``fedadapt export``: an adapter folder becomes a parity-checked ONNX bundle.
 
-Steps: check the request, load the adapter, write the graph (per mode) with tokenizer and
-labels into a staging folder, load a fresh copy of the adapter and compare it with the
-graph in ONNX Runtime, then write report and manifest and move the folder into place.
+Steps: check the request, load the adapter, write the graph (per mode; swappable: with the
+user's ``.onnx_adapter``), tokenizer and labels into a staging folder, load a fresh copy of the
+adapter and compare it with the graph in ONNX Runtime, then write report and manifest and move
+the folder into place. A swappable export to an existing swappable bundle adds the adapter to
+that bundle instead (export/joining.py).
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from transformers import AutoTokenizer
 
 import fedadapt
 from export.bundle import (
@@ -24,28 +24,43 @@ from export.bundle import (
     REPORT_FILE,
     check_out_folder,
     file_entries,
+    is_swappable_bundle,
     staged_folder,
+    tokenizer_padding,
     write_json,
     write_labels,
     write_manifest,
     write_tokenizer,
 )
 from export.config import ExportConfig
-from export.errors import ExportError
 from export.graph import describe_graph
+from export.joining import join_bundle
+from export.layout import layout_of
+from export.loading import check_against_fresh_model, load_for_export, max_sequence_length, read_adapter_manifest
 from export.merged import export_merged
-from export.parity import Feeds, ParityResult, check_parity, onnx_runner, tokenize_batches
+from export.ort_adapters import adapter_runner, write_adapter_file
+from export.parity import ParityResult, RunGraph, onnx_runner
 from export.report import ExportReport
-from fedadapt.errors import AdapterFolderError, ConfigError, FedAdaptError
-from fedadapt.folder import load_adapter, read_manifest
+from export.swappable import (
+    BACKBONE_FILE,
+    USAGE,
+    adapter_entry,
+    adapter_file,
+    check_swappable,
+    export_swappable,
+    per_user_tensors,
+    split_inputs,
+)
+from fedadapt.errors import ConfigError
 from fedadapt.model import AdapterModel
 
 logger = logging.getLogger(__name__)
 
 GraphExporter = Callable[[AdapterModel, Path, int], float]
-"""(live model, path of model.onnx, opset) → seconds; writes the graph without changing the model."""
+"""(live model, path of the graph file, opset) → seconds; writes the graph without changing the model."""
 
-GRAPH_EXPORTERS: dict[str, GraphExporter] = {"merged": export_merged}
+GRAPH_EXPORTERS: dict[str, GraphExporter] = {"merged": export_merged, "swappable": export_swappable}
+GRAPH_FILES: dict[str, str] = {"merged": MODEL_FILE, "swappable": BACKBONE_FILE}
 EXPORTER_NAME = f"torch.onnx TorchScript exporter (dynamo=False), torch {torch.__version__}"
 
 
@@ -53,13 +68,18 @@ def export_adapter(config: ExportConfig) -> ExportReport:
     """Export ``config.adapter`` to ``config.out`` and check it; raise before writing anything on bad input."""
     started = time.perf_counter()
     export_graph = graph_exporter(config.mode)
-    adapter_manifest = _read_adapter_manifest(config.adapter)
+    adapter_manifest = read_adapter_manifest(config.adapter)
+    if config.mode == "swappable":
+        check_swappable(adapter_manifest["method"]["name"])
+        if is_swappable_bundle(config.out):
+            return join_bundle(config, adapter_manifest, started)
     check_out_folder(config.out, config.adapter, config.force)
+    graph_file = GRAPH_FILES[config.mode]
     with staged_folder(config.out, config.force) as staging:
-        written = _write_graph(config, staging, export_graph)
-        parity = _check_parity(config, staging)
+        written = _write_files(config, staging, export_graph, graph_file)
+        parity = _check_parity(config, staging, graph_file)
         files = {name: entry["bytes"] for name, entry in file_entries(staging).items()}
-        graph = describe_graph(staging / MODEL_FILE)
+        graph = describe_graph(staging / graph_file)
         report = ExportReport(
             out=config.out,
             mode=config.mode,
@@ -69,6 +89,8 @@ def export_adapter(config: ExportConfig) -> ExportReport:
             export_seconds=written.seconds,
             total_seconds=time.perf_counter() - started,
             files=files,
+            graph_file=graph_file,
+            **_swappable_report(config, adapter_manifest, parity),
         )
         write_json(staging / REPORT_FILE, report.to_dict())
         write_manifest(staging, _description(config, adapter_manifest, graph, written))
@@ -85,81 +107,68 @@ def graph_exporter(mode: str) -> GraphExporter:
     return GRAPH_EXPORTERS[mode]
 
 
-def _read_adapter_manifest(adapter: Path) -> dict[str, Any]:
-    if not adapter.is_dir():
-        raise ConfigError(
-            f"adapter folder {adapter} does not exist; pass the folder `fedadapt train --out` wrote "
-            "(or a simulation's final_adapter/)"
-        )
-    try:
-        return read_manifest(adapter)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise AdapterFolderError(f"{adapter} has an unreadable manifest ({err}); save the adapter again") from err
-
-
-def load_for_export(config: ExportConfig) -> AdapterModel:
-    """Load the adapter folder in eval mode, turning a corrupt folder's low-level errors into a clear one."""
-    try:
-        return load_adapter(config.adapter, backbone=config.backbone).eval()
-    except FedAdaptError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
-        raise AdapterFolderError(
-            f"{config.adapter} is corrupt or truncated and cannot be loaded ({type(err).__name__}: {err}); "
-            "save the adapter again"
-        ) from err
-
-
 @dataclass(frozen=True)
 class _Written:
     seconds: float
-    num_labels: int
+    labels: tuple[str, ...]
     max_length: int
+    padding: dict[str, Any]
 
 
-def _write_graph(config: ExportConfig, staging: Path, export_graph: GraphExporter) -> _Written:
-    """Graph, tokenizer and labels from a model that is dropped afterwards (parity loads its own)."""
-    model = load_for_export(config)
-    seconds = export_graph(model, staging / MODEL_FILE, config.opset)
+def _write_files(config: ExportConfig, staging: Path, export_graph: GraphExporter, graph_file: str) -> _Written:
+    """Graph (and adapter file), tokenizer and labels from a model that is dropped afterwards (parity loads its own)."""
+    model = load_for_export(config.adapter, config.backbone)
+    adapter_seconds = 0.0
+    if config.mode == "swappable":
+        started = time.perf_counter()
+        (staging / adapter_file(config.user_name)).parent.mkdir()
+        write_adapter_file(staging / adapter_file(config.user_name), per_user_tensors(model))
+        adapter_seconds = time.perf_counter() - started
+    seconds = export_graph(model, staging / graph_file, config.opset) + adapter_seconds
     write_tokenizer(staging, model.backbone.tokenizer)
     write_labels(staging, model.labels)
-    return _Written(seconds, len(model.labels), _max_length(model))
+    return _Written(seconds, model.labels, max_sequence_length(model), tokenizer_padding(model.backbone.tokenizer))
 
 
-def _check_parity(config: ExportConfig, staging: Path) -> ParityResult:
-    reference = load_for_export(config)
-    batches = _bundled_batches(reference, staging, config.texts)
-    return check_parity(onnx_runner(staging / MODEL_FILE), reference, batches, config.atol, len(config.texts))
+def _check_parity(config: ExportConfig, staging: Path, graph_file: str) -> ParityResult:
+    run_graph: RunGraph
+    if config.mode == "swappable":
+        run_graph = adapter_runner(staging / graph_file, staging / adapter_file(config.user_name))
+    else:
+        run_graph = onnx_runner(staging / graph_file)
+    return check_against_fresh_model(run_graph, config, staging)
 
 
-def _bundled_batches(reference: AdapterModel, staging: Path, texts: tuple[str, ...]) -> dict[str, Feeds]:
-    """Parity batches from the adapter's tokenizer, after checking the bundled one tokenizes the same."""
-    max_length = _max_length(reference)
-    batches = tokenize_batches(reference.backbone.tokenizer, texts, max_length)
-    bundled = tokenize_batches(AutoTokenizer.from_pretrained(str(staging)), texts, max_length)
-    for name, feeds in batches.items():
-        if any(not (feeds[k] == bundled[name][k]).all() for k in ("input_ids", "attention_mask")):
-            raise ExportError(f"the bundled tokenizer.json tokenizes the parity texts differently ({name})")
-    return batches
-
-
-def _max_length(model: AdapterModel) -> int:
-    """Tokens the backbone can position (BERT: max_position_embeddings)."""
-    positions = getattr(model.backbone.model.config, "max_position_embeddings", None)
-    return int(positions) if positions else int(model.backbone.tokenizer.model_max_length)
+def _swappable_report(config: ExportConfig, adapter_manifest: dict[str, Any], parity: ParityResult) -> dict[str, Any]:
+    if config.mode != "swappable":
+        return {}
+    name = config.user_name
+    entry = {"file": adapter_file(name), "method": adapter_manifest["method"]["name"], "parity": parity.to_dict()}
+    return {"adapter": name, "adapters": {name: entry}}
 
 
 def _description(
     config: ExportConfig, adapter_manifest: dict[str, Any], graph: dict[str, Any], written: _Written
 ) -> dict[str, Any]:
     backbone = adapter_manifest["backbone"]
-    return {
+    description = {
         "fedadapt_version": getattr(fedadapt, "__version__", "unknown"),
         "mode": config.mode,
         "exporter": EXPORTER_NAME,
-        "adapter": {"method": adapter_manifest["method"]["name"], "schema_id": adapter_manifest["schema_id"]},
+        "graph": GRAPH_FILES[config.mode],
         "backbone": {"name_or_path": backbone["name_or_path"], "fingerprint": backbone["fingerprint"]},
-        "num_labels": written.num_labels,
+        "num_labels": len(written.labels),
         "max_sequence_length": written.max_length,  # longer texts must be truncated by the app
-        **graph,
+        "tokenizer": written.padding,
+    }
+    if config.mode == "merged":
+        adapter = {"method": adapter_manifest["method"]["name"], "schema_id": adapter_manifest["schema_id"]}
+        return {**description, "adapter": adapter, **graph}
+    layout = layout_of(adapter_manifest)
+    return {
+        **description,
+        "usage": USAGE,
+        "layout": layout,
+        "adapters": {config.user_name: adapter_entry(config.user_name, adapter_manifest)},
+        **split_inputs(graph, {t["name"] for t in layout["tensors"]}),
     }

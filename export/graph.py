@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from export.errors import ExportError
@@ -32,15 +34,18 @@ def write_onnx(
     output_names: Sequence[str],
     path: Path,
     opset: int,
+    static_inputs: Collection[str] = (),
 ) -> float:
     """Export ``module(**inputs)`` to ``path``; return the seconds the export took.
 
     Every (B, T) input and every output gets a dynamic batch axis; (B, T) inputs also a
-    dynamic sequence axis.
+    dynamic sequence axis. Inputs named in ``static_inputs`` (weights fed as inputs) keep
+    the shapes they were traced with.
     """
     dynamic_axes: dict[str, dict[int, str]] = {
         name: {0: BATCH_AXIS, 1: SEQUENCE_AXIS} if tensor.dim() == 2 else {0: BATCH_AXIS}
         for name, tensor in inputs.items()
+        if name not in static_inputs
     }
     dynamic_axes.update({name: {0: BATCH_AXIS} for name in output_names})
     module.eval()
@@ -72,6 +77,30 @@ def check_onnx(path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         raise ExportError(f"the exported graph {path.name} is not valid ONNX: {err}") from err
+
+
+def make_overridable(path: Path, defaults: Mapping[str, np.ndarray]) -> None:
+    """Give each graph input named in ``defaults`` an initializer of the same name and rewrite ``path``.
+
+    ONNX Runtime feeds an active adapter's tensors to graph inputs by name, but Python's
+    ``InferenceSession.run`` refuses to start while a plain graph input is missing from the
+    feeds; an input that also has an initializer (an overridable initializer) may be left out.
+    """
+    model = onnx.load(str(path))
+    inputs = {value.name for value in model.graph.input}
+    missing = sorted(set(defaults) - inputs)
+    if missing:
+        # The tracer drops inputs the output does not depend on: such a tensor cannot be swapped.
+        raise ExportError(
+            f"the exported graph has no input for {len(missing)} per-user tensor(s), e.g. {missing[:3]}: "
+            "the logits do not depend on them, so an adapter could not set them"
+        )
+    taken = {init.name for init in model.graph.initializer} & set(defaults)
+    if taken:
+        raise ExportError(f"graph inputs {sorted(taken)[:3]} already have initializers; cannot add defaults")
+    model.graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in defaults.items())
+    onnx.save(model, str(path))
+    check_onnx(path)
 
 
 def describe_graph(path: Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 LoRA, FFA-LoRA and IA3 are merged into the backbone's weights by PEFT (on a copy);
 BitFit and full fine-tuning need nothing merged; bottleneck adapters, stacks and fusion are
 ordinary modules and are traced as part of the graph. Prompt and prefix tuning add virtual
-tokens, which no weight can hold.
+tokens, which no weight can hold: they export in swappable mode only.
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ def merged_module(model: AdapterModel) -> nn.Module:
     if isinstance(module, peft.PeftModel) and module.peft_config["default"].is_prompt_learning:
         raise ConfigError(
             f"nothing to merge: {model.method.name} tuning adds virtual tokens, which no weight can hold; "
-            "use --mode swappable (not available in this version: export a LoRA, IA3, BitFit or bottleneck "
-            "adapter instead)"
+            "export it with --mode swappable"
         )
     return model.merged_copy().eval()
 

@@ -19,13 +19,18 @@ class ExportReport:
     method: str
     opset: int
     parity: ParityResult
-    export_seconds: float  # torch.onnx alone
+    export_seconds: float  # torch.onnx alone (swappable: and writing the adapter file; joining: that alone)
     total_seconds: float  # loading, export, parity and writing
     files: dict[str, int] = field(default_factory=dict)  # bytes per file (report and manifest excluded)
+    graph_file: str = MODEL_FILE
+    # Swappable mode: ``parity`` is that of ``adapter``, the adapter this run wrote; ``adapters``
+    # holds every adapter of the bundle (name → {"file", "method", "parity"}), earlier ones as recorded.
+    adapter: str | None = None
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as report.json holds it."""
-        return {
+        report = {
             "out": str(self.out),
             "mode": self.mode,
             "method": self.method,
@@ -35,10 +40,13 @@ class ExportReport:
             "total_seconds": round(self.total_seconds, 3),
             "files": self.files,
         }
+        if self.adapter is not None:
+            report.update(adapter=self.adapter, adapters=self.adapters)
+        return report
 
     def summary(self) -> dict[str, Any]:
         """One flat row per fact, for the command line."""
-        return {
+        row = {
             "out": str(self.out),
             "mode": self.mode,
             "method": self.method,
@@ -47,6 +55,11 @@ class ExportReport:
             "max_abs_diff": f"{self.parity.max_abs_diff:.2e}",
             "argmax_agreement": f"{self.parity.argmax_agreement:.0%}",
             "parity_texts": self.parity.texts,
-            "model_bytes": self.files.get(MODEL_FILE, 0),
+            "model_bytes": self.files.get(self.graph_file, 0),
             "total_seconds": round(self.total_seconds, 1),
         }
+        if self.adapter is not None:
+            row["adapter"] = self.adapter
+            row["adapter_bytes"] = self.files.get(self.adapters[self.adapter]["file"], 0)
+            row["adapters_in_bundle"] = ", ".join(sorted(self.adapters))
+        return row

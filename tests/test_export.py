@@ -1,4 +1,4 @@
-"""ONNX export, merged mode: parity with PyTorch, the bundle a phone ships, bad input, atomic writes, CLI."""
+"""ONNX export, merged and swappable: parity with PyTorch, the bundle a phone ships, bad input, atomic writes, CLI."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_config
 from fedadapt.cli import app
-from fedadapt.errors import AdapterFolderError, ConfigError
+from fedadapt.errors import AdapterFolderError, ConfigError, SchemaMismatch
 from fedadapt.folder import PEFT_WEIGHTS, load_adapter, read_manifest, save_adapter
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -30,10 +30,13 @@ if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
     sys.path.insert(0, str(PROJECT_ROOT))
 
 import export.parity  # noqa: E402
+from export.bundle import file_entries  # noqa: E402
 from export.config import ExportConfig  # noqa: E402
-from export.errors import ExportParityError  # noqa: E402
+from export.errors import ExportError, ExportParityError  # noqa: E402
 from export.exporter import export_adapter  # noqa: E402
 from export.merged import export_merged  # noqa: E402
+from export.ort_adapters import read_adapter_file  # noqa: E402
+from export.phone_demo import PhoneClassifier  # noqa: E402
 
 LABELS = ("lost_card", "top_up", "declined")
 MERGED_METHODS = ["lora", "ffa-lora", "ia3", "bitfit", "full", "pfeiffer", "houlsby", "parallel", "stack", "fusion"]
@@ -253,13 +256,6 @@ def test_prompt_tuning_has_nothing_to_merge(adapter_folder: Build, tmp_path: Pat
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path, "out") == []
 
 
-def test_swappable_mode_is_not_available_yet(adapter_folder: Build, tmp_path: Path) -> None:
-    config = ExportConfig(adapter=adapter_folder("lora"), out=tmp_path / "out", mode="swappable")
-    with pytest.raises(ConfigError, match=r"swappable export is not available in this version.*\['merged'\]"):
-        export_adapter(config)
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -361,7 +357,8 @@ def test_cli_export_replaces_with_force_and_prints_the_report(adapter_folder: Bu
     ("extra", "message"),
     [
         (["--opset", "16"], "opset must be an integer from 17 to 20, got 16"),
-        (["--mode", "swappable"], "swappable export is not available in this version"),
+        (["--adapter-name", "alice"], "--adapter-name names an adapter inside a swappable bundle"),
+        (["--mode", "swappable", "--adapter-name", "../alice"], "is not a valid adapter name"),
     ],
 )
 def test_cli_bad_input_exits_2(adapter_folder: Build, tmp_path: Path, extra: list[str], message: str) -> None:
@@ -376,3 +373,301 @@ def test_importing_fedadapt_does_not_import_onnx() -> None:
     code = "import fedadapt, fedadapt.cli, sys; print('onnx' in sys.modules, 'onnxruntime' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+# ------------------------------------------------------------------------------------- swappable
+
+SWAPPABLE_METHODS = ["lora", "ffa-lora", "ia3", "bitfit", "pfeiffer", "houlsby", "parallel", "prompt", "prefix"]
+BOB_LABELS = ("carte", "recharge", "refus")  # another user may name the classes differently
+PHONE_TEXTS = [*TRAIN_TEXTS, "where is my money " * 30]  # the last one is truncated to 64 positions
+
+
+@pytest.fixture(scope="module")
+def swappable(adapter_folder: Build, tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """method → its swappable export folder (one adapter, named after the method), exported once per module."""
+    root = tmp_path_factory.mktemp("swappable")
+    done: dict[str, Path] = {}
+
+    def build(method: str) -> Path:
+        if method not in done:
+            export_adapter(ExportConfig(adapter=adapter_folder(method), out=root / method, mode="swappable"))
+            done[method] = root / method
+        return done[method]
+
+    return build
+
+
+def _lora_folder(tiny_bert: Path, folder: Path, labels: tuple[str, ...], train: bool = True, **fields: Any) -> Path:
+    loaded = load_backbone(BackboneConfig(name_or_path=str(tiny_bert), num_labels=len(labels)))
+    model = AdapterModel(loaded, make_method_config("lora", **fields), labels=labels)
+    if train:
+        batch = _train_batch(model)
+        batch["labels"] = torch.tensor([2, 0, 1])  # other data than the first user's
+        train_steps(model, batch, steps=4, lr=8e-2)
+    return save_adapter(model, folder)
+
+
+@pytest.fixture(scope="module")
+def bob(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second trained LoRA (same layout as adapter_folder('lora'), other weights and label names)."""
+    return _lora_folder(tiny_bert, tmp_path_factory.mktemp("bob") / "bob", BOB_LABELS)
+
+
+@pytest.fixture(scope="module")
+def two_users(adapter_folder: Build, bob: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A swappable bundle made for 'alice' (the trained LoRA), which 'bob' then joined."""
+    bundle = tmp_path_factory.mktemp("two-users") / "bundle"
+    export_adapter(ExportConfig(adapter=adapter_folder("lora"), out=bundle, mode="swappable", adapter_name="alice"))
+    export_adapter(ExportConfig(adapter=bob, out=bundle, mode="swappable"))
+    return bundle
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden temporary files included) with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "bundle"))
+
+
+def _encode(folder: Path, texts: list[str]) -> dict[str, np.ndarray]:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="np"))
+
+
+@pytest.mark.parametrize("method", SWAPPABLE_METHODS)
+def test_swappable_export_passes_parity(swappable: Build, method: str) -> None:
+    folder = swappable(method)
+    report = _read_json(folder / "report.json")
+    assert report["mode"] == "swappable" and report["method"] == method and report["adapter"] == method
+    for parity in (report["parity"], report["adapters"][method]["parity"]):
+        assert parity["passed"] is True and parity["max_abs_diff"] <= 1e-4 and parity["argmax_agreement"] == 1.0
+    assert report["adapters"][method]["file"] == f"adapters/{method}.onnx_adapter"
+    assert {"backbone.onnx", f"adapters/{method}.onnx_adapter"} <= set(report["files"])
+    assert not (folder / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("method", SWAPPABLE_METHODS)
+def test_swappable_logits_need_the_adapter(swappable: Build, adapter_folder: Build, method: str) -> None:
+    """With its adapter the graph is the PyTorch model; without one it is not (per-user inputs are zeros)."""
+    phone = PhoneClassifier(swappable(method))
+    encoded = _encode(phone.bundle, TRAIN_TEXTS)
+    reference = _torch_logits(load_adapter(adapter_folder(method)).eval(), encoded)
+    phone.use(method)
+    np.testing.assert_allclose(phone.logits(TRAIN_TEXTS), reference, atol=1e-4, rtol=0)
+    feeds = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    without = np.asarray(phone.session.run(["logits"], feeds)[0])  # no adapter: the zero defaults
+    assert np.abs(without - reference).max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_tokens_take_positions_from_the_text(swappable: Build, adapter_folder: Build, method: str) -> None:
+    """20 virtual tokens before the text leave 64 - 20 positions of the tiny BERT for it."""
+    folder = swappable(method)
+    assert _read_json(folder / "manifest.json")["max_sequence_length"] == 44
+    texts = [PHONE_TEXTS[-1], "top up"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoded = dict(tokenizer(texts, padding=True, truncation=True, max_length=44, return_tensors="np"))
+    assert encoded["input_ids"].shape == (2, 44)
+    phone = PhoneClassifier(folder)
+    phone.use(method)
+    reference = _torch_logits(load_adapter(adapter_folder(method)).eval(), encoded)
+    np.testing.assert_allclose(phone.logits(texts), reference, atol=1e-4, rtol=0)
+
+
+def test_swappable_manifest_describes_the_bundle(swappable: Build, adapter_folder: Build) -> None:
+    folder = swappable("lora")
+    manifest = _read_json(folder / "manifest.json")
+    assert manifest["files"] == file_entries(folder)
+    adapter = read_manifest(adapter_folder("lora"))
+    schema = adapter["schema"]["tensors"]
+    assert [i["name"] for i in manifest["adapter_inputs"]] == [t["name"] for t in schema]
+    assert [(i["shape"], i["dtype"]) for i in manifest["adapter_inputs"]] == [(t["shape"], t["dtype"]) for t in schema]
+    assert any(".lora_B." in t["name"] for t in schema) and any(t["role"] == "head" for t in schema)
+    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask"]
+    assert manifest["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", len(LABELS)]}]
+    assert (manifest["mode"], manifest["graph"], manifest["num_labels"]) == ("swappable", "backbone.onnx", 3)
+    assert manifest["adapters"] == {
+        "lora": {
+            "file": "adapters/lora.onnx_adapter",
+            "method": "lora",
+            "schema_id": adapter["schema_id"],
+            "labels": list(LABELS),
+        }
+    }
+    assert "Exactly one adapter must be active per run" in manifest["usage"]
+    assert manifest["layout"]["backbone_fingerprint"] == adapter["backbone"]["fingerprint"]
+    assert manifest["tokenizer"] == {"pad_token": "[PAD]", "pad_token_id": 0}
+
+
+def test_adapter_file_holds_every_per_user_tensor(swappable: Build, adapter_folder: Build) -> None:
+    tensors = read_adapter_file(swappable("lora") / "adapters" / "lora.onnx_adapter")
+    state = load_adapter(adapter_folder("lora")).state()
+    assert sorted(tensors) == sorted(state)
+    for name, tensor in state.items():
+        np.testing.assert_array_equal(tensors[name], tensor.numpy())
+
+
+def test_two_users_share_one_session(two_users: Path, adapter_folder: Build, bob: Path) -> None:
+    phone = PhoneClassifier(two_users)
+    session = phone.session
+    assert phone.adapter_names == ["alice", "bob"]
+    encoded = _encode(two_users, PHONE_TEXTS)
+    logits = {}
+    for user, folder in (("alice", adapter_folder("lora")), ("bob", bob), ("alice", adapter_folder("lora"))):
+        phone.use(user)
+        assert phone.session is session and phone.active == user
+        logits[user] = phone.logits(PHONE_TEXTS)
+        np.testing.assert_allclose(logits[user], _torch_logits(load_adapter(folder).eval(), encoded), atol=1e-4, rtol=0)
+    assert np.abs(logits["alice"] - logits["bob"]).max() > 1e-2
+    assert phone.classify(PHONE_TEXTS[:1])[0][0] in LABELS
+    phone.use("bob")
+    assert phone.classify(PHONE_TEXTS[:1])[0][0] in BOB_LABELS
+
+
+def test_joining_rewrites_manifest_and_report(two_users: Path, bob: Path) -> None:
+    manifest, report = _read_json(two_users / "manifest.json"), _read_json(two_users / "report.json")
+    assert sorted(manifest["adapters"]) == sorted(report["adapters"]) == ["alice", "bob"]
+    assert manifest["adapters"]["bob"]["labels"] == list(BOB_LABELS)
+    assert manifest["files"] == file_entries(two_users)
+    assert report["adapter"] == "bob" and report["parity"] == report["adapters"]["bob"]["parity"]
+    assert all(entry["parity"]["passed"] for entry in report["adapters"].values())
+    assert _read_json(two_users / "labels.json") == list(LABELS)  # the first user's; others' are in the manifest
+    assert _leftovers(two_users / "adapters", "bob.onnx_adapter") == []
+
+
+@pytest.fixture(scope="module")
+def misfits(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Untrained LoRA adapters that cannot join a bundle built for LoRA r=8 with 3 labels."""
+    root = tmp_path_factory.mktemp("misfits")
+    return {
+        "rank": _lora_folder(tiny_bert, root / "rank", LABELS, train=False, r=4),
+        "labels": _lora_folder(tiny_bert, root / "labels", (*LABELS, "refund"), train=False),
+    }
+
+
+@pytest.mark.parametrize(
+    ("misfit", "message"),
+    [
+        ("rank", r"(?s)method r: bundle 8, adapter 4.*tensor shapes or dtypes, bundle vs adapter \(8\).*another --out"),
+        ("labels", r"(?s)number of labels: bundle 3, adapter 4.*classifier.*float32\[3, 32\] vs float32\[4, 32\]"),
+    ],
+)
+def test_incompatible_adapter_cannot_join(
+    two_users: Path, misfits: dict[str, Path], tmp_path: Path, misfit: str, message: str
+) -> None:
+    bundle = _copy(two_users, tmp_path)
+    before = _snapshot(bundle)
+    with pytest.raises(SchemaMismatch, match=message):
+        export_adapter(ExportConfig(adapter=misfits[misfit], out=bundle, mode="swappable", force=True))
+    assert _snapshot(bundle) == before
+
+
+def test_taken_adapter_name_needs_force(two_users: Path, bob: Path, tmp_path: Path) -> None:
+    bundle = _copy(two_users, tmp_path)
+    before = _snapshot(bundle)
+    with pytest.raises(ConfigError, match="already has an adapter named 'bob'; pass --adapter-name .* or --force"):
+        export_adapter(ExportConfig(adapter=bob, out=bundle, mode="swappable"))
+    assert _snapshot(bundle) == before
+    report = export_adapter(ExportConfig(adapter=bob, out=bundle, mode="swappable", force=True))
+    assert report.parity.passed and sorted(report.adapters) == ["alice", "bob"]
+    assert _snapshot(bundle)["adapters/bob.onnx_adapter"] == before["adapters/bob.onnx_adapter"]
+
+
+@pytest.mark.usefixtures("broken_parity")
+def test_failed_parity_when_joining_leaves_the_bundle_as_it_was(two_users: Path, bob: Path, tmp_path: Path) -> None:
+    bundle = _copy(two_users, tmp_path)
+    before = _snapshot(bundle)
+    with pytest.raises(ExportParityError, match="max diff = 0.5"):
+        export_adapter(ExportConfig(adapter=bob, out=bundle, mode="swappable", adapter_name="carol"))
+    assert _snapshot(bundle) == before
+
+
+def test_changed_bundle_cannot_be_joined(two_users: Path, bob: Path, tmp_path: Path) -> None:
+    bundle = _copy(two_users, tmp_path)
+    (bundle / "adapters" / "alice.onnx_adapter").write_bytes(b"tampered")
+    with pytest.raises(ExportError, match="was changed after export .*alice.onnx_adapter differs"):
+        export_adapter(ExportConfig(adapter=bob, out=bundle, mode="swappable", adapter_name="carol"))
+    assert not (bundle / "adapters" / "carol.onnx_adapter").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("full", "full cannot be exported with --mode swappable: full fine-tuning makes every weight per user"),
+        ("stack", "stack cannot be exported with --mode swappable: a stack composes several adapters"),
+        ("fusion", "fusion cannot be exported with --mode swappable: fusion composes several adapters"),
+    ],
+)
+def test_unswappable_methods_are_refused(adapter_folder: Build, tmp_path: Path, method: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"{message}.*use --mode merged"):
+        export_adapter(ExportConfig(adapter=adapter_folder(method), out=tmp_path / "out", mode="swappable"))
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path, "out") == []
+
+
+def test_phone_classifier_refuses_misuse(two_users: Path, exported: Build) -> None:
+    phone = PhoneClassifier(two_users)
+    with pytest.raises(RuntimeError, match=r"activate an adapter first with use\(name\), one of \['alice', 'bob'\]"):
+        phone.classify(["top up"])
+    with pytest.raises(TypeError, match="activates exactly one adapter"):
+        phone.use(["alice", "bob"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no adapter 'carol'"):
+        phone.use("carol")
+    with pytest.raises(ValueError, match="is a merged bundle"):
+        PhoneClassifier(exported("lora")).use("alice")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"adapter_name": "alice"}, "--adapter-name names an adapter inside a swappable bundle; add --mode swappable"),
+        ({"adapter_name": "a/b", "mode": "swappable"}, "--adapter-name 'a/b' is not a valid adapter name"),
+        ({"adapter": Path("my adapter"), "mode": "swappable"}, "the adapter folder's name .* 'my adapter' is not"),
+    ],
+)
+def test_bad_adapter_name_is_refused(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ExportConfig(**{"adapter": Path("adapter"), "out": Path("out"), **fields})
+
+
+def _run_phone_demo(bundle: Path, *args: str) -> dict[str, Any]:
+    command = [sys.executable, str(PROJECT_ROOT / "export" / "phone_demo.py"), str(bundle), "--json", "--check-imports"]
+    for text in PHONE_TEXTS:
+        command += ["--text", text]
+    result = subprocess.run([*command, *args], capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def _torch_labels(folder: Path, bundle: Path) -> list[str]:
+    model = load_adapter(folder).eval()
+    return [model.labels[i] for i in _torch_logits(model, _encode(bundle, PHONE_TEXTS)).argmax(-1)]
+
+
+def test_phone_demo_matches_pytorch_without_torch(
+    two_users: Path, exported: Build, adapter_folder: Build, bob: Path
+) -> None:
+    swapped = _run_phone_demo(two_users, "--adapter", "bob", "--adapter", "alice")
+    assert swapped["forbidden_modules"] == [] and swapped["mode"] == "swappable"
+    assert [r["adapter"] for r in swapped["results"]] == ["bob", "alice"]
+    for result, folder in zip(swapped["results"], (bob, adapter_folder("lora")), strict=True):
+        assert [p["label"] for p in result["predictions"]] == _torch_labels(folder, two_users)
+        assert all(0 < p["probability"] <= 1 for p in result["predictions"])
+    merged = _run_phone_demo(exported("lora"))
+    assert merged["forbidden_modules"] == [] and [r["adapter"] for r in merged["results"]] == [None]
+    labels = [p["label"] for p in merged["results"][0]["predictions"]]
+    assert labels == _torch_labels(adapter_folder("lora"), exported("lora"))
+
+
+def test_cli_adds_a_user_to_a_swappable_bundle(two_users: Path, bob: Path, tmp_path: Path) -> None:
+    bundle = _copy(two_users, tmp_path)
+    args = ["export", "--adapter", str(bob), "--out", str(bundle), "--mode", "swappable", "--adapter-name", "carol"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["adapter"] == "carol" and sorted(report["adapters"]) == ["alice", "bob", "carol"]
+    assert (bundle / "adapters" / "carol.onnx_adapter").read_bytes() == (
+        bundle / "adapters" / "bob.onnx_adapter"
+    ).read_bytes()
+    refused = runner.invoke(app, [*args[:-2], "--adapter-name", "bob"])
+    assert refused.exit_code == 2 and "already has an adapter named 'bob'" in refused.stderr
