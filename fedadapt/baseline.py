@@ -101,8 +101,9 @@ def train_baseline(
     loaded = load_backbone(BackboneConfig(name_or_path=backbone, num_labels=len(splits.labels), seed=train.seed))
     model = AdapterModel(loaded, method, labels=splits.labels.names)
     tokenizer = loaded.tokenizer
-    train_set = encode_dataset(tokenizer, splits.train, splits.labels, train.max_length)
-    test_set = encode_dataset(tokenizer, splits.test, splits.labels, train.max_length)
+    max_length = min(train.max_length, model.max_text_tokens)  # prompt/prefix tokens take positions too
+    train_set = encode_dataset(tokenizer, splits.train, splits.labels, max_length)
+    test_set = encode_dataset(tokenizer, splits.test, splits.labels, max_length)
     result = train_adapter(model, train_set, train, on_step)
     scores = evaluate(model, test_set, device=train.device)
     _, trainable = model.num_parameters()

@@ -188,7 +188,8 @@ def encode_split(model: AdapterModel, data: TextDataset, labels: LabelMap, max_l
     """Token ids and class ids of a TextDataset under the global label map, with ``model``'s tokenizer."""
     from fedadapt.batching import encode_dataset
 
-    return encode_dataset(model.backbone.tokenizer, data, labels, max_length)
+    # Prompt and prefix tuning put virtual tokens before the text: they take positions too.
+    return encode_dataset(model.backbone.tokenizer, data, labels, min(max_length, model.max_text_tokens))
 
 
 # --- one device's round -----------------------------------------------------------------------------------------

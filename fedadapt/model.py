@@ -92,6 +92,16 @@ class AdapterModel:
         self.module.to(device)
         return self
 
+    @property
+    def max_text_tokens(self) -> int:
+        """Tokens of text one input may hold: the backbone's positions (BERT: max_position_embeddings)
+        less the virtual tokens that prompt and prefix tuning put before the text, which take positions too."""
+        positions = getattr(self.backbone.model.config, "max_position_embeddings", None)
+        limit = int(positions) if positions else int(self.backbone.tokenizer.model_max_length)
+        if isinstance(self.module, peft.PeftModel) and self.module.active_peft_config.is_prompt_learning:
+            limit -= int(self.module.active_peft_config.num_virtual_tokens)
+        return limit
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters an optimizer may update (adapter and head)."""
         return iter(self._params.values())

@@ -224,3 +224,20 @@ def test_scoring_the_received_model_before_training_is_opt_in(tiny_bert: Path, t
     assert "accuracy-before" not in plain and 0.0 <= plain["accuracy"] <= 1.0
     both = run_client_round(dataclasses.replace(scenario, eval_before_training=True), 0, blob, tmp_path, 1).metrics
     assert 0.0 <= both["accuracy-before"] <= 1.0 and both["accuracy"] == plain["accuracy"]
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_tokens_leave_room_for_the_text(tiny_bert: Path, method: str) -> None:
+    """Prompt/prefix tuning put 20 virtual tokens before the text: a long text is cut to what still fits."""
+    from fedadapt.data import LabelMap, TextDataset
+    from fedadapt.fleet import encode_split
+    from fedadapt.train import evaluate
+
+    scenario = tiny_scenario(tiny_bert, method=method, rank=20, max_length=64)
+    model = build_model(scenario, ("a", "b"))
+    assert model.max_text_tokens == 64 - 20  # the tiny BERT has 64 positions
+    long_text = " ".join(["my card payment was declined again"] * 20)
+    data = TextDataset(texts=(long_text, "short one"), labels=("a", "b"), source="test")
+    encoded = encode_split(model, data, LabelMap.from_labels(("a", "b")), scenario.max_length)
+    assert max(len(ids) for ids in encoded.input_ids) == 44
+    assert evaluate(model, encoded, device="cpu").examples == 2  # no position overflow
