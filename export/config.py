@@ -11,6 +11,7 @@ from fedadapt.errors import ConfigError
 
 Mode = Literal["merged", "swappable"]
 MODES: tuple[str, ...] = ("merged", "swappable")
+QUANTIZATIONS: tuple[str, ...] = ("int8",)
 # Opset 17 is the first with LayerNormalization as one operator (older ones spell it out in several).
 MIN_OPSET = 17
 DEFAULT_OPSET = 17
@@ -39,7 +40,9 @@ class ExportConfig:
     ``force`` replaces a non-empty ``out``, and only after the new export succeeded; when ``out`` is
     a swappable bundle and ``mode`` is swappable, the adapter joins it and ``force`` only allows
     replacing an adapter of the same name. ``adapter_name`` (swappable only) names the adapter
-    inside the bundle; default: the adapter folder's name.
+    inside the bundle; default: the adapter folder's name. ``quantize="int8"`` adds a dynamically
+    quantized copy of the graph, ``ort`` an ``.ort`` copy of every graph (ONNX Runtime Mobile), and
+    ``eval_data`` (a labelled data set; its test split) the graphs' accuracy to the report.
     """
 
     adapter: Path
@@ -51,9 +54,14 @@ class ExportConfig:
     texts: tuple[str, ...] = PARITY_TEXTS
     atol: float = DEFAULT_ATOL
     adapter_name: str | None = None
+    quantize: str | None = None
+    ort: bool = False
+    eval_data: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapter", Path(self.adapter))
+        if self.eval_data is not None:
+            object.__setattr__(self, "eval_data", Path(self.eval_data))
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "texts", tuple(self.texts))
         if self.mode not in MODES:
@@ -64,6 +72,12 @@ class ExportConfig:
             raise ConfigError("texts for the parity check must be one or more non-empty strings")
         if not self.atol > 0:
             raise ConfigError(f"atol must be positive, got {self.atol!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise ConfigError(f"quantize must be one of {QUANTIZATIONS} (or left out), got {self.quantize!r}")
+        if self.eval_data is not None and not self.eval_data.exists():
+            raise ConfigError(
+                f"--eval-data {self.eval_data} does not exist; pass a labelled CSV/JSON/JSONL file or folder"
+            )
         self._check_adapter_name()
 
     @property

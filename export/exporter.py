@@ -2,7 +2,8 @@
 
 Steps: check the request, load the adapter, write the graph (per mode; swappable: with the
 user's ``.onnx_adapter``), tokenizer and labels into a staging folder, load a fresh copy of the
-adapter and compare it with the graph in ONNX Runtime, then write report and manifest and move
+adapter and compare it with the graph in ONNX Runtime, add the int8 and ``.ort`` copies and the
+``--eval-data`` accuracy asked for (export/variants.py), then write report and manifest and move
 the folder into place. A swappable export to an existing swappable bundle adds the adapter to
 that bundle instead (export/joining.py).
 """
@@ -51,6 +52,7 @@ from export.swappable import (
     per_user_tensors,
     split_inputs,
 )
+from export.variants import MakeRunner, write_variants
 from fedadapt.errors import ConfigError
 from fedadapt.model import AdapterModel
 
@@ -78,6 +80,9 @@ def export_adapter(config: ExportConfig) -> ExportReport:
     with staged_folder(config.out, config.force) as staging:
         written = _write_files(config, staging, export_graph, graph_file)
         parity = _check_parity(config, staging, graph_file)
+        variants = write_variants(
+            config, staging, graph_file, _runner_maker(config, staging), _per_user(config, adapter_manifest)
+        )
         files = {name: entry["bytes"] for name, entry in file_entries(staging).items()}
         graph = describe_graph(staging / graph_file)
         report = ExportReport(
@@ -90,10 +95,11 @@ def export_adapter(config: ExportConfig) -> ExportReport:
             total_seconds=time.perf_counter() - started,
             files=files,
             graph_file=graph_file,
+            variants=variants.report,
             **_swappable_report(config, adapter_manifest, parity),
         )
         write_json(staging / REPORT_FILE, report.to_dict())
-        write_manifest(staging, _description(config, adapter_manifest, graph, written))
+        write_manifest(staging, {**_description(config, adapter_manifest, graph, written), "graphs": variants.graphs})
     logger.info("exported %s to %s (max abs diff %.1e)", config.adapter, config.out, parity.max_abs_diff)
     return report
 
@@ -137,6 +143,21 @@ def _check_parity(config: ExportConfig, staging: Path, graph_file: str) -> Parit
     else:
         run_graph = onnx_runner(staging / graph_file)
     return check_against_fresh_model(run_graph, config, staging)
+
+
+def _runner_maker(config: ExportConfig, staging: Path) -> MakeRunner:
+    """How to run a graph of this export: swappable graphs with the exported user's adapter active."""
+    if config.mode == "swappable":
+        adapter = staging / adapter_file(config.user_name)
+        return lambda path: adapter_runner(path, adapter)
+    return onnx_runner
+
+
+def _per_user(config: ExportConfig, adapter_manifest: dict[str, Any]) -> list[str]:
+    """Names of the per-user graph inputs (swappable: every tensor of the adapter's schema; merged: none)."""
+    if config.mode != "swappable":
+        return []
+    return [tensor["name"] for tensor in adapter_manifest["schema"]["tensors"]]
 
 
 def _swappable_report(config: ExportConfig, adapter_manifest: dict[str, Any], parity: ParityResult) -> dict[str, Any]:

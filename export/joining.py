@@ -41,12 +41,18 @@ def join_bundle(config: ExportConfig, adapter_manifest: dict[str, Any], started:
     bundle, name = config.out, config.user_name
     manifest = read_bundle_manifest(bundle)
     _check_can_join(config, manifest, adapter_manifest)
-    earlier = _read_report(bundle).get("adapters", {})
+    earlier_report = _read_report(bundle)
+    earlier = earlier_report.get("adapters", {})
+    # The graphs do not change: their int8 and .ort sections (measured with the first adapter) carry over.
+    variants: dict[str, Any] = {key: earlier_report[key] for key in ("int8", "ort") if key in earlier_report}
     graph_file = manifest.get("graph", BACKBONE_FILE)
     with committed_files(bundle) as temp:
         adapter_path = temp(adapter_file(name))
         seconds = _write_adapter(config, adapter_path)
         parity = check_against_fresh_model(adapter_runner(bundle / graph_file, adapter_path), config, bundle)
+        for other in manifest.get("graphs", {}):
+            if other != graph_file:  # the int8 and .ort copies take the same adapter files: check it fits them
+                adapter_runner(bundle / other, adapter_path)
         files = {**manifest["files"], adapter_file(name): file_entry(adapter_path)}
         method = adapter_manifest["method"]["name"]
         report = ExportReport(
@@ -61,6 +67,7 @@ def join_bundle(config: ExportConfig, adapter_manifest: dict[str, Any], started:
             graph_file=graph_file,
             adapter=name,
             adapters={**earlier, name: {"file": adapter_file(name), "method": method, "parity": parity.to_dict()}},
+            variants=variants,
         )
         report_path = temp(REPORT_FILE)
         write_json(report_path, report.to_dict())
@@ -88,7 +95,30 @@ def _check_can_join(config: ExportConfig, manifest: dict[str, Any], adapter_mani
             "Export this adapter to another --out folder (a bundle of its own), or train it with the bundle's "
             "method settings, backbone and number of labels."
         )
+    _check_graphs_requested(config, manifest)
     check_files(bundle, manifest)
+
+
+def _check_graphs_requested(config: ExportConfig, manifest: dict[str, Any]) -> None:
+    """Refuse --quantize, --ort or --eval-data that the bundle's existing graphs cannot honour.
+
+    Adding a user writes only the adapter file: the graphs (and their int8 and .ort copies) were
+    made when the bundle was created, and the adapter's fp32 tensors fit all of them.
+    """
+    graphs = manifest.get("graphs", {}).values()
+    where = f"the swappable bundle {config.out}"
+    if config.quantize is not None and not any(g.get("precision") == config.quantize for g in graphs):
+        raise ConfigError(
+            f"{where} has no {config.quantize} graph, and adding an adapter does not change the graphs; "
+            f"export to a new --out with --quantize {config.quantize}, then add the other users to it"
+        )
+    if config.ort and not any(g.get("format") == "ort" for g in graphs):
+        raise ConfigError(
+            f"{where} has no .ort graph, and adding an adapter does not change the graphs; "
+            "export to a new --out with --ort, then add the other users to it"
+        )
+    if config.eval_data is not None:
+        raise ConfigError(f"--eval-data is not supported when adding an adapter to {where}; leave it out")
 
 
 def _read_report(bundle: Path) -> dict[str, Any]:

@@ -27,6 +27,8 @@ class ExportReport:
     # holds every adapter of the bundle (name → {"file", "method", "parity"}), earlier ones as recorded.
     adapter: str | None = None
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Extra graphs (export/variants.py): "int8", "ort" and "eval" sections, when asked for.
+    variants: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as report.json holds it."""
@@ -42,7 +44,7 @@ class ExportReport:
         }
         if self.adapter is not None:
             report.update(adapter=self.adapter, adapters=self.adapters)
-        return report
+        return {**report, **self.variants}
 
     def summary(self) -> dict[str, Any]:
         """One flat row per fact, for the command line."""
@@ -62,4 +64,23 @@ class ExportReport:
             row["adapter"] = self.adapter
             row["adapter_bytes"] = self.files.get(self.adapters[self.adapter]["file"], 0)
             row["adapters_in_bundle"] = ", ".join(sorted(self.adapters))
-        return row
+        return {**row, **self._variant_rows()}
+
+    def _variant_rows(self) -> dict[str, Any]:
+        rows: dict[str, Any] = {}
+        if "int8" in self.variants:
+            int8 = self.variants["int8"]
+            rows["int8_bytes"] = int8["bytes"]
+            rows["int8_size_ratio"] = f"{int8['size_ratio']:.2f}x smaller"
+            rows["int8_max_abs_diff"] = f"{int8['vs_pytorch']['max_abs_diff']:.2e}"
+            rows["int8_argmax_agreement"] = f"{int8['vs_pytorch']['argmax_agreement']:.0%}"
+        if "ort" in self.variants:
+            rows["ort_files"] = ", ".join(sorted(self.variants["ort"]))
+        if "eval" in self.variants:
+            evaluation = self.variants["eval"]
+            rows["eval_examples"] = evaluation["examples"]
+            for file, accuracy in sorted(evaluation["accuracy"].items()):
+                rows[f"accuracy {file}"] = f"{accuracy:.2%}"
+            if "int8_change_points" in evaluation:
+                rows["int8_accuracy_change"] = f"{evaluation['int8_change_points']:+.2f} points"
+        return rows

@@ -201,6 +201,24 @@ def export_command(
     texts: Annotated[
         Path | None, typer.Option(help="Text file, one text per line, for the parity check (default: built-in).")
     ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="int8: also write an ONNX Runtime dynamically quantized graph (*.int8.onnx) beside the fp32 one; "
+            "swappable bundles keep the per-user adapter inputs fp32. Its agreement with PyTorch is reported."
+        ),
+    ] = None,
+    ort_format: Annotated[
+        bool,
+        typer.Option("--ort", help="Also write an ORT-format (.ort) copy of every graph, for ONNX Runtime Mobile."),
+    ] = False,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Labelled CSV/JSON/JSONL file or folder (as `fedadapt train` reads it): report the graphs' accuracy "
+            "on its test split, fp32 against int8."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Export an adapter with its backbone to ONNX for phones, checked against PyTorch."""
@@ -215,6 +233,9 @@ def export_command(
             opset=opset,
             force=force,
             adapter_name=adapter_name,
+            quantize=quantize,
+            ort=ort_format,
+            eval_data=eval_data,
             **extra,
         )  # fails fast, before torch loads
         report = _checkout_module("export.exporter").export_adapter(config)

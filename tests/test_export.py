@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import train_steps
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 from typer.testing import CliRunner
 
 from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_config
@@ -35,7 +35,8 @@ from export.config import ExportConfig  # noqa: E402
 from export.errors import ExportError, ExportParityError  # noqa: E402
 from export.exporter import export_adapter  # noqa: E402
 from export.merged import export_merged  # noqa: E402
-from export.ort_adapters import read_adapter_file  # noqa: E402
+from export.ort_adapters import AdapterRunner, read_adapter_file  # noqa: E402
+from export.parity import onnx_runner  # noqa: E402
 from export.phone_demo import PhoneClassifier  # noqa: E402
 
 LABELS = ("lost_card", "top_up", "declined")
@@ -357,6 +358,7 @@ def test_cli_export_replaces_with_force_and_prints_the_report(adapter_folder: Bu
     ("extra", "message"),
     [
         (["--opset", "16"], "opset must be an integer from 17 to 20, got 16"),
+        (["--quantize", "int4"], "quantize must be one of ('int8',)"),
         (["--adapter-name", "alice"], "--adapter-name names an adapter inside a swappable bundle"),
         (["--mode", "swappable", "--adapter-name", "../alice"], "is not a valid adapter name"),
     ],
@@ -671,3 +673,127 @@ def test_cli_adds_a_user_to_a_swappable_bundle(two_users: Path, bob: Path, tmp_p
     ).read_bytes()
     refused = runner.invoke(app, [*args[:-2], "--adapter-name", "bob"])
     assert refused.exit_code == 2 and "already has an adapter named 'bob'" in refused.stderr
+
+
+# ------------------------------------------------------------------------------- int8 and .ort
+
+EVAL_ROWS = [(text, label) for text, label in zip(TRAIN_TEXTS, LABELS, strict=True)] * 10
+
+
+def _write_wide_bert(folder: Path) -> Path:
+    """A BERT wide enough (hidden 128) for its weights, not the graph's structure, to dominate the file size."""
+    from conftest import VOCAB
+
+    torch.manual_seed(4321)
+    config = BertConfig(
+        vocab_size=len(VOCAB), hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512
+    )
+    config.max_position_embeddings = 64
+    BertModel(config).save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """int8 + .ort exports on a wide tiny BERT: merged (with --eval-data), and swappable for alice, joined by bob."""
+    root = tmp_path_factory.mktemp("int8")
+    bert = _write_wide_bert(root / "bert")
+    loaded = load_backbone(BackboneConfig(name_or_path=str(bert), num_labels=len(LABELS)))
+    model = AdapterModel(loaded, make_method_config("lora"), labels=LABELS)
+    train_steps(model, _train_batch(model), steps=4, lr=5e-2)  # other labels than bob's
+    alice = save_adapter(model, root / "alice")
+    bob = _lora_folder(bert, root / "bob", BOB_LABELS)
+    data = root / "eval.csv"
+    data.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in EVAL_ROWS))
+    common = {"quantize": "int8", "ort": True}
+    export_adapter(ExportConfig(adapter=alice, out=root / "merged", eval_data=data, **common))
+    export_adapter(ExportConfig(adapter=alice, out=root / "swappable", mode="swappable", **common))
+    export_adapter(ExportConfig(adapter=bob, out=root / "swappable", mode="swappable", **common))
+    return {"root": root, "alice": alice, "bob": bob, "data": data, **{m: root / m for m in ("merged", "swappable")}}
+
+
+GRAPHS = {"merged": "model", "swappable": "backbone"}
+
+
+@pytest.mark.parametrize("mode", ["merged", "swappable"])
+def test_int8_export_is_smaller_and_reports_agreement(quantized: dict[str, Path], mode: str) -> None:
+    folder, stem = quantized[mode], GRAPHS[mode]
+    report, manifest = _read_json(folder / "report.json"), _read_json(folder / "manifest.json")
+    int8 = report["int8"]
+    assert int8["graph"] == f"{stem}.int8.onnx" and report["parity"]["passed"]  # fp32 still held to 1e-4
+    assert int8["bytes"] == (folder / int8["graph"]).stat().st_size < (folder / f"{stem}.onnx").stat().st_size / 2
+    assert int8["vs_pytorch"]["argmax_agreement"] >= 0.5 and 0 < int8["vs_pytorch"]["max_abs_diff"] < 1
+    assert int8["quantization"]["weight_type"] == "QInt8" and int8["quantization"]["per_user_tensors"] == "float32"
+    assert manifest["graphs"] == {
+        f"{stem}.onnx": {"precision": "fp32", "format": "onnx"},
+        f"{stem}.int8.onnx": {"precision": "int8", "format": "onnx", "source": f"{stem}.onnx"},
+        f"{stem}.ort": {"precision": "fp32", "format": "ort", "source": f"{stem}.onnx"},
+        f"{stem}.int8.ort": {"precision": "int8", "format": "ort", "source": f"{stem}.int8.onnx"},
+    }
+    assert manifest["graph"] == f"{stem}.onnx" and set(manifest["graphs"]) <= set(manifest["files"])
+    assert manifest["files"] == file_entries(folder)
+
+
+def _runner(folder: Path, graph: str, user: str | None = None) -> Callable[[list[str]], np.ndarray]:
+    """Logits of ``folder / graph`` (an .onnx or .ort file) with ``user``'s adapter active, if any."""
+    path = folder / graph
+    run_graph = onnx_runner(path) if user is None else AdapterRunner(path, folder / "adapters" / f"{user}.onnx_adapter")
+    return lambda texts: run_graph(_encode(folder, texts))
+
+
+def test_swappable_int8_keeps_every_adapter_input_fp32(quantized: dict[str, Path]) -> None:
+    folder = quantized["swappable"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sessions = [ort.InferenceSession(str(folder / g), options) for g in ("backbone.onnx", "backbone.int8.onnx")]
+    fp32, int8 = ({i.name: (i.shape, i.type) for i in s.get_overridable_initializers()} for s in sessions)
+    assert int8 == fp32 and len(fp32) == len(read_adapter_file(folder / "adapters" / "alice.onnx_adapter"))
+    assert all(kind == "tensor(float)" for _, kind in int8.values())
+    logits = {
+        (user, g): _runner(folder, g, user)(PHONE_TEXTS)
+        for user in ("alice", "bob")
+        for g in ("backbone.onnx", "backbone.int8.onnx")
+    }
+    assert np.abs(logits["alice", "backbone.int8.onnx"] - logits["bob", "backbone.int8.onnx"]).max() > 1e-2
+    for user in ("alice", "bob"):  # a head baked in as its zero default would give the bias alone
+        np.testing.assert_allclose(logits[user, "backbone.int8.onnx"], logits[user, "backbone.onnx"], atol=0.1)
+
+
+def test_eval_data_reports_fp32_and_int8_accuracy(quantized: dict[str, Path]) -> None:
+    evaluation = _read_json(quantized["merged"] / "report.json")["eval"]
+    assert evaluation["examples"] == len(EVAL_ROWS) // 5  # the seeded 20 % hold-out of a single file
+    assert set(evaluation["accuracy"]) == {"model.onnx", "model.int8.onnx"}
+    assert 0 <= evaluation["fp32_accuracy"] <= 1 and 0 <= evaluation["int8_accuracy"] <= 1
+    change = 100 * (evaluation["int8_accuracy"] - evaluation["fp32_accuracy"])
+    assert evaluation["int8_change_points"] == pytest.approx(change, abs=0.01)
+
+
+@pytest.mark.parametrize(("mode", "user"), [("merged", None), ("swappable", "alice"), ("swappable", "bob")])
+def test_ort_files_load_and_agree_with_their_onnx(quantized: dict[str, Path], mode: str, user: str | None) -> None:
+    folder, stem = quantized[mode], GRAPHS[mode]
+    texts = list(ExportConfig(adapter=Path("a"), out=Path("b")).texts)
+    for precision in ("", ".int8"):
+        onnx_logits = _runner(folder, f"{stem}{precision}.onnx", user)(texts)
+        ort_logits = _runner(folder, f"{stem}{precision}.ort", user)(texts)
+        assert (ort_logits.argmax(-1) == onnx_logits.argmax(-1)).all()
+    ort_report = _read_json(folder / "report.json")["ort"]
+    assert ort_report[f"{stem}.ort"]["max_abs_diff_vs_onnx"] <= 1e-4
+
+
+def test_joining_needs_the_graphs_it_asks_for(two_users: Path, bob: Path, tmp_path: Path) -> None:
+    bundle = _copy(two_users, tmp_path)
+    before = _snapshot(bundle)
+    for fields, message in (({"quantize": "int8"}, "has no int8 graph"), ({"ort": True}, "has no .ort graph")):
+        with pytest.raises(ConfigError, match=message):
+            export_adapter(ExportConfig(adapter=bob, out=bundle, mode="swappable", adapter_name="carol", **fields))
+    assert _snapshot(bundle) == before
+
+
+def test_cli_prints_int8_accuracy(quantized: dict[str, Path], tmp_path: Path) -> None:
+    args = ["export", "--adapter", str(quantized["alice"]), "--out", str(tmp_path / "out"), "--quantize", "int8"]
+    result = runner.invoke(app, [*args, "--eval-data", str(quantized["data"])])
+    assert result.exit_code == 0, result.output
+    assert "int8_accuracy_change" in result.stdout and "accuracy model.int8.onnx" in result.stdout
+    assert (tmp_path / "out" / "model.int8.onnx").is_file() and not (tmp_path / "out" / "model.ort").exists()
