@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import peft
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
@@ -44,18 +43,8 @@ def load_for_export(adapter: Path, backbone: str | None) -> AdapterModel:
 
 
 def max_sequence_length(model: AdapterModel) -> int:
-    """Tokens of text the model can position: the backbone's positions (BERT: max_position_embeddings)
-    less the virtual tokens prompt and prefix tuning put before the text, which take positions too."""
-    positions = getattr(model.backbone.model.config, "max_position_embeddings", None)
-    limit = int(positions) if positions else int(model.backbone.tokenizer.model_max_length)
-    return limit - _virtual_tokens(model)
-
-
-def _virtual_tokens(model: AdapterModel) -> int:
-    module = model.module
-    if isinstance(module, peft.PeftModel) and module.active_peft_config.is_prompt_learning:
-        return int(module.active_peft_config.num_virtual_tokens)
-    return 0
+    """Tokens of text the model can position: the backbone's positions less prompt/prefix virtual tokens."""
+    return model.max_text_tokens
 
 
 def bundled_batches(reference: AdapterModel, bundle: Path, texts: tuple[str, ...]) -> dict[str, Feeds]:
