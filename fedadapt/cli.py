@@ -248,6 +248,30 @@ def export_command(
         _print_table(report.summary(), f"{report.method} exported to {out}")
 
 
+keys_app = typer.Typer(help="The server's X25519 key pair for encrypted payloads.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option(help="Folder for server.key (mode 0600) and server.pub (0644).")],
+) -> None:
+    """Generate the server's key pair; never overwrites. Prints the paths and the public key's fingerprint."""
+    from fedadapt.keys import generate_server_keys
+
+    try:
+        files = generate_server_keys(out)
+    except FedAdaptError as err:
+        _fail(str(err))
+        return
+    except OSError as err:
+        _fail(f"cannot write keys to {out}: {err.strerror or err}")
+        return
+    typer.echo(f"private key: {files.private_path} (keep it secret; mode 0600)")
+    typer.echo(f"public key:  {files.public_path}")
+    typer.echo(f"fingerprint: {files.fingerprint}")
+
+
 def _read_texts(path: Path) -> list[str]:
     """Non-blank lines of a UTF-8 text file."""
     from fedadapt.errors import ConfigError

@@ -43,3 +43,17 @@ class EmptyAggregateError(FedAdaptError, ValueError):
     def __init__(self, message: str, rejected: Iterable[tuple[str, str]] = ()) -> None:
         super().__init__(message)
         self.rejected = list(rejected)
+
+
+class EnvelopeError(FedAdaptError):
+    """An encrypted payload was rejected; ``reason`` is one of ``fedadapt.envelope.REASONS``.
+
+    Messages never hold key material or plaintext.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"EnvelopeError(reason={self.reason!r}, message={str(self)!r})"
