@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from export.loading import max_sequence_length
 from export.parity import RunGraph
 from fedadapt.baseline import DataConfig, load_splits
 from fedadapt.data import TextDataset
@@ -56,7 +55,7 @@ def label_ids(data: TextDataset, labels: tuple[str, ...], source: Path) -> np.nd
 
 def predict(run: RunGraph, reference: AdapterModel, data: TextDataset) -> np.ndarray:
     """Predicted class ids of ``data``'s texts, in batches of ``BATCH_SIZE`` padded to their longest text."""
-    tokenizer, max_length = reference.backbone.tokenizer, max_sequence_length(reference)
+    tokenizer, max_length = reference.backbone.tokenizer, reference.max_text_tokens
     predictions = []
     for start in range(0, len(data), BATCH_SIZE):
         texts = list(data.texts[start : start + BATCH_SIZE])

@@ -37,7 +37,7 @@ from export.config import ExportConfig
 from export.graph import describe_graph
 from export.joining import join_bundle
 from export.layout import layout_of
-from export.loading import check_against_fresh_model, load_for_export, max_sequence_length, read_adapter_manifest
+from export.loading import check_against_fresh_model, load_for_export, read_adapter_manifest
 from export.merged import export_merged
 from export.ort_adapters import adapter_runner, write_adapter_file
 from export.parity import ParityResult, RunGraph, onnx_runner
@@ -133,7 +133,7 @@ def _write_files(config: ExportConfig, staging: Path, export_graph: GraphExporte
     seconds = export_graph(model, staging / graph_file, config.opset) + adapter_seconds
     write_tokenizer(staging, model.backbone.tokenizer)
     write_labels(staging, model.labels)
-    return _Written(seconds, model.labels, max_sequence_length(model), tokenizer_padding(model.backbone.tokenizer))
+    return _Written(seconds, model.labels, model.max_text_tokens, tokenizer_padding(model.backbone.tokenizer))
 
 
 def _check_parity(config: ExportConfig, staging: Path, graph_file: str) -> ParityResult:

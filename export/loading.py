@@ -42,14 +42,9 @@ def load_for_export(adapter: Path, backbone: str | None) -> AdapterModel:
         ) from err
 
 
-def max_sequence_length(model: AdapterModel) -> int:
-    """Tokens of text the model can position: the backbone's positions less prompt/prefix virtual tokens."""
-    return model.max_text_tokens
-
-
 def bundled_batches(reference: AdapterModel, bundle: Path, texts: tuple[str, ...]) -> dict[str, Feeds]:
     """Parity batches from the adapter's tokenizer, after checking the bundle's tokenizer.json tokenizes the same."""
-    max_length = max_sequence_length(reference)
+    max_length = reference.max_text_tokens
     batches = tokenize_batches(reference.backbone.tokenizer, texts, max_length)
     bundled = tokenize_batches(AutoTokenizer.from_pretrained(str(bundle)), texts, max_length)
     for name, feeds in batches.items():

@@ -22,13 +22,23 @@ import torch
 
 from fedadapt.errors import ConfigError, EmptyAggregateError, FedAdaptError, SchemaMismatch, StateError
 from fedadapt.serialize import deserialize_state
-from fedadapt.state import PARTS, AdapterSchema, Part, State, TensorSpec, check_state, dtype_name, squared_norms
+from fedadapt.state import (
+    PARTS,
+    AdapterSchema,
+    Part,
+    State,
+    TensorSpec,
+    check_state,
+    dtype_name,
+    finite_squared_norms,
+    squared_norms,
+)
 
 logger = logging.getLogger(__name__)
 
 NormPolicy = Literal["reject", "clip"]
 NORM_POLICIES: tuple[NormPolicy, ...] = ("reject", "clip")
-_REASON_LIMIT = 300  # characters of a rejection reason kept for logs and results
+REASON_LIMIT = 300  # characters of a rejection reason kept for logs and results
 
 
 # --- validation ----------------------------------------------------------------------------------------------
@@ -67,10 +77,7 @@ class DeltaValidator:
     def check(self, blob: bytes) -> CheckedDelta:
         """The validated (and possibly clipped) delta in ``blob``, with its norm."""
         state = deserialize_state(blob, self.schema, self.part, check_values=False)
-        squares = squared_norms(state)  # finiteness and the norm in one pass
-        bad = [name for name, value in squares.items() if not math.isfinite(value)]
-        if bad:
-            raise StateError(f"received blob tensor {bad[0]!r} has non-finite values (NaN or inf)")
+        squares = finite_squared_norms(state, what="received blob")  # finiteness and the norm in one pass
         norm = math.sqrt(sum(squares.values()))
         if self.max_norm is None or norm <= self.max_norm:
             return CheckedDelta(state, norm, clipped=False)
@@ -403,9 +410,9 @@ def _admit(
     try:
         check_num_examples(num_examples)
     except ValueError as err:
-        return str(err)[:_REASON_LIMIT], None
+        return str(err)[:REASON_LIMIT], None
     try:
         return "", validator.check(blob)
     except FedAdaptError as err:
         # Our errors name tensors, shapes and dtypes, never values; the cap bounds client-chosen strings.
-        return f"{type(err).__name__}: {err}"[:_REASON_LIMIT], None
+        return f"{type(err).__name__}: {err}"[:REASON_LIMIT], None

@@ -7,8 +7,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig, load_backbone
 from fedadapt.batching import encode_dataset
 from fedadapt.data import LabelMap, TextDataset, load_text_dataset
@@ -63,10 +61,7 @@ def load_splits(config: DataConfig) -> Splits:
         else:
             train, test = _hold_out(load_text_dataset(path, **columns), config)
     labels = _label_map(Path(config.path), train)
-    if config.max_examples is not None and config.max_examples < len(train):
-        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))[: config.max_examples]
-        train = train.subset(sorted(keep.tolist()))
-    return Splits(train=train, test=test, labels=labels)
+    return Splits(train=train.sample(config.max_examples, config.seed), test=test, labels=labels)
 
 
 def _has_test_split(folder: Path) -> bool:
@@ -81,11 +76,9 @@ def _label_map(path: Path, train: TextDataset) -> LabelMap:
 
 
 def _hold_out(data: TextDataset, config: DataConfig) -> tuple[TextDataset, TextDataset]:
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    num_test = max(1, round(len(data) * config.test_fraction))
-    if num_test >= len(data):
+    if max(1, round(len(data) * config.test_fraction)) >= len(data):
         raise DataError(f"{data.source}: {len(data)} examples are too few to hold out a test split")
-    return data.subset(sorted(order[num_test:])), data.subset(sorted(order[:num_test]))
+    return data.split_off(config.test_fraction, config.seed)
 
 
 def train_baseline(

@@ -54,6 +54,24 @@ class TextDataset:
             source=self.source if source is None else source,
         )
 
+    def sample(self, count: int | None, seed: int) -> TextDataset:
+        """A seeded sample of ``count`` examples in their original order (all of them when ``count`` is None)."""
+        if count is None or count >= len(self):
+            return self
+        return self.subset(sorted(_seeded_order(len(self), seed)[:count]))
+
+    def split_off(self, fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
+        """(rest, held out): a seeded ``fraction`` of the examples (at least one) held out, both in original order."""
+        order = _seeded_order(len(self), seed)
+        num_held = max(1, round(len(self) * fraction))
+        return self.subset(sorted(order[num_held:])), self.subset(sorted(order[:num_held]))
+
+
+def _seeded_order(size: int, seed: int) -> list[int]:
+    import torch  # only here: loading and partitioning text does not otherwise need torch
+
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+
 
 @dataclass(frozen=True)
 class LabelMap:

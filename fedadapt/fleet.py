@@ -9,6 +9,7 @@ to disk. Backbone weights, personal state and data never leave the function.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -98,25 +99,13 @@ def _load_fleet_data(scenario: ScenarioConfig) -> FleetData:
         min_partition_size=min(10, max(1, len(splits.train) // (2 * scenario.num_clients))),
     )
     clients = tuple(partition_dataset(splits.train, partition))
-    return FleetData(splits=_cap_server_test(splits, scenario.server_test_examples, scenario.seed), clients=clients)
-
-
-def _cap_server_test(splits: Splits, cap: int | None, seed: int) -> Splits:
-    """A seeded sample of ``cap`` server test examples: central evaluation runs every round."""
-    import dataclasses
-
-    import torch
-
-    if cap is None or cap >= len(splits.test):
-        return splits
-    keep = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(seed))[:cap]
-    return dataclasses.replace(splits, test=splits.test.subset(sorted(keep.tolist())))
+    # Central evaluation runs every round: a seeded sample of the server's test split keeps it affordable.
+    test = splits.test.sample(scenario.server_test_examples, scenario.seed)
+    return FleetData(splits=dataclasses.replace(splits, test=test), clients=clients)
 
 
 def _synthetic_splits(scenario: ScenarioConfig) -> Splits:
     """The synthetic task with one user per client when partitioned naturally; 20% held out for the server."""
-    import torch
-
     from fedadapt.baseline import Splits
     from fedadapt.data import LabelMap
     from fedadapt.synthetic import SyntheticConfig, make_synthetic_dataset
@@ -125,13 +114,9 @@ def _synthetic_splits(scenario: ScenarioConfig) -> Splits:
     data = make_synthetic_dataset(
         SyntheticConfig(num_users=users, examples_per_user=scenario.examples_per_user, seed=scenario.seed)
     )
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(scenario.seed)).tolist()
-    num_test = max(1, round(0.2 * len(data)))
-    train, test = data.subset(sorted(order[num_test:])), data.subset(sorted(order[:num_test]))
-    if scenario.max_examples is not None and scenario.max_examples < len(train):
-        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(scenario.seed))
-        train = train.subset(sorted(keep[: scenario.max_examples].tolist()))
-    return Splits(train=train, test=test, labels=LabelMap.from_labels(data.labels, source=data.source))
+    train, test = data.split_off(0.2, scenario.seed)
+    labels = LabelMap.from_labels(data.labels, source=data.source)
+    return Splits(train=train.sample(scenario.max_examples, scenario.seed), test=test, labels=labels)
 
 
 @dataclass(frozen=True)

@@ -113,9 +113,16 @@ def check_state(state: Mapping[str, torch.Tensor], specs: tuple[TensorSpec, ...]
         spec = expected[name]
         if dtype_name(tensor.dtype) != spec.dtype:
             raise StateError(f"{what} tensor {name!r} has dtype {dtype_name(tensor.dtype)}, expected {spec.dtype}")
-    bad = [name for name, squares in squared_norms(state).items() if not math.isfinite(squares)]
+    finite_squared_norms(state, what=what)
+
+
+def finite_squared_norms(state: Mapping[str, torch.Tensor], *, what: str = "state") -> dict[str, float]:
+    """``squared_norms(state)``, after raising StateError if any tensor holds NaN or inf."""
+    squares = squared_norms(state)
+    bad = [name for name, value in squares.items() if not math.isfinite(value)]
     if bad:
         raise StateError(f"{what} tensor {bad[0]!r} has non-finite values (NaN or inf)")
+    return squares
 
 
 def squared_norms(state: Mapping[str, torch.Tensor]) -> dict[str, float]:

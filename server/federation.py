@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 
 from fedadapt import protocol
-from fedadapt.aggregate import DeltaValidator, FedAvgConfig, ServerOptimizer, aggregate_round
+from fedadapt.aggregate import REASON_LIMIT, DeltaValidator, FedAvgConfig, ServerOptimizer, aggregate_round
 from fedadapt.errors import EmptyAggregateError, SchemaMismatch
 from fedadapt.fleet import FleetRun, build_model, encode_split, load_fleet_data
 from fedadapt.folder import save_adapter, write_bytes_atomic
@@ -256,7 +256,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception|Failure|Interrupt)\w*: .+")
 
 
-def client_error_reason(text: str, limit: int = 300) -> str:
+def client_error_reason(text: str, limit: int = REASON_LIMIT) -> str:
     """The client exception's own message out of the traceback Flower (and Ray) wrap it in."""
     lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
     messages = [line.split("Message: ", 1)[1] for line in lines if "Message: " in line]
