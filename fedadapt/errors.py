@@ -57,3 +57,12 @@ class EnvelopeError(FedAdaptError):
 
     def __repr__(self) -> str:
         return f"EnvelopeError(reason={self.reason!r}, message={str(self)!r})"
+
+
+class PayloadError(FedAdaptError, ValueError):
+    """A secure-aggregation payload is malformed (bad framing, names or sizes); it is rejected whole."""
+
+
+class SecAggError(FedAdaptError):
+    """A secure-aggregation step cannot go on: a client refuses an inconsistent request, or the server
+    cannot rebuild the sum (too many dropouts, an overflowing field). Never holds key material or values."""

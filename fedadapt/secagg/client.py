@@ -1,0 +1,233 @@
+"""A client's side of a SecAgg+ round: pure functions from (saved session, request) to (session, reply).
+
+The session holds this round's secrets (private keys, self-mask seed, received shares) as one
+framed blob that the ClientApp keeps in ``context.state`` between messages (in deployment every
+message runs in a fresh process). Nothing here imports torch or loads a model: the stages that
+only move keys, shares and masks stay light. The client checks what the server asks for against
+its own configuration and its own view of the round, and refuses inconsistent requests.
+
+Building blocks are Flower's (``flwr.common.secure_aggregation``): P-384 ECDH key agreement with
+HKDF-SHA256, Fernet (AES-128-CBC + HMAC-SHA256) for the shares, Shamir secret sharing.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.fernet import InvalidToken
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+from fedadapt.errors import PayloadError, SecAggError
+from fedadapt.privacy import PrivacyConfig
+from fedadapt.secagg import masking, stages, wire
+
+# Session fields
+_ROUND, _NODE, _DONE = "round", "node", "done"
+_NEIGHBOURS, _HOLDERS, _MASKERS = "neighbours", "holders", "maskers"
+_C_SK, _S_SK, _SEED = "c-sk", "s-sk", "seed"
+_C_PK, _S_PK = "c-pk/", "s-pk/"  # + neighbour id
+_B_SHARE, _SK_SHARE = "b-share/", "sk-share/"  # + node id (own id included)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a stage returns: the session to keep and the payload to send to the server."""
+
+    session: bytes
+    reply: bytes
+
+
+def setup(config: PrivacyConfig, server_round: int, node_id: int, request: bytes) -> Step:
+    """Stage 1: check the neighbour list, make this round's two key pairs, return their public halves."""
+    fields = wire.unpack(request, "setup request")
+    wire.require(fields, [stages.NEIGHBOURS], "setup request")
+    neighbours = wire.unpack_ids(fields[stages.NEIGHBOURS], "neighbour list")
+    if node_id in neighbours:
+        raise SecAggError("the server named this client as its own neighbour")
+    if len(neighbours) != config.num_shares - 1:
+        raise SecAggError(
+            f"the server named {len(neighbours)} neighbours, this client's num-shares ({config.num_shares}) "
+            f"calls for {config.num_shares - 1}: client and server must use the same [privacy] settings"
+        )
+    c_sk, c_pk = generate_key_pairs()
+    s_sk, s_pk = generate_key_pairs()
+    session = {
+        _ROUND: _int_bytes(server_round),
+        _NODE: _int_bytes(node_id),
+        _DONE: stages.SETUP.encode(),
+        _NEIGHBOURS: wire.pack_ids(neighbours),
+        _C_SK: private_key_to_bytes(c_sk),
+        _S_SK: private_key_to_bytes(s_sk),
+    }
+    reply = {stages.ENCRYPTION_KEY: public_key_to_bytes(c_pk), stages.MASK_KEY: public_key_to_bytes(s_pk)}
+    return Step(wire.pack(session), wire.pack(reply))
+
+
+def share_keys(config: PrivacyConfig, server_round: int, saved: bytes, request: bytes) -> Step:
+    """Stage 2: Shamir-share the self-mask seed and the mask key among itself and the neighbours that answered."""
+    session = _load(saved, server_round, after=stages.SETUP)
+    node = _int(session[_NODE])
+    neighbours = set(wire.unpack_ids(session[_NEIGHBOURS]))
+    fields = wire.unpack(request, "share-keys request")
+    keys: dict[int, tuple[bytes, bytes]] = {}
+    for other in sorted(neighbours):
+        pair = fields.get(f"{stages.ENCRYPTION_KEY}/{other}"), fields.get(f"{stages.MASK_KEY}/{other}")
+        if None not in pair:
+            keys[other] = pair  # type: ignore[assignment]
+        elif pair != (None, None):
+            raise SecAggError(f"the share-keys request has only one of the two public keys of neighbour {other}")
+    expected = {f"{prefix}/{other}" for other in keys for prefix in (stages.ENCRYPTION_KEY, stages.MASK_KEY)}
+    if set(fields) != expected:
+        raise SecAggError(
+            f"the share-keys request holds fields that are not keys of neighbours: {sorted(set(fields) - expected)[:3]}"
+        )
+    holders = [node, *sorted(keys)]
+    if len(holders) < config.reconstruction_threshold:
+        raise SecAggError(
+            f"only {len(holders) - 1} neighbours are left: with reconstruction-threshold "
+            f"{config.reconstruction_threshold} this client's secrets could never be rebuilt, so it stops here"
+        )
+    seed = os.urandom(masking.SEED_SIZE)
+    seed_shares = create_shares(seed, config.reconstruction_threshold, len(holders))
+    key_shares = create_shares(session[_S_SK], config.reconstruction_threshold, len(holders))
+    c_sk = bytes_to_private_key(session[_C_SK])
+    reply: dict[str, bytes] = {}
+    for holder, seed_share, key_share in zip(holders, seed_shares, key_shares, strict=True):
+        if holder == node:
+            session[_B_SHARE + str(node)], session[_SK_SHARE + str(node)] = seed_share, key_share
+            continue
+        c_pk, s_pk = (_public_key(raw, holder) for raw in keys[holder])
+        session[_C_PK + str(holder)] = public_key_to_bytes(c_pk)
+        session[_S_PK + str(holder)] = public_key_to_bytes(s_pk)
+        plaintext = share_keys_plaintext_concat(node, holder, seed_share, key_share)
+        reply[stages.share_name(holder)] = encrypt(generate_shared_key(c_sk, c_pk), plaintext)
+    session |= {_SEED: seed, _HOLDERS: wire.pack_ids(holders), _DONE: stages.SHARE_KEYS.encode()}
+    return Step(wire.pack(session), wire.pack(reply))
+
+
+def receive_shares(server_round: int, saved: bytes, request: bytes) -> bytes:
+    """Stage 3, before training: decrypt and check the shares forwarded from the neighbours; the new session."""
+    session = _load(saved, server_round, after=stages.SHARE_KEYS)
+    node = _int(session[_NODE])
+    fields = wire.unpack(request, "forwarded shares")
+    c_sk = bytes_to_private_key(session[_C_SK])
+    maskers = []
+    for name, ciphertext in fields.items():
+        other = stages.node_of(name, stages.SHARE)
+        if other is None or _C_PK + str(other) not in session:
+            raise SecAggError(f"the server forwarded {name[:40]!r}, which is not a share from a neighbour")
+        c_pk = bytes_to_public_key(session[_C_PK + str(other)])
+        try:
+            plaintext = decrypt(generate_shared_key(c_sk, c_pk), ciphertext)
+        except (InvalidToken, ValueError, TypeError):
+            raise SecAggError(f"the share from node {other} does not decrypt: it was altered on the way") from None
+        source, destination, seed_share, key_share = share_keys_plaintext_separate(plaintext)
+        if (source, destination) != (other, node):
+            raise SecAggError(f"the share forwarded as from node {other} was sent from {source} to {destination}")
+        session[_B_SHARE + str(other)], session[_SK_SHARE + str(other)] = seed_share, key_share
+        maskers.append(other)
+    session |= {_MASKERS: wire.pack_ids(sorted(maskers)), _DONE: b"secagg-shares"}
+    return wire.pack(session)
+
+
+def mask(config: PrivacyConfig, server_round: int, saved: bytes, delta: np.ndarray, num_examples: int) -> Step:
+    """Stage 3, after training: the masked field vector of ``delta`` weighted by ``num_examples``."""
+    session = _load(saved, server_round, after="secagg-shares")
+    node = _int(session[_NODE])
+    encoded = masking.encode(delta, num_examples, config)
+    vector = encoded.vector
+    vector += masking.mask(session[_SEED], vector.size, config)
+    s_sk = bytes_to_private_key(session[_S_SK])
+    for other in wire.unpack_ids(session[_MASKERS]):
+        pair = masking.mask(pair_seed(s_sk, bytes_to_public_key(session[_S_PK + str(other)])), vector.size, config)
+        if node < other:
+            vector += pair
+        else:
+            vector -= pair
+    session[_DONE] = stages.MASKED.encode()
+    return Step(wire.pack(session), wire.pack({stages.MASKED_VECTOR: vector.tobytes()}))
+
+
+def unmask(server_round: int, saved: bytes, request: bytes) -> Step:
+    """Stage 4: shares of the survivors' seeds and of the dropouts' mask keys, never both for one node."""
+    session = _load(saved, server_round, after=stages.MASKED)
+    node = _int(session[_NODE])
+    fields = wire.unpack(request, "unmask request")
+    wire.require(fields, [stages.SURVIVORS, stages.DROPPED], "unmask request")
+    survivors = set(wire.unpack_ids(fields[stages.SURVIVORS], "survivor list"))
+    dropped = set(wire.unpack_ids(fields[stages.DROPPED], "dropout list"))
+    known = {node, *wire.unpack_ids(session[_MASKERS])}
+    if survivors & dropped:
+        raise SecAggError("the server named a node both survivor and dropout: answering would reveal its delta")
+    if node not in survivors:
+        raise SecAggError("the server named this client a dropout although it sent its masked vector")
+    if survivors | dropped != known:
+        raise SecAggError(
+            "the server's survivors and dropouts do not cover exactly the neighbours that shared with this client"
+        )
+    reply = {stages.SEED_SHARE + str(n): session[_B_SHARE + str(n)] for n in sorted(survivors)}
+    reply |= {stages.KEY_SHARE + str(n): session[_SK_SHARE + str(n)] for n in sorted(dropped)}
+    # The round is over for this client: keep nothing but the fact that it answered.
+    closed = {_ROUND: session[_ROUND], _NODE: session[_NODE], _DONE: stages.UNMASK.encode()}
+    return Step(wire.pack(closed), wire.pack(reply))
+
+
+def pair_seed(private_key: ec.EllipticCurvePrivateKey, public_key: ec.EllipticCurvePublicKey) -> bytes:
+    """The 32-byte seed two clients share: ECDH on P-384, then HKDF-SHA256 (Flower's ``generate_shared_key``)."""
+    return base64.urlsafe_b64decode(generate_shared_key(private_key, public_key))
+
+
+_ORDER = (stages.SETUP, stages.SHARE_KEYS, "secagg-shares", stages.MASKED, stages.UNMASK)
+
+
+def _load(saved: bytes | None, server_round: int, after: str) -> dict[str, bytes]:
+    """The session of ``server_round`` whose last completed step is ``after``; SecAggError otherwise."""
+    if not saved:
+        raise SecAggError(f"no secure-aggregation session for round {server_round}: the stages came out of order")
+    try:
+        session = wire.unpack(saved, "saved session")
+    except PayloadError as err:
+        raise SecAggError(f"the saved session is unreadable ({err}); the round cannot go on") from None
+    if _int(session.get(_ROUND, b"")) != server_round:
+        raise SecAggError(f"no secure-aggregation session for round {server_round}: the stages came out of order")
+    done = session.get(_DONE, b"").decode(errors="replace")
+    if done != after:
+        raise SecAggError(
+            f"round {server_round}: this stage must follow {after!r}, but the last step was {done!r} "
+            "(each stage is answered once, in order)"
+        )
+    return session
+
+
+def _public_key(raw: bytes, node: int) -> ec.EllipticCurvePublicKey:
+    try:
+        key = bytes_to_public_key(raw)
+    except (ValueError, TypeError):
+        raise SecAggError(f"the public key of node {node} is not a PEM public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
+        raise SecAggError(f"the public key of node {node} is not a P-384 key")
+    return key
+
+
+def _int_bytes(value: int) -> bytes:
+    return int(value).to_bytes(8, "little")
+
+
+def _int(raw: bytes) -> int:
+    return int.from_bytes(raw, "little") if len(raw) == 8 else -1

@@ -1,0 +1,252 @@
+"""The server's side of a SecAgg+ round: route keys and shares, sum masked vectors, remove the masks.
+
+``SecAggRound`` is transport-free: each ``*_received`` method takes the round's replies (opened
+payloads by node id, plus the nodes that failed and why) and returns the requests for the next
+stage. The server never holds an individual unmasked vector: each masked vector is added to a
+running sum mod 2**bits and dropped, and the masks come off only the sum. It can check a masked
+vector's structure (its length) but not its values: finiteness and norm bounds run on the client
+before masking, and the clipping count comes back summed.
+
+Dropouts: a node lost before it sent its shares simply leaves the round. A node lost after that
+still has pairwise masks in its neighbours' vectors: its mask key is rebuilt from its neighbours'
+shares. A node that sent its masked vector and was lost afterwards stays in the sum: its self-mask
+seed is rebuilt the same way. Either needs ``reconstruction_threshold`` of the node's share holders
+to answer the last stage; otherwise the round fails with SecAggError rather than a wrong sum.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+from fedadapt.errors import PayloadError, SecAggError
+from fedadapt.privacy import PrivacyConfig
+from fedadapt.secagg import masking, stages, wire
+from fedadapt.secagg.client import pair_seed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecAggResult:
+    """The round's weighted mean delta (flat float64) and what the protocol saw."""
+
+    mean: np.ndarray
+    total_examples: int
+    clipped_values: int
+    contributors: list[int]  # nodes whose vectors are in the sum
+    recovered: list[int]  # nodes lost after masking whose contribution was recovered (self-mask rebuilt)
+    dropped: dict[int, str]  # nodes left out of the sum, with the stage and reason
+
+
+@dataclass
+class SecAggRound:
+    """One round's protocol state on the server (in memory; a crashed round is rerun from its checkpoint)."""
+
+    config: PrivacyConfig
+    server_round: int
+    nodes: list[int]
+    vector_length: int  # values of the delta, before the two totals
+    seed: int = 0
+    dropped: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.nodes) < 2:
+            raise SecAggError("secure aggregation needs at least 2 clients: one client's sum is its delta")
+        self.neighbours = stages.neighbour_graph(sorted(self.nodes), self.config.num_shares, self.seed)
+        self._keys: dict[int, tuple[bytes, bytes]] = {}  # node → (encryption key, mask key)
+        self._shared: dict[int, dict[int, bytes]] = {}  # sender → {receiver: encrypted share}
+        self._maskers: dict[int, list[int]] = {}  # node → neighbours whose masks it added
+        self._sum = np.zeros(self.vector_length + masking.EXTRA_ENTRIES, dtype=masking.field_dtype(self.config))
+        self._masked: list[int] = []
+
+    # --- stages ---------------------------------------------------------------------------------------------
+
+    def setup_requests(self) -> dict[int, bytes]:
+        """Stage 1 requests: each node's neighbour list."""
+        return {node: wire.pack({stages.NEIGHBOURS: wire.pack_ids(self.neighbours[node])}) for node in self.nodes}
+
+    def keys_received(self, replies: Mapping[int, bytes], failed: Mapping[int, str]) -> dict[int, bytes]:
+        """Stage 1 replies in; stage 2 requests (the answering neighbours' public keys) out."""
+        self._drop(failed, stages.SETUP)
+        for node, blob in replies.items():
+            try:
+                fields = wire.unpack(blob, "public keys")
+                wire.require(fields, [stages.ENCRYPTION_KEY, stages.MASK_KEY], "public keys")
+                for name in (stages.ENCRYPTION_KEY, stages.MASK_KEY):
+                    bytes_to_public_key(fields[name])  # refuse a key that does not parse here, not at the peers
+            except (PayloadError, ValueError, TypeError) as err:
+                self._drop({node: f"bad public keys: {err}"}, stages.SETUP)
+                continue
+            self._keys[node] = (fields[stages.ENCRYPTION_KEY], fields[stages.MASK_KEY])
+        self._check_enough(self._keys, stages.SETUP)
+        requests = {}
+        for node in self._keys:
+            fields = {}
+            for other in self.neighbours[node]:
+                if other in self._keys:
+                    fields[f"{stages.ENCRYPTION_KEY}/{other}"] = self._keys[other][0]
+                    fields[f"{stages.MASK_KEY}/{other}"] = self._keys[other][1]
+            requests[node] = wire.pack(fields)
+        return requests
+
+    def shares_received(self, replies: Mapping[int, bytes], failed: Mapping[int, str]) -> dict[int, bytes]:
+        """Stage 2 replies in; stage 3 requests (the encrypted shares addressed to each node) out."""
+        self._drop(failed, stages.SHARE_KEYS)
+        for node, blob in replies.items():
+            expected = {stages.share_name(o) for o in self.neighbours[node] if o in self._keys}
+            try:
+                fields = wire.unpack(blob, "encrypted shares")
+                if set(fields) != expected:
+                    raise PayloadError(f"it holds {len(fields)} shares for the wrong neighbours")
+            except PayloadError as err:
+                self._drop({node: f"bad shares: {err}"}, stages.SHARE_KEYS)
+                continue
+            self._shared[node] = {int(name[len(stages.SHARE) :]): ct for name, ct in fields.items()}
+        self._check_enough(self._shared, stages.SHARE_KEYS)
+        requests = {}
+        for node in self._shared:
+            # A node masks with exactly the neighbours whose shares it receives: those that completed stage 2.
+            senders = [o for o in self.neighbours[node] if o in self._shared]
+            self._maskers[node] = senders
+            requests[node] = wire.pack({stages.share_name(o): self._shared[o][node] for o in senders})
+        return requests
+
+    def masked_received(self, replies: Mapping[int, bytes], failed: Mapping[int, str]) -> dict[int, bytes]:
+        """Stage 3 replies in (each added to the running sum, then dropped); stage 4 requests out."""
+        self._drop(failed, stages.MASKED)
+        dtype = masking.field_dtype(self.config)
+        size = self._sum.size * dtype.itemsize
+        for node, blob in replies.items():
+            if node not in self._maskers:
+                self._drop({node: "a masked vector from a node that shared no keys this round"}, stages.MASKED)
+                continue
+            try:
+                fields = wire.unpack(blob, "masked vector")
+                wire.require(fields, [stages.MASKED_VECTOR], "masked vector")
+                if len(fields[stages.MASKED_VECTOR]) != size:
+                    raise PayloadError(f"it has {len(fields[stages.MASKED_VECTOR])} bytes, this round's vector {size}")
+            except PayloadError as err:
+                self._drop({node: f"bad masked vector: {err}"}, stages.MASKED)
+                continue
+            self._sum += np.frombuffer(fields[stages.MASKED_VECTOR], dtype=dtype)
+            self._masked.append(node)
+        if len(self._masked) < 2:
+            raise SecAggError(
+                f"only {len(self._masked)} masked vectors arrived in round {self.server_round}: a sum of fewer "
+                "than 2 would reveal a client's delta, so the round fails"
+            )
+        masked = set(self._masked)
+        requests = {}
+        for node in self._masked:
+            holders = [node, *self._maskers[node]]
+            requests[node] = wire.pack(
+                {
+                    stages.SURVIVORS: wire.pack_ids(sorted(n for n in holders if n in masked)),
+                    stages.DROPPED: wire.pack_ids(sorted(n for n in holders if n not in masked)),
+                }
+            )
+        return requests
+
+    def unmask_received(self, replies: Mapping[int, bytes], failed: Mapping[int, str]) -> SecAggResult:
+        """Stage 4 replies in: rebuild the seeds and keys, strip the masks off the sum and decode it."""
+        unmask_failed = dict(failed)
+        seed_shares: dict[int, list[bytes]] = {}
+        key_shares: dict[int, list[bytes]] = {}
+        masked = set(self._masked)
+        for node, blob in replies.items():
+            holders = {node, *self._maskers.get(node, [])}
+            try:
+                fields = wire.unpack(blob, "unmask shares")
+                for name, share in fields.items():
+                    for prefix, store, wanted in (
+                        (stages.SEED_SHARE, seed_shares, masked),
+                        (stages.KEY_SHARE, key_shares, set(self._shared) - masked),
+                    ):
+                        owner = stages.node_of(name, prefix)
+                        if owner is not None:
+                            if owner not in holders or owner not in wanted:
+                                raise PayloadError(f"it holds a share of node {owner}, which it was not asked for")
+                            store.setdefault(owner, []).append(share)
+                            break
+                    else:
+                        raise PayloadError(f"unexpected field {name[:40]!r}")
+            except PayloadError as err:
+                unmask_failed[node] = f"bad unmask shares: {err}"
+        for node, reason in unmask_failed.items():
+            logger.info("secagg round %d: node %d sent no usable shares (%s)", self.server_round, node, reason)
+        total = self._sum.copy()
+        for node in self._masked:
+            seed = self._rebuild(node, seed_shares.get(node, []), "self-mask seed")
+            total -= masking.mask(seed, total.size, self.config)
+        lost_after_sharing = sorted(set(self._shared) - masked)
+        for node in lost_after_sharing:
+            private = self._rebuild_key(node, key_shares.get(node, []))
+            for other in self._maskers[node]:
+                if other in masked:
+                    # ``other`` added +mask towards higher ids, −mask towards lower ones: take it off again.
+                    pair = masking.mask(
+                        pair_seed(private, bytes_to_public_key(self._keys[other][1])), total.size, self.config
+                    )
+                    if other < node:
+                        total -= pair
+                    else:
+                        total += pair
+        decoded = masking.decode_sum(total, self.config)
+        recovered = sorted(n for n in self._masked if n not in replies)
+        return SecAggResult(
+            mean=decoded.mean,
+            total_examples=decoded.total_examples,
+            clipped_values=decoded.clipped,
+            contributors=sorted(self._masked),
+            recovered=recovered,
+            dropped=dict(self.dropped),
+        )
+
+    # --- helpers --------------------------------------------------------------------------------------------
+
+    def _rebuild(self, node: int, shares: list[bytes], what: str) -> bytes:
+        threshold = self.config.reconstruction_threshold
+        if len(shares) < threshold:
+            raise SecAggError(
+                f"round {self.server_round}: the {what} of node {node} cannot be rebuilt: {len(shares)} of its "
+                f"share holders answered, reconstruction-threshold is {threshold}. Too many clients dropped out "
+                f"(at most num-shares - threshold = {self.config.num_shares - threshold} per neighbourhood); "
+                "the round fails rather than return a wrong sum"
+            )
+        try:
+            secret = combine_shares(shares[:threshold])
+        except ValueError:
+            raise SecAggError(f"round {self.server_round}: the shares of node {node}'s {what} do not combine") from None
+        if what == "self-mask seed" and len(secret) != masking.SEED_SIZE:
+            raise SecAggError(f"round {self.server_round}: node {node}'s rebuilt {what} has the wrong size")
+        return secret
+
+    def _rebuild_key(self, node: int, shares: list[bytes]) -> ec.EllipticCurvePrivateKey:
+        secret = self._rebuild(node, shares, "mask key")
+        try:
+            key = bytes_to_private_key(secret)
+        except (ValueError, TypeError):
+            key = None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise SecAggError(f"round {self.server_round}: node {node}'s rebuilt mask key is not a P-384 key")
+        return key
+
+    def _drop(self, failed: Mapping[int, str], stage: str) -> None:
+        for node, reason in failed.items():
+            if node not in self.dropped:
+                self.dropped[node] = f"{stage}: {reason}"
+                logger.info("secagg round %d: node %d left at %s: %s", self.server_round, node, stage, reason)
+
+    def _check_enough(self, remaining: Mapping[int, object], stage: str) -> None:
+        if len(remaining) < 2:
+            raise SecAggError(
+                f"only {len(remaining)} of {len(self.nodes)} clients completed {stage} in round {self.server_round}: "
+                "secure aggregation needs at least 2"
+            )
