@@ -1,15 +1,18 @@
-"""The Flower ClientApp: a thin layer over ``fedadapt.fleet.run_client_round`` (one device's round)."""
+"""The Flower ClientApp: a thin layer over ``fedadapt.fleet`` (one device's round) and ``clients.secure``."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.secure import bytes_array, payload_bytes, run_stage
 from fedadapt import protocol
 from fedadapt.fleet import FleetRun, empty_client_round, evaluate_client, fleet_run_from_config, run_client_round
+from fedadapt.privacy import PrivacyConfig
+from fedadapt.transport import ClientSealer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # inside the FAB Flower unpacks, or the checkout
 PARTITION_ID = "partition-id"  # node config key Flower's simulation sets for each virtual device
@@ -20,20 +23,28 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train on the device's data from the global adapter received; reply with the delta only."""
+    """Train on the device's data from the global adapter received; reply with the delta only.
+
+    Under secure aggregation the server sends four stage messages per round instead (``clients.secure``).
+    """
     run = fleet_run_from_config(context.run_config, PROJECT_ROOT)
-    server_round = int(msg.content.config_records[protocol.CONFIG][protocol.SERVER_ROUND])  # type: ignore[arg-type]
+    config = msg.content.config_records[protocol.CONFIG]
+    sealer = _sealer(run.scenario.privacy, context.run_id, context.node_id, run.server_public_key)
+    if protocol.SECAGG_STAGE in config:
+        return run_stage(msg, context, run, sealer, _partition_id(context), _state_dir(run, context))
+    server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[arg-type]
     if run.empty_clients:
         reply = empty_client_round(run.scenario, _partition_id(context))
     else:
+        global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
         reply = run_client_round(
-            run.scenario, _partition_id(context), _global_blob(msg), _state_dir(run, context), server_round
+            run.scenario, _partition_id(context), global_blob, _state_dir(run, context), server_round
         )
-    delta = np.frombuffer(reply.delta_blob, dtype=np.uint8)  # bytes travel as a uint8 array (np.save format)
+    delta = sealer.seal(reply.delta_blob, server_round, reply.schema_id, protocol.DELTA_KIND)
     metrics: dict[str, MetricRecordValues] = {protocol.NUM_EXAMPLES: reply.num_examples, **reply.metrics}
     content = RecordDict(
         {
-            protocol.ARRAYS: ArrayRecord({protocol.ADAPTER_DELTA: Array(delta)}),
+            protocol.ARRAYS: ArrayRecord({protocol.ADAPTER_DELTA: bytes_array(delta)}),
             protocol.METRICS: MetricRecord(metrics),
         }
     )
@@ -44,13 +55,16 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the device's model (global shared part + its personal part) on its local test split."""
     run = fleet_run_from_config(context.run_config, PROJECT_ROOT)
-    scores = evaluate_client(run.scenario, _partition_id(context), _global_blob(msg), _state_dir(run, context))
+    global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
+    scores = evaluate_client(run.scenario, _partition_id(context), global_blob, _state_dir(run, context))
     metrics: dict[str, MetricRecordValues] = {**scores}
     return Message(content=RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def _global_blob(msg: Message) -> bytes:
-    return msg.content.array_records[protocol.ARRAYS][protocol.ADAPTER_STATE].numpy().tobytes()
+@functools.lru_cache(maxsize=8)
+def _sealer(privacy: PrivacyConfig, run_id: int, node_id: int, public_key: str) -> ClientSealer:
+    # Parsing the key (maybe reading server.pub) once per run and node, not once per message.
+    return ClientSealer.from_config(privacy, run_id, node_id, public_key)
 
 
 def _partition_id(context: Context) -> int:

@@ -120,7 +120,7 @@ class _Parsed:
 
 
 class EnvelopeOpener:
-    """The server's side: holds its private key and which (run, round, sender) it has accepted.
+    """The server's side: holds its private key and which (run, round, sender, kind) it has accepted.
 
     Call ``start_round`` when a round begins: it forgets earlier rounds (memory stays bounded) and
     closes them, so an envelope for an earlier round is then rejected as replayed.
@@ -129,7 +129,7 @@ class EnvelopeOpener:
     def __init__(self, private_key: X25519PrivateKey) -> None:
         self._private = private_key
         self._public_raw = _raw_public(private_key.public_key())
-        self._accepted: set[tuple[int, int, int]] = set()
+        self._accepted: set[tuple[int, int, int, str]] = set()
         self._first_open_round = 0
         self._lock = threading.Lock()
 
@@ -148,7 +148,7 @@ class EnvelopeOpener:
         """The plaintext of ``blob`` if it is intact, for this key and matches ``expected``; else EnvelopeError."""
         parsed = _parse(blob)
         _check_context(parsed.context, expected)
-        slot = (expected.run_id, expected.server_round, expected.sender_id)
+        slot = (expected.run_id, expected.server_round, expected.sender_id, expected.kind)
         with self._lock:
             if expected.server_round < self._first_open_round:
                 raise EnvelopeError(
@@ -159,8 +159,8 @@ class EnvelopeOpener:
             if slot in self._accepted:
                 raise EnvelopeError(
                     "duplicate",
-                    f"sender {expected.sender_id} already delivered an envelope in round {expected.server_round} "
-                    f"of run {expected.run_id}: only one is accepted per sender and round",
+                    f"sender {expected.sender_id} already delivered a {expected.kind!r} envelope in round "
+                    f"{expected.server_round} of run {expected.run_id}: one per sender, round and kind is accepted",
                 )
             plaintext = self._decrypt(parsed)
             self._accepted.add(slot)

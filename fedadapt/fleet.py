@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from fedadapt.data import LabelMap, TextDataset
     from fedadapt.model import AdapterModel
     from fedadapt.partition import ClientSplit
-    from fedadapt.state import State
+    from fedadapt.state import AdapterSchema, State
     from fedadapt.train import EvalResult, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -181,12 +181,23 @@ def encode_split(model: AdapterModel, data: TextDataset, labels: LabelMap, max_l
 
 
 @dataclass(frozen=True)
+class LocalUpdate:
+    """A device's round before it is sent: the shared-part delta, its weight and scalar metrics."""
+
+    delta: State = field(repr=False)
+    schema: AdapterSchema = field(repr=False)
+    num_examples: int
+    metrics: dict[str, float | int]
+
+
+@dataclass(frozen=True)
 class ClientReply:
-    """What a device sends back: the serialized shared-part delta, its weight and scalar metrics."""
+    """What a device sends back in a plain round: the serialized shared-part delta, its weight and metrics."""
 
     delta_blob: bytes
     num_examples: int
     metrics: dict[str, float | int]
+    schema_id: str = ""
 
 
 def personal_path(state_dir: Path, partition_id: int) -> Path:
@@ -211,8 +222,26 @@ def run_client_round(
     state_dir: Path,
     server_round: int = 0,
 ) -> ClientReply:
-    """One device's round: global shared state in, shared-part delta out; the personal part stays on disk."""
+    """One device's round: global shared state in, serialized shared-part delta out."""
+    return serialize_update(train_client_update(scenario, partition_id, global_blob, state_dir, server_round), scenario)
+
+
+def serialize_update(update: LocalUpdate, scenario: ScenarioConfig) -> ClientReply:
+    """The update as the bytes a plain round sends (compressed as the scenario says)."""
     from fedadapt.serialize import serialize_state
+
+    blob = serialize_state(update.delta, update.schema, "shared", scenario.compression)  # type: ignore[arg-type]
+    return ClientReply(blob, update.num_examples, update.metrics, update.schema.schema_id)
+
+
+def train_client_update(
+    scenario: ScenarioConfig,
+    partition_id: int,
+    global_blob: bytes,
+    state_dir: Path,
+    server_round: int = 0,
+) -> LocalUpdate:
+    """Load the global shared state, restore the personal part, train locally; the personal part stays on disk."""
     from fedadapt.state import compute_delta
     from fedadapt.train import evaluate, train_adapter
 
@@ -236,7 +265,6 @@ def run_client_round(
             f"{scenario.dropout_fraction})"
         )
     delta = compute_delta(model.state("shared"), global_shared)
-    blob = serialize_state(delta, model.schema, "shared", scenario.compression)  # type: ignore[arg-type]
     if scenario.personal_head:
         _save_personal(model, state_dir, partition_id)
     if fault == "stall":
@@ -255,21 +283,23 @@ def run_client_round(
         metrics |= {"accuracy": after.accuracy, "loss": after.loss}
     if before is not None:
         metrics["accuracy-before"] = before.accuracy
-    return ClientReply(delta_blob=blob, num_examples=len(train_set), metrics=metrics)
+    return LocalUpdate(delta=delta, schema=model.schema, num_examples=len(train_set), metrics=metrics)
 
 
 def empty_client_round(scenario: ScenarioConfig, partition_id: int) -> ClientReply:
     """A device that does no work: an all-zero delta at once (benchmarks measure Flower's own round cost)."""
-    import torch
+    return serialize_update(empty_client_update(scenario, partition_id), scenario)
 
-    from fedadapt.serialize import serialize_state
+
+def empty_client_update(scenario: ScenarioConfig, partition_id: int) -> LocalUpdate:
+    """An all-zero delta with the client's real example count, without training."""
+    import torch
 
     fleet = load_fleet_data(scenario)
     model = _cached_model(_only(scenario, _MODEL_FIELDS), fleet.labels.names).model
     zeros = {s.name: torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in model.schema.specs("shared")}
-    blob = serialize_state(zeros, model.schema, "shared", scenario.compression)  # type: ignore[arg-type]
     num_examples = max(1, len(client_split(scenario, partition_id).train))
-    return ClientReply(delta_blob=blob, num_examples=num_examples, metrics={"partition-id": partition_id})
+    return LocalUpdate(zeros, model.schema, num_examples, {"partition-id": partition_id})
 
 
 def evaluate_client(
@@ -342,9 +372,11 @@ RUN_RESUME = "resume"  # continue from the latest checkpoint in out-dir
 RUN_CLIENT_STATE_DIR = "client-state-dir"  # where devices keep their personal parts; '': <out-dir>/clients
 RUN_FULL_MODEL = "full-model"  # run the scenario's full-model FedAvg variant instead
 RUN_EMPTY_CLIENTS = "empty-clients"  # benchmarks: clients reply at once with a zero delta
+RUN_SERVER_KEY = "server-key"  # the server's X25519 private key file (privacy modes aead and secagg+)
+RUN_SERVER_PUBLIC_KEY = "server-public-key"  # its public key for the clients: 64 hex characters or server.pub's path
 RUN_KEYS = (
     *(RUN_SCENARIO, RUN_OUT_DIR, RUN_NUM_ROUNDS, RUN_RESUME, RUN_CLIENT_STATE_DIR),
-    *(RUN_FULL_MODEL, RUN_EMPTY_CLIENTS),
+    *(RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_SERVER_KEY, RUN_SERVER_PUBLIC_KEY),
 )
 CLIENT_STATE_FOLDER = "clients"
 
@@ -358,6 +390,8 @@ class FleetRun:
     resume: bool = False
     client_state_dir: Path | None = None
     empty_clients: bool = False
+    server_key: Path | None = None  # only the server reads it
+    server_public_key: str = ""
 
     @property
     def state_dir(self) -> Path:
@@ -377,6 +411,7 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
         raise ConfigError(f"{RUN_NUM_ROUNDS} must be a non-negative integer, got {rounds!r}")
     resume, full_model, empty = (_flag(run_config, key) for key in (RUN_RESUME, RUN_FULL_MODEL, RUN_EMPTY_CLIENTS))
     state = str(run_config.get(RUN_CLIENT_STATE_DIR, ""))
+    server_key = str(run_config.get(RUN_SERVER_KEY, ""))
     scenario = with_overrides(load_scenario(scenario_path), rounds=rounds or None)
     return FleetRun(
         scenario=full_model_variant(scenario) if full_model else scenario,
@@ -384,6 +419,8 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
         resume=resume,
         client_state_dir=_resolve(state, Path.cwd(), RUN_CLIENT_STATE_DIR) if state else None,
         empty_clients=empty,
+        server_key=_resolve(server_key, Path.cwd(), RUN_SERVER_KEY) if server_key else None,
+        server_public_key=str(run_config.get(RUN_SERVER_PUBLIC_KEY, "")),
     )
 
 

@@ -103,6 +103,21 @@ def load_public_key(source: Path | str | bytes) -> X25519PublicKey:
     return key
 
 
+def parse_public_key(value: str) -> X25519PublicKey:
+    """The server public key as given in a run config: 64 hex characters (raw key) or a PEM file's path."""
+    text = value.strip()
+    if len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text):
+        return X25519PublicKey.from_public_bytes(bytes.fromhex(text))
+    if not text:
+        raise ConfigError("the server public key is empty: give 64 hex characters or the path of server.pub")
+    return load_public_key(Path(text).expanduser())
+
+
+def public_key_hex(key: X25519PublicKey) -> str:
+    """The raw public key as 64 hex characters (what ``parse_public_key`` reads back)."""
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Create ``path`` with ``mode`` from the first byte (O_EXCL: never over an existing file or link)."""
     try:

@@ -1,9 +1,10 @@
-"""Fleet scenarios: one TOML file of flat kebab-case keys, parsed into a typed ``ScenarioConfig``.
+"""Fleet scenarios: one TOML file of kebab-case keys, parsed into a typed ``ScenarioConfig``.
 
 A scenario names the data, how it is split over clients, the adapter method, the federated
 schedule and the faults to simulate (crashing and straggling devices, device tiers with
-different step budgets). Unknown keys and values of the wrong type are refused with the list
-of allowed keys, before anything starts.
+different step budgets). Keys are flat, but for the ``[privacy]`` table (``fedadapt.privacy``).
+Unknown keys and values of the wrong type are refused with the list of allowed keys, before
+anything starts.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedadapt.errors import ConfigError
+from fedadapt.privacy import PRIVACY_KEYS, PrivacyConfig
 
 SCHEMES = ("iid", "dirichlet", "natural")
 COMPRESSIONS = ("none", "fp16", "int8")
@@ -68,6 +70,7 @@ class ScenarioConfig:
     node_timeout: float = 120.0  # seconds the server waits for enough clients to connect
     dropout_fraction: float = 0.0  # simulated faults: share of sampled clients that crash each round
     straggler_fraction: float = 0.0  # share of sampled clients that reply only after the round timeout
+    privacy: PrivacyConfig = PrivacyConfig()  # the [privacy] table: none | aead | secagg+ and SecAgg+ parameters
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -108,6 +111,9 @@ class ScenarioConfig:
             raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
         if isinstance(self.client_gpus, bool) or not isinstance(self.client_gpus, int | float) or self.client_gpus < 0:
             raise ConfigError(f"client_gpus must be a number >= 0, got {self.client_gpus!r}")
+        if not isinstance(self.privacy, PrivacyConfig):
+            raise ConfigError(f"privacy must be a PrivacyConfig, got {type(self.privacy).__name__}")
+        self.privacy.check_fleet(self.sample_size)
 
     @property
     def sample_size(self) -> int:
@@ -147,10 +153,25 @@ def scenario_from_dict(data: Mapping[str, Any], where: str = "scenario") -> Scen
     values: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        values[name] = _coerce(key, value, types[name])
+        values[name] = _privacy(value, where) if name == "privacy" else _coerce(key, value, types[name])
     scenario = ScenarioConfig(**values)
     _check_method(scenario)
     return scenario
+
+
+def _privacy(table: Any, where: str) -> PrivacyConfig:
+    """The ``[privacy]`` table: known keys only, numbers as in the rest of the scenario."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: 'privacy' must be a table, e.g. [privacy] mode = \"secagg+\", got {table!r}")
+    unknown = sorted(k for k in table if k not in PRIVACY_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: [privacy] has unknown keys {unknown}; allowed keys are: {', '.join(PRIVACY_KEYS)}")
+    types = {f.name: str(f.type) for f in dataclasses.fields(PrivacyConfig)}
+    values = {
+        key.replace("-", "_"): _coerce(f"privacy.{key}", value, types[key.replace("-", "_")])
+        for key, value in table.items()
+    }
+    return PrivacyConfig(**values)
 
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:
@@ -223,6 +244,7 @@ def full_model_variant(scenario: ScenarioConfig) -> ScenarioConfig:
         compression="none",
         learning_rate=scenario.full_model_learning_rate,
         full_model=False,
+        privacy=PrivacyConfig(),  # the baseline is ordinary FedAvg: plain deltas
     )
 
 

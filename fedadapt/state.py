@@ -172,3 +172,20 @@ def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tens
     """base + scale·delta, per tensor, in base's dtypes; inputs are not modified."""
     _check_same_names(base, delta, "apply_delta")
     return {name: (base[name].detach() + scale * delta[name].to(base[name].dtype)) for name in base}
+
+
+def flatten_state(state: Mapping[str, torch.Tensor], specs: tuple[TensorSpec, ...]) -> torch.Tensor:
+    """Every tensor of ``state`` in ``specs`` order, as one flat float64 vector (for field encoding)."""
+    check_state(state, specs, what="state to flatten")
+    if not specs:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat([state[s.name].detach().reshape(-1).to(torch.float64) for s in specs])
+
+
+def unflatten_state(vector: torch.Tensor, specs: tuple[TensorSpec, ...]) -> State:
+    """The inverse of ``flatten_state``: tensors of ``specs``' shapes and dtypes cut from ``vector``."""
+    sizes = [math.prod(s.shape) for s in specs]
+    if vector.dim() != 1 or vector.numel() != sum(sizes):
+        raise StateError(f"a flat vector of {sum(sizes)} values is needed for these tensors, got {tuple(vector.shape)}")
+    pieces = torch.split(vector, sizes)
+    return {s.name: p.reshape(s.shape).to(getattr(torch, s.dtype)).clone() for s, p in zip(specs, pieces, strict=True)}

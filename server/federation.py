@@ -12,24 +12,23 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedadapt import protocol
-from fedadapt.aggregate import REASON_LIMIT, DeltaValidator, FedAvgConfig, ServerOptimizer, aggregate_round
-from fedadapt.errors import EmptyAggregateError, SchemaMismatch
+from fedadapt.aggregate import DeltaValidator, FedAvgConfig, ServerOptimizer, aggregate_round
+from fedadapt.errors import EmptyAggregateError, EnvelopeError, SchemaMismatch
 from fedadapt.fleet import FleetRun, build_model, encode_split, load_fleet_data
 from fedadapt.folder import save_adapter, write_bytes_atomic
 from fedadapt.serialize import serialize_state
 from fedadapt.state import State, check_state
 from fedadapt.train import evaluate
+from fedadapt.transport import ServerOpener
 from server.checkpoint import (
     Checkpoint,
     load_latest_checkpoint,
@@ -37,6 +36,8 @@ from server.checkpoint import (
     rng_state_to_json,
     save_checkpoint,
 )
+from server.replies import array_to_bytes, bytes_to_array, client_error_reason
+from server.secure_round import run_secure_round
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +45,14 @@ METRICS_FILE = "metrics.json"
 FINAL_ADAPTER = "final_adapter"
 
 
-def bytes_to_array(blob: bytes) -> Array:
-    """Bytes as a uint8 Array (Flower chunks large arrays on the wire; np.save format, no pickle)."""
-    return Array(np.frombuffer(blob, dtype=np.uint8))
-
-
-def array_to_bytes(array: Array) -> bytes:
-    return array.numpy().tobytes()
-
-
 class Federation:
     """The global state, the server optimizer and the history of one run."""
 
-    def __init__(self, run: FleetRun) -> None:
+    def __init__(self, run: FleetRun, run_id: int = 0) -> None:
         self.run = run
         self.scenario = run.scenario
+        self.privacy = run.scenario.privacy
+        self.opener = ServerOpener(self.privacy, run_id, run.server_key, run.server_public_key)
         fleet = load_fleet_data(self.scenario)
         self.model = build_model(self.scenario, fleet.labels.names)
         self.schema = self.model.schema
@@ -109,11 +103,26 @@ class Federation:
         self.write_metrics(complete=True)
 
     def run_round(self, grid: Grid, server_round: int) -> dict[str, Any]:
-        """One round: returns its metrics record."""
+        """One round, plain or secure: returns its metrics record."""
         start = time.perf_counter()
         nodes = wait_for_nodes(grid, self.scenario.sample_size, self.scenario.node_timeout)
         sampled = sorted(self.rng.sample(sorted(nodes), self.scenario.sample_size))
+        self.opener.start_round(server_round)
         blob = serialize_state(self.global_state, self.schema, "shared", "none")
+        record: dict[str, Any] = {"round": server_round, "clients": len(sampled)}
+        if self.privacy.secure_aggregation:
+            record, client_metrics = self._secure_round(grid, sampled, server_round, blob, record)
+        else:
+            record, client_metrics = self._plain_round(grid, sampled, server_round, blob, record)
+        record |= self._evaluate(client_metrics)
+        record["client_results"] = client_metrics
+        record["seconds"] = time.perf_counter() - start
+        return record
+
+    def _plain_round(
+        self, grid: Grid, sampled: list[int], server_round: int, blob: bytes, record: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Send the global state, open and validate each delta, stream the weighted mean into the optimizer."""
         content = RecordDict(
             {
                 protocol.ARRAYS: ArrayRecord({protocol.ADAPTER_STATE: bytes_to_array(blob)}),
@@ -129,17 +138,16 @@ class Federation:
         messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in sampled]
         replies = list(grid.send_and_receive(messages, timeout=self.scenario.round_timeout))
         unpacked = _unpack_replies(replies, sampled, self.scenario.round_timeout)
-        record: dict[str, Any] = {
-            "round": server_round,
-            "clients": len(sampled),
+        record |= {
             "bytes_down": len(blob) * len(sampled),
             "bytes_up": sum(len(r[1]) for r in unpacked.deltas),
             "uploads": len(unpacked.deltas),
         }
         rejected = list(unpacked.rejected)
+        deltas = self._opened(unpacked.deltas, server_round, rejected)
         try:
             result = aggregate_round(
-                self.global_state, iter(unpacked.deltas), self.validator, self.optimizer, self.scenario.min_clients
+                self.global_state, iter(deltas), self.validator, self.optimizer, self.scenario.min_clients
             )
             self.global_state = result.state
             rejected += result.rejected
@@ -149,10 +157,51 @@ class Federation:
             rejected += err.rejected
             record |= {"accepted": 0, "clipped": []}
         record["rejected"] = [{"client": c, "reason": r} for c, r in rejected]
-        record |= self._evaluate(unpacked.client_metrics)
-        record["client_results"] = unpacked.client_metrics
-        record["seconds"] = time.perf_counter() - start
-        return record
+        return record, unpacked.client_metrics
+
+    def _opened(
+        self, deltas: list[tuple[str, bytes, int, int]], server_round: int, rejected: list[tuple[str, str]]
+    ) -> list[tuple[str, bytes, int]]:
+        """Each delta out of its envelope (in privacy mode aead); rejected ones are left out with the reason."""
+        opened = []
+        for client, sealed, num_examples, node in deltas:
+            try:
+                blob = self.opener.open(sealed, server_round, node, self.schema.schema_id, protocol.DELTA_KIND)
+            except EnvelopeError as err:
+                logger.warning("leaving client %s out of the round: envelope rejected (%s)", client, err.reason)
+                rejected.append((client, f"envelope rejected ({err.reason}): {err}"[:300]))
+                continue
+            opened.append((client, blob, num_examples))
+        return opened
+
+    def _secure_round(
+        self, grid: Grid, sampled: list[int], server_round: int, blob: bytes, record: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """SecAgg+: the server learns only the sum; below min-clients contributors the state stays as it was."""
+        outcome = run_secure_round(
+            grid,
+            sampled,
+            server_round,
+            privacy=self.privacy,
+            schema=self.schema,
+            opener=self.opener,
+            global_blob=blob,
+            timeout=self.scenario.round_timeout,
+            seed=self.scenario.seed * 1_000_003 + server_round,
+        )
+        record |= outcome.record
+        if outcome.mean is not None and record["accepted"] < self.scenario.min_clients:
+            minimum = self.scenario.min_clients
+            record["error"] = f"only {record['accepted']} clients are in the sum, fewer than min-clients ({minimum})"
+            logger.warning("round %d: %s; the global state stays as it was", server_round, record["error"])
+        elif outcome.mean is not None:
+            self.global_state = self.optimizer.step(self.global_state, outcome.mean)
+        if outcome.mean is None or "error" in record:
+            record["accepted"] = 0
+        record["rejected"] = [
+            {"client": d["client"], "reason": f"{d['stage']}: {d['reason']}"} for d in record["dropped"]
+        ]
+        return record, outcome.client_metrics
 
     def _evaluate(self, client_metrics: list[dict[str, Any]]) -> dict[str, Any]:
         """Central accuracy of the global model, when it has a shared head; the clients' own accuracy always."""
@@ -180,6 +229,7 @@ class Federation:
         """metrics.json: per-round records and a summary; rewritten atomically after every round."""
         data = {
             "scenario": asdict(self.scenario),
+            "privacy": self.privacy.mode,
             "schema_id": self.schema.schema_id,
             "complete": complete,
             "rounds": self.history,
@@ -196,6 +246,7 @@ class Federation:
         sent = sum(r["clients"] for r in self.history)
         summary: dict[str, Any] = {
             "rounds": self.completed_rounds,
+            "privacy_mode": self.privacy.mode,
             "final_accuracy": last.get("accuracy"),
             "final_loss": last.get("loss"),
             "accuracy_source": "clients" if self.scenario.personal_head else "central",
@@ -221,7 +272,7 @@ class _Replies:
     """Deltas to aggregate, transport-level rejections and the clients' metrics of one round."""
 
     def __init__(self) -> None:
-        self.deltas: list[tuple[str, bytes, int]] = []
+        self.deltas: list[tuple[str, bytes, int, int]] = []  # client label, bytes, example count, node id
         self.rejected: list[tuple[str, str]] = []
         self.client_metrics: list[dict[str, Any]] = []
 
@@ -245,24 +296,11 @@ def _unpack_replies(replies: list[Message], sampled: list[int], timeout: float) 
             continue
         if "partition-id" in metrics:
             client = f"client {metrics['partition-id']} (node {node})"
-        out.deltas.append((client, blob, num_examples))
+        out.deltas.append((client, blob, num_examples, node))
         out.client_metrics.append({"client": client, **metrics})
     late = f"no reply within the round timeout ({timeout:g} s): a lost or straggling device"
     out.rejected += [(f"node {n}", late) for n in sampled if n not in answered]
     return out
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception|Failure|Interrupt)\w*: .+")
-
-
-def client_error_reason(text: str, limit: int = REASON_LIMIT) -> str:
-    """The client exception's own message out of the traceback Flower (and Ray) wrap it in."""
-    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
-    messages = [line.split("Message: ", 1)[1] for line in lines if "Message: " in line]
-    exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
-    reason = (messages or exceptions or lines or ["(no reason given)"])[-1]
-    return reason.rstrip("'\"> ")[:limit]  # Ray wraps the message in "<'...'>"
 
 
 def _weighted_accuracy(client_metrics: list[dict[str, Any]]) -> float | None:

@@ -39,7 +39,7 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError(
             f"{run.out_dir} already holds checkpoints: set resume=true to continue, or use another out-dir"
         )
-    federation = Federation(run)
+    federation = Federation(run, context.run_id)
     if run.resume:
         federation.resume()
     federation.run_rounds(grid)

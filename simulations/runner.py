@@ -41,6 +41,8 @@ from fedadapt.fleet import (
     RUN_OUT_DIR,
     RUN_RESUME,
     RUN_SCENARIO,
+    RUN_SERVER_KEY,
+    RUN_SERVER_PUBLIC_KEY,
 )
 from fedadapt.report import compare_with_full_model
 from fedadapt.scenario import ScenarioConfig, full_model_variant, load_scenario, with_overrides
@@ -53,6 +55,7 @@ FLWR_LOG = "flwr.log"
 SUPERLINK_LOG = "superlink.log"
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+KEYS_FOLDER = "keys"  # the server key pair of a run whose privacy mode seals payloads
 FLOWER_ENV = {
     # Set for the child processes only, never at import (../shared/FLOWER-1.41-NOTES.md).
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -304,18 +307,17 @@ def _alive(pid: int) -> bool:
 def _run_app(plan: SimulationPlan, flwr_home: Path, env: dict[str, str], show: bool) -> int:
     """``flwr run`` the project on the SuperLink; returns its exit code."""
     overrides = flwr_home / "run-config.toml"
-    overrides.write_text(
-        _toml(
-            {
-                RUN_SCENARIO: str(plan.scenario_path),
-                RUN_OUT_DIR: str(plan.out_dir),
-                RUN_NUM_ROUNDS: plan.scenario.rounds,
-                RUN_RESUME: plan.resume,
-                RUN_FULL_MODEL: plan.full_model,
-                RUN_EMPTY_CLIENTS: plan.empty_clients,
-            }
-        )
-    )
+    values: dict[str, str | int | bool] = {
+        RUN_SCENARIO: str(plan.scenario_path),
+        RUN_OUT_DIR: str(plan.out_dir),
+        RUN_NUM_ROUNDS: plan.scenario.rounds,
+        RUN_RESUME: plan.resume,
+        RUN_FULL_MODEL: plan.full_model,
+        RUN_EMPTY_CLIENTS: plan.empty_clients,
+    }
+    if plan.scenario.privacy.sealed:
+        values |= simulation_keys(plan.out_dir)
+    overrides.write_text(_toml(values))
     scenario = plan.scenario
     federation = (
         f"num-supernodes={scenario.num_clients} client-resources-num-cpus={scenario.client_cpus} "
@@ -330,6 +332,20 @@ def _run_app(plan: SimulationPlan, flwr_home: Path, env: dict[str, str], show: b
     finally:
         stop_process_tree(process)  # a no-op after a normal exit; on Ctrl-C it stops the run
     return process.returncode
+
+
+def simulation_keys(out_dir: Path) -> dict[str, str]:
+    """The run's server key pair in ``<out>/keys/`` (made on first use, reused on resume), as run-config keys.
+
+    A simulation plays server and clients on one machine, so one folder serves both ends; in
+    deployment only ``server.pub`` (or its hex) is given to the devices.
+    """
+    from fedadapt.keys import PRIVATE_NAME, PUBLIC_NAME, generate_server_keys
+
+    folder = out_dir / KEYS_FOLDER
+    if not (folder / PRIVATE_NAME).exists():
+        generate_server_keys(folder)
+    return {RUN_SERVER_KEY: str(folder / PRIVATE_NAME), RUN_SERVER_PUBLIC_KEY: str(folder / PUBLIC_NAME)}
 
 
 def _toml(values: dict[str, str | int | bool]) -> str:

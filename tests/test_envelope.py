@@ -137,11 +137,14 @@ def test_duplicate_and_new_round() -> None:
     assert _reason(seal(b"other delta", _server().public_key(), CTX), opener=opener) == "duplicate"
     other_sender = _with(sender_id=5)
     assert opener.open(seal(PLAINTEXT, _server().public_key(), other_sender), other_sender) == PLAINTEXT
+    other_kind = _with(kind="secagg-masked")  # one envelope per stage: SecAgg+ sends four per round
+    assert opener.open(seal(PLAINTEXT, _server().public_key(), other_kind), other_kind) == PLAINTEXT
+    assert _reason(seal(PLAINTEXT, _server().public_key(), other_kind), other_kind, opener=opener) == "duplicate"
 
     opener.start_round(4)
     next_round = _with(server_round=4)
     assert opener.open(seal(PLAINTEXT, _server().public_key(), next_round), next_round) == PLAINTEXT
-    assert opener._accepted == {(7, 4, CTX.sender_id)}  # round 3 forgotten: memory stays bounded
+    assert opener._accepted == {(7, 4, CTX.sender_id, CTX.kind)}  # round 3 forgotten: memory stays bounded
     fresh_old = seal(PLAINTEXT, _server().public_key(), _with(sender_id=6))
     assert _reason(fresh_old, _with(sender_id=6), opener=opener) == "replayed"  # round 3 is closed
 

@@ -1,0 +1,92 @@
+"""The ClientApp's SecAgg+ stages: carry the session in ``context.state`` and payloads in and out of messages.
+
+The protocol itself is ``fedadapt.secagg.client``; training is ``fedadapt.fleet``. Only the
+``masked`` stage loads the model (torch is imported there and nowhere else in these stages).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
+
+from fedadapt import protocol
+from fedadapt.errors import SecAggError
+from fedadapt.fleet import FleetRun, LocalUpdate
+from fedadapt.secagg import client as secagg_client
+from fedadapt.secagg import stages
+from fedadapt.transport import ClientSealer
+
+_SESSION_FIELD = "session"
+
+
+def run_stage(
+    msg: Message, context: Context, run: FleetRun, sealer: ClientSealer, partition_id: int, state_dir: Path
+) -> Message:
+    """Answer one SecAgg+ stage message; the round's secrets stay in ``context.state``."""
+    config = msg.content.config_records[protocol.CONFIG]
+    stage = str(config[protocol.SECAGG_STAGE])
+    server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[arg-type]
+    schema_id = str(config[protocol.SCHEMA_ID])
+    request = payload_bytes(msg, protocol.SECAGG_PAYLOAD)
+    saved = _saved_session(context)
+    privacy = run.scenario.privacy
+    metrics: dict[str, MetricRecordValues] = {}
+    if stage == stages.SETUP:
+        step = secagg_client.setup(privacy, server_round, context.node_id, request)
+    elif stage == stages.SHARE_KEYS:
+        step = secagg_client.share_keys(privacy, server_round, saved, request)
+    elif stage == stages.MASKED:
+        # Check the neighbours' shares before spending a round of training on them.
+        session = secagg_client.receive_shares(server_round, saved, request)
+        update = _train(msg, run, partition_id, state_dir, server_round)
+        vector, norm_clipped = _delta_vector(update, run.scenario.max_delta_norm)
+        step = secagg_client.mask(privacy, server_round, session, vector, update.num_examples)
+        schema_id = update.schema.schema_id
+        metrics = {**update.metrics, "norm-clipped": int(norm_clipped)}  # never the example count: it is masked
+    elif stage == stages.UNMASK:
+        step = secagg_client.unmask(server_round, saved, request)
+    else:
+        raise SecAggError(f"unknown secure-aggregation stage {stage[:40]!r}: client and server versions differ")
+    context.state[protocol.SECAGG_SESSION] = ConfigRecord({_SESSION_FIELD: step.session})
+    sealed = sealer.seal(step.reply, server_round, schema_id, stage)
+    content = RecordDict({protocol.ARRAYS: ArrayRecord({protocol.SECAGG_PAYLOAD: bytes_array(sealed)})})
+    if metrics:
+        content[protocol.METRICS] = MetricRecord(metrics)
+    return Message(content=content, reply_to=msg)
+
+
+def bytes_array(blob: bytes) -> Array:
+    """Bytes as a uint8 Array: Flower chunks large arrays on the wire (np.save format, no pickle)."""
+    return Array(np.frombuffer(blob, dtype=np.uint8))
+
+
+def payload_bytes(msg: Message, key: str) -> bytes:
+    return msg.content.array_records[protocol.ARRAYS][key].numpy().tobytes()
+
+
+def _saved_session(context: Context) -> bytes:
+    record = context.state.config_records.get(protocol.SECAGG_SESSION)
+    return bytes(record[_SESSION_FIELD]) if record is not None else b""  # type: ignore[arg-type]
+
+
+def _train(msg: Message, run: FleetRun, partition_id: int, state_dir: Path, server_round: int) -> LocalUpdate:
+    from fedadapt.fleet import empty_client_update, train_client_update
+
+    if run.empty_clients:
+        return empty_client_update(run.scenario, partition_id)
+    global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
+    return train_client_update(run.scenario, partition_id, global_blob, state_dir, server_round)
+
+
+def _delta_vector(update: LocalUpdate, max_norm: float | None) -> tuple[np.ndarray, bool]:
+    """The delta as one float64 vector, scaled down to ``max_norm`` here: the server cannot check it masked."""
+    from fedadapt.state import flatten_state
+
+    vector = flatten_state(update.delta, update.schema.specs("shared")).numpy()
+    norm = float(np.linalg.norm(vector))
+    if max_norm is not None and math.isfinite(norm) and norm > max_norm:
+        return vector * (max_norm / norm), True
+    return vector, False

@@ -1,0 +1,32 @@
+"""Turning Flower messages into bytes and reasons: payload arrays and the client's own error message."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from flwr.app import Array
+
+from fedadapt.aggregate import REASON_LIMIT
+
+
+def bytes_to_array(blob: bytes) -> Array:
+    """Bytes as a uint8 Array (Flower chunks large arrays on the wire; np.save format, no pickle)."""
+    return Array(np.frombuffer(blob, dtype=np.uint8))
+
+
+def array_to_bytes(array: Array) -> bytes:
+    return array.numpy().tobytes()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception|Failure|Interrupt)\w*: .+")
+
+
+def client_error_reason(text: str | None, limit: int = REASON_LIMIT) -> str:
+    """The client exception's own message out of the traceback Flower (and Ray) wrap it in."""
+    lines = [line.strip() for line in _ANSI.sub("", text or "").splitlines() if line.strip()]
+    messages = [line.split("Message: ", 1)[1] for line in lines if "Message: " in line]
+    exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    reason = (messages or exceptions or lines or ["(no reason given)"])[-1]
+    return reason.rstrip("'\"> ")[:limit]  # Ray wraps the message in "<'...'>"

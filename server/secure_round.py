@@ -1,0 +1,178 @@
+"""The ServerApp's SecAgg+ round: four message exchanges that drive ``fedadapt.secagg.server.SecAggRound``.
+
+Each client payload arrives sealed (``fedadapt.transport``) and is opened against the node Flower
+names as its source; a payload that fails to open, a client error or a missing reply counts as a
+dropout at that stage. Only the unmasked *sum* leaves ``SecAggRound``: this module turns its mean
+into the schema's tensors for the server optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedadapt import protocol
+from fedadapt.errors import EnvelopeError, SecAggError
+from fedadapt.privacy import PrivacyConfig
+from fedadapt.secagg import stages
+from fedadapt.secagg.server import SecAggRound
+from fedadapt.state import AdapterSchema, State
+from fedadapt.transport import ServerOpener
+from server.replies import array_to_bytes, bytes_to_array, client_error_reason
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SecureRoundOutcome:
+    """What a secure round produced: the mean delta (None when the round failed) and its record fields."""
+
+    mean: State | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+    client_metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Exchange:
+    """One stage's opened replies, failures and the bytes both ways."""
+
+    replies: dict[int, bytes] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+def run_secure_round(
+    grid: Grid,
+    sampled: list[int],
+    server_round: int,
+    *,
+    privacy: PrivacyConfig,
+    schema: AdapterSchema,
+    opener: ServerOpener,
+    global_blob: bytes,
+    timeout: float,
+    seed: int,
+) -> SecureRoundOutcome:
+    """One SecAgg+ round over ``sampled``; SecAggError inside is caught and recorded as a failed round."""
+    import torch
+
+    from fedadapt.state import unflatten_state
+
+    specs = schema.specs("shared")
+    secagg = SecAggRound(privacy, server_round, sampled, schema.num_params("shared"), seed=seed)
+    talk = _Talk(grid, server_round, schema.schema_id, opener, timeout)
+    outcome = SecureRoundOutcome()
+    try:
+        requests = secagg.keys_received(*talk(stages.SETUP, secagg.setup_requests()))
+        requests = secagg.shares_received(*talk(stages.SHARE_KEYS, requests))
+        requests = secagg.masked_received(*talk(stages.MASKED, requests, global_blob))
+        result = secagg.unmask_received(*talk(stages.UNMASK, requests))
+    except SecAggError as err:
+        logger.warning("round %d: secure aggregation failed: %s; the global state stays as it was", server_round, err)
+        outcome.record = talk.record(secagg, error=str(err))
+        outcome.client_metrics = talk.client_metrics()
+        return outcome
+    outcome.mean = unflatten_state(torch.from_numpy(result.mean), specs)
+    outcome.record = talk.record(secagg) | {
+        "accepted": len(result.contributors),
+        "total_examples": result.total_examples,
+        "clipped_values": result.clipped_values,
+        "recovered": [talk.label(n) for n in result.recovered],
+    }
+    outcome.client_metrics = talk.client_metrics()
+    return outcome
+
+
+class _Talk:
+    """Sends one stage's requests, collects and opens the replies, and keeps the stage's figures."""
+
+    def __init__(self, grid: Grid, server_round: int, schema_id: str, opener: ServerOpener, timeout: float) -> None:
+        self.grid, self.server_round, self.schema_id = grid, server_round, schema_id
+        self.opener, self.timeout = opener, timeout
+        self.stages: dict[str, dict[str, float | int]] = {}
+        self._metrics: dict[int, dict[str, Any]] = {}
+
+    def __call__(
+        self, stage: str, requests: dict[int, bytes], global_blob: bytes | None = None
+    ) -> tuple[dict[int, bytes], dict[int, str]]:
+        start = time.perf_counter()
+        exchange = _Exchange()
+        messages = []
+        for node, payload in requests.items():
+            arrays = {protocol.SECAGG_PAYLOAD: bytes_to_array(payload)}
+            if global_blob is not None:
+                arrays[protocol.ADAPTER_STATE] = bytes_to_array(global_blob)
+            config = ConfigRecord(
+                {
+                    protocol.SERVER_ROUND: self.server_round,
+                    protocol.SCHEMA_ID: self.schema_id,
+                    protocol.SECAGG_STAGE: stage,
+                }
+            )
+            content = RecordDict({protocol.ARRAYS: ArrayRecord(arrays), protocol.CONFIG: config})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+            exchange.bytes_down += len(payload) + (len(global_blob) if global_blob is not None else 0)
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            self._take(stage, reply, exchange)
+        late = f"no reply within the round timeout ({self.timeout:g} s)"
+        exchange.failed |= {n: late for n in requests if n not in exchange.replies and n not in exchange.failed}
+        self.stages[stage] = {
+            "seconds": time.perf_counter() - start,
+            "bytes_down": exchange.bytes_down,
+            "bytes_up": exchange.bytes_up,
+            "replies": len(exchange.replies),
+        }
+        return exchange.replies, exchange.failed
+
+    def _take(self, stage: str, reply: Message, exchange: _Exchange) -> None:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            exchange.failed[node] = f"client error: {client_error_reason(reply.error.reason)}"
+            return
+        try:
+            sealed = array_to_bytes(reply.content.array_records[protocol.ARRAYS][protocol.SECAGG_PAYLOAD])
+        except (KeyError, TypeError, ValueError) as err:
+            exchange.failed[node] = f"malformed reply: missing or bad {err}"[:300]
+            return
+        exchange.bytes_up += len(sealed)
+        try:
+            exchange.replies[node] = self.opener.open(sealed, self.server_round, node, self.schema_id, stage)
+        except EnvelopeError as err:
+            exchange.failed[node] = f"envelope rejected ({err.reason}): {err}"[:300]
+            return
+        if protocol.METRICS in reply.content.metric_records:
+            self._metrics[node] = dict(reply.content.metric_records[protocol.METRICS])
+
+    def label(self, node: int) -> str:
+        partition = self._metrics.get(node, {}).get("partition-id")
+        return f"node {node}" if partition is None else f"client {partition} (node {node})"
+
+    def client_metrics(self) -> list[dict[str, Any]]:
+        return [{"client": self.label(node), **metrics} for node, metrics in self._metrics.items()]
+
+    def record(self, secagg: SecAggRound, error: str | None = None) -> dict[str, Any]:
+        """The round's protocol figures for metrics.json (never a key, share or vector)."""
+        dropped = [
+            {"client": self.label(node), "stage": reason.split(":", 1)[0], "reason": reason.split(": ", 1)[-1]}
+            for node, reason in secagg.dropped.items()
+        ]
+        record: dict[str, Any] = {
+            "bytes_down": sum(int(s["bytes_down"]) for s in self.stages.values()),
+            "bytes_up": sum(int(s["bytes_up"]) for s in self.stages.values()),
+            "uploads": int(self.stages.get(stages.MASKED, {}).get("replies", 0)),
+            "accepted": 0,
+            "clipped": [],
+            "dropped": dropped,
+            "recovered": [],
+            "clipped_values": None,
+            "stages": self.stages,
+        }
+        if error is not None:
+            record["error"] = error
+        return record
