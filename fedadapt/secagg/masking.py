@@ -58,6 +58,11 @@ def encode(delta: np.ndarray, num_examples: int, config: PrivacyConfig) -> Encod
         raise SecAggError("the delta holds NaN or inf values: it cannot be encoded (and is not sent)")
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise SecAggError(f"the example count must be a positive int, got {num_examples!r}")
+    if num_examples * config.quantization_range >= 2**config.modulus_bits:
+        raise SecAggError(
+            f"{num_examples} examples times quantization-range {config.quantization_range} reach the modulus "
+            f"2**{config.modulus_bits}: raise modulus-bits to 64 or lower quantization-range"
+        )
     clipped = int(np.count_nonzero(np.abs(values) > config.clipping_range))
     (levels,) = quantize([values], config.clipping_range, config.quantization_range)
     dtype = field_dtype(config)

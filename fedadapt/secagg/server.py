@@ -59,6 +59,7 @@ class SecAggRound:
     def __post_init__(self) -> None:
         if len(self.nodes) < 2:
             raise SecAggError("secure aggregation needs at least 2 clients: one client's sum is its delta")
+        self.config.check_fleet(len(self.nodes))
         self.neighbours = stages.neighbour_graph(sorted(self.nodes), self.config.num_shares, self.seed)
         self._keys: dict[int, tuple[bytes, bytes]] = {}  # node → (encryption key, mask key)
         self._shared: dict[int, dict[int, bytes]] = {}  # sender → {receiver: encrypted share}
@@ -80,7 +81,7 @@ class SecAggRound:
                 fields = wire.unpack(blob, "public keys")
                 wire.require(fields, [stages.ENCRYPTION_KEY, stages.MASK_KEY], "public keys")
                 for name in (stages.ENCRYPTION_KEY, stages.MASK_KEY):
-                    bytes_to_public_key(fields[name])  # refuse a key that does not parse here, not at the peers
+                    _check_p384(fields[name])  # refuse a bad key here, or every neighbour would abort on it
             except (PayloadError, ValueError, TypeError) as err:
                 self._drop({node: f"bad public keys: {err}"}, stages.SETUP)
                 continue
@@ -160,25 +161,18 @@ class SecAggRound:
         seed_shares: dict[int, list[bytes]] = {}
         key_shares: dict[int, list[bytes]] = {}
         masked = set(self._masked)
+        answered = []
         for node, blob in replies.items():
-            holders = {node, *self._maskers.get(node, [])}
             try:
-                fields = wire.unpack(blob, "unmask shares")
-                for name, share in fields.items():
-                    for prefix, store, wanted in (
-                        (stages.SEED_SHARE, seed_shares, masked),
-                        (stages.KEY_SHARE, key_shares, set(self._shared) - masked),
-                    ):
-                        owner = stages.node_of(name, prefix)
-                        if owner is not None:
-                            if owner not in holders or owner not in wanted:
-                                raise PayloadError(f"it holds a share of node {owner}, which it was not asked for")
-                            store.setdefault(owner, []).append(share)
-                            break
-                    else:
-                        raise PayloadError(f"unexpected field {name[:40]!r}")
+                seeds, keys = self._unmask_shares(node, blob, masked)
             except PayloadError as err:
                 unmask_failed[node] = f"bad unmask shares: {err}"
+                continue
+            # Only a reply that is valid as a whole contributes shares.
+            for store, shares in ((seed_shares, seeds), (key_shares, keys)):
+                for owner, share in shares.items():
+                    store.setdefault(owner, []).append(share)
+            answered.append(node)
         for node, reason in unmask_failed.items():
             logger.info("secagg round %d: node %d sent no usable shares (%s)", self.server_round, node, reason)
         total = self._sum.copy()
@@ -199,7 +193,7 @@ class SecAggRound:
                     else:
                         total += pair
         decoded = masking.decode_sum(total, self.config)
-        recovered = sorted(n for n in self._masked if n not in replies)
+        recovered = sorted(n for n in self._masked if n not in answered)
         return SecAggResult(
             mean=decoded.mean,
             total_examples=decoded.total_examples,
@@ -210,6 +204,25 @@ class SecAggRound:
         )
 
     # --- helpers --------------------------------------------------------------------------------------------
+
+    def _unmask_shares(self, node: int, blob: bytes, masked: set[int]) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """The seed shares and key shares in one unmask reply; PayloadError if any field was not asked for."""
+        fields = wire.unpack(blob, "unmask shares")
+        holders = {node, *self._maskers.get(node, [])}
+        seeds: dict[int, bytes] = {}
+        keys: dict[int, bytes] = {}
+        for name, share in fields.items():
+            seed_owner = stages.node_of(name, stages.SEED_SHARE)
+            key_owner = stages.node_of(name, stages.KEY_SHARE)
+            if seed_owner is not None and seed_owner in holders and seed_owner in masked:
+                seeds[seed_owner] = share
+            elif (
+                key_owner is not None and key_owner in holders and key_owner in self._shared and key_owner not in masked
+            ):
+                keys[key_owner] = share
+            else:
+                raise PayloadError(f"it holds {name[:40]!r}, which it was not asked for")
+        return seeds, keys
 
     def _rebuild(self, node: int, shares: list[bytes], what: str) -> bytes:
         threshold = self.config.reconstruction_threshold
@@ -250,3 +263,10 @@ class SecAggRound:
                 f"only {len(remaining)} of {len(self.nodes)} clients completed {stage} in round {self.server_round}: "
                 "secure aggregation needs at least 2"
             )
+
+
+def _check_p384(raw: bytes) -> None:
+    """ValueError unless ``raw`` is a PEM P-384 public key (the curve every client agrees keys on)."""
+    key = bytes_to_public_key(raw)
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
+        raise ValueError("the public key is not a P-384 key")

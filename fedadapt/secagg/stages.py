@@ -46,7 +46,9 @@ def neighbour_graph(nodes: list[int], num_shares: int, seed: int) -> dict[int, l
     if num_shares > len(nodes):
         raise ValueError(f"num_shares ({num_shares}) exceeds the {len(nodes)} nodes of the round")
     if num_shares == len(nodes):
-        return {node: [other for other in nodes if other != node] for node in nodes}
+        return {node: sorted(other for other in nodes if other != node) for node in nodes}
+    if num_shares % 2 == 0:
+        raise ValueError(f"num_shares must be odd when smaller than the number of nodes, got {num_shares}")
     order = sorted(nodes)
     random.Random(seed).shuffle(order)
     half = (num_shares - 1) // 2
@@ -66,4 +68,4 @@ def node_of(name: str, prefix: str) -> int | None:
     if not name.startswith(prefix):
         return None
     digits = name[len(prefix) :]
-    return int(digits) if digits.isdigit() and len(digits) <= 20 else None
+    return int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 20 else None
