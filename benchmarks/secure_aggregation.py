@@ -94,14 +94,23 @@ def plain_round(mode: str, model, global_blob: bytes, updates, clients: int, key
         with Clock(figures, "client"):
             sealer = ClientSealer.from_config(privacy, 1, 1000 + index, keys.get("public", ""))
             blob = serialize_state(update.delta, schema, "shared", "fp16")
-            sent.append((1000 + index, sealer.seal(blob, 1, schema.schema_id, "delta"), update.num_examples))
+            sent.append((1000 + index, sealer.seal_delta(blob, update.num_examples, 1, schema.schema_id)))
         figures.bytes_up += len(sent[-1][1])
     validator = DeltaValidator(schema)
     optimizer = ServerOptimizer(FedAvgConfig(), schema)
     with Clock(figures, "server"):
-        opened = ((f"node {n}", opener.open(b, 1, n, schema.schema_id, "delta"), k) for n, b, k in sent)
+        counts = [update.num_examples for update in (updates[i % len(updates)] for i in range(clients))]
+        opened = (
+            (f"node {node}", *_opened(opener.open_delta(blob, 1, node, schema.schema_id), count))
+            for (node, blob), count in zip(sent, counts, strict=True)
+        )
         result = aggregate_round(model.state("shared"), opened, validator, optimizer)
     return figures, result.state
+
+
+def _opened(opened: tuple[bytes, int | None], clear_count: int) -> tuple[bytes, int]:
+    blob, sealed_count = opened
+    return blob, clear_count if sealed_count is None else sealed_count
 
 
 def secure_round(model, global_blob: bytes, updates, clients: int, keys: dict, privacy) -> tuple[Figures, dict]:  # type: ignore[no-untyped-def]

@@ -40,8 +40,10 @@ def train(msg: Message, context: Context) -> Message:
         reply = run_client_round(
             run.scenario, _partition_id(context), global_blob, _state_dir(run, context), server_round
         )
-    delta = sealer.seal(reply.delta_blob, server_round, reply.schema_id, protocol.DELTA_KIND)
-    metrics: dict[str, MetricRecordValues] = {protocol.NUM_EXAMPLES: reply.num_examples, **reply.metrics}
+    delta = sealer.seal_delta(reply.delta_blob, reply.num_examples, server_round, reply.schema_id)
+    metrics: dict[str, MetricRecordValues] = dict(reply.metrics)
+    if sealer.server_public is None:  # sealed modes carry the FedAvg weight inside the envelope instead
+        metrics[protocol.NUM_EXAMPLES] = reply.num_examples
     content = RecordDict(
         {
             protocol.ARRAYS: ArrayRecord({protocol.ADAPTER_DELTA: bytes_array(delta)}),

@@ -21,4 +21,3 @@ SERVER_ROUND = "server-round"
 SECAGG_STAGE = "secagg-stage"  # which SecAgg+ stage a TRAIN message runs (absent: a plain round)
 SECAGG_PAYLOAD = "secagg-payload"  # bytes of a fedadapt.secagg.wire payload, sealed when sent by a client
 SECAGG_SESSION = "secagg-session"  # context.state key of a client's SecAgg+ session (its round's secrets)
-DELTA_KIND = "delta"  # envelope kind of a plain round's delta

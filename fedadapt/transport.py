@@ -15,9 +15,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from fedadapt.envelope import EnvelopeContext, EnvelopeOpener, seal
-from fedadapt.errors import ConfigError
+from fedadapt.errors import ConfigError, EnvelopeError, PayloadError
 from fedadapt.keys import load_private_key, parse_public_key, public_key_hex
 from fedadapt.privacy import PrivacyConfig
+from fedadapt.secagg import wire
+
+DELTA_KIND = "delta"
+_DELTA, _NUM_EXAMPLES = "delta", "num-examples"
 
 KEYS_HINT = (
     "create a key pair with `fedadapt keys generate --out keys/` and pass "
@@ -53,6 +57,13 @@ class ClientSealer:
             payload, self.server_public, EnvelopeContext(self.run_id, server_round, self.node_id, schema_id, kind)
         )
 
+    def seal_delta(self, blob: bytes, num_examples: int, server_round: int, schema_id: str) -> bytes:
+        """A plain round's delta sealed together with its FedAvg weight, so neither can be changed on the way."""
+        if self.server_public is None:
+            return blob
+        payload = wire.pack({_DELTA: blob, _NUM_EXAMPLES: int(num_examples).to_bytes(8, "little")})
+        return self.seal(payload, server_round, schema_id, DELTA_KIND)
+
 
 class ServerOpener:
     """Opens client payloads on the server (or passes them through in mode ``none``); EnvelopeError on rejection."""
@@ -87,3 +98,17 @@ class ServerOpener:
         if self._opener is None:
             return payload
         return self._opener.open(payload, EnvelopeContext(self.run_id, server_round, sender_id, schema_id, kind))
+
+    def open_delta(self, payload: bytes, server_round: int, sender_id: int, schema_id: str) -> tuple[bytes, int | None]:
+        """The delta bytes and, when sealed, the example count sealed with them (None in mode ``none``)."""
+        if self._opener is None:
+            return payload, None
+        plaintext = self.open(payload, server_round, sender_id, schema_id, DELTA_KIND)
+        try:
+            fields = wire.unpack(plaintext, "sealed delta")
+            wire.require(fields, [_DELTA, _NUM_EXAMPLES], "sealed delta")
+        except PayloadError as err:
+            raise EnvelopeError("malformed", f"the envelope opened but its contents are not a delta: {err}") from None
+        if len(fields[_NUM_EXAMPLES]) != 8:
+            raise EnvelopeError("malformed", "the sealed example count is not 8 bytes")
+        return fields[_DELTA], int.from_bytes(fields[_NUM_EXAMPLES], "little")

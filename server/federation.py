@@ -160,13 +160,14 @@ class Federation:
         return record, unpacked.client_metrics
 
     def _opened(
-        self, deltas: list[tuple[str, bytes, int, int]], server_round: int, rejected: list[tuple[str, str]]
-    ) -> list[tuple[str, bytes, int]]:
-        """Each delta out of its envelope (in privacy mode aead); rejected ones are left out with the reason."""
+        self, deltas: list[tuple[str, bytes, Any, int]], server_round: int, rejected: list[tuple[str, str]]
+    ) -> list[tuple[str, bytes, Any]]:
+        """Each delta (and its sealed example count) out of its envelope in mode aead; rejected ones are left out."""
         opened = []
-        for client, sealed, num_examples, node in deltas:
+        for client, sealed, clear_count, node in deltas:
             try:
-                blob = self.opener.open(sealed, server_round, node, self.schema.schema_id, protocol.DELTA_KIND)
+                blob, sealed_count = self.opener.open_delta(sealed, server_round, node, self.schema.schema_id)
+                num_examples = clear_count if sealed_count is None else sealed_count
             except EnvelopeError as err:
                 logger.warning("leaving client %s out of the round: envelope rejected (%s)", client, err.reason)
                 rejected.append((client, f"envelope rejected ({err.reason}): {err}"[:300]))
@@ -272,7 +273,7 @@ class _Replies:
     """Deltas to aggregate, transport-level rejections and the clients' metrics of one round."""
 
     def __init__(self) -> None:
-        self.deltas: list[tuple[str, bytes, int, int]] = []  # client label, bytes, example count, node id
+        self.deltas: list[tuple[str, bytes, Any, int]] = []  # client label, bytes, example count, node id
         self.rejected: list[tuple[str, str]] = []
         self.client_metrics: list[dict[str, Any]] = []
 
@@ -290,7 +291,7 @@ def _unpack_replies(replies: list[Message], sampled: list[int], timeout: float) 
         try:
             blob = array_to_bytes(reply.content.array_records[protocol.ARRAYS][protocol.ADAPTER_DELTA])
             metrics: dict[str, Any] = dict(reply.content.metric_records[protocol.METRICS])
-            num_examples = metrics.pop(protocol.NUM_EXAMPLES)
+            num_examples = metrics.pop(protocol.NUM_EXAMPLES, None)  # sealed modes: inside the envelope
         except (KeyError, TypeError, ValueError) as err:
             out.rejected.append((client, f"malformed reply: missing or bad {err}"[:300]))
             continue
