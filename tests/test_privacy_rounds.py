@@ -652,3 +652,54 @@ def test_the_client_key_stages_never_import_torch(tiny_bert: Path, tmp_path: Pat
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"torch": False, "envelopes": ["FAEN", "FAEN"], "session": True}
+
+
+# --- a real Flower simulation -----------------------------------------------------------------------------------
+
+
+def _seed_with_one_crash(rounds: int, clients: int, dropout: float) -> tuple[int, tuple[int, int]]:
+    """A scenario seed under which exactly one (round, client) of the run crashes."""
+    from fedadapt.faults import device_fault
+    from fedadapt.scenario import ScenarioConfig
+
+    for seed in range(1000):
+        scenario = ScenarioConfig(seed=seed, dropout_fraction=dropout)
+        pairs = [(r, p) for r in range(1, rounds + 1) for p in range(clients)]
+        crashes = [pair for pair in pairs if device_fault(scenario, *pair) == "crash"]
+        if len(crashes) == 1:
+            return seed, crashes[0]
+    raise AssertionError("no seed gives exactly one crash")
+
+
+@pytest.mark.simulation
+@pytest.mark.timeout(420)
+def test_secagg_plus_in_a_real_flower_simulation_survives_a_crash_and_leaks_no_key(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    """`fedadapt simulate` with secagg+ for real: Flower keeps each device's session in context.state across
+    the four stage messages, a device that crashes while training is recovered from its neighbours' shares,
+    and no key material reaches the logs or metrics."""
+    from simulations.runner import _alive, _descendants, simulate
+
+    seed, (crash_round, crash_client) = _seed_with_one_crash(rounds=2, clients=3, dropout=0.2)
+    scenario = _scenario_file(tmp_path, tiny_bert, PRIVACY_SECAGG, **{"dropout-fraction": 0.2, "seed": seed})
+    out = tmp_path / "run"
+    metrics = simulate(scenario, out=out, show=False)
+    assert metrics["complete"] and metrics["privacy"] == "secagg+" and len(metrics["rounds"]) == 2
+    for record in metrics["rounds"]:
+        crashed = record["round"] == crash_round
+        assert list(record["stages"]) == list(stages.STAGES)
+        assert record["accepted"] == (2 if crashed else 3), record
+        assert record["total_examples"] > 0 and isinstance(record["clipped_values"], int)
+        if crashed:
+            (dropped,) = record["dropped"]
+            assert dropped["stage"] == stages.MASKED
+            assert f"client {crash_client} crashed in round {crash_round}" in dropped["reason"]
+        else:
+            assert record["dropped"] == []
+    private_pem = (out / "keys" / "server.key").read_text()
+    secret_lines = [line for line in private_pem.splitlines() if line and not line.startswith("-----")]
+    written = "".join(p.read_text(errors="replace") for p in (out / "flwr.log", out / "metrics.json"))
+    assert secret_lines and not any(line in written for line in secret_lines)
+    assert "PRIVATE KEY" not in written
+    assert not [pid for pid in _descendants(os.getpid()) if _alive(pid)]
