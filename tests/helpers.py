@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
 
 from fedadapt import AdapterModel, BackboneConfig, StateSplit, load_backbone, make_method_config
 from fedadapt.scenario import ScenarioConfig
@@ -42,3 +46,36 @@ def tiny_scenario(tiny_bert: Path, **changes: object) -> ScenarioConfig:
         device="cpu",
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+class StubGrid(Grid):
+    """A Grid whose nodes are answered in this process: subclasses give ``get_node_ids`` and ``send_and_receive``."""
+
+    def set_run(self, run: Any) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        raise NotImplementedError
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+
+def seed_with_one_crash(rounds: int, clients: int, dropout: float) -> tuple[int, tuple[int, int]]:
+    """A scenario seed under which exactly one (round, client) of the run crashes."""
+    from fedadapt.faults import device_fault
+
+    for seed in range(1000):
+        scenario = ScenarioConfig(seed=seed, dropout_fraction=dropout)
+        pairs = [(r, p) for r in range(1, rounds + 1) for p in range(clients)]
+        crashes = [pair for pair in pairs if device_fault(scenario, *pair) == "crash"]
+        if len(crashes) == 1:
+            return seed, crashes[0]
+    raise AssertionError("no seed gives exactly one crash")

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from helpers import StubGrid, seed_with_one_crash
 
 from fedadapt import protocol
 from fedadapt.envelope import HEADER_SIZE, MAGIC, EnvelopeContext, EnvelopeOpener
@@ -59,7 +59,7 @@ class Received:
 
 
 @dataclass
-class PrivacyGrid(Grid):
+class PrivacyGrid(StubGrid):
     """Nodes 101, 102, ... run the ClientApp in this process (node 101 is partition 0), one Context each."""
 
     num_nodes: int
@@ -74,24 +74,8 @@ class PrivacyGrid(Grid):
         self.nodes = {101 + i: i for i in range(self.num_nodes)}
         self.contexts: dict[int, Context] = {}
 
-    def set_run(self, run: Any) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Any:
-        raise NotImplementedError
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
 
     def context(self, node: int) -> Context:
         if node not in self.contexts:
@@ -657,20 +641,6 @@ def test_the_client_key_stages_never_import_torch(tiny_bert: Path, tmp_path: Pat
 # --- a real Flower simulation -----------------------------------------------------------------------------------
 
 
-def _seed_with_one_crash(rounds: int, clients: int, dropout: float) -> tuple[int, tuple[int, int]]:
-    """A scenario seed under which exactly one (round, client) of the run crashes."""
-    from fedadapt.faults import device_fault
-    from fedadapt.scenario import ScenarioConfig
-
-    for seed in range(1000):
-        scenario = ScenarioConfig(seed=seed, dropout_fraction=dropout)
-        pairs = [(r, p) for r in range(1, rounds + 1) for p in range(clients)]
-        crashes = [pair for pair in pairs if device_fault(scenario, *pair) == "crash"]
-        if len(crashes) == 1:
-            return seed, crashes[0]
-    raise AssertionError("no seed gives exactly one crash")
-
-
 @pytest.mark.simulation
 @pytest.mark.timeout(420)
 def test_secagg_plus_in_a_real_flower_simulation_survives_a_crash_and_leaks_no_key(
@@ -681,7 +651,7 @@ def test_secagg_plus_in_a_real_flower_simulation_survives_a_crash_and_leaks_no_k
     and no key material reaches the logs or metrics."""
     from simulations.runner import _alive, _descendants, simulate
 
-    seed, (crash_round, crash_client) = _seed_with_one_crash(rounds=2, clients=3, dropout=0.2)
+    seed, (crash_round, crash_client) = seed_with_one_crash(rounds=2, clients=3, dropout=0.2)
     scenario = _scenario_file(tmp_path, tiny_bert, PRIVACY_SECAGG, **{"dropout-fraction": 0.2, "seed": seed})
     out = tmp_path / "run"
     metrics = simulate(scenario, out=out, show=False)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from helpers import StubGrid, seed_with_one_crash
 
 from fedadapt import protocol
 from fedadapt.errors import ConfigError
@@ -32,7 +32,7 @@ from server.server_app import app as server_app  # noqa: E402
 Tamper = Callable[[Message], Message | None]
 
 
-class InProcessGrid(Grid):
+class InProcessGrid(StubGrid):
     """A grid whose nodes run the ClientApp in this process (node 101 is partition 0, and so on)."""
 
     def __init__(self, num_nodes: int, run_config: dict[str, Any], tamper: dict[int, Tamper] | None = None) -> None:
@@ -42,24 +42,8 @@ class InProcessGrid(Grid):
         self.sent: list[int] = []
         self.global_blobs: list[bytes] = []  # what each message carried
 
-    def set_run(self, run: Any) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Any:
-        raise NotImplementedError
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
@@ -328,20 +312,6 @@ def test_simulate_command_refuses_bad_input_before_starting_flower(tiny_bert: Pa
     assert result.exit_code == 2 and "--resume" in result.output
 
 
-def _seed_with_one_crash(rounds: int, clients: int, dropout: float) -> tuple[int, tuple[int, int]]:
-    """A scenario seed under which exactly one (round, client) of the run crashes."""
-    from fedadapt.faults import device_fault
-    from fedadapt.scenario import ScenarioConfig
-
-    for seed in range(1000):
-        scenario = ScenarioConfig(seed=seed, dropout_fraction=dropout)
-        pairs = [(r, p) for r in range(1, rounds + 1) for p in range(clients)]
-        crashes = [pair for pair in pairs if device_fault(scenario, *pair) == "crash"]
-        if len(crashes) == 1:
-            return seed, crashes[0]
-    raise AssertionError("no seed gives exactly one crash")
-
-
 @pytest.mark.simulation
 @pytest.mark.timeout(420)
 def test_flower_simulation_end_to_end(tiny_bert: Path, tmp_path: Path) -> None:
@@ -349,7 +319,7 @@ def test_flower_simulation_end_to_end(tiny_bert: Path, tmp_path: Path) -> None:
     runs beside the adapters, plots are written, and everything it started is gone after."""
     from simulations.runner import _alive, _descendants, simulate
 
-    seed, (crash_round, crash_client) = _seed_with_one_crash(rounds=2, clients=3, dropout=0.2)
+    seed, (crash_round, crash_client) = seed_with_one_crash(rounds=2, clients=3, dropout=0.2)
     extra = {"num-clients": 3, "clients-per-round": 3, "dropout-fraction": 0.2, "seed": seed, "full-model": True}
     metrics = simulate(_scenario_file(tmp_path, tiny_bert, **extra), out=tmp_path / "run", show=False)
     assert metrics["complete"] and len(metrics["rounds"]) == 2
