@@ -4,13 +4,22 @@ One safetensors file per round, ``checkpoints/round-NNNN.safetensors``: the glob
 (``global/<tensor>``), the server optimizer's buffers (``optimizer/<buffer>``) and, as JSON in the
 header, the round, the sampler's RNG state, the optimizer's scalars and the metrics so far. The
 file is written to a temporary sibling and renamed, so a crash leaves the previous round intact.
+
+Integrity (format v2): the header JSON records ``sha256``, a SHA-256 over every tensor's name,
+dtype, shape and raw bytes (sorted by name) and the canonical JSON of the rest of the header.
+Loading recomputes it and refuses a file whose content no longer matches (bit rot, a flipped
+byte, an edited header), so a damaged checkpoint never resumes a run from wrong values. v1 files
+(no hash) still load, with an info log that they cannot be verified.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +33,15 @@ from fedadapt.aggregate import OptimizerState
 from fedadapt.errors import StateError
 from fedadapt.folder import write_bytes_atomic
 from fedadapt.serialize import read_metadata
-from fedadapt.state import State
+from fedadapt.state import State, dtype_name
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "fedadapt.checkpoint.v1"
+FORMAT = "fedadapt.checkpoint.v2"
+FORMAT_V1 = "fedadapt.checkpoint.v1"  # no content hash; still read
+_FORMATS = (FORMAT, FORMAT_V1)
+_HASH_KEY = "sha256"  # in the header JSON; covers the tensors and every other header key
+_HASH_DOMAIN = b"fedadapt.checkpoint.v2\0"  # fixed: a later FORMAT must still verify v2 files
 FOLDER = "checkpoints"
 KEEP = 3  # checkpoints kept; older ones are removed after a newer one is in place
 _NAME = re.compile(r"round-(\d{4,})\.safetensors")
@@ -63,6 +76,9 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint, keep: int = KEEP) -> 
         "rng_state": checkpoint.rng_state,
         "history": checkpoint.history,
     }
+    # Hash what a reader will parse back (tuples become lists, keys become strings, ...).
+    header = json.loads(json.dumps(header))
+    header[_HASH_KEY] = content_sha256(tensors, header)
     path = checkpoint_path(out_dir, checkpoint.round)
     write_bytes_atomic(path, safetensors_save(tensors, metadata={"format": FORMAT, "json": json.dumps(header)}))
     for old in list_checkpoints(out_dir)[:-keep]:
@@ -80,34 +96,93 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Read one checkpoint file; StateError if it is not one."""
+    """Read one checkpoint file; StateError if it is not one or its content fails its SHA-256."""
     data = Path(path).read_bytes()
-    metadata = read_metadata(data)
-    if metadata.get("format") != FORMAT:
-        raise StateError(f"{path} is not a fedadapt checkpoint (format {metadata.get('format')!r})")
+    try:
+        metadata = read_metadata(data)
+    except StateError as err:
+        raise StateError(f"{path}: {err}") from err
+    file_format = metadata.get("format")
+    if file_format not in _FORMATS:
+        raise StateError(f"{path} is not a fedadapt checkpoint (format {file_format!r})")
     try:
         header = json.loads(metadata["json"])
+        if not isinstance(header, dict):
+            raise ValueError("its header JSON is not an object")
         tensors = safetensors_load(data)
     except (KeyError, ValueError, SafetensorError) as err:
         raise StateError(f"{path} is a damaged checkpoint: {err}") from err
-    return Checkpoint(
-        round=int(header["round"]),
-        schema_id=str(header["schema_id"]),
-        global_state=_with_prefix(tensors, _GLOBAL),
-        optimizer=OptimizerState(_with_prefix(tensors, _OPTIMIZER), dict(header["optimizer"])),
-        rng_state=list(header["rng_state"]),
-        history=list(header["history"]),
-    )
+    if file_format == FORMAT_V1:
+        logger.info("checkpoint %s is %s, which records no SHA-256: its content cannot be verified", path, FORMAT_V1)
+    else:
+        recorded = header.pop(_HASH_KEY, None)
+        if not isinstance(recorded, str):
+            raise StateError(f"{path} is a damaged checkpoint: its header records no SHA-256")
+        if not hmac.compare_digest(recorded, content_sha256(tensors, header)):
+            raise StateError(f"{path}: content does not match its recorded SHA-256: the file is corrupt")
+    try:
+        return Checkpoint(
+            round=int(header["round"]),
+            schema_id=str(header["schema_id"]),
+            global_state=_with_prefix(tensors, _GLOBAL),
+            optimizer=OptimizerState(_with_prefix(tensors, _OPTIMIZER), dict(header["optimizer"])),
+            rng_state=list(header["rng_state"]),
+            history=list(header["history"]),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise StateError(f"{path} is a damaged checkpoint: bad header field {err}") from err
 
 
 def load_latest_checkpoint(out_dir: Path) -> Checkpoint | None:
-    """The newest readable checkpoint in ``out_dir``, or None when there is none."""
+    """The newest readable checkpoint in ``out_dir``, or None when there is none.
+
+    Unreadable or corrupt files are skipped, each with a warning naming it, the reason and the
+    checkpoint the run resumes from instead.
+    """
+    skipped: list[tuple[Path, str]] = []
     for path in reversed(list_checkpoints(out_dir)):
         try:
-            return load_checkpoint(path)
+            checkpoint = load_checkpoint(path)
         except (OSError, StateError) as err:
-            logger.warning("skipping unreadable checkpoint %s: %s", path, err)
+            reason = "is corrupt" if isinstance(err, StateError) else "is unreadable"
+            skipped.append((path, f"{reason} ({err})"))
+            continue
+        for bad, why in skipped:
+            logger.warning(
+                "checkpoint %s %s; resuming from %s (round %d) instead",
+                bad.name,
+                why,
+                path.name,
+                checkpoint.round,
+            )
+        return checkpoint
+    for bad, why in skipped:
+        logger.warning(
+            "checkpoint %s %s; no readable checkpoint is left in %s: starting afresh", bad.name, why, bad.parent
+        )
     return None
+
+
+def content_sha256(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> str:
+    """Hex SHA-256 over the tensors (name, dtype, shape, raw bytes; sorted by name) and ``header``.
+
+    ``header`` is everything else the file records (without the hash itself), hashed as canonical
+    JSON. Streams through the tensors: no concatenated copy of the state is made.
+    """
+    digest = hashlib.sha256(_HASH_DOMAIN)
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        tensor = tensor.contiguous()
+        # Length-prefixed description, so no two different files feed the same byte stream.
+        described = json.dumps([name, dtype_name(tensor.dtype), list(tensor.shape), tensor.nbytes]).encode()
+        digest.update(len(described).to_bytes(8, "little") + described)
+        # A byte view works for every dtype, bfloat16 included (numpy has no bfloat16).
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    digest.update(len(canonical).to_bytes(8, "little") + canonical)
+    return digest.hexdigest()
 
 
 def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> State:
