@@ -32,7 +32,8 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from simulations.runner import _descendants, simulate  # noqa: E402
+from fedadapt.processes import descendants  # noqa: E402
+from simulations.runner import simulate  # noqa: E402
 
 
 class TreeMemory:
@@ -56,7 +57,7 @@ class TreeMemory:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            pids = _descendants(os.getpid())
+            pids = descendants(os.getpid())
             pss = rss = 0.0
             for pid in pids:
                 pss += _kib(pid, "smaps_rollup", "Pss:") / 1024

@@ -18,10 +18,7 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -44,6 +41,7 @@ from fedadapt.fleet import (
     RUN_SERVER_KEY,
     RUN_SERVER_PUBLIC_KEY,
 )
+from fedadapt.processes import find_tool, free_port, stop_process_tree
 from fedadapt.report import compare_with_full_model
 from fedadapt.scenario import ScenarioConfig, full_model_variant, load_scenario, with_overrides
 
@@ -54,7 +52,6 @@ FULL_MODEL_FOLDER = "full-model"  # the full-model FedAvg run of a ``full-model 
 FLWR_LOG = "flwr.log"
 SUPERLINK_LOG = "superlink.log"
 STARTUP_TIMEOUT = 60.0
-STOP_TIMEOUT = 20.0
 KEYS_FOLDER = "keys"  # the server key pair of a run whose privacy mode seals payloads
 FLOWER_ENV = {
     # Set for the child processes only, never at import (../shared/FLOWER-1.41-NOTES.md).
@@ -196,30 +193,14 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # --- processes --------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tool(name: str) -> str:
-    """A console script of this environment (flwr, flower-superlink), else the one on PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.is_file() else shutil.which(name)
-    if found is None:
-        raise SimulationError(f"`{name}` is not installed: pip install 'flwr[simulation]~=1.41.0'")
-    return found
-
-
 @contextlib.contextmanager
 def _superlink(flwr_home: Path, log_file: Path) -> Iterator[dict[str, str]]:
     """A simulation SuperLink on a free port; yields the environment ``flwr run`` needs to use it."""
     port = free_port()
     env = os.environ | FLOWER_ENV | {"FLWR_HOME": str(flwr_home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port)}
     # The SuperLink starts flower-superexec and flwr-simulation by name: this environment's must come first.
-    env["PATH"] = os.pathsep.join([str(Path(_tool("flower-superlink")).parent), env.get("PATH", "")])
-    command = [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
+    env["PATH"] = os.pathsep.join([str(Path(find_tool("flower-superlink")).parent), env.get("PATH", "")])
+    command = [find_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
     with log_file.open("ab") as log:
         process = subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -251,56 +232,6 @@ def _healthy(port: int) -> bool:
         return False
 
 
-def stop_process_tree(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM ``process``, then any of its descendants still alive; SIGKILL what ignores it."""
-    descendants = _descendants(process.pid)
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    for pid in descendants:  # the SuperLink's SuperExec and simulation normally exit with it
-        _signal_until_gone(pid)
-
-
-def _descendants(pid: int) -> list[int]:
-    """PIDs below ``pid`` (Linux /proc; empty elsewhere), deepest last."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], [pid]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
-
-
-def _signal_until_gone(pid: int) -> None:
-    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
-            time.sleep(0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has exited; its parent reaps it
-
-
 # --- the run ----------------------------------------------------------------------------------------------------
 
 
@@ -323,7 +254,7 @@ def _run_app(plan: SimulationPlan, flwr_home: Path, env: dict[str, str], show: b
         f"num-supernodes={scenario.num_clients} client-resources-num-cpus={scenario.client_cpus} "
         f"client-resources-num-gpus={scenario.client_gpus}"
     )
-    command = [_tool("flwr"), "run", str(PROJECT_ROOT), "local", "--stream"]
+    command = [find_tool("flwr"), "run", str(PROJECT_ROOT), "local", "--stream"]
     command += ["--federation-config", federation, "--run-config", str(overrides)]
     with (plan.out_dir / FLWR_LOG).open("ab") as log:
         process = subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)

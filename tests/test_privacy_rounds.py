@@ -649,7 +649,8 @@ def test_secagg_plus_in_a_real_flower_simulation_survives_a_crash_and_leaks_no_k
     """`fedadapt simulate` with secagg+ for real: Flower keeps each device's session in context.state across
     the four stage messages, a device that crashes while training is recovered from its neighbours' shares,
     and no key material reaches the logs or metrics."""
-    from simulations.runner import _alive, _descendants, simulate
+    from fedadapt.processes import alive, descendants
+    from simulations.runner import simulate
 
     seed, (crash_round, crash_client) = seed_with_one_crash(rounds=2, clients=3, dropout=0.2)
     scenario = _scenario_file(tmp_path, tiny_bert, PRIVACY_SECAGG, **{"dropout-fraction": 0.2, "seed": seed})
@@ -672,4 +673,4 @@ def test_secagg_plus_in_a_real_flower_simulation_survives_a_crash_and_leaks_no_k
     written = "".join(p.read_text(errors="replace") for p in (out / "flwr.log", out / "metrics.json"))
     assert secret_lines and not any(line in written for line in secret_lines)
     assert "PRIVATE KEY" not in written
-    assert not [pid for pid in _descendants(os.getpid()) if _alive(pid)]
+    assert not [pid for pid in descendants(os.getpid()) if alive(pid)]

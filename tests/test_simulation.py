@@ -317,7 +317,8 @@ def test_simulate_command_refuses_bad_input_before_starting_flower(tiny_bert: Pa
 def test_flower_simulation_end_to_end(tiny_bert: Path, tmp_path: Path) -> None:
     """`fedadapt simulate` for real: SuperLink, `flwr run`, Ray workers; a device crashes, full-model FedAvg
     runs beside the adapters, plots are written, and everything it started is gone after."""
-    from simulations.runner import _alive, _descendants, simulate
+    from fedadapt.processes import alive, descendants
+    from simulations.runner import simulate
 
     seed, (crash_round, crash_client) = seed_with_one_crash(rounds=2, clients=3, dropout=0.2)
     extra = {"num-clients": 3, "clients-per-round": 3, "dropout-fraction": 0.2, "seed": seed, "full-model": True}
@@ -340,7 +341,7 @@ def test_flower_simulation_end_to_end(tiny_bert: Path, tmp_path: Path) -> None:
     assert comparison["bytes_ratio"] > 10
     for name in ("accuracy.png", "bytes.png"):
         assert (tmp_path / "run" / name).read_bytes().startswith(b"\x89PNG")
-    assert not [pid for pid in _descendants(os.getpid()) if _alive(pid)]
+    assert not [pid for pid in descendants(os.getpid()) if alive(pid)]
 
 
 def test_default_out_dir_never_refuses_a_repeated_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

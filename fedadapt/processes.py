@@ -1,0 +1,88 @@
+"""Processes the launchers start: free ports, console scripts of this environment, and stopping by PID.
+
+Every Flower process that ``fedadapt simulate``, ``fedadapt serve`` or ``fedadapt node`` starts is
+stopped by PID with its whole process tree, on success, error or Ctrl-C: a leftover SuperLink
+holds ports and can hang a CI job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedadapt.errors import ConfigError
+
+STOP_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_tool(name: str) -> str:
+    """A console script of this environment (flwr, flower-superlink), else the one on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        raise ConfigError(f"`{name}` is not installed: pip install 'flwr[simulation]~=1.41.0'")
+    return found
+
+
+def stop_process_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ``process``, then any of its descendants still alive; SIGKILL what ignores it."""
+    below = descendants(process.pid)
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pid in below:  # the SuperLink's SuperExec and simulation normally exit with it
+        _signal_until_gone(pid)
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs below ``pid`` (Linux /proc; empty elsewhere), deepest last."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _signal_until_gone(pid: int) -> None:
+    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not alive(pid):
+                return
+            time.sleep(0.2)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; its parent reaps it
