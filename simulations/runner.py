@@ -83,7 +83,7 @@ class SimulationPlan:
     def full_model_plan(self, resume: bool) -> SimulationPlan:
         """The same scenario as full-model FedAvg, in ``<out>/full-model``."""
         out_dir = self.out_dir / FULL_MODEL_FOLDER
-        _refuse_unless_resuming(out_dir, resume)
+        refuse_unless_resuming(out_dir, resume)
         return SimulationPlan(
             self.scenario_path,
             full_model_variant(self.scenario),
@@ -101,11 +101,11 @@ def plan_simulation(
     scenario_path = Path(scenario).expanduser().resolve()
     config = with_overrides(load_scenario(scenario_path), rounds=rounds)
     out_dir = (Path(out) if out else _default_out_dir(config.name, resume)).expanduser().resolve()
-    _refuse_unless_resuming(out_dir, resume)
+    refuse_unless_resuming(out_dir, resume)
     return SimulationPlan(scenario_path, config, out_dir, resume and _has_checkpoints(out_dir), False, empty_clients)
 
 
-def _refuse_unless_resuming(out_dir: Path, resume: bool) -> None:
+def refuse_unless_resuming(out_dir: Path, resume: bool) -> None:
     if _has_checkpoints(out_dir) and not resume:
         raise ConfigError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
 
@@ -126,7 +126,7 @@ def _default_out_dir(name: str, resume: bool) -> Path:
     return next(d for d in taken if not _has_checkpoints(d))
 
 
-def _remove_stale_client_state(out_dir: Path) -> None:
+def remove_stale_client_state(out_dir: Path) -> None:
     """Personal parts left by a run that never checkpointed a round would leak into a fresh one."""
     folder = out_dir / CLIENT_STATE_FOLDER
     pattern = PERSONAL_FILE.format(partition_id="*")
@@ -157,7 +157,7 @@ def simulate(
         full = run_plan(plan.full_model_plan(resume), show)
         comparison = compare_with_full_model(metrics, full, plan.scenario.target_accuracy)
         metrics["summary"]["full_model"] = comparison
-        _write_json(plan.metrics_file, metrics)
+        write_json(plan.metrics_file, metrics)
     write_plots(plan.out_dir, metrics, full)
     if show:
         print_summary(metrics)
@@ -168,23 +168,23 @@ def run_plan(plan: SimulationPlan, show: bool) -> dict[str, Any]:
     """One ``flwr run`` of the plan on a SuperLink of its own; its metrics.json contents."""
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     if not plan.resume:
-        _remove_stale_client_state(plan.out_dir)
+        remove_stale_client_state(plan.out_dir)
     flwr_home = Path(tempfile.mkdtemp(prefix="fedadapt-flwr-"))
     try:
         with _superlink(flwr_home, plan.out_dir / SUPERLINK_LOG) as env:
             code = _run_app(plan, flwr_home, env, show)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
-    metrics = _read_metrics(plan.metrics_file)
+    metrics = read_metrics(plan.metrics_file)
     if code != 0 or not metrics.get("complete"):
         raise SimulationError(
             f"the simulation did not finish (flwr run exited with {code}); see {plan.out_dir / FLWR_LOG}"
-            f"{_log_tail(plan.out_dir / FLWR_LOG)}"
+            f"{log_tail(plan.out_dir / FLWR_LOG)}"
         )
     return metrics
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     from fedadapt.folder import write_bytes_atomic
 
     write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
@@ -237,18 +237,7 @@ def _healthy(port: int) -> bool:
 
 def _run_app(plan: SimulationPlan, flwr_home: Path, env: dict[str, str], show: bool) -> int:
     """``flwr run`` the project on the SuperLink; returns its exit code."""
-    overrides = flwr_home / "run-config.toml"
-    values: dict[str, str | int | bool] = {
-        RUN_SCENARIO: str(plan.scenario_path),
-        RUN_OUT_DIR: str(plan.out_dir),
-        RUN_NUM_ROUNDS: plan.scenario.rounds,
-        RUN_RESUME: plan.resume,
-        RUN_FULL_MODEL: plan.full_model,
-        RUN_EMPTY_CLIENTS: plan.empty_clients,
-    }
-    if plan.scenario.privacy.sealed:
-        values |= simulation_keys(plan.out_dir)
-    overrides.write_text(_toml(values))
+    overrides = write_run_config(plan, flwr_home)
     scenario = plan.scenario
     federation = (
         f"num-supernodes={scenario.num_clients} client-resources-num-cpus={scenario.client_cpus} "
@@ -259,13 +248,30 @@ def _run_app(plan: SimulationPlan, flwr_home: Path, env: dict[str, str], show: b
     with (plan.out_dir / FLWR_LOG).open("ab") as log:
         process = subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _follow(plan, process, show)
+        follow_run(plan, process, show)
     finally:
         stop_process_tree(process)  # a no-op after a normal exit; on Ctrl-C it stops the run
     return process.returncode
 
 
-def simulation_keys(out_dir: Path) -> dict[str, str]:
+def write_run_config(plan: SimulationPlan, folder: Path) -> Path:
+    """The run-config overrides ``flwr run`` passes to both apps, as a TOML file in ``folder``."""
+    values: dict[str, str | int | bool] = {
+        RUN_SCENARIO: str(plan.scenario_path),
+        RUN_OUT_DIR: str(plan.out_dir),
+        RUN_NUM_ROUNDS: plan.scenario.rounds,
+        RUN_RESUME: plan.resume,
+        RUN_FULL_MODEL: plan.full_model,
+        RUN_EMPTY_CLIENTS: plan.empty_clients,
+    }
+    if plan.scenario.privacy.sealed:
+        values |= run_keys(plan.out_dir)
+    path = folder / "run-config.toml"
+    path.write_text(toml_lines(values))
+    return path
+
+
+def run_keys(out_dir: Path) -> dict[str, str]:
     """The run's server key pair in ``<out>/keys/`` (made on first use, reused on resume), as run-config keys.
 
     A simulation plays server and clients on one machine, so one folder serves both ends; in
@@ -279,13 +285,13 @@ def simulation_keys(out_dir: Path) -> dict[str, str]:
     return {RUN_SERVER_KEY: str(folder / PRIVATE_NAME), RUN_SERVER_PUBLIC_KEY: str(folder / PUBLIC_NAME)}
 
 
-def _toml(values: dict[str, str | int | bool]) -> str:
+def toml_lines(values: dict[str, str | int | bool]) -> str:
     # json.dumps of str/int/bool is valid TOML for them (basic strings, integers, true/false).
     return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
 
 
-def _follow(plan: SimulationPlan, process: subprocess.Popen[bytes], show: bool) -> None:
-    """Wait for ``process``, showing a progress bar fed by metrics.json."""
+def follow_run(plan: SimulationPlan, process: subprocess.Popen[bytes], show: bool) -> None:
+    """Wait for ``process`` (a ``flwr run``), showing a progress bar fed by the plan's metrics.json."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -307,7 +313,7 @@ def _follow(plan: SimulationPlan, process: subprocess.Popen[bytes], show: bool) 
 
 
 def _show_rounds(progress: Any, task: Any, metrics_file: Path) -> None:
-    rounds = _read_metrics(metrics_file).get("rounds", [])
+    rounds = read_metrics(metrics_file).get("rounds", [])
     if not rounds:
         return
     last = rounds[-1]
@@ -320,7 +326,7 @@ def _show_rounds(progress: Any, task: Any, metrics_file: Path) -> None:
     )
 
 
-def _read_metrics(path: Path) -> dict[str, Any]:
+def read_metrics(path: Path) -> dict[str, Any]:
     try:
         data: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):  # not written yet (it is replaced atomically, never half-written)
@@ -328,7 +334,7 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     return data
 
 
-def _log_tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15) -> str:
     try:
         tail = path.read_text(errors="replace").splitlines()[-lines:]
     except OSError:
