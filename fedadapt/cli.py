@@ -166,6 +166,60 @@ def simulate(
         _fail(str(err))
 
 
+@app.command()
+def serve(
+    scenario: Annotated[Path, typer.Option("--config", help="Scenario TOML file, as for `fedadapt simulate`.")],
+    rounds: Annotated[int | None, typer.Option(help="Rounds in all (overrides the scenario's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/sim-<name>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = False,
+    local_supernodes: Annotated[
+        int, typer.Option(help="Also start this many SuperNodes on this machine over loopback (a demo).")
+    ] = 0,
+    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port the SuperLink listens on (default: a free one).")] = None,
+    certs: Annotated[
+        Path | None, typer.Option(help="A `fedadapt certs` folder (default: <out>/certs, made for local nodes).")
+    ] = None,
+    insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication: local demos only.")] = False,
+) -> None:
+    """Run a scenario on a real Flower SuperLink (TLS + SuperNode authentication unless --insecure)."""
+    try:
+        launcher = _checkout_module("deploy.serve")
+        deployment = launcher.Deployment(
+            host=host, port=port, certs=certs, insecure=insecure, local_supernodes=local_supernodes
+        )
+        launcher.serve(scenario, deployment, rounds=rounds, out=out, resume=resume)
+    except FedAdaptError as err:
+        _fail(str(err))
+
+
+@app.command()
+def node(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")],
+    partition_id: Annotated[int, typer.Option(help="Which part of the scenario's data this device trains on.")],
+    num_partitions: Annotated[int, typer.Option(help="How many parts the data is split into.")],
+    root_certificates: Annotated[Path | None, typer.Option(help="The CA certificate (ca.crt).")] = None,
+    auth_key: Annotated[Path | None, typer.Option(help="This device's key (devices/device-<i>.key).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Where the device keeps its personal part.")] = None,
+    insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication: local demos only.")] = False,
+) -> None:
+    """Join a federation as one device: a Flower SuperNode that runs fedadapt's ClientApp."""
+    try:
+        launcher = _checkout_module("deploy.node")
+        config = launcher.NodeConfig(
+            superlink=superlink,
+            partition_id=partition_id,
+            num_partitions=num_partitions,
+            root_certificates=root_certificates,
+            auth_key=auth_key,
+            insecure=insecure,
+            state_dir=state_dir,
+        )
+        raise typer.Exit(launcher.run_node(config))
+    except FedAdaptError as err:
+        _fail(str(err))
+
+
 @app.command("export")
 def export_command(
     adapter: Annotated[Path, typer.Option(help="Adapter folder to export (from `fedadapt train` or a simulation).")],
@@ -270,6 +324,48 @@ def keys_generate(
     typer.echo(f"private key: {files.private_path} (keep it secret; mode 0600)")
     typer.echo(f"public key:  {files.public_path}")
     typer.echo(f"fingerprint: {files.fingerprint}")
+
+
+@app.command("certs")
+def certs_command(
+    out: Annotated[Path, typer.Option(help="Folder for ca.*, superlink.* and devices/ (private keys mode 0600).")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="IP address or DNS name the SuperLink is reached by; repeat for more (default: loopback)."),
+    ] = None,
+    devices: Annotated[int, typer.Option(help="SuperNode authentication key pairs to create.")] = 0,
+    add_devices: Annotated[
+        int, typer.Option(help="Add N SuperNode key pairs to an existing --out instead (next free numbers).")
+    ] = 0,
+    validity_days: Annotated[int, typer.Option(help="Days the certificates stay valid.")] = 825,
+) -> None:
+    """TLS certificates and SuperNode keys for a Flower deployment; never overwrites. Prints paths, not keys."""
+    from fedadapt.certs import add_device_keys, generate_deployment_certs, next_commands
+
+    if add_devices and (host or devices):
+        _fail("--add-devices adds keys to an existing --out: it takes no --host or --devices")
+    try:
+        if add_devices:
+            for device in add_device_keys(out, add_devices):
+                typer.echo(f"device {device.index}: {device.private_path} (secret, mode 0600), {device.public_path}")
+                typer.echo(f"  flwr supernode register {device.public_path.resolve()} <connection>")
+            return
+        certs = generate_deployment_certs(out, tuple(host or ("127.0.0.1", "localhost")), devices, validity_days)
+    except FedAdaptError as err:
+        _fail(str(err))
+        return
+    except OSError as err:
+        _fail(f"cannot write certificates to {out}: {err.strerror or err}")
+        return
+    typer.echo(f"CA certificate:        {certs.ca_cert}  (SHA-256 {certs.ca_fingerprint})")
+    typer.echo(f"CA private key:        {certs.ca_key}  (secret, mode 0600; keep it offline)")
+    typer.echo(f"SuperLink certificate: {certs.server_cert}  (for {', '.join(certs.hosts)})")
+    typer.echo(f"SuperLink private key: {certs.server_key}  (secret, mode 0600)")
+    for device in certs.devices:
+        typer.echo(f"device {device.index}: {device.private_path} (secret, mode 0600), {device.public_path}")
+    typer.echo("next:")
+    for line in next_commands(certs):
+        typer.echo(f"  {line}")
 
 
 def _read_texts(path: Path) -> list[str]:
