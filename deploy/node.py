@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedadapt.errors import ConfigError
-from fedadapt.processes import find_tool, free_port, stop_process_tree
+from fedadapt.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
 from simulations.runner import FLOWER_ENV
 
 INSECURE_NOTE = "INSECURE: no TLS and no node authentication; for a local demo only."
@@ -75,8 +75,9 @@ def run_node(config: NodeConfig) -> int:
         print(f"WARNING: {INSECURE_NOTE}")
     env = os.environ | FLOWER_ENV
     env["PATH"] = os.pathsep.join([str(Path(find_tool("flower-supernode")).parent), env.get("PATH", "")])
-    process = subprocess.Popen(config.command(), env=env)
-    try:
-        return process.wait()
-    finally:
-        stop_process_tree(process)  # Ctrl-C or an error here: the SuperNode and its ClientApps go too
+    with terminate_gracefully():
+        process = subprocess.Popen(config.command(), env=env)
+        try:
+            return process.wait()
+        finally:
+            stop_process_tree(process)  # Ctrl-C or an error here: the SuperNode and its ClientApps go too

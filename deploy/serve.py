@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedadapt.errors import ConfigError
-from fedadapt.processes import find_tool, free_port, stop_process_tree
+from fedadapt.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
 from simulations.runner import (
     FLOWER_ENV,
     FLWR_LOG,
@@ -107,7 +107,7 @@ def serve(
     certs = None if deployment.insecure else _certs(plan, deployment)
     flwr_home = Path(tempfile.mkdtemp(prefix="fedadapt-serve-"))
     try:
-        with _superlink(flwr_home, plan, deployment, certs) as (env, address):
+        with terminate_gracefully(), _superlink(flwr_home, plan, deployment, certs) as (env, address):
             nodes = [
                 _supernode(flwr_home, env, plan, address, index, deployment.local_supernodes, certs)
                 for index in range(deployment.local_supernodes)

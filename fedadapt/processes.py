@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedadapt.errors import ConfigError
@@ -86,3 +88,24 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"  # a zombie has exited; its parent reaps it
+
+
+@contextlib.contextmanager
+def terminate_gracefully() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit, so ``finally`` clauses stop what the block started.
+
+    Python's default SIGTERM handling ends the process at once, leaving every child it started
+    running. Outside the main thread (where signal handlers cannot be set) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

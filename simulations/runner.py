@@ -41,7 +41,7 @@ from fedadapt.fleet import (
     RUN_SERVER_KEY,
     RUN_SERVER_PUBLIC_KEY,
 )
-from fedadapt.processes import find_tool, free_port, stop_process_tree
+from fedadapt.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
 from fedadapt.report import compare_with_full_model
 from fedadapt.scenario import ScenarioConfig, full_model_variant, load_scenario, with_overrides
 
@@ -171,7 +171,7 @@ def run_plan(plan: SimulationPlan, show: bool) -> dict[str, Any]:
         remove_stale_client_state(plan.out_dir)
     flwr_home = Path(tempfile.mkdtemp(prefix="fedadapt-flwr-"))
     try:
-        with _superlink(flwr_home, plan.out_dir / SUPERLINK_LOG) as env:
+        with terminate_gracefully(), _superlink(flwr_home, plan.out_dir / SUPERLINK_LOG) as env:
             code = _run_app(plan, flwr_home, env, show)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
