@@ -140,7 +140,8 @@ class _Certs:
     ca: Path
     certificate: Path
     key: Path
-    device_keys: list[Path]  # private keys; the public one is beside each as <name>.pub
+    device_publics: list[Path]  # devices/device-<i>.key.pub: every device the SuperLink lets in
+    local_keys: list[Path]  # the private keys of the SuperNodes started here
 
 
 def _certs(plan: SimulationPlan, deployment: Deployment) -> _Certs:
@@ -153,11 +154,25 @@ def _certs(plan: SimulationPlan, deployment: Deployment) -> _Certs:
     missing = [name for name in ("ca.crt", "superlink.crt", "superlink.key") if not (folder / name).is_file()]
     if missing:
         raise ConfigError(f"{folder} lacks {missing}: make the folder with `fedadapt certs --out {folder}`")
-    keys = sorted((folder / "devices").glob("device-*.key"), key=lambda p: int(p.stem.split("-")[-1]))
-    if len(keys) < deployment.local_supernodes:
-        add_device_keys(folder, deployment.local_supernodes - len(keys))
-        keys = sorted((folder / "devices").glob("device-*.key"), key=lambda p: int(p.stem.split("-")[-1]))
-    return _Certs(folder, folder / "ca.crt", folder / "superlink.crt", folder / "superlink.key", keys)
+    publics = _device_files(folder, ".key.pub")
+    if len(publics) < deployment.local_supernodes:
+        add_device_keys(folder, deployment.local_supernodes - len(publics))
+        publics = _device_files(folder, ".key.pub")
+    local = [p.with_name(p.name.removesuffix(".pub")) for p in publics[: deployment.local_supernodes]]
+    absent = [str(p) for p in local if not p.is_file()]
+    if absent:
+        raise ConfigError(f"local SuperNodes need their private keys, and {absent[:3]} do not exist")
+    if not publics:
+        logger.warning("%s/devices holds no device keys: no SuperNode will be allowed in", folder)
+    return _Certs(folder, folder / "ca.crt", folder / "superlink.crt", folder / "superlink.key", publics, local)
+
+
+def _device_files(folder: Path, suffix: str) -> list[Path]:
+    """devices/device-<i><suffix>, by device number."""
+    found = [
+        p for p in (folder / "devices").glob(f"device-*{suffix}") if p.name[len("device-") : -len(suffix)].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len("device-") : -len(suffix)]))
 
 
 def _hosts(host: str) -> tuple[str, ...]:
@@ -192,8 +207,8 @@ def _superlink(
     try:
         _wait_listening(port, process, log_file)
         if certs is not None:
-            for key in certs.device_keys[: deployment.local_supernodes]:
-                _register(flwr_home, env, key, plan.out_dir / FLWR_LOG)
+            for public in certs.device_publics:
+                _register(flwr_home, env, public, plan.out_dir / FLWR_LOG)
         yield env, address
     finally:
         stop_process_tree(process)
@@ -206,9 +221,8 @@ def _write_connection(flwr_home: Path, address: str, certs: _Certs | None) -> No
     )
 
 
-def _register(flwr_home: Path, env: dict[str, str], key: Path, log_file: Path) -> None:
+def _register(flwr_home: Path, env: dict[str, str], public: Path, log_file: Path) -> None:
     """``flwr supernode register`` a device's public key, so that its SuperNode may join."""
-    public = key.with_name(key.name + ".pub")
     command = [find_tool("flwr"), "supernode", "register", str(public), CONNECTION]
     with log_file.open("ab") as log:
         result = subprocess.run(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=60)
@@ -231,7 +245,7 @@ def _supernode(
     if certs is None:
         command.append("--insecure")
     else:
-        command += ["--root-certificates", str(certs.ca), "--auth-supernode-private-key", str(certs.device_keys[index])]
+        command += ["--root-certificates", str(certs.ca), "--auth-supernode-private-key", str(certs.local_keys[index])]
     log_file = plan.out_dir / SUPERNODE_LOG.format(index=index)
     with log_file.open("ab") as log:
         return subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -274,15 +274,17 @@ def write_run_config(plan: SimulationPlan, folder: Path) -> Path:
 def run_keys(out_dir: Path) -> dict[str, str]:
     """The run's server key pair in ``<out>/keys/`` (made on first use, reused on resume), as run-config keys.
 
-    A simulation plays server and clients on one machine, so one folder serves both ends; in
-    deployment only ``server.pub`` (or its hex) is given to the devices.
+    The private key stays in the folder (only the server reads it); the public key goes to the
+    clients as 64 hex characters in the run config.
     """
-    from fedadapt.keys import PRIVATE_NAME, PUBLIC_NAME, generate_server_keys
+    from fedadapt.keys import PRIVATE_NAME, PUBLIC_NAME, generate_server_keys, load_public_key, public_key_hex
 
     folder = out_dir / KEYS_FOLDER
     if not (folder / PRIVATE_NAME).exists():
         generate_server_keys(folder)
-    return {RUN_SERVER_KEY: str(folder / PRIVATE_NAME), RUN_SERVER_PUBLIC_KEY: str(folder / PUBLIC_NAME)}
+    # The public key travels as hex: devices on other machines have no access to this folder.
+    public = public_key_hex(load_public_key(folder / PUBLIC_NAME))
+    return {RUN_SERVER_KEY: str(folder / PRIVATE_NAME), RUN_SERVER_PUBLIC_KEY: public}
 
 
 def toml_lines(values: dict[str, str | int | bool]) -> str:
