@@ -18,6 +18,7 @@ the apps could otherwise import instead of the packaged ones.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import socket
@@ -31,6 +32,7 @@ from typing import Any
 
 from fedadapt.errors import ConfigError
 from fedadapt.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
+from fedadapt.scenario import with_overrides
 from simulations.runner import (
     FLOWER_ENV,
     FLWR_LOG,
@@ -92,11 +94,16 @@ def serve(
     plan = plan_simulation(scenario, rounds, out, resume)
     if plan.scenario.full_model:
         logger.warning("full-model = true is ignored by fedadapt serve: run the comparison with fedadapt simulate")
-    if deployment.local_supernodes and deployment.local_supernodes < plan.scenario.sample_size:
-        raise ConfigError(
-            f"--local-supernodes {deployment.local_supernodes} is fewer than the {plan.scenario.sample_size} "
-            f"clients a round of {plan.scenario.name!r} samples: start at least that many"
+    if 0 < deployment.local_supernodes < plan.scenario.sample_size:
+        # A demo with fewer nodes than the scenario samples: every node, every round.
+        logger.warning(
+            "%s samples %d clients a round; with %d local SuperNodes each round takes all of them",
+            plan.scenario.name,
+            plan.scenario.sample_size,
+            deployment.local_supernodes,
         )
+        fewer = with_overrides(plan.scenario, clients_per_round=deployment.local_supernodes)
+        plan = dataclasses.replace(plan, scenario=fewer)
     if deployment.insecure:
         logger.warning(INSECURE_WARNING)
         if show:

@@ -368,6 +368,7 @@ def _round_seed(scenario: ScenarioConfig, server_round: int, partition_id: int) 
 RUN_SCENARIO = "scenario"  # scenario TOML; relative paths are resolved against the project folder
 RUN_OUT_DIR = "out-dir"  # where the server writes checkpoints, metrics.json and final_adapter/
 RUN_NUM_ROUNDS = "num-rounds"  # 0: the scenario's rounds
+RUN_CLIENTS_PER_ROUND = "clients-per-round"  # 0: the scenario's; fedadapt serve lowers it to the nodes it starts
 RUN_RESUME = "resume"  # continue from the latest checkpoint in out-dir
 RUN_CLIENT_STATE_DIR = "client-state-dir"  # where devices keep their personal parts; '': <out-dir>/clients
 RUN_FULL_MODEL = "full-model"  # run the scenario's full-model FedAvg variant instead
@@ -375,7 +376,7 @@ RUN_EMPTY_CLIENTS = "empty-clients"  # benchmarks: clients reply at once with a 
 RUN_SERVER_KEY = "server-key"  # the server's X25519 private key file (privacy modes aead and secagg+)
 RUN_SERVER_PUBLIC_KEY = "server-public-key"  # its public key for the clients: 64 hex characters or server.pub's path
 RUN_KEYS = (
-    *(RUN_SCENARIO, RUN_OUT_DIR, RUN_NUM_ROUNDS, RUN_RESUME, RUN_CLIENT_STATE_DIR),
+    *(RUN_SCENARIO, RUN_OUT_DIR, RUN_NUM_ROUNDS, RUN_CLIENTS_PER_ROUND, RUN_RESUME, RUN_CLIENT_STATE_DIR),
     *(RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_SERVER_KEY, RUN_SERVER_PUBLIC_KEY),
 )
 CLIENT_STATE_FOLDER = "clients"
@@ -406,13 +407,11 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
         raise ConfigError(f"run config has unknown keys {unknown}; allowed keys are: {', '.join(RUN_KEYS)}")
     scenario_path = _resolve(str(run_config.get(RUN_SCENARIO, "")), project_root, RUN_SCENARIO)
     out_dir = _resolve(str(run_config.get(RUN_OUT_DIR, "")), Path.cwd(), RUN_OUT_DIR)
-    rounds = run_config.get(RUN_NUM_ROUNDS, 0)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ConfigError(f"{RUN_NUM_ROUNDS} must be a non-negative integer, got {rounds!r}")
+    rounds, per_round = (_count(run_config, key) for key in (RUN_NUM_ROUNDS, RUN_CLIENTS_PER_ROUND))
     resume, full_model, empty = (_flag(run_config, key) for key in (RUN_RESUME, RUN_FULL_MODEL, RUN_EMPTY_CLIENTS))
     state = str(run_config.get(RUN_CLIENT_STATE_DIR, ""))
     server_key = str(run_config.get(RUN_SERVER_KEY, ""))
-    scenario = with_overrides(load_scenario(scenario_path), rounds=rounds or None)
+    scenario = with_overrides(load_scenario(scenario_path), rounds=rounds or None, clients_per_round=per_round or None)
     return FleetRun(
         scenario=full_model_variant(scenario) if full_model else scenario,
         out_dir=out_dir,
@@ -422,6 +421,13 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
         server_key=_resolve(server_key, Path.cwd(), RUN_SERVER_KEY) if server_key else None,
         server_public_key=str(run_config.get(RUN_SERVER_PUBLIC_KEY, "")),
     )
+
+
+def _count(run_config: Mapping[str, Any], key: str) -> int:
+    value = run_config.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
+    return value
 
 
 def _flag(run_config: Mapping[str, Any], key: str) -> bool:

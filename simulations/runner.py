@@ -32,6 +32,7 @@ from fedadapt.errors import ConfigError, FedAdaptError
 from fedadapt.fleet import (
     CLIENT_STATE_FOLDER,
     PERSONAL_FILE,
+    RUN_CLIENTS_PER_ROUND,
     RUN_EMPTY_CLIENTS,
     RUN_FULL_MODEL,
     RUN_NUM_ROUNDS,
@@ -260,6 +261,7 @@ def write_run_config(plan: SimulationPlan, folder: Path) -> Path:
         RUN_SCENARIO: str(plan.scenario_path),
         RUN_OUT_DIR: str(plan.out_dir),
         RUN_NUM_ROUNDS: plan.scenario.rounds,
+        RUN_CLIENTS_PER_ROUND: plan.scenario.sample_size,
         RUN_RESUME: plan.resume,
         RUN_FULL_MODEL: plan.full_model,
         RUN_EMPTY_CLIENTS: plan.empty_clients,
