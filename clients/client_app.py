@@ -8,7 +8,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.secure import bytes_array, payload_bytes, run_stage
+from clients.secure import Device, bytes_array, payload_bytes, run_stage
 from fedadapt import protocol
 from fedadapt.fleet import FleetRun, empty_client_round, evaluate_client, fleet_run_from_config, run_client_round
 from fedadapt.privacy import PrivacyConfig
@@ -17,6 +17,7 @@ from fedadapt.transport import ClientSealer
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # inside the FAB Flower unpacks, or the checkout
 PARTITION_ID = "partition-id"  # node config key Flower's simulation sets for each virtual device
 STATE_DIR = "state-dir"  # optional node config key: where a real device keeps its personal part
+DATA_PATH = "data-path"  # optional node config key: the device's own data file (else its partition of the scenario's)
 
 app = ClientApp()
 
@@ -31,14 +32,20 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records[protocol.CONFIG]
     sealer = _sealer(run.scenario.privacy, context.run_id, context.node_id, run.server_public_key)
     if protocol.SECAGG_STAGE in config:
-        return run_stage(msg, context, run, sealer, _partition_id(context), _state_dir(run, context))
+        device = Device(_partition_id(context), _state_dir(run, context), _data_path(context))
+        return run_stage(msg, context, run, sealer, device)
     server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[arg-type]
     if run.empty_clients:
-        reply = empty_client_round(run.scenario, _partition_id(context))
+        reply = empty_client_round(run.scenario, _partition_id(context), _data_path(context))
     else:
         global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
         reply = run_client_round(
-            run.scenario, _partition_id(context), global_blob, _state_dir(run, context), server_round
+            run.scenario,
+            _partition_id(context),
+            global_blob,
+            _state_dir(run, context),
+            server_round,
+            _data_path(context),
         )
     delta = sealer.seal_delta(reply.delta_blob, reply.num_examples, server_round, reply.schema_id)
     metrics: dict[str, MetricRecordValues] = dict(reply.metrics)
@@ -58,7 +65,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the device's model (global shared part + its personal part) on its local test split."""
     run = fleet_run_from_config(context.run_config, PROJECT_ROOT)
     global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
-    scores = evaluate_client(run.scenario, _partition_id(context), global_blob, _state_dir(run, context))
+    scores = evaluate_client(
+        run.scenario, _partition_id(context), global_blob, _state_dir(run, context), _data_path(context)
+    )
     metrics: dict[str, MetricRecordValues] = {**scores}
     return Message(content=RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
@@ -71,6 +80,11 @@ def _sealer(privacy: PrivacyConfig, run_id: int, node_id: int, public_key: str) 
 
 def _partition_id(context: Context) -> int:
     return int(context.node_config[PARTITION_ID])
+
+
+def _data_path(context: Context) -> Path | None:
+    configured = context.node_config.get(DATA_PATH)
+    return Path(str(configured)) if configured else None
 
 
 def _state_dir(run: FleetRun, context: Context) -> Path:

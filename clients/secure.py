@@ -7,6 +7,7 @@ The protocol itself is ``fedadapt.secagg.client``; training is ``fedadapt.fleet`
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,16 @@ from fedadapt.transport import ClientSealer
 _SESSION_FIELD = "session"
 
 
-def run_stage(
-    msg: Message, context: Context, run: FleetRun, sealer: ClientSealer, partition_id: int, state_dir: Path
-) -> Message:
+@dataclass(frozen=True)
+class Device:
+    """Which device this is: its partition id, where it keeps its personal part, its own data file if any."""
+
+    partition_id: int
+    state_dir: Path
+    data_path: Path | None = None
+
+
+def run_stage(msg: Message, context: Context, run: FleetRun, sealer: ClientSealer, device: Device) -> Message:
     """Answer one SecAgg+ stage message; the round's secrets stay in ``context.state``."""
     config = msg.content.config_records[protocol.CONFIG]
     stage = str(config[protocol.SECAGG_STAGE])
@@ -41,7 +49,7 @@ def run_stage(
     elif stage == stages.MASKED:
         # Check the neighbours' shares before spending a round of training on them.
         session = secagg_client.receive_shares(server_round, saved, request)
-        update = _train(msg, run, partition_id, state_dir, server_round)
+        update = _train(msg, run, device, server_round)
         vector, norm_clipped = _delta_vector(update, run.scenario.max_delta_norm)
         step = secagg_client.mask(privacy, server_round, session, vector, update.num_examples)
         schema_id = update.schema.schema_id
@@ -72,13 +80,15 @@ def _saved_session(context: Context) -> bytes:
     return bytes(record[_SESSION_FIELD]) if record is not None else b""  # type: ignore[arg-type]
 
 
-def _train(msg: Message, run: FleetRun, partition_id: int, state_dir: Path, server_round: int) -> LocalUpdate:
+def _train(msg: Message, run: FleetRun, device: Device, server_round: int) -> LocalUpdate:
     from fedadapt.fleet import empty_client_update, train_client_update
 
     if run.empty_clients:
-        return empty_client_update(run.scenario, partition_id)
+        return empty_client_update(run.scenario, device.partition_id, device.data_path)
     global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
-    return train_client_update(run.scenario, partition_id, global_blob, state_dir, server_round)
+    return train_client_update(
+        run.scenario, device.partition_id, global_blob, device.state_dir, server_round, device.data_path
+    )
 
 
 def _delta_vector(update: LocalUpdate, max_norm: float | None) -> tuple[np.ndarray, bool]:

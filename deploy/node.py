@@ -32,6 +32,7 @@ class NodeConfig:
     auth_key: Path | None = None  # this device's private key (devices/device-<i>.key)
     insecure: bool = False
     state_dir: Path | None = None  # where the device keeps its personal part
+    data: Path | None = None  # the device's own data file; None: its partition of the scenario's data
     port: int | None = None  # the SuperNode's own ClientAppIo port; None: a free one
 
     def __post_init__(self) -> None:
@@ -51,12 +52,16 @@ class NodeConfig:
             for path in (self.root_certificates, self.auth_key):
                 if not path.is_file():
                     raise ConfigError(f"{path} does not exist")
+        if self.data is not None and not self.data.exists():
+            raise ConfigError(f"--data {self.data} does not exist")
 
     def command(self) -> list[str]:
         """The ``flower-supernode`` command line."""
         node_config = f"partition-id={self.partition_id} num-partitions={self.num_partitions}"
         if self.state_dir is not None:
             node_config += f' state-dir="{self.state_dir.resolve()}"'
+        if self.data is not None:
+            node_config += f' data-path="{self.data.resolve()}"'
         command = [find_tool("flower-supernode"), "--superlink", self.superlink]
         command += ["--port", str(self.port or free_port()), "--node-config", node_config]
         if self.insecure:

@@ -201,6 +201,10 @@ def node(
     root_certificates: Annotated[Path | None, typer.Option(help="The CA certificate (ca.crt).")] = None,
     auth_key: Annotated[Path | None, typer.Option(help="This device's key (devices/device-<i>.key).")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Where the device keeps its personal part.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="The device's own CSV/JSON/JSONL data (default: its partition of the scenario's data)."),
+    ] = None,
     insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication: local demos only.")] = False,
 ) -> None:
     """Join a federation as one device: a Flower SuperNode that runs fedadapt's ClientApp."""
@@ -214,6 +218,7 @@ def node(
             auth_key=auth_key,
             insecure=insecure,
             state_dir=state_dir,
+            data=data,
         )
         raise typer.Exit(launcher.run_node(config))
     except FedAdaptError as err:

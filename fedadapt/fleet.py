@@ -58,7 +58,7 @@ class FleetData:
 
 _DATA_FIELDS = (
     *("data", "text_column", "label_column", "max_examples", "examples_per_user", "server_test_examples"),
-    *("partition", "num_clients", "alpha", "test_fraction", "seed"),
+    *("partition", "num_clients", "alpha", "test_fraction", "seed", "labels"),
 )
 _MODEL_FIELDS = ("backbone", "method", "rank", "personal_head", "seed")
 
@@ -98,6 +98,12 @@ def _load_fleet_data(scenario: ScenarioConfig) -> FleetData:
         test_fraction=scenario.test_fraction,
         min_partition_size=min(10, max(1, len(splits.train) // (2 * scenario.num_clients))),
     )
+    if scenario.labels:
+        declared = _label_file(scenario.labels)
+        unknown = sorted(set(splits.train.labels) - set(declared.names))
+        if unknown:
+            raise DataError(f"the scenario's data has labels its labels file {scenario.labels} lacks: {unknown[:5]}")
+        splits = dataclasses.replace(splits, labels=declared)
     clients = tuple(partition_dataset(splits.train, partition))
     # Central evaluation runs every round: a seeded sample of the server's test split keeps it affordable.
     test = splits.test.sample(scenario.server_test_examples, scenario.seed)
@@ -215,15 +221,56 @@ def client_split(scenario: ScenarioConfig, partition_id: int) -> ClientSplit:
     return clients[partition_id]
 
 
+def device_split(scenario: ScenarioConfig, partition_id: int, data_path: Path | None = None) -> ClientSplit:
+    """The device's train and test data: its partition of the scenario's data, or its own file.
+
+    A device's own file is read with the scenario's column names, and a seeded ``test-fraction``
+    of it is held out as its test split. Its labels must all be in the scenario's label map.
+    """
+    if data_path is None:
+        return client_split(scenario, partition_id)
+    from fedadapt.data import load_text_dataset
+    from fedadapt.partition import ClientSplit
+
+    data = load_text_dataset(data_path, text_column=scenario.text_column, label_column=scenario.label_column)
+    known = set(scenario_labels(scenario).names)
+    unknown = sorted(set(data.labels) - known)
+    if unknown:
+        raise DataError(
+            f"{data_path} has labels the scenario does not know: {unknown[:5]}; the scenario's are "
+            f"{sorted(known)[:10]}{' ...' if len(known) > 10 else ''}"
+        )
+    train, test = (
+        data.split_off(scenario.test_fraction, scenario.seed) if scenario.test_fraction else (data, data.subset([]))
+    )
+    return ClientSplit(client_id=partition_id, train=train, test=test, train_indices=(), test_indices=())
+
+
+def scenario_labels(scenario: ScenarioConfig) -> LabelMap:
+    """The scenario's global label map: from its ``labels`` file when it names one, else from its data."""
+    if scenario.labels:
+        return _label_file(scenario.labels)
+    return load_fleet_data(scenario).labels
+
+
+@functools.lru_cache(maxsize=4)
+def _label_file(path: str) -> LabelMap:
+    from fedadapt.data import LabelMap
+
+    return LabelMap.from_file(path)
+
+
 def run_client_round(
     scenario: ScenarioConfig,
     partition_id: int,
     global_blob: bytes,
     state_dir: Path,
     server_round: int = 0,
+    data_path: Path | None = None,
 ) -> ClientReply:
     """One device's round: global shared state in, serialized shared-part delta out."""
-    return serialize_update(train_client_update(scenario, partition_id, global_blob, state_dir, server_round), scenario)
+    update = train_client_update(scenario, partition_id, global_blob, state_dir, server_round, data_path)
+    return serialize_update(update, scenario)
 
 
 def serialize_update(update: LocalUpdate, scenario: ScenarioConfig) -> ClientReply:
@@ -240,17 +287,21 @@ def train_client_update(
     global_blob: bytes,
     state_dir: Path,
     server_round: int = 0,
+    data_path: Path | None = None,
 ) -> LocalUpdate:
-    """Load the global shared state, restore the personal part, train locally; the personal part stays on disk."""
+    """Load the global shared state, restore the personal part, train locally; the personal part stays on disk.
+
+    The device trains on its partition of the scenario's data, or on its own file at ``data_path``.
+    """
     from fedadapt.state import compute_delta
     from fedadapt.train import evaluate, train_adapter
 
-    fleet = load_fleet_data(scenario)
-    split = client_split(scenario, partition_id)
-    model = _prepare_model(scenario, fleet, global_blob, state_dir, partition_id)
+    labels = scenario_labels(scenario)
+    split = device_split(scenario, partition_id, data_path)
+    model = _prepare_model(scenario, labels, global_blob, state_dir, partition_id)
     global_shared = model.state("shared")
-    train_set = encode_split(model, split.train, fleet.labels, scenario.max_length)
-    test_set = encode_split(model, split.test, fleet.labels, scenario.max_length)
+    train_set = encode_split(model, split.train, labels, scenario.max_length)
+    test_set = encode_split(model, split.test, labels, scenario.max_length)
     if len(train_set) == 0:
         raise DataError(f"client {partition_id} has no training examples")
     # Scoring the received global model too costs a forward pass per round: only when asked.
@@ -286,33 +337,32 @@ def train_client_update(
     return LocalUpdate(delta=delta, schema=model.schema, num_examples=len(train_set), metrics=metrics)
 
 
-def empty_client_round(scenario: ScenarioConfig, partition_id: int) -> ClientReply:
+def empty_client_round(scenario: ScenarioConfig, partition_id: int, data_path: Path | None = None) -> ClientReply:
     """A device that does no work: an all-zero delta at once (benchmarks measure Flower's own round cost)."""
-    return serialize_update(empty_client_update(scenario, partition_id), scenario)
+    return serialize_update(empty_client_update(scenario, partition_id, data_path), scenario)
 
 
-def empty_client_update(scenario: ScenarioConfig, partition_id: int) -> LocalUpdate:
+def empty_client_update(scenario: ScenarioConfig, partition_id: int, data_path: Path | None = None) -> LocalUpdate:
     """An all-zero delta with the client's real example count, without training."""
     import torch
 
-    fleet = load_fleet_data(scenario)
-    model = _cached_model(_only(scenario, _MODEL_FIELDS), fleet.labels.names).model
+    model = _cached_model(_only(scenario, _MODEL_FIELDS), scenario_labels(scenario).names).model
     zeros = {s.name: torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in model.schema.specs("shared")}
-    num_examples = max(1, len(client_split(scenario, partition_id).train))
+    num_examples = max(1, len(device_split(scenario, partition_id, data_path).train))
     return LocalUpdate(zeros, model.schema, num_examples, {"partition-id": partition_id})
 
 
 def evaluate_client(
-    scenario: ScenarioConfig, partition_id: int, global_blob: bytes, state_dir: Path
+    scenario: ScenarioConfig, partition_id: int, global_blob: bytes, state_dir: Path, data_path: Path | None = None
 ) -> dict[str, float | int]:
     """The device's model (global shared part + its own personal part) on its local test split; no training."""
     from fedadapt.train import evaluate
 
-    fleet = load_fleet_data(scenario)
-    split = client_split(scenario, partition_id)
-    model = _prepare_model(scenario, fleet, global_blob, state_dir, partition_id)
+    labels = scenario_labels(scenario)
+    split = device_split(scenario, partition_id, data_path)
+    model = _prepare_model(scenario, labels, global_blob, state_dir, partition_id)
     scores = _evaluate_or_none(
-        evaluate, model, encode_split(model, split.test, fleet.labels, scenario.max_length), scenario.device
+        evaluate, model, encode_split(model, split.test, labels, scenario.max_length), scenario.device
     )
     metrics: dict[str, float | int] = {"partition-id": partition_id, "test-examples": len(split.test)}
     if scores is not None:
@@ -321,12 +371,12 @@ def evaluate_client(
 
 
 def _prepare_model(
-    scenario: ScenarioConfig, fleet: FleetData, global_blob: bytes, state_dir: Path, partition_id: int
+    scenario: ScenarioConfig, labels: LabelMap, global_blob: bytes, state_dir: Path, partition_id: int
 ) -> AdapterModel:
     """The process's cached model with the received shared state and this device's personal part loaded."""
     from fedadapt.serialize import deserialize_state
 
-    cached = _cached_model(_only(scenario, _MODEL_FIELDS), fleet.labels.names)
+    cached = _cached_model(_only(scenario, _MODEL_FIELDS), labels.names)
     model = cached.model
     model.load_state(deserialize_state(global_blob, model.schema, "shared"), "shared")
     if cached.initial_personal:

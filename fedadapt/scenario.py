@@ -34,6 +34,7 @@ class ScenarioConfig:
     backbone: str | None = None  # None: the packaged MiniLM-L6
     text_column: str | None = None
     label_column: str | None = None
+    labels: str | None = None  # a JSON list of label names: the label map, so devices with own data need no more
     max_examples: int | None = None  # cap on training examples before partitioning (seeded sample)
     examples_per_user: int = 80  # synthetic data only: messages per simulated user
     server_test_examples: int | None = None  # seeded cap on the server's test split (central evaluation)
@@ -212,7 +213,7 @@ def load_scenario(path: str | Path) -> ScenarioConfig:
 def _relative_to(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Relative ``data`` and ``backbone`` paths are the scenario file's; the apps run in other folders."""
     resolved = dict(data)
-    for key in ("data", "backbone"):
+    for key in ("data", "backbone", "labels"):
         value = resolved.get(key)
         if isinstance(value, str) and value != SYNTHETIC and not Path(value).expanduser().is_absolute():
             candidate = folder / value

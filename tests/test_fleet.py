@@ -241,3 +241,57 @@ def test_virtual_tokens_leave_room_for_the_text(tiny_bert: Path, method: str) ->
     encoded = encode_split(model, data, LabelMap.from_labels(("a", "b")), scenario.max_length)
     assert max(len(ids) for ids in encoded.input_ids) == 44
     assert evaluate(model, encoded, device="cpu").examples == 2  # no position overflow
+
+
+# --- a device's own data -------------------------------------------------------------------------------------
+
+
+def _own_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    import csv
+
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def test_a_device_trains_on_its_own_file_with_the_scenarios_labels(tiny_bert: Path, tmp_path: Path) -> None:
+    from fedadapt.fleet import device_split, scenario_labels
+
+    scenario = tiny_scenario(tiny_bert)
+    names = scenario_labels(scenario).names
+    rows = [(f"my own message number {i} about {names[i % 2]}", names[i % 2]) for i in range(20)]
+    own = _own_csv(tmp_path / "mine.csv", rows)
+    split = device_split(scenario, 7, own)
+    assert (len(split.train), len(split.test)) == (16, 4)  # test-fraction 0.2, seeded
+    assert set(split.train.labels) | set(split.test.labels) <= set(names[:2])
+    assert device_split(scenario, 7, own).test.texts == split.test.texts  # the same hold-out every time
+    _, blob = _global(scenario)
+    reply = run_client_round(scenario, 1, blob, tmp_path / "state", server_round=1, data_path=own)
+    assert reply.num_examples == 16 != len(load_fleet_data(scenario).clients[1].train)
+    assert reply.metrics["test-examples"] == 4
+
+
+def test_a_device_file_with_labels_the_scenario_lacks_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
+    from fedadapt.errors import DataError
+    from fedadapt.fleet import device_split
+
+    own = _own_csv(tmp_path / "mine.csv", [("hello", "no-such-intent"), ("bye", "another-unknown")] * 3)
+    with pytest.raises(DataError, match="labels the scenario does not know.*no-such-intent"):
+        device_split(tiny_scenario(tiny_bert), 0, own)
+
+
+def test_a_labels_file_fixes_the_label_map_without_the_scenarios_data(tiny_bert: Path, tmp_path: Path) -> None:
+    """A device with its own data and the scenario's labels file never reads the scenario's data set."""
+    import json
+
+    from fedadapt.fleet import device_split, scenario_labels
+
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(["refund", "card_lost", "greeting"]))
+    scenario = tiny_scenario(tiny_bert, data=str(tmp_path / "not-on-this-device.csv"), labels=str(labels))
+    assert scenario_labels(scenario).names == ("refund", "card_lost", "greeting")  # the file's order
+    own = _own_csv(tmp_path / "mine.csv", [("where is my money", "refund"), ("lost my card", "card_lost")] * 5)
+    split = device_split(scenario, 0, own)
+    assert len(split.train) + len(split.test) == 10
