@@ -114,7 +114,7 @@ def serve(
     certs = None if deployment.insecure else _certs(plan, deployment)
     flwr_home = Path(tempfile.mkdtemp(prefix="fedadapt-serve-"))
     try:
-        with terminate_gracefully(), _superlink(flwr_home, plan, deployment, certs) as (env, address):
+        with terminate_gracefully(), _superlink(flwr_home, plan, deployment, certs) as (env, address, link):
             nodes = [
                 _supernode(flwr_home, env, plan, address, index, deployment.local_supernodes, certs)
                 for index in range(deployment.local_supernodes)
@@ -122,6 +122,9 @@ def serve(
             try:
                 code = _run_app(plan, flwr_home, env, show)
             finally:
+                # The SuperLink (and the ServerApp below it) first: with the nodes gone first, the
+                # ServerApp would close the interrupted round as failed and mark the run complete.
+                stop_process_tree(link)
                 for node in nodes:
                     stop_process_tree(node)
     finally:
@@ -192,7 +195,7 @@ def _hosts(host: str) -> tuple[str, ...]:
 @contextlib.contextmanager
 def _superlink(
     flwr_home: Path, plan: SimulationPlan, deployment: Deployment, certs: _Certs | None
-) -> Iterator[tuple[dict[str, str], str]]:
+) -> Iterator[tuple[dict[str, str], str, subprocess.Popen[bytes]]]:
     """A deployment SuperLink; yields the environment for Flower's CLI and the address SuperNodes dial."""
     import os
 
@@ -216,7 +219,7 @@ def _superlink(
         if certs is not None:
             for public in certs.device_publics:
                 _register(flwr_home, env, public, plan.out_dir / FLWR_LOG)
-        yield env, address
+        yield env, address, process
     finally:
         stop_process_tree(process)
 

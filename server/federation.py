@@ -36,7 +36,7 @@ from server.checkpoint import (
     rng_state_to_json,
     save_checkpoint,
 )
-from server.replies import array_to_bytes, bytes_to_array, client_error_reason
+from server.replies import array_to_bytes, bytes_to_array, client_error_reason, destinations, reply_node
 from server.secure_round import run_secure_round
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class Federation:
         )
         messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in sampled]
         replies = list(grid.send_and_receive(messages, timeout=self.scenario.round_timeout))
-        unpacked = _unpack_replies(replies, sampled, self.scenario.round_timeout)
+        unpacked = _unpack_replies(replies, sampled, self.scenario.round_timeout, destinations(messages))
         record |= {
             "bytes_down": len(blob) * len(sampled),
             "bytes_up": sum(len(r[1]) for r in unpacked.deltas),
@@ -278,11 +278,13 @@ class _Replies:
         self.client_metrics: list[dict[str, Any]] = []
 
 
-def _unpack_replies(replies: list[Message], sampled: list[int], timeout: float) -> _Replies:
+def _unpack_replies(
+    replies: list[Message], sampled: list[int], timeout: float, sent_to: dict[str, int] | None = None
+) -> _Replies:
     out = _Replies()
     answered = set()
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = reply_node(reply, sent_to or {})
         answered.add(node)
         client = f"node {node}"
         if reply.has_error():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from flwr.app import Array
+from flwr.app import Array, Message
 
 from fedadapt.aggregate import REASON_LIMIT
 
@@ -17,6 +17,17 @@ def bytes_to_array(blob: bytes) -> Array:
 
 def array_to_bytes(array: Array) -> bytes:
     return array.numpy().tobytes()
+
+
+def destinations(messages: list[Message]) -> dict[str, int]:
+    """Message id → destination node of messages already sent (the grid sets their ids when it pushes them)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+
+def reply_node(reply: Message, sent_to: dict[str, int]) -> int:
+    """The node a reply answers for. Errors the SuperLink makes itself ("Node Unavailable") carry the
+    SuperLink's own id as their source; the message they reply to names the real node."""
+    return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -23,7 +23,7 @@ from fedadapt.secagg import stages
 from fedadapt.secagg.server import SecAggRound
 from fedadapt.state import AdapterSchema, State
 from fedadapt.transport import ServerOpener
-from server.replies import array_to_bytes, bytes_to_array, client_error_reason
+from server.replies import array_to_bytes, bytes_to_array, client_error_reason, destinations, reply_node
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,10 @@ class _Talk:
             content = RecordDict({protocol.ARRAYS: ArrayRecord(arrays), protocol.CONFIG: config})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
             exchange.bytes_down += len(payload) + (len(global_blob) if global_blob is not None else 0)
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            self._take(stage, reply, exchange)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        sent_to = destinations(messages)
+        for reply in replies:
+            self._take(stage, reply, exchange, reply_node(reply, sent_to))
         late = f"no reply within the round timeout ({self.timeout:g} s)"
         exchange.failed |= {n: late for n in requests if n not in exchange.replies and n not in exchange.failed}
         self.stages[stage] = {
@@ -130,8 +132,7 @@ class _Talk:
         }
         return exchange.replies, exchange.failed
 
-    def _take(self, stage: str, reply: Message, exchange: _Exchange) -> None:
-        node = reply.metadata.src_node_id
+    def _take(self, stage: str, reply: Message, exchange: _Exchange, node: int) -> None:
         if reply.has_error():
             exchange.failed[node] = f"client error: {client_error_reason(reply.error.reason)}"
             return

@@ -357,3 +357,19 @@ def test_default_out_dir_never_refuses_a_repeated_command(tmp_path: Path, monkey
     assert plan_simulation(scenario, None, None, resume=True).out_dir == tmp_path / "runs" / "sim-quickstart"
     with pytest.raises(ConfigError, match="already holds a run"):
         plan_simulation(scenario, None, tmp_path / "runs" / "sim-quickstart", resume=False)
+
+
+def test_an_error_the_superlink_makes_is_filed_under_the_node_it_was_sent_to() -> None:
+    """Flower's own "Node Unavailable" replies come from the SuperLink (id 1); the reply-to id names the node."""
+    from types import SimpleNamespace
+
+    from server.replies import destinations, reply_node
+
+    sent = [SimpleNamespace(metadata=SimpleNamespace(message_id=f"m{n}", dst_node_id=n)) for n in (101, 102)]
+    unsent = SimpleNamespace(metadata=SimpleNamespace(message_id="", dst_node_id=103))
+    sent_to = destinations([*sent, unsent])  # type: ignore[list-item]
+    assert sent_to == {"m101": 101, "m102": 102}
+    from_superlink = SimpleNamespace(metadata=SimpleNamespace(src_node_id=1, reply_to_message_id="m102"))
+    from_node = SimpleNamespace(metadata=SimpleNamespace(src_node_id=101, reply_to_message_id="unknown"))
+    assert reply_node(from_superlink, sent_to) == 102  # type: ignore[arg-type]
+    assert reply_node(from_node, sent_to) == 101  # type: ignore[arg-type]

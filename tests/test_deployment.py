@@ -1,0 +1,340 @@
+"""``fedadapt serve`` on a real loopback deployment: TLS + SuperNode auth, refusals, resume after a kill.
+
+One module-scoped run (the CLI, 3 local SuperNodes, 2 rounds, the tiny BERT) is shared: while it is
+in progress, a SuperNode with an unregistered key and one trusting another CA try to join; its
+output is the reference the interrupted-and-resumed run must match bit for bit. Every process
+started here is stopped by PID in a ``finally``; each test ends with no process left below pytest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedadapt.certs import generate_deployment_certs
+from fedadapt.processes import alive, descendants, free_port
+
+serve_module = pytest.importorskip("deploy.serve")
+runner_module = pytest.importorskip("simulations.runner")
+
+ROUNDS = 2
+NODES = 3
+RUN_TIMEOUT = 420.0  # one 2-round run: ~115 s on 2 idle cores, ~210 s with the load average at 8
+STOP_TIMEOUT = 60.0
+BIN = Path(sys.executable).parent
+
+
+def _scenario(folder: Path, tiny_bert: Path) -> Path:
+    values = {
+        "name": "tiny-deploy",
+        "backbone": str(tiny_bert),
+        "data": "synthetic",
+        "partition": "natural",
+        "num-clients": NODES,  # every client, every round
+        "rank": 4,
+        "rounds": ROUNDS,
+        "local-max-steps": 2,
+        "batch-size": 8,
+        "max-length": 16,
+        "device": "cpu",
+        "seed": 3,
+    }
+    file = folder / "scenario.toml"
+    file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return file
+
+
+# --- processes ------------------------------------------------------------------------------------------------
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class _Tree:
+    """Every process seen below the processes we started, by (PID, start time): found again even once orphaned."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, str] = {}
+
+    def watch(self, *procs: subprocess.Popen[bytes]) -> None:
+        for proc in procs:
+            for pid in descendants(proc.pid):
+                start = _start_time(pid)
+                if start is not None:
+                    self.seen.setdefault(pid, start)
+
+    def alive(self) -> list[int]:
+        return [pid for pid, start in self.seen.items() if alive(pid) and _start_time(pid) == start]
+
+    def kill_leftovers(self) -> None:
+        for pid in self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _stop(proc: subprocess.Popen[bytes], tree: _Tree) -> None:
+    """SIGTERM (the launchers then stop their own children), SIGKILL after STOP_TIMEOUT; then any leftover."""
+    if proc.poll() is None:
+        tree.watch(proc)
+        proc.terminate()
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            tree.watch(proc)
+            proc.kill()
+            proc.wait(timeout=10)
+    tree.kill_leftovers()
+
+
+def _flower_env(home: Path) -> dict[str, str]:
+    env = os.environ | runner_module.FLOWER_ENV | {"FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])  # flower-supernode starts flower-superexec
+    return env
+
+
+def _popen(command: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+
+
+def _cli_serve(out: Path, scenario: Path, port: int, log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "fedadapt.cli", "serve", "--config", str(scenario)]
+    command += ["--local-supernodes", str(NODES), "--rounds", str(ROUNDS), "--out", str(out), "--port", str(port)]
+    return _popen(command, log, _flower_env(cwd / "flwr-home"), cwd)
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _until(condition: Any, timeout: float, what: str, tree: _Tree, *procs: subprocess.Popen[bytes]) -> None:
+    """Poll ``condition()`` every 0.3 s (watching the process trees) until true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        tree.watch(*procs)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.3)
+
+
+def _no_process_left() -> list[int]:
+    return [pid for pid in descendants(os.getpid()) if alive(pid)]
+
+
+@pytest.fixture(autouse=True)
+def no_process_left() -> Iterator[None]:
+    yield
+    assert _no_process_left() == [], "a test left processes running below pytest"
+
+
+# --- the shared run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Intruder:
+    returncode: int | None
+    log: str
+    run_in_progress: bool  # the serve run was still going when this node had been refused
+
+
+@dataclass
+class Served:
+    scenario: Path
+    out: Path
+    returncode: int
+    output: str
+    leftovers: list[int]
+    unregistered: Intruder
+    foreign_ca: Intruder
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Served:
+    """``fedadapt serve`` (3 local SuperNodes, TLS + node auth, 2 rounds) with two intruders trying to join."""
+    if not (BIN / "flower-superlink").exists():
+        pytest.skip("flower-superlink is not installed beside this Python")
+    root = tmp_path_factory.mktemp("deployment")
+    scenario = _scenario(root, tiny_bert)
+    out, port = root / "run", free_port()
+    # Intruders: a key the SuperLink never registered (with the run's real CA, once it exists), and a CA
+    # other than the run's (with a key the SuperLink did register).
+    stranger = generate_deployment_certs(root / "stranger", hosts=["127.0.0.1"], devices=1)
+    tree, started = _Tree(), time.monotonic()
+    serve_proc = _cli_serve(out, scenario, port, root / "serve.out", root)
+    intruders: list[subprocess.Popen[bytes]] = []
+    try:
+        link_log = out / runner_module.SUPERLINK_LOG
+        _until(lambda: _text(link_log).count("Activated node_id=") >= NODES or serve_proc.poll() is not None,
+               120, "the 3 local SuperNodes to activate", tree, serve_proc)  # fmt: skip
+        assert serve_proc.poll() is None, _text(root / "serve.out")[-3000:]
+        env = _flower_env(root / "intruder-home")
+        certs = out / serve_module.CERTS_FOLDER
+
+        def intruder(name: str, ca: Path, key: Path) -> subprocess.Popen[bytes]:
+            command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--port", str(free_port())]
+            command += ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
+            command += ["--node-config", f"partition-id=0 num-partitions={NODES}"]
+            proc = _popen(command, root / f"{name}.log", env, root)
+            intruders.append(proc)
+            return proc
+
+        unregistered = intruder("unregistered", certs / "ca.crt", stranger.devices[0].private_path)
+        foreign = intruder("foreign-ca", stranger.ca_cert, certs / "devices" / "device-0.key")
+        _until(lambda: all(p.poll() is not None for p in intruders), 90, "the intruders to exit", tree, *intruders)
+        in_progress = serve_proc.poll() is None
+        _until(lambda: serve_proc.poll() is not None, RUN_TIMEOUT - (time.monotonic() - started),
+               "fedadapt serve to finish", tree, serve_proc)  # fmt: skip
+        seconds = time.monotonic() - started
+    finally:
+        for proc in [*intruders, serve_proc]:
+            _stop(proc, tree)
+    return Served(
+        scenario=scenario,
+        out=out,
+        returncode=serve_proc.returncode,
+        output=_text(root / "serve.out"),
+        leftovers=tree.alive() + _no_process_left(),
+        unregistered=Intruder(unregistered.returncode, _text(root / "unregistered.log"), in_progress),
+        foreign_ca=Intruder(foreign.returncode, _text(root / "foreign-ca.log"), in_progress),
+        seconds=seconds,
+    )
+
+
+def _assert_complete(metrics: dict[str, Any]) -> None:
+    assert metrics["complete"], metrics
+    assert [r["round"] for r in metrics["rounds"]] == list(range(1, ROUNDS + 1))
+    for record in metrics["rounds"]:
+        assert (record["clients"], record["accepted"], record["rejected"]) == (NODES, NODES, []), record
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+# --- tests ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(540)
+def test_tls_node_auth_three_supernodes_end_to_end(served: Served) -> None:
+    from fedadapt.folder import load_adapter
+    from server.checkpoint import list_checkpoints
+
+    assert served.returncode == 0, served.output[-3000:]
+    assert served.leftovers == []
+    metrics = json.loads((served.out / "metrics.json").read_text())
+    _assert_complete(metrics)
+    assert metrics["summary"]["rounds"] == ROUNDS
+    assert [p.name for p in list_checkpoints(served.out)] == ["round-0001.safetensors", "round-0002.safetensors"]
+    assert load_adapter(served.out / "final_adapter").schema_id == metrics["schema_id"]
+    assert (served.out / "accuracy.png").is_file() and (served.out / "bytes.png").is_file()
+    link = _text(served.out / runner_module.SUPERLINK_LOG)
+    assert "Uvicorn running on https://127.0.0.1:" in link and "Uvicorn running on http://" not in link
+    assert link.count("Activated node_id=") == NODES  # the three registered devices, nobody else
+    assert _text(served.out / runner_module.FLWR_LOG).count("registered successfully") == NODES
+    for index in range(NODES):
+        assert "SuperNode ID:" in _text(served.out / serve_module.SUPERNODE_LOG.format(index=index))
+    certs = served.out / serve_module.CERTS_FOLDER
+    devices = sorted(p.name for p in (certs / "devices").glob("device-*.key"))
+    assert devices == [f"device-{i}.key" for i in range(NODES)]
+    for key in [certs / "ca.key", certs / "superlink.key", *(certs / "devices").glob("device-*.key")]:
+        assert _mode(key) == 0o600, key
+    for public in [certs / "ca.crt", certs / "superlink.crt", *(certs / "devices").glob("device-*.key.pub")]:
+        assert _mode(public) == 0o644, public
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(540)
+def test_unregistered_device_and_foreign_ca_are_refused_and_the_run_is_unaffected(served: Served) -> None:
+    stranger, foreign = served.unregistered, served.foreign_ca
+    assert stranger.run_in_progress and foreign.run_in_progress  # refused while the rounds went on
+    assert stranger.returncode not in (None, 0), stranger.log[-3000:]
+    assert "Failed to activate SuperNode" in stranger.log, stranger.log[-3000:]
+    assert foreign.returncode not in (None, 0), foreign.log[-3000:]
+    assert "CERTIFICATE_VERIFY_FAILED" in foreign.log and "SuperNode ID:" not in foreign.log, foreign.log[-3000:]
+    assert served.returncode == 0, served.output[-3000:]
+    _assert_complete(json.loads((served.out / "metrics.json").read_text()))
+    assert _text(served.out / runner_module.SUPERLINK_LOG).count("Activated node_id=") == NODES
+
+
+@pytest.mark.deployment
+@pytest.mark.timeout(900)
+def test_resume_after_sigterm_equals_an_uninterrupted_run(served: Served, tmp_path: Path) -> None:
+    from server.checkpoint import load_latest_checkpoint
+
+    out, tree = tmp_path / "run", _Tree()
+    first = out / "checkpoints" / "round-0001.safetensors"
+    proc = _cli_serve(out, served.scenario, free_port(), tmp_path / "serve.out", tmp_path)
+    try:
+        _until(lambda: first.exists() or proc.poll() is not None, 180, "round 1's checkpoint", tree, proc)
+        assert proc.poll() is None, _text(tmp_path / "serve.out")[-3000:]
+        tree.watch(proc)
+        proc.send_signal(signal.SIGTERM)
+        _until(lambda: proc.poll() is not None, STOP_TIMEOUT, "fedadapt serve to exit on SIGTERM", tree, proc)
+    finally:
+        _stop(proc, tree)
+    assert proc.returncode != 0
+    assert len(tree.seen) >= 1 + 2 * NODES  # SuperLink, SuperNodes and their SuperExecs were watched
+    assert tree.alive() == [] and _no_process_left() == []
+    # Killed during round 2: that round must not be recorded. (Stopping the SuperNodes before the SuperLink
+    # lets the still-running ServerApp close round 2 with every node "unavailable", checkpoint it and mark
+    # the run complete, so --resume has nothing left to do.)
+    killed = json.loads((out / "metrics.json").read_text())
+    assert not killed.get("complete"), [(r["round"], r["accepted"], r["rejected"]) for r in killed["rounds"]]
+    assert [r["round"] for r in killed["rounds"]] == [1]
+    assert not (out / "checkpoints" / "round-0002.safetensors").exists()
+
+    metrics = serve_module.serve(
+        served.scenario, serve_module.Deployment(local_supernodes=NODES), out=out, resume=True, show=False
+    )
+    _assert_complete(metrics)
+    straight, resumed = load_latest_checkpoint(served.out), load_latest_checkpoint(out)
+    assert straight is not None and resumed is not None
+    assert straight.global_state.keys() == resumed.global_state.keys()
+    for name, tensor in straight.global_state.items():
+        assert torch.equal(tensor, resumed.global_state[name]), name
+
+
+def test_insecure_prints_the_warning_and_uses_no_certificates(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``fedadapt serve --insecure``: the loud warning on stdout and in the log; the SuperLink gets no certs."""
+    from fedadapt.cli import app
+
+    class Stop(Exception):
+        pass
+
+    seen: list[Any] = []
+
+    def fake_superlink(flwr_home: Path, plan: Any, deployment: Any, certs: Any) -> Any:
+        seen.append(certs)
+        raise Stop  # nothing is started
+
+    monkeypatch.setattr(serve_module, "_superlink", fake_superlink)
+    out = tmp_path / "run"
+    args = ["serve", "--config", str(_scenario(tmp_path, tiny_bert)), "--local-supernodes", str(NODES)]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--insecure"])
+    assert isinstance(result.exception, Stop), result.output
+    assert f"WARNING: {serve_module.INSECURE_WARNING}" in result.stdout
+    assert serve_module.INSECURE_WARNING in caplog.text
+    assert seen == [None] and not (out / serve_module.CERTS_FOLDER).exists()
+    both = CliRunner().invoke(app, [*args, "--out", str(out), "--insecure", "--certs", str(tmp_path)])
+    assert both.exit_code == 2 and "contradict" in both.output
