@@ -41,11 +41,11 @@ from simulations.runner import (
     SUPERLINK_LOG,
     SimulationError,
     SimulationPlan,
+    finished_metrics,
     follow_run,
     log_tail,
     plan_simulation,
     print_summary,
-    read_metrics,
     remove_stale_client_state,
     write_run_config,
 )
@@ -129,12 +129,7 @@ def serve(
                     stop_process_tree(node)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
-    metrics = read_metrics(plan.metrics_file)
-    if code != 0 or not metrics.get("complete"):
-        raise SimulationError(
-            f"the run did not finish (flwr run exited with {code}); see {plan.out_dir / FLWR_LOG}"
-            f"{log_tail(plan.out_dir / FLWR_LOG)}"
-        )
+    metrics = finished_metrics(plan, code, "the run")
     write_plots(plan.out_dir, metrics, None)
     if show:
         print_summary(metrics)

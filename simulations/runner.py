@@ -176,10 +176,15 @@ def run_plan(plan: SimulationPlan, show: bool) -> dict[str, Any]:
             code = _run_app(plan, flwr_home, env, show)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
+    return finished_metrics(plan, code, "the simulation")
+
+
+def finished_metrics(plan: SimulationPlan, code: int, what: str) -> dict[str, Any]:
+    """The run's metrics.json contents; SimulationError, with the log's tail, unless it completed."""
     metrics = read_metrics(plan.metrics_file)
     if code != 0 or not metrics.get("complete"):
         raise SimulationError(
-            f"the simulation did not finish (flwr run exited with {code}); see {plan.out_dir / FLWR_LOG}"
+            f"{what} did not finish (flwr run exited with {code}); see {plan.out_dir / FLWR_LOG}"
             f"{log_tail(plan.out_dir / FLWR_LOG)}"
         )
     return metrics
