@@ -155,25 +155,21 @@ def ca_fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
-def next_commands(certs: DeploymentCerts, port: int = 9191, connection: str = "deploy") -> list[str]:
-    """The Flower commands (and config.toml lines) that use these files, with absolute paths."""
+def next_commands(certs: DeploymentCerts, port: int = 9092) -> list[str]:
+    """The fedadapt commands that use these files: the server, then each device (absolute paths)."""
     host = certs.hosts[0]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bind = host if _is_loopback(host) else "0.0.0.0"
-    ca = certs.ca_cert.resolve()
+    folder = certs.ca_cert.resolve().parent
     lines = [
-        "# flower-superlink and flower-supernode start flower-superexec: keep the venv's bin on PATH",
-        f"flower-superlink --ssl-ca-certfile {ca} --ssl-certfile {certs.server_cert.resolve()} "
-        f"--ssl-keyfile {certs.server_key.resolve()} --enable-supernode-auth --host {bind} --port {port} "
-        "--disable-runtime-dependency-installation --database link.db",
-        f'# $FLWR_HOME/config.toml:  [superlink.{connection}]  address = "{address}"  root-certificates = "{ca}"',
+        "# on the server (registers every devices/device-<i>.key.pub):",
+        f"fedadapt serve --config SCENARIO.toml --host {bind} --port {port} --certs {folder} --out runs/server",
+        "# on device <i>, given ca.crt and devices/device-<i>.key:",
     ]
     for device in certs.devices:
-        lines.append(f"flwr supernode register {device.public_path.resolve()} {connection}")
-    for device in certs.devices:
         lines.append(
-            f"flower-supernode --root-certificates {ca} --superlink {address} "
-            f"--auth-supernode-private-key {device.private_path.resolve()} --port {9194 + device.index}"
+            f"fedadapt node --superlink {address} --partition-id {device.index} --num-partitions {len(certs.devices)} "
+            f"--root-certificates {certs.ca_cert.resolve()} --auth-key {device.private_path.resolve()}"
         )
     return lines
 

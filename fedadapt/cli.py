@@ -353,7 +353,9 @@ def certs_command(
         if add_devices:
             for device in add_device_keys(out, add_devices):
                 typer.echo(f"device {device.index}: {device.private_path} (secret, mode 0600), {device.public_path}")
-                typer.echo(f"  flwr supernode register {device.public_path.resolve()} <connection>")
+            typer.echo(
+                "fedadapt serve registers every devices/device-<i>.key.pub when it starts: restart it to let them in"
+            )
             return
         certs = generate_deployment_certs(out, tuple(host or ("127.0.0.1", "localhost")), devices, validity_days)
     except FedAdaptError as err:

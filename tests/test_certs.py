@@ -191,11 +191,13 @@ def test_cli_certs(tmp_path: Path) -> None:
     out = tmp_path / "c"
     result = runner.invoke(app, ["certs", "--out", str(out), "--host", "127.0.0.1", "--host", "example.org"])
     assert result.exit_code == 0, result.output
-    assert "superlink.crt" in result.output and "flower-superlink --ssl-ca-certfile" in result.output
+    assert (
+        "superlink.crt" in result.output and "fedadapt serve --config SCENARIO.toml --host 127.0.0.1" in result.output
+    )
     assert "127.0.0.1, example.org" in result.output
     result = runner.invoke(app, ["certs", "--out", str(out), "--add-devices", "2"])
     assert result.exit_code == 0, result.output
-    assert "device-1.key.pub" in result.output and "flwr supernode register" in result.output
+    assert "device-1.key.pub" in result.output and "fedadapt serve registers every" in result.output
     secrets = [out / "ca.key", out / "superlink.key", out / "devices" / "device-0.key"]
     for path in secrets:
         assert path.read_text().splitlines()[1] not in result.output
@@ -205,7 +207,9 @@ def test_cli_certs_devices_and_errors(tmp_path: Path) -> None:
     out = tmp_path / "c"
     result = runner.invoke(app, ["certs", "--out", str(out), "--devices", "1"])
     assert result.exit_code == 0, result.output
-    assert "--auth-supernode-private-key" in result.output
+    assert (
+        "fedadapt node --superlink 127.0.0.1:9092 --partition-id 0" in result.output and "--auth-key" in result.output
+    )
     assert (out / "devices" / "device-0.key").read_text().splitlines()[1] not in result.output
     again = runner.invoke(app, ["certs", "--out", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
