@@ -71,6 +71,10 @@ class ScenarioConfig:
     node_timeout: float = 120.0  # seconds the server waits for enough clients to connect
     dropout_fraction: float = 0.0  # simulated faults: share of sampled clients that crash each round
     straggler_fraction: float = 0.0  # share of sampled clients that reply only after the round timeout
+    server_proxy_data: str | None = None  # labelled data the server trains on (warm start, fine-tuning)
+    server_warmup_epochs: int = 0  # epochs on the proxy data before round 1
+    server_finetune_epochs: int = 0  # epochs on the proxy data after each round's aggregation (off by default)
+    server_device: str = "auto"  # the server's training and central evaluation: auto | cpu | cuda[:N]
     privacy: PrivacyConfig = PrivacyConfig()  # the [privacy] table: none | aead | secagg+ and SecAgg+ parameters
 
     def __post_init__(self) -> None:
@@ -112,6 +116,15 @@ class ScenarioConfig:
             raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
         if isinstance(self.client_gpus, bool) or not isinstance(self.client_gpus, int | float) or self.client_gpus < 0:
             raise ConfigError(f"client_gpus must be a number >= 0, got {self.client_gpus!r}")
+        for name in ("server_warmup_epochs", "server_finetune_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if (self.server_warmup_epochs or self.server_finetune_epochs) and not self.server_proxy_data:
+            raise ConfigError(
+                "server-warmup-epochs and server-finetune-epochs train on server-proxy-data: name a labelled "
+                "CSV/JSON/JSONL file or folder the server holds"
+            )
         if not isinstance(self.privacy, PrivacyConfig):
             raise ConfigError(f"privacy must be a PrivacyConfig, got {type(self.privacy).__name__}")
         self.privacy.check_fleet(self.sample_size)
@@ -213,7 +226,7 @@ def load_scenario(path: str | Path) -> ScenarioConfig:
 def _relative_to(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Relative ``data`` and ``backbone`` paths are the scenario file's; the apps run in other folders."""
     resolved = dict(data)
-    for key in ("data", "backbone", "labels"):
+    for key in ("data", "backbone", "labels", "server-proxy-data"):
         value = resolved.get(key)
         if isinstance(value, str) and value != SYNTHETIC and not Path(value).expanduser().is_absolute():
             candidate = folder / value

@@ -57,6 +57,7 @@ class Federation:
         self.model = build_model(self.scenario, fleet.labels.names)
         self.schema = self.model.schema
         self.test_set = encode_split(self.model, fleet.splits.test, fleet.labels, self.scenario.max_length)
+        self.proxy = self._load_proxy(fleet.labels)
         self.validator = DeltaValidator(self.schema, max_norm=self.scenario.max_delta_norm)
         self.optimizer = ServerOptimizer(FedAvgConfig(server_lr=self.scenario.server_lr), self.schema)
         self.rng = random.Random(self.scenario.seed)
@@ -108,12 +109,17 @@ class Federation:
         nodes = wait_for_nodes(grid, self.scenario.sample_size, self.scenario.node_timeout)
         sampled = sorted(self.rng.sample(sorted(nodes), self.scenario.sample_size))
         self.opener.start_round(server_round)
-        blob = serialize_state(self.global_state, self.schema, "shared", "none")
         record: dict[str, Any] = {"round": server_round, "clients": len(sampled)}
+        if server_round == 1 and self.scenario.server_warmup_epochs:
+            record["server_warmup"] = self._train_on_proxy(self.scenario.server_warmup_epochs, 0, "warm start")
+        blob = serialize_state(self.global_state, self.schema, "shared", "none")
         if self.privacy.secure_aggregation:
             record, client_metrics = self._secure_round(grid, sampled, server_round, blob, record)
         else:
             record, client_metrics = self._plain_round(grid, sampled, server_round, blob, record)
+        if self.scenario.server_finetune_epochs and record["accepted"]:
+            epochs = self.scenario.server_finetune_epochs
+            record["server_finetune"] = self._train_on_proxy(epochs, server_round, "fine-tuning")
         record |= self._evaluate(client_metrics)
         record["client_results"] = client_metrics
         record["seconds"] = time.perf_counter() - start
@@ -204,6 +210,40 @@ class Federation:
         ]
         return record, outcome.client_metrics
 
+    def _load_proxy(self, labels: Any) -> Any:
+        """The server's labelled proxy set, encoded once; None without ``server-proxy-data``."""
+        from fedadapt.server_training import load_proxy
+
+        if not self.scenario.server_proxy_data:
+            return None
+        return load_proxy(
+            self.model,
+            self.scenario.server_proxy_data,
+            labels,
+            self.scenario.max_length,
+            text_column=self.scenario.text_column,
+            label_column=self.scenario.label_column,
+        )
+
+    def _train_on_proxy(self, epochs: int, server_round: int, what: str) -> dict[str, Any]:
+        """Train the global shared state on the proxy set (on the server's GPU when it has one)."""
+        from fedadapt.server_training import train_on_proxy
+        from fedadapt.train import TrainConfig
+
+        config = TrainConfig(
+            epochs=epochs,
+            batch_size=self.scenario.batch_size,
+            learning_rate=self.scenario.learning_rate,
+            head_learning_rate=self.scenario.head_learning_rate,
+            max_length=self.scenario.max_length,
+            seed=self.scenario.seed * 1_000_003 + server_round,
+            device=self.scenario.server_device,
+        )
+        run = train_on_proxy(self.model, self.global_state, self.proxy, config)
+        self.global_state = run.state
+        logger.info("server %s: %d steps on %s, %.0f examples/s", what, run.steps, run.device, run.examples_per_second)
+        return run.record(what)
+
     def _evaluate(self, client_metrics: list[dict[str, Any]]) -> dict[str, Any]:
         """Central accuracy of the global model, when it has a shared head; the clients' own accuracy always."""
         scores: dict[str, Any] = {"client_accuracy": _weighted_accuracy(client_metrics)}
@@ -211,7 +251,8 @@ class Federation:
             # The head is personal: the global model has no trained head to score centrally.
             return scores | {"accuracy": scores["client_accuracy"], "loss": None, "macro_f1": None}
         self.model.load_state(self.global_state, "shared")
-        result = evaluate(self.model, self.test_set, device=self.scenario.device)
+        result = evaluate(self.model, self.test_set, device=self.scenario.server_device)
+        self.model.to("cpu")
         return scores | {"accuracy": result.accuracy, "loss": result.loss, "macro_f1": result.macro_f1}
 
     def _checkpoint(self) -> Checkpoint:
