@@ -69,6 +69,7 @@ class ScenarioConfig:
     client_gpus: float = 0.0  # simulation: GPU share each virtual client reserves
     round_timeout: float = 600.0  # seconds the server waits for a round's replies
     node_timeout: float = 120.0  # seconds the server waits for enough clients to connect
+    rejoin_timeout: float = 30.0  # later rounds: seconds to wait for lost clients before going on with fewer
     dropout_fraction: float = 0.0  # simulated faults: share of sampled clients that crash each round
     straggler_fraction: float = 0.0  # share of sampled clients that reply only after the round timeout
     server_proxy_data: str | None = None  # labelled data the server trains on (warm start, fine-tuning)
@@ -99,7 +100,7 @@ class ScenarioConfig:
         for steps in self.tier_steps:
             _check_positive_int("every tier_steps entry", steps)
         rates = ("alpha", "learning_rate", "head_learning_rate", "full_model_learning_rate", "server_lr")
-        for name in (*rates, "round_timeout", "node_timeout"):
+        for name in (*rates, "round_timeout", "node_timeout", "rejoin_timeout"):
             _check_positive_float(name, getattr(self, name))
         if self.target_accuracy is not None:
             _check_fraction("target_accuracy", self.target_accuracy)

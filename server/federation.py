@@ -63,6 +63,7 @@ class Federation:
         self.rng = random.Random(self.scenario.seed)
         self.global_state: State = self.model.state("shared")
         self.history: list[dict[str, Any]] = []
+        self._started = False  # whether this process has run a round yet (the first waits for the fleet)
 
     @property
     def completed_rounds(self) -> int:
@@ -106,8 +107,14 @@ class Federation:
     def run_round(self, grid: Grid, server_round: int) -> dict[str, Any]:
         """One round, plain or secure: returns its metrics record."""
         start = time.perf_counter()
-        nodes = wait_for_nodes(grid, self.scenario.sample_size, self.scenario.node_timeout)
-        sampled = sorted(self.rng.sample(sorted(nodes), self.scenario.sample_size))
+        # The first round of this process waits for the fleet to join; later rounds wait a little for lost
+        # devices to come back, then go on with those there are (at least min-clients).
+        first = not self._started
+        self._started = True
+        timeout = self.scenario.node_timeout if first else self.scenario.rejoin_timeout
+        minimum = max(self.scenario.min_clients, 2 if self.privacy.secure_aggregation else 1)
+        nodes = wait_for_nodes(grid, self.scenario.sample_size, timeout, minimum=None if first else minimum)
+        sampled = sorted(self.rng.sample(sorted(nodes), min(self.scenario.sample_size, len(nodes))))
         self.opener.start_round(server_round)
         record: dict[str, Any] = {"round": server_round, "clients": len(sampled)}
         if server_round == 1 and self.scenario.server_warmup_epochs:
@@ -369,12 +376,25 @@ def full_model_bytes(model: Any) -> int:
     return sum(seen.values())
 
 
-def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
-    """Connected node ids once at least ``needed`` are connected; TimeoutError after ``timeout`` seconds."""
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, minimum: int | None = None) -> list[int]:
+    """Connected node ids once ``needed`` are connected.
+
+    After ``timeout`` seconds the round goes on with the nodes there are, if at least ``minimum``
+    (default: ``needed``); TimeoutError otherwise.
+    """
+    minimum = needed if minimum is None else minimum
     deadline = time.monotonic() + timeout
     while len(nodes := list(grid.get_node_ids())) < needed:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(nodes)} of the {needed} clients a round needs joined within {timeout:g} s")
+            if len(nodes) >= minimum:
+                logger.warning(
+                    "%d of %d clients connected after %g s: the round goes on with them", len(nodes), needed, timeout
+                )
+                return nodes
+            raise TimeoutError(
+                f"only {len(nodes)} of the {needed} clients a round needs joined within {timeout:g} s "
+                f"(at least {minimum} are needed to go on)"
+            )
         logger.info("waiting for clients: %d connected, %d needed", len(nodes), needed)
         time.sleep(1.0)
     return nodes

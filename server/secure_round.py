@@ -65,9 +65,14 @@ def run_secure_round(
     from fedadapt.state import unflatten_state
 
     specs = schema.specs("shared")
-    secagg = SecAggRound(privacy, server_round, sampled, schema.num_params("shared"), seed=seed)
     talk = _Talk(grid, server_round, schema.schema_id, opener, timeout)
     outcome = SecureRoundOutcome()
+    try:
+        secagg = SecAggRound(privacy, server_round, sampled, schema.num_params("shared"), seed=seed)
+    except SecAggError as err:  # too few clients for the configured shares: this round cannot be secure
+        logger.warning("round %d: %s; the global state stays as it was", server_round, err)
+        outcome.record = talk.record(None, error=str(err))
+        return outcome
     try:
         requests = secagg.keys_received(*talk(stages.SETUP, secagg.setup_requests()))
         requests = secagg.shares_received(*talk(stages.SHARE_KEYS, requests))
@@ -157,11 +162,11 @@ class _Talk:
     def client_metrics(self) -> list[dict[str, Any]]:
         return [{"client": self.label(node), **metrics} for node, metrics in self._metrics.items()]
 
-    def record(self, secagg: SecAggRound, error: str | None = None) -> dict[str, Any]:
+    def record(self, secagg: SecAggRound | None, error: str | None = None) -> dict[str, Any]:
         """The round's protocol figures for metrics.json (never a key, share or vector)."""
         dropped = [
             {"client": self.label(node), "stage": reason.split(":", 1)[0], "reason": reason.split(": ", 1)[-1]}
-            for node, reason in secagg.dropped.items()
+            for node, reason in (secagg.dropped.items() if secagg is not None else ())
         ]
         record: dict[str, Any] = {
             "bytes_down": sum(int(s["bytes_down"]) for s in self.stages.values()),

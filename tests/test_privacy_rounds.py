@@ -38,7 +38,7 @@ if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed; Flower impo
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from clients.client_app import app as client_app  # noqa: E402
-from server.checkpoint import checkpoint_path, load_checkpoint, load_latest_checkpoint  # noqa: E402
+from server.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, load_latest_checkpoint  # noqa: E402
 from server.server_app import app as server_app  # noqa: E402
 
 PLAIN = "train"  # the grid's stage name for a plain round's message
@@ -69,13 +69,18 @@ class PrivacyGrid(StubGrid):
     received: list[Received] = field(default_factory=list)
     sent_state: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (round, node) -> global blob sent
     errors: list[str] = field(default_factory=list)  # exceptions raised by the ClientApp
+    offline: dict[int, set[int]] = field(default_factory=dict)  # round -> nodes not connected when it starts
 
     def __post_init__(self) -> None:
         self.nodes = {101 + i: i for i in range(self.num_nodes)}
         self.contexts: dict[int, Context] = {}
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
+        # The server asks as a round starts: the round after the last one it checkpointed.
+        saved = list_checkpoints(Path(str(self.run_config["out-dir"])))
+        starting = int(saved[-1].stem.split("-")[1]) + 1 if saved else 1
+        gone = self.offline.get(starting, set())
+        return [node for node in self.nodes if node not in gone]
 
     def context(self, node: int) -> Context:
         if node not in self.contexts:
@@ -674,3 +679,33 @@ def test_secagg_plus_in_a_real_flower_simulation_survives_a_crash_and_leaks_no_k
     assert secret_lines and not any(line in written for line in secret_lines)
     assert "PRIVATE KEY" not in written
     assert not [pid for pid in descendants(os.getpid()) if alive(pid)]
+
+
+# --- devices that are gone when a round starts ------------------------------------------------------------------
+
+
+def test_a_round_goes_on_with_the_devices_left_and_a_returning_device_rejoins(tiny_bert: Path, tmp_path: Path) -> None:
+    """Node 103 is gone when round 2 starts: the round waits rejoin-timeout, then runs with two; it is back in 3."""
+    scenario = _scenario_file(tmp_path, tiny_bert, None, **{"rounds": 3, "rejoin-timeout": 0.5})
+    grid = PrivacyGrid(3, _config(scenario, tmp_path / "run"), offline={2: {103}})
+    metrics = _run(grid)
+    assert grid.errors == [] and metrics["complete"]
+    assert [r["clients"] for r in metrics["rounds"]] == [3, 2, 3]
+    assert [r["accepted"] for r in metrics["rounds"]] == [3, 2, 3]
+    assert sorted(node for (r, node) in grid.payloads(PLAIN) if r == 2) == [101, 102]
+
+
+def test_too_few_devices_for_secagg_fail_that_round_cleanly_and_the_next_proceeds(
+    tiny_bert: Path, tmp_path: Path, server_keys: KeyFiles
+) -> None:
+    """num-shares 3 needs 3 devices: with 2 left round 2 fails with a clear error, state unchanged; round 3 runs."""
+    extra = {"rounds": 3, "rejoin-timeout": 0.5, "min-clients": 2}
+    scenario = _scenario_file(tmp_path, tiny_bert, PRIVACY_SECAGG, **extra)
+    grid = PrivacyGrid(3, _config(scenario, tmp_path / "run", server_keys), offline={2: {102}})
+    metrics = _run(grid)
+    assert grid.errors == [] and metrics["complete"]
+    first, second, third = metrics["rounds"]
+    assert first["accepted"] == 3 and third["accepted"] == 3
+    assert second["accepted"] == 0 and "num-shares" in second["error"] and second["clients"] == 2
+    assert _max_difference(_state(tmp_path / "run", 2), _state(tmp_path / "run", 1)) == 0  # unchanged
+    assert _max_difference(_state(tmp_path / "run", 3), _state(tmp_path / "run", 2)) > 0

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from fedadapt.errors import PayloadError, SecAggError
+from fedadapt.errors import ConfigError, PayloadError, SecAggError
 from fedadapt.privacy import PrivacyConfig
 from fedadapt.secagg import masking, stages, wire
 from fedadapt.secagg.client import pair_seed
@@ -59,7 +59,10 @@ class SecAggRound:
     def __post_init__(self) -> None:
         if len(self.nodes) < 2:
             raise SecAggError("secure aggregation needs at least 2 clients: one client's sum is its delta")
-        self.config.check_fleet(len(self.nodes))
+        try:
+            self.config.check_fleet(len(self.nodes))
+        except ConfigError as err:
+            raise SecAggError(f"round {self.server_round} has {len(self.nodes)} clients: {err}") from None
         self.neighbours = stages.neighbour_graph(sorted(self.nodes), self.config.num_shares, self.seed)
         self._keys: dict[int, tuple[bytes, bytes]] = {}  # node → (encryption key, mask key)
         self._shared: dict[int, dict[int, bytes]] = {}  # sender → {receiver: encrypted share}
