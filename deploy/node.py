@@ -9,14 +9,13 @@ with its own authentication key, which the server must have registered.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedadapt.errors import ConfigError
 from fedadapt.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
-from simulations.runner import FLOWER_ENV
+from simulations.runner import flower_env
 
 INSECURE_NOTE = "INSECURE: no TLS and no node authentication; for a local demo only."
 
@@ -78,8 +77,7 @@ def run_node(config: NodeConfig) -> int:
     """Run the SuperNode in the foreground until it exits or this process is interrupted; its exit code."""
     if config.insecure:
         print(f"WARNING: {INSECURE_NOTE}")
-    env = os.environ | FLOWER_ENV
-    env["PATH"] = os.pathsep.join([str(Path(find_tool("flower-supernode")).parent), env.get("PATH", "")])
+    env = flower_env()
     with terminate_gracefully():
         process = subprocess.Popen(config.command(), env=env)
         try:

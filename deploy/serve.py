@@ -34,7 +34,6 @@ from fedadapt.errors import ConfigError
 from fedadapt.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
 from fedadapt.scenario import with_overrides
 from simulations.runner import (
-    FLOWER_ENV,
     FLWR_LOG,
     PROJECT_ROOT,
     STARTUP_TIMEOUT,
@@ -42,6 +41,7 @@ from simulations.runner import (
     SimulationError,
     SimulationPlan,
     finished_metrics,
+    flower_env,
     follow_run,
     log_tail,
     plan_simulation,
@@ -141,7 +141,6 @@ def serve(
 
 @dataclass(frozen=True)
 class _Certs:
-    folder: Path
     ca: Path
     certificate: Path
     key: Path
@@ -151,33 +150,33 @@ class _Certs:
 
 def _certs(plan: SimulationPlan, deployment: Deployment) -> _Certs:
     """The certificates to use: --certs as given, or <out>/certs made (and kept for --resume) for local nodes."""
-    from fedadapt.certs import add_device_keys, generate_deployment_certs
+    from fedadapt.certs import (
+        CA_CERT,
+        SERVER_CERT,
+        SERVER_KEY,
+        add_device_keys,
+        existing_devices,
+        generate_deployment_certs,
+    )
 
     folder = deployment.certs or plan.out_dir / CERTS_FOLDER
-    if deployment.certs is None and not (folder / "ca.crt").exists():
+    if deployment.certs is None and not (folder / CA_CERT).exists():
         generate_deployment_certs(folder, hosts=_hosts(deployment.host), devices=deployment.local_supernodes)
-    missing = [name for name in ("ca.crt", "superlink.crt", "superlink.key") if not (folder / name).is_file()]
+    missing = [name for name in (CA_CERT, SERVER_CERT, SERVER_KEY) if not (folder / name).is_file()]
     if missing:
         raise ConfigError(f"{folder} lacks {missing}: make the folder with `fedadapt certs --out {folder}`")
-    publics = _device_files(folder, ".key.pub")
-    if len(publics) < deployment.local_supernodes:
-        add_device_keys(folder, deployment.local_supernodes - len(publics))
-        publics = _device_files(folder, ".key.pub")
-    local = [p.with_name(p.name.removesuffix(".pub")) for p in publics[: deployment.local_supernodes]]
+    devices = existing_devices(folder)
+    if len(devices) < deployment.local_supernodes:
+        add_device_keys(folder, deployment.local_supernodes - len(devices))
+        devices = existing_devices(folder)
+    local = [d.private_path for d in devices[: deployment.local_supernodes]]
     absent = [str(p) for p in local if not p.is_file()]
     if absent:
         raise ConfigError(f"local SuperNodes need their private keys, and {absent[:3]} do not exist")
-    if not publics:
+    if not devices:
         logger.warning("%s/devices holds no device keys: no SuperNode will be allowed in", folder)
-    return _Certs(folder, folder / "ca.crt", folder / "superlink.crt", folder / "superlink.key", publics, local)
-
-
-def _device_files(folder: Path, suffix: str) -> list[Path]:
-    """devices/device-<i><suffix>, by device number."""
-    found = [
-        p for p in (folder / "devices").glob(f"device-*{suffix}") if p.name[len("device-") : -len(suffix)].isdigit()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len("device-") : -len(suffix)]))
+    publics = [d.public_path for d in devices]
+    return _Certs(folder / CA_CERT, folder / SERVER_CERT, folder / SERVER_KEY, publics, local)
 
 
 def _hosts(host: str) -> tuple[str, ...]:
@@ -192,12 +191,9 @@ def _superlink(
     flwr_home: Path, plan: SimulationPlan, deployment: Deployment, certs: _Certs | None
 ) -> Iterator[tuple[dict[str, str], str, subprocess.Popen[bytes]]]:
     """A deployment SuperLink; yields the environment for Flower's CLI and the address SuperNodes dial."""
-    import os
-
     port = deployment.port or free_port()
     address = f"{'127.0.0.1' if deployment.host in ('0.0.0.0', '::') else deployment.host}:{port}"
-    env = os.environ | FLOWER_ENV | {"FLWR_HOME": str(flwr_home)}
-    env["PATH"] = os.pathsep.join([str(Path(find_tool("flower-superlink")).parent), env.get("PATH", "")])
+    env = flower_env(flwr_home)
     command = [find_tool("flower-superlink"), "--host", deployment.host, "--port", str(port)]
     command += ["--disable-runtime-dependency-installation", "--database", str(flwr_home / "superlink.db")]
     if certs is None:

@@ -131,9 +131,18 @@ def add_device_keys(out_dir: Path, count: int) -> tuple[DeviceKeyFiles, ...]:
 
 def next_device_index(out_dir: Path) -> int:
     """One past the highest ``device-<i>`` index in ``out_dir/devices`` (0 when there is none)."""
+    return max((i + 1 for i in _device_indices(out_dir)), default=0)
+
+
+def existing_devices(out_dir: Path) -> tuple[DeviceKeyFiles, ...]:
+    """The devices of ``out_dir`` whose public key is there, by index (a private key may live on its device)."""
+    return tuple(d for d in _device_files(Path(out_dir), _device_indices(out_dir)) if d.public_path.is_file())
+
+
+def _device_indices(out_dir: Path) -> list[int]:
     folder = Path(out_dir) / DEVICES_DIR
     found = [_DEVICE_RE.fullmatch(p.name) for p in folder.iterdir()] if folder.is_dir() else []
-    return max((int(m.group(1)) + 1 for m in found if m), default=0)
+    return sorted({int(m.group(1)) for m in found if m})
 
 
 def validate_hosts(hosts: Sequence[str]) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ The SecAgg+ parameters trade privacy against dropout tolerance and precision; se
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -119,10 +120,4 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
-PRIVACY_KEYS: tuple[str, ...] = tuple(
-    _key(name)
-    for name in (
-        *("mode", "num_shares", "reconstruction_threshold"),
-        *("clipping_range", "quantization_range", "modulus_bits"),
-    )
-)
+PRIVACY_KEYS: tuple[str, ...] = tuple(_key(f.name) for f in dataclasses.fields(PrivacyConfig))

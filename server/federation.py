@@ -36,7 +36,15 @@ from server.checkpoint import (
     rng_state_to_json,
     save_checkpoint,
 )
-from server.replies import array_to_bytes, bytes_to_array, client_error_reason, destinations, reply_node
+from server.replies import (
+    array_to_bytes,
+    bytes_to_array,
+    client_error_reason,
+    destinations,
+    envelope_reason,
+    malformed_reason,
+    reply_node,
+)
 from server.secure_round import run_secure_round
 
 logger = logging.getLogger(__name__)
@@ -183,7 +191,7 @@ class Federation:
                 num_examples = clear_count if sealed_count is None else sealed_count
             except EnvelopeError as err:
                 logger.warning("leaving client %s out of the round: envelope rejected (%s)", client, err.reason)
-                rejected.append((client, f"envelope rejected ({err.reason}): {err}"[:300]))
+                rejected.append((client, envelope_reason(err)))
                 continue
             opened.append((client, blob, num_examples))
         return opened
@@ -201,7 +209,7 @@ class Federation:
             opener=self.opener,
             global_blob=blob,
             timeout=self.scenario.round_timeout,
-            seed=self.scenario.seed * 1_000_003 + server_round,
+            seed=self._round_seed(server_round),
         )
         record |= outcome.record
         if outcome.mean is not None and record["accepted"] < self.scenario.min_clients:
@@ -216,6 +224,10 @@ class Federation:
             {"client": d["client"], "reason": f"{d['stage']}: {d['reason']}"} for d in record["dropped"]
         ]
         return record, outcome.client_metrics
+
+    def _round_seed(self, server_round: int) -> int:
+        """The server's own seed for a round (the SecAgg+ ring, proxy training): reproducible per scenario seed."""
+        return self.scenario.seed * 1_000_003 + server_round
 
     def _load_proxy(self, labels: Any) -> Any:
         """The server's labelled proxy set, encoded once; None without ``server-proxy-data``."""
@@ -243,7 +255,7 @@ class Federation:
             learning_rate=self.scenario.learning_rate,
             head_learning_rate=self.scenario.head_learning_rate,
             max_length=self.scenario.max_length,
-            seed=self.scenario.seed * 1_000_003 + server_round,
+            seed=self._round_seed(server_round),
             device=self.scenario.server_device,
         )
         run = train_on_proxy(self.model, self.global_state, self.proxy, config)
@@ -343,7 +355,7 @@ def _unpack_replies(
             metrics: dict[str, Any] = dict(reply.content.metric_records[protocol.METRICS])
             num_examples = metrics.pop(protocol.NUM_EXAMPLES, None)  # sealed modes: inside the envelope
         except (KeyError, TypeError, ValueError) as err:
-            out.rejected.append((client, f"malformed reply: missing or bad {err}"[:300]))
+            out.rejected.append((client, malformed_reason(err)))
             continue
         if "partition-id" in metrics:
             client = f"client {metrics['partition-id']} (node {node})"

@@ -8,6 +8,7 @@ import numpy as np
 from flwr.app import Array, Message
 
 from fedadapt.aggregate import REASON_LIMIT
+from fedadapt.errors import EnvelopeError
 
 
 def bytes_to_array(blob: bytes) -> Array:
@@ -41,3 +42,13 @@ def client_error_reason(text: str | None, limit: int = REASON_LIMIT) -> str:
     exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
     reason = (messages or exceptions or lines or ["(no reason given)"])[-1]
     return reason.rstrip("'\"> ")[:limit]  # Ray wraps the message in "<'...'>"
+
+
+def envelope_reason(err: EnvelopeError) -> str:
+    """The rejection reason of a payload that failed to open (the envelope's own reason first)."""
+    return f"envelope rejected ({err.reason}): {err}"[:REASON_LIMIT]
+
+
+def malformed_reason(err: Exception) -> str:
+    """The rejection reason of a reply that lacks a record or holds a wrong one."""
+    return f"malformed reply: missing or bad {err}"[:REASON_LIMIT]

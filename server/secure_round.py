@@ -23,7 +23,15 @@ from fedadapt.secagg import stages
 from fedadapt.secagg.server import SecAggRound
 from fedadapt.state import AdapterSchema, State
 from fedadapt.transport import ServerOpener
-from server.replies import array_to_bytes, bytes_to_array, client_error_reason, destinations, reply_node
+from server.replies import (
+    array_to_bytes,
+    bytes_to_array,
+    client_error_reason,
+    destinations,
+    envelope_reason,
+    malformed_reason,
+    reply_node,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,13 +152,13 @@ class _Talk:
         try:
             sealed = array_to_bytes(reply.content.array_records[protocol.ARRAYS][protocol.SECAGG_PAYLOAD])
         except (KeyError, TypeError, ValueError) as err:
-            exchange.failed[node] = f"malformed reply: missing or bad {err}"[:300]
+            exchange.failed[node] = malformed_reason(err)
             return
         exchange.bytes_up += len(sealed)
         try:
             exchange.replies[node] = self.opener.open(sealed, self.server_round, node, self.schema_id, stage)
         except EnvelopeError as err:
-            exchange.failed[node] = f"envelope rejected ({err.reason}): {err}"[:300]
+            exchange.failed[node] = envelope_reason(err)
             return
         if protocol.METRICS in reply.content.metric_records:
             self._metrics[node] = dict(reply.content.metric_records[protocol.METRICS])

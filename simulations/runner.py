@@ -62,6 +62,17 @@ FLOWER_ENV = {
 }
 
 
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """The environment of the Flower processes a launcher starts: FLOWER_ENV, its FLWR_HOME, and this
+    environment's bin first on PATH (the SuperLink and SuperNodes start flower-superexec and flwr-simulation
+    by name: without it a SuperNode crashes and keeps running)."""
+    env = os.environ | FLOWER_ENV
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    env["PATH"] = os.pathsep.join([str(Path(find_tool("flower-superlink")).parent), env.get("PATH", "")])
+    return env
+
+
 class SimulationError(FedAdaptError):
     """The simulation did not finish; the message names the log to read."""
 
@@ -203,9 +214,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def _superlink(flwr_home: Path, log_file: Path) -> Iterator[dict[str, str]]:
     """A simulation SuperLink on a free port; yields the environment ``flwr run`` needs to use it."""
     port = free_port()
-    env = os.environ | FLOWER_ENV | {"FLWR_HOME": str(flwr_home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port)}
-    # The SuperLink starts flower-superexec and flwr-simulation by name: this environment's must come first.
-    env["PATH"] = os.pathsep.join([str(Path(find_tool("flower-superlink")).parent), env.get("PATH", "")])
+    env = flower_env(flwr_home) | {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port)}
     command = [find_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
     with log_file.open("ab") as log:

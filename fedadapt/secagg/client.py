@@ -43,6 +43,7 @@ _NEIGHBOURS, _HOLDERS, _MASKERS = "neighbours", "holders", "maskers"
 _C_SK, _S_SK, _SEED = "c-sk", "s-sk", "seed"
 _C_PK, _S_PK = "c-pk/", "s-pk/"  # + neighbour id
 _B_SHARE, _SK_SHARE = "b-share/", "sk-share/"  # + node id (own id included)
+_SHARES_RECEIVED = "secagg-shares"  # the step between the masked stage's two halves (before training)
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,13 @@ def receive_shares(server_round: int, saved: bytes, request: bytes) -> bytes:
             raise SecAggError(f"the share forwarded as from node {other} was sent from {source} to {destination}")
         session[_B_SHARE + str(other)], session[_SK_SHARE + str(other)] = seed_share, key_share
         maskers.append(other)
-    session |= {_MASKERS: wire.pack_ids(sorted(maskers)), _DONE: b"secagg-shares"}
+    session |= {_MASKERS: wire.pack_ids(sorted(maskers)), _DONE: _SHARES_RECEIVED.encode()}
     return wire.pack(session)
 
 
 def mask(config: PrivacyConfig, server_round: int, saved: bytes, delta: np.ndarray, num_examples: int) -> Step:
     """Stage 3, after training: the masked field vector of ``delta`` weighted by ``num_examples``."""
-    session = _load(saved, server_round, after="secagg-shares")
+    session = _load(saved, server_round, after=_SHARES_RECEIVED)
     node = _int(session[_NODE])
     encoded = masking.encode(delta, num_examples, config)
     vector = encoded.vector
@@ -191,9 +192,6 @@ def unmask(server_round: int, saved: bytes, request: bytes) -> Step:
 def pair_seed(private_key: ec.EllipticCurvePrivateKey, public_key: ec.EllipticCurvePublicKey) -> bytes:
     """The 32-byte seed two clients share: ECDH on P-384, then HKDF-SHA256 (Flower's ``generate_shared_key``)."""
     return base64.urlsafe_b64decode(generate_shared_key(private_key, public_key))
-
-
-_ORDER = (stages.SETUP, stages.SHARE_KEYS, "secagg-shares", stages.MASKED, stages.UNMASK)
 
 
 def _load(saved: bytes | None, server_round: int, after: str) -> dict[str, bytes]:
