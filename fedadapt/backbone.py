@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,8 +125,9 @@ class SequenceClassifier(nn.Module):
             "token_type_ids": token_type_ids,
             "position_ids": position_ids,
             "inputs_embeds": inputs_embeds,
-            "past_key_values": past_key_values,
         }
+        if past_key_values is not None:  # prefix tuning's key/value prefixes
+            inputs[cache_argument(self.backbone) or "past_key_values"] = past_key_values
         outputs = self.backbone(**{k: v for k, v in inputs.items() if v is not None})
         return self.classify(outputs[0], attention_mask, getattr(outputs, "pooler_output", None), labels)
 
@@ -195,3 +197,12 @@ def _reject_uninitialized_weights(encoder: nn.Module, missing_keys: Any, name: s
             f"backbone {name!r} lacks pretrained weights for {missing[:5]} ({len(missing)} in all); "
             "they would be random on every load. Use a folder that contains them."
         )
+
+
+def cache_argument(backbone: nn.Module) -> str | None:
+    """The name under which the backbone's forward takes a key/value cache, None if it takes none.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40).
+    """
+    parameters = inspect.signature(backbone.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)

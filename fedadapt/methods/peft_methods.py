@@ -10,7 +10,6 @@ PEFT is imported when a method is applied.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -177,16 +176,14 @@ class PrefixConfig(_VirtualTokens):
     name: ClassVar[str] = "prefix"
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
-        if not _accepts_past_key_values(model.backbone):
+        from fedadapt.backbone import cache_argument
+
+        if cache_argument(model.backbone) is None:
             raise BackboneError(
-                f"prefix tuning needs a backbone whose forward takes past_key_values; "
+                f"prefix tuning needs a backbone whose forward takes a key/value cache (past_key_values); "
                 f"{type(model.backbone).__name__} does not. Use prompt tuning or LoRA instead."
             )
         import peft
 
         config = peft.PrefixTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=self.num_virtual_tokens)
         return AppliedMethod(module=_wrap(model, config, self.name))
-
-
-def _accepts_past_key_values(backbone: nn.Module) -> bool:
-    return "past_key_values" in inspect.signature(backbone.forward).parameters
