@@ -3,6 +3,7 @@
 Real fleets lose devices mid-round and have slow ones. A scenario's ``dropout-fraction`` and
 ``straggler-fraction`` make that happen in simulation: each (seed, round, client) draws once from
 its own seeded stream, so a rerun or a resumed run injects the same faults in the same places.
+``scripted-faults`` put a fault at a set round and client instead (drills, deployment tests).
 A crashing client raises after training (its work is lost, as on a phone killed mid-round);
 a straggler replies only after the server's round timeout, so the server leaves it out.
 """
@@ -20,11 +21,14 @@ STALL_MARGIN_SECONDS = 5.0  # a straggler answers this long after the round's de
 
 
 class SimulatedDeviceFailure(FedAdaptError):
-    """A device crash injected by the scenario's ``dropout-fraction`` (not a bug)."""
+    """A device crash injected by the scenario's ``dropout-fraction`` or ``scripted-faults`` (not a bug)."""
 
 
 def device_fault(scenario: ScenarioConfig, server_round: int, partition_id: int) -> Fault | None:
-    """The fault client ``partition_id`` suffers in ``server_round``, if any."""
+    """The fault client ``partition_id`` suffers in ``server_round``, if any: scripted first, then drawn."""
+    for scripted in scenario.scripted_faults:
+        if (scripted.round, scripted.client) == (server_round, partition_id):
+            return scripted.fault  # type: ignore[return-value]
     if scenario.dropout_fraction == 0.0 and scenario.straggler_fraction == 0.0:
         return None
     draw = random.Random(f"fault:{scenario.seed}:{server_round}:{partition_id}").random()

@@ -298,6 +298,8 @@ def train_client_update(
 
     labels = scenario_labels(scenario)
     split = device_split(scenario, partition_id, data_path)
+    # Whether the device picks up its own personal part (a device back after a crash must) or starts one.
+    restored = scenario.personal_head and personal_path(state_dir, partition_id).is_file()
     model = _prepare_model(scenario, labels, global_blob, state_dir, partition_id)
     global_shared = model.state("shared")
     train_set = encode_split(model, split.train, labels, scenario.max_length)
@@ -311,10 +313,7 @@ def train_client_update(
     after = _evaluate_or_none(evaluate, model, test_set, scenario.device)
     fault = device_fault(scenario, server_round, partition_id)
     if fault == "crash":  # after training, before anything is saved or sent: the round's work is lost
-        raise SimulatedDeviceFailure(
-            f"client {partition_id} crashed in round {server_round} (simulated: dropout-fraction "
-            f"{scenario.dropout_fraction})"
-        )
+        raise SimulatedDeviceFailure(f"client {partition_id} crashed in round {server_round} (a simulated fault)")
     delta = compute_delta(model.state("shared"), global_shared)
     if scenario.personal_head:
         _save_personal(model, state_dir, partition_id)
@@ -328,6 +327,8 @@ def train_client_update(
         "train-seconds": result.seconds,
         "test-examples": len(test_set),
     }
+    if scenario.personal_head:
+        metrics["personal-restored"] = int(restored)
     if scenario.tier_steps:
         metrics["tier"] = partition_id % len(scenario.tier_steps)
     if after is not None:

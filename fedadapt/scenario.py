@@ -2,7 +2,8 @@
 
 A scenario names the data, how it is split over clients, the adapter method, the federated
 schedule and the faults to simulate (crashing and straggling devices, device tiers with
-different step budgets). Keys are flat, but for the ``[privacy]`` table (``fedadapt.privacy``).
+different step budgets, and ``scripted-faults`` at set rounds for fault drills). Keys are flat,
+but for the ``[privacy]`` table (``fedadapt.privacy``) and the list of scripted faults.
 Unknown keys and values of the wrong type are refused with the list of allowed keys, before
 anything starts.
 """
@@ -21,8 +22,31 @@ from fedadapt.errors import ConfigError
 from fedadapt.privacy import PRIVACY_KEYS, PrivacyConfig
 
 SCHEMES = ("iid", "dirichlet", "natural")
+FAULT_KINDS = ("crash", "stall")
 COMPRESSIONS = ("none", "fp16", "int8")
 SYNTHETIC = "synthetic"
+
+
+@dataclass(frozen=True)
+class ScriptedFault:
+    """A fault at a set place: client ``client`` suffers ``fault`` in round ``round`` (fault drills, tests).
+
+    ``crash``: the device fails after training, before anything is saved or sent; ``stall``: it answers
+    only after the round timeout. TOML: ``scripted-faults = [{round = 2, client = 1, fault = "stall"}]``.
+    """
+
+    round: int
+    client: int
+    fault: str
+
+    def __post_init__(self) -> None:
+        _check_positive_int("a scripted fault's round", self.round)
+        if isinstance(self.client, bool) or not isinstance(self.client, int) or self.client < 0:
+            raise ConfigError(f"a scripted fault's client must be a partition id >= 0, got {self.client!r}")
+        _check_choice("a scripted fault's fault", self.fault, FAULT_KINDS)
+
+
+SCRIPTED_FAULT_KEYS = tuple(f.name for f in dataclasses.fields(ScriptedFault))
 
 
 @dataclass(frozen=True)
@@ -72,6 +96,7 @@ class ScenarioConfig:
     rejoin_timeout: float = 30.0  # later rounds: seconds to wait for lost clients before going on with fewer
     dropout_fraction: float = 0.0  # simulated faults: share of sampled clients that crash each round
     straggler_fraction: float = 0.0  # share of sampled clients that reply only after the round timeout
+    scripted_faults: tuple[ScriptedFault, ...] = ()  # faults at set rounds and clients, beside the drawn ones
     server_proxy_data: str | None = None  # labelled data the server trains on (warm start, fine-tuning)
     server_warmup_epochs: int = 0  # epochs on the proxy data before round 1
     server_finetune_epochs: int = 0  # epochs on the proxy data after each round's aggregation (off by default)
@@ -111,6 +136,14 @@ class ScenarioConfig:
                 f"dropout_fraction + straggler_fraction must be at most 1, got "
                 f"{self.dropout_fraction} + {self.straggler_fraction}"
             )
+        for fault in self.scripted_faults:
+            if not isinstance(fault, ScriptedFault):
+                raise ConfigError(f"scripted_faults must hold ScriptedFault entries, got {fault!r}")
+            if fault.client >= self.num_clients:
+                raise ConfigError(
+                    f"a scripted fault names client {fault.client}, but the scenario has {self.num_clients} "
+                    f"clients (partition ids 0..{self.num_clients - 1})"
+                )
         if self.max_delta_norm is not None:
             _check_positive_float("max_delta_norm", self.max_delta_norm)
         if not 0.0 <= self.test_fraction < 1.0:
@@ -168,7 +201,12 @@ def scenario_from_dict(data: Mapping[str, Any], where: str = "scenario") -> Scen
     values: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        values[name] = _privacy(value, where) if name == "privacy" else _coerce(key, value, types[name])
+        if name == "privacy":
+            values[name] = _privacy(value, where)
+        elif name == "scripted_faults":
+            values[name] = _scripted_faults(value, where)
+        else:
+            values[name] = _coerce(key, value, types[name])
     scenario = ScenarioConfig(**values)
     _check_method(scenario)
     return scenario
@@ -187,6 +225,22 @@ def _privacy(table: Any, where: str) -> PrivacyConfig:
         for key, value in table.items()
     }
     return PrivacyConfig(**values)
+
+
+def _scripted_faults(entries: Any, where: str) -> tuple[ScriptedFault, ...]:
+    """``scripted-faults``: a list of inline tables with exactly the keys round, client and fault."""
+    example = '[{round = 2, client = 1, fault = "stall"}]'
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: scripted-faults must be a list of tables, e.g. {example}, got {entries!r}")
+    faults = []
+    for entry in entries:
+        if not isinstance(entry, Mapping) or sorted(entry) != sorted(SCRIPTED_FAULT_KEYS):
+            raise ConfigError(
+                f"{where}: each scripted fault is a table with the keys {', '.join(SCRIPTED_FAULT_KEYS)}, "
+                f"e.g. {example}; got {entry!r}"
+            )
+        faults.append(ScriptedFault(**entry))
+    return tuple(faults)
 
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:

@@ -26,6 +26,7 @@ from fedadapt.fleet import (
 from fedadapt.scenario import (
     SYNTHETIC,
     ScenarioConfig,
+    ScriptedFault,
     full_model_variant,
     load_scenario,
     local_step_budget,
@@ -230,6 +231,40 @@ def test_stall_outlasts_the_round_timeout() -> None:
     assert stall_seconds(ScenarioConfig()) > ScenarioConfig().round_timeout
 
 
+def test_scripted_faults_from_toml_hit_exactly_their_round_and_client(tmp_path: Path) -> None:
+    file = tmp_path / "s.toml"
+    file.write_text(
+        'name = "s"\nnum-clients = 3\nstraggler-fraction = 0.0\n'
+        'scripted-faults = [{round = 2, client = 1, fault = "stall"}, {round = 3, client = 0, fault = "crash"}]\n'
+    )
+    scenario = load_scenario(file)
+    assert scenario.scripted_faults == (ScriptedFault(2, 1, "stall"), ScriptedFault(3, 0, "crash"))
+    hits = {(r, p): device_fault(scenario, r, p) for r in range(1, 6) for p in range(3)}
+    assert {k: v for k, v in hits.items() if v} == {(2, 1): "stall", (3, 0): "crash"}
+    # A scripted fault wins over a drawn one in its own place only.
+    drawn = dataclasses.replace(scenario, dropout_fraction=1.0)
+    assert device_fault(drawn, 2, 1) == "stall" and device_fault(drawn, 2, 0) == "crash"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('{round = 2, client = 1, fault = "stall"}', "must be a list of tables"),
+        ("[{round = 2, client = 1}]", "with the keys round, client, fault"),
+        ('[{round = 2, client = 1, fault = "stall", extra = 1}]', "with the keys round, client, fault"),
+        ('[{round = 0, client = 1, fault = "stall"}]', "round must be a positive integer"),
+        ('[{round = 1, client = -1, fault = "stall"}]', "partition id >= 0"),
+        ('[{round = 1, client = 1, fault = "slow"}]', "fault must be one of"),
+        ('[{round = 1, client = 3, fault = "crash"}]', "the scenario has 3 clients"),
+    ],
+)
+def test_bad_scripted_faults_are_refused(tmp_path: Path, value: str, message: str) -> None:
+    file = tmp_path / "s.toml"
+    file.write_text(f'name = "s"\nnum-clients = 3\nscripted-faults = {value}\n')
+    with pytest.raises(ConfigError, match=message):
+        load_scenario(file)
+
+
 # --- one device's round with faults and tiers -----------------------------------------------------------------------
 
 
@@ -264,6 +299,24 @@ def test_a_straggler_sleeps_past_the_timeout_then_replies(
     model = build_model(scenario, load_fleet_data(scenario).labels.names)
     delta = deserialize_state(reply.delta_blob, model.schema, "shared")
     assert any(bool(t.abs().sum() > 0) for t in delta.values())
+
+
+def test_a_scripted_stall_sleeps_in_its_round_only_and_the_device_keeps_its_personal_part(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fault = ScriptedFault(round=2, client=1, fault="stall")
+    scenario = tiny_scenario(tiny_bert, personal_head=True, round_timeout=20.0, scripted_faults=(fault,))
+    slept: list[float] = []
+    monkeypatch.setattr(fleet.time, "sleep", slept.append)
+    blob = _global_blob(scenario)
+    first = run_client_round(scenario, 1, blob, tmp_path, server_round=1)
+    assert slept == [] and first.metrics["personal-restored"] == 0  # a new device starts its personal part
+    saved = personal_path(tmp_path, 1).read_bytes()
+    second = run_client_round(scenario, 1, blob, tmp_path, server_round=2)
+    assert slept == [20.0 + STALL_MARGIN_SECONDS]
+    assert second.metrics["personal-restored"] == 1 and personal_path(tmp_path, 1).read_bytes() != saved
+    run_client_round(scenario, 1, blob, tmp_path, server_round=3)
+    assert len(slept) == 1
 
 
 def test_tiers_set_each_clients_step_budget(tiny_bert: Path, tmp_path: Path) -> None:
