@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
@@ -12,6 +13,7 @@ from clients.secure import Device, bytes_array, payload_bytes, run_stage
 from fedadapt import protocol
 from fedadapt.fleet import FleetRun, empty_client_round, evaluate_client, fleet_run_from_config, run_client_round
 from fedadapt.privacy import PrivacyConfig
+from fedadapt.resources import process_age_seconds
 from fedadapt.transport import ClientSealer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # inside the FAB Flower unpacks, or the checkout
@@ -28,6 +30,7 @@ def train(msg: Message, context: Context) -> Message:
 
     Under secure aggregation the server sends four stage messages per round instead (``clients.secure``).
     """
+    start = time.perf_counter()
     run = fleet_run_from_config(context.run_config, PROJECT_ROOT)
     config = msg.content.config_records[protocol.CONFIG]
     sealer = _sealer(run.scenario.privacy, context.run_id, context.node_id, run.server_public_key)
@@ -51,6 +54,13 @@ def train(msg: Message, context: Context) -> Message:
     metrics: dict[str, MetricRecordValues] = dict(reply.metrics)
     if sealer.server_public is None:  # sealed modes carry the FedAvg weight inside the envelope instead
         metrics[protocol.NUM_EXAMPLES] = reply.num_examples
+    # The device's cost of this message: its own work, and its whole process's life (in deployment a
+    # fresh process per message, so this adds the process start and imports); the server's figures
+    # subtract these to find Flower's own message latency.
+    metrics["client-seconds"] = time.perf_counter() - start
+    age = process_age_seconds()
+    if age is not None:
+        metrics["process-seconds"] = age
     content = RecordDict(
         {
             protocol.ARRAYS: ArrayRecord({protocol.ADAPTER_DELTA: bytes_array(delta)}),

@@ -25,6 +25,7 @@ from fedadapt.aggregate import DeltaValidator, FedAvgConfig, ServerOptimizer, ag
 from fedadapt.errors import EmptyAggregateError, EnvelopeError, SchemaMismatch
 from fedadapt.fleet import FleetRun, build_model, encode_split, load_fleet_data
 from fedadapt.folder import save_adapter, write_bytes_atomic
+from fedadapt.resources import memory_record
 from fedadapt.serialize import serialize_state
 from fedadapt.state import State, check_state
 from fedadapt.train import evaluate
@@ -138,6 +139,7 @@ class Federation:
         record |= self._evaluate(client_metrics)
         record["client_results"] = client_metrics
         record["seconds"] = time.perf_counter() - start
+        record |= memory_record()
         return record
 
     def _plain_round(
@@ -157,7 +159,9 @@ class Federation:
             }
         )
         messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in sampled]
+        sent = time.perf_counter()
         replies = list(grid.send_and_receive(messages, timeout=self.scenario.round_timeout))
+        record["exchange_seconds"] = time.perf_counter() - sent  # sent until the last reply (or the deadline)
         unpacked = _unpack_replies(replies, sampled, self.scenario.round_timeout, destinations(messages))
         record |= {
             "bytes_down": len(blob) * len(sampled),

@@ -109,6 +109,12 @@ def test_rounds_write_metrics_checkpoints_and_the_final_adapter(tiny_bert: Path,
         assert record["clients"] == 2 and record["accepted"] == 2 and record["rejected"] == []
         assert record["bytes_up"] > 0 and record["bytes_down"] > record["bytes_up"]  # fp16 up, fp32 down
         assert 0.0 <= record["accuracy"] <= 1.0 and record["loss"] > 0
+        # The figures the load benchmark splits a round by: the exchange, each device's own time, memory.
+        assert 0 < record["exchange_seconds"] < record["seconds"]
+        for client in record["client_results"]:
+            assert 0 < client["train-seconds"] < client["client-seconds"] <= record["exchange_seconds"]
+            assert client["process-seconds"] > client["client-seconds"]  # in process: this test's own age
+        assert 50 < record["server_rss_mb"] <= record["server_peak_rss_mb"]
     summary = metrics["summary"]
     assert summary["rounds"] == 2 and summary["accuracy_source"] == "central"
     assert summary["final_accuracy"] == metrics["rounds"][-1]["accuracy"]
@@ -141,10 +147,13 @@ def test_resume_continues_where_the_checkpoint_left_off(tiny_bert: Path, tmp_pat
         assert torch.equal(tensor, final_b.global_state[name]), name  # sampling RNG and state restored exactly
 
 
+TIMINGS = ("train-seconds", "client-seconds", "process-seconds")
+
+
 def _without_seconds(results: list[dict[str, Any]], like: dict[str, Any]) -> list[dict[str, Any]]:
-    # Training time differs run to run; everything else must match.
-    seconds = {r["client"]: r["train-seconds"] for r in like["client_results"]}
-    return [r | {"train-seconds": seconds.get(r["client"], r["train-seconds"])} for r in results]
+    # Times differ run to run; everything else must match.
+    seconds = {r["client"]: {k: r[k] for k in TIMINGS if k in r} for r in like["client_results"]}
+    return [r | seconds.get(r["client"], {}) for r in results]
 
 
 def _garbage_delta(reply: Message) -> Message:
