@@ -87,11 +87,16 @@ def serve(
     out: Path | None = None,
     resume: bool = False,
     show: bool = True,
+    empty_clients: bool = False,
 ) -> dict[str, Any]:
-    """Run the scenario on a SuperLink of this process's own and return its metrics.json contents."""
+    """Run the scenario on a SuperLink of this process's own and return its metrics.json contents.
+
+    ``empty_clients`` (benchmarks): devices reply at once with a zero delta, so a round costs only
+    Flower's message exchange, the ClientApp process start and the server's own work.
+    """
     from simulations.plots import write_plots
 
-    plan = plan_simulation(scenario, rounds, out, resume)
+    plan = plan_simulation(scenario, rounds, out, resume, empty_clients=empty_clients)
     if plan.scenario.full_model:
         logger.warning("full-model = true is ignored by fedadapt serve: run the comparison with fedadapt simulate")
     if 0 < deployment.local_supernodes < plan.scenario.sample_size:
