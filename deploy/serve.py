@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fedadapt.errors import ConfigError
-from fedadapt.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
+from fedadapt.processes import find_tool, free_port, stop_process_tree, stop_process_trees, terminate_gracefully
 from fedadapt.scenario import with_overrides
 from simulations.runner import (
     FLWR_LOG,
@@ -130,8 +131,7 @@ def serve(
                 # The SuperLink (and the ServerApp below it) first: with the nodes gone first, the
                 # ServerApp would close the interrupted round as failed and mark the run complete.
                 stop_process_tree(link)
-                for node in nodes:
-                    stop_process_tree(node)
+                stop_process_trees(nodes)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
     metrics = finished_metrics(plan, code, "the run")
@@ -254,7 +254,22 @@ def _supernode(
         command += ["--root-certificates", str(certs.ca), "--auth-supernode-private-key", str(certs.local_keys[index])]
     log_file = plan.out_dir / SUPERNODE_LOG.format(index=index)
     with log_file.open("ab") as log:
-        return subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command, cwd=flwr_home, env=share_cores(env, count), stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def share_cores(env: dict[str, str], local_nodes: int) -> dict[str, str]:
+    """The environment of one of ``local_nodes`` SuperNodes on this machine: the cores split between them.
+
+    On a real device one ClientApp has the cores to itself; N local SuperNodes run N ClientApps at
+    once, and N torch processes that each start a thread per core spend the CPU waiting on each
+    other. A thread count the user set (OMP_NUM_THREADS) is kept.
+    """
+    if "OMP_NUM_THREADS" in env:
+        return env
+    threads = max(1, (os.cpu_count() or 1) // max(1, local_nodes))
+    return env | {"OMP_NUM_THREADS": str(threads)}
 
 
 def _wait_listening(port: int, process: subprocess.Popen[bytes], log_file: Path) -> None:
