@@ -1,12 +1,14 @@
 """A real deployment under load: 20 SuperNodes on loopback, MiniLM LoRA on Banking77 partitions.
 
 Run:  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/deployment_load.py [--nodes 20] [--rounds 5]
-      [--max-examples 4000] [--out runs/bench-deployment-load]
+      [--max-examples 4000] [--batch-size 16] [--max-length 32] [--out runs/bench-deployment-load]
 
 ``fedadapt serve`` with TLS + node authentication and ``--nodes`` local SuperNodes, each a device
 holding an IID partition of Banking77 (``--max-examples`` caps the training queries before they are
 split, so that the run fits a laptop's cores). Each round, every device trains LoRA r=8 for one
-epoch; in deployment every message starts a fresh ClientApp process.
+epoch; in deployment every message starts a fresh ClientApp process, and on one host all of them
+run at once: batch 16 x 32 tokens keeps 20 of them in memory (the run refuses to start where they
+would not fit).
 
 Every round is split into:
   compute   the slowest device's own time for the message (``client-seconds``: data, model,
@@ -43,9 +45,25 @@ from deploy.serve import Deployment, serve  # noqa: E402
 
 DATA = PROJECT_ROOT.parent / "shared" / "data" / "banking77"
 BASELINE_ROUNDS = 3
+# Measured: a MiniLM LoRA ClientApp peaks at ~1.4 GiB RSS with batch 32 x 64 tokens (imports and the
+# data libraries ~540 MiB, the model ~110 MiB, activations through all six layers the rest), ~0.8 GiB
+# with batch 16 x 32 tokens; the SuperLink, the ServerApp and the SuperNodes add ~3 GiB at 20 nodes.
+CLIENTAPP_MIB = 800
+SERVER_SIDE_MIB = 3000
 
 
-def write_scenario(folder: Path, nodes: int, rounds: int, max_examples: int | None) -> Path:
+def available_mib() -> int | None:
+    """MemAvailable from /proc/meminfo, in MiB; None off Linux."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def write_scenario(folder: Path, nodes: int, rounds: int, args: argparse.Namespace) -> Path:
     values: dict[str, Any] = {
         "name": "deployment-load",
         "data": str(DATA),
@@ -56,16 +74,16 @@ def write_scenario(folder: Path, nodes: int, rounds: int, max_examples: int | No
         "rank": 8,
         "rounds": rounds,
         "local-epochs": 1,
-        "batch-size": 32,
-        "max-length": 64,
+        "batch-size": args.batch_size,
+        "max-length": args.max_length,
         "compression": "fp16",
         "server-test-examples": 1000,
         "round-timeout": 1800,  # a load test measures rounds; it never cuts one short
         "node-timeout": 600,
         "seed": 0,
     }
-    if max_examples:
-        values["max-examples"] = max_examples
+    if args.max_examples:
+        values["max-examples"] = args.max_examples
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "scenario.toml"
     path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
@@ -113,15 +131,25 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-examples", type=int, default=4000, help="0: all 10,003 training queries")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=32, help="tokens; Banking77 queries average about 15")
     parser.add_argument("--out", type=Path, default=Path("runs") / "bench-deployment-load")
     args = parser.parse_args()
     if not (DATA / "train.csv").is_file():
         sys.exit(f"Banking77 is not at {DATA}: this benchmark reads ../shared/data/banking77 beside the repo")
+    needed = args.nodes * CLIENTAPP_MIB + SERVER_SIDE_MIB
+    available = available_mib()
+    if available is not None and available < needed:
+        sys.exit(
+            f"{args.nodes} local SuperNodes run {args.nodes} ClientApps at once, about {needed:,} MiB in all, and "
+            f"this machine has {available:,} MiB available: a run that pages would measure the paging. Use "
+            f"fewer --nodes, or a smaller --batch-size / --max-length."
+        )
     out = (args.out / time.strftime("%Y%m%d-%H%M%S")).resolve()
     started = time.perf_counter()
-    baseline_scenario = write_scenario(out / "baseline", 1, BASELINE_ROUNDS, args.max_examples or None)
+    baseline_scenario = write_scenario(out / "baseline", 1, BASELINE_ROUNDS, args)
     baseline, _ = run(baseline_scenario, 1, BASELINE_ROUNDS, out / "baseline" / "run", empty=True)
-    scenario = write_scenario(out / "load", args.nodes, args.rounds, args.max_examples or None)
+    scenario = write_scenario(out / "load", args.nodes, args.rounds, args)
     metrics, memory = run(scenario, args.nodes, args.rounds, out / "load" / "run", empty=False)
     one_exchange = statistics.median(r["flower_s"] for r in round_rows(baseline))
     rows = round_rows(metrics)
@@ -130,6 +158,8 @@ def main() -> None:
         "nodes": args.nodes,
         "rounds": args.rounds,
         "max_examples": args.max_examples or None,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
         "one_flower_exchange_s": one_exchange,
         "baseline_rounds": round_rows(baseline),
         "rounds_detail": rows,
