@@ -246,6 +246,23 @@ def device_split(scenario: ScenarioConfig, partition_id: int, data_path: Path | 
     return ClientSplit(client_id=partition_id, train=train, test=test, train_indices=(), test_indices=())
 
 
+def device_data(
+    scenario: ScenarioConfig, partition_id: int, data_path: Path | None = None, state_dir: Path | None = None
+) -> tuple[LabelMap, ClientSplit]:
+    """The scenario's label map and the device's split, kept in its state folder between messages.
+
+    A device with its own file (``data_path``) reads that; without a state folder nothing is kept.
+    """
+    if data_path is not None or state_dir is None:
+        return scenario_labels(scenario), device_split(scenario, partition_id, data_path)
+    from fedadapt.device_data import cached_device_data
+
+    fields = {name: getattr(scenario, name) for name in _DATA_FIELDS}
+    return cached_device_data(
+        fields, partition_id, state_dir, lambda: (scenario_labels(scenario), client_split(scenario, partition_id))
+    )
+
+
 def scenario_labels(scenario: ScenarioConfig) -> LabelMap:
     """The scenario's global label map: from its ``labels`` file when it names one, else from its data."""
     if scenario.labels:
@@ -296,8 +313,7 @@ def train_client_update(
     from fedadapt.state import compute_delta
     from fedadapt.train import evaluate, train_adapter
 
-    labels = scenario_labels(scenario)
-    split = device_split(scenario, partition_id, data_path)
+    labels, split = device_data(scenario, partition_id, data_path, state_dir)
     # Whether the device picks up its own personal part (a device back after a crash must) or starts one.
     restored = scenario.personal_head and personal_path(state_dir, partition_id).is_file()
     model = _prepare_model(scenario, labels, global_blob, state_dir, partition_id)
@@ -359,8 +375,7 @@ def evaluate_client(
     """The device's model (global shared part + its own personal part) on its local test split; no training."""
     from fedadapt.train import evaluate
 
-    labels = scenario_labels(scenario)
-    split = device_split(scenario, partition_id, data_path)
+    labels, split = device_data(scenario, partition_id, data_path, state_dir)
     model = _prepare_model(scenario, labels, global_blob, state_dir, partition_id)
     scores = _evaluate_or_none(
         evaluate, model, encode_split(model, split.test, labels, scenario.max_length), scenario.device

@@ -11,6 +11,7 @@ from helpers import tiny_scenario
 
 import fedadapt.train as train_module
 from fedadapt import fleet
+from fedadapt.device_data import device_data_path
 from fedadapt.errors import ConfigError
 from fedadapt.fleet import (
     ClientReply,
@@ -182,7 +183,8 @@ def test_shared_head_travels_in_the_delta_and_nothing_is_written(tiny_bert: Path
     reply = run_client_round(scenario, 2, blob, tmp_path, server_round=1)
     delta = deserialize_state(reply.delta_blob, model.schema, "shared")
     assert any(s.role == "head" for s in model.schema.specs("shared")) and set(delta) == set(model.state("shared"))
-    assert not list(tmp_path.iterdir())
+    # No personal part is written; only the device's own split, kept for its next message.
+    assert [p.name for p in tmp_path.iterdir()] == [device_data_path(tmp_path, 2).name]
 
 
 def test_same_round_same_delta_and_rounds_differ(tiny_bert: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 from helpers import tiny_scenario
 
 from fedadapt import fleet
+from fedadapt.device_data import device_data_path
 from fedadapt.errors import ConfigError
 from fedadapt.faults import STALL_MARGIN_SECONDS, SimulatedDeviceFailure, device_fault, stall_seconds
 from fedadapt.fleet import (
@@ -278,7 +279,9 @@ def test_a_crashing_client_raises_and_saves_nothing(
     blob = _global_blob(scenario)
     with pytest.raises(SimulatedDeviceFailure, match=f"client 1 crashed in round {server_round}"):
         run_client_round(scenario, 1, blob, tmp_path, server_round=server_round)
-    assert not personal_path(tmp_path, 1).exists() and not list(tmp_path.iterdir())
+    # Nothing of the round is saved: only the device's own split, kept from before training.
+    assert not personal_path(tmp_path, 1).exists()
+    assert [p.name for p in tmp_path.iterdir()] == [device_data_path(tmp_path, 1).name]
     assert slept == []
     healthy = next(r for r in range(1, 200) if device_fault(scenario, r, 1) is None)
     run_client_round(scenario, 1, blob, tmp_path, server_round=healthy)

@@ -1,0 +1,125 @@
+"""A device keeps its own split in its state folder, so later messages skip loading and partitioning.
+
+In deployment Flower starts a fresh ClientApp process for every message. Without this file each
+process loads the scenario's whole dataset, imports the partitioner stack (flwr-datasets pulls in
+pandas, matplotlib and seaborn: about 300 MiB and seconds of CPU) and partitions everything again
+to find the device's own rows. The device instead keeps its label map and its train/test split in
+``<state folder>/data-<partition id>.json``, keyed by the scenario's data settings and by the size
+and modification time of every data file: change either and the split is computed afresh. The
+file holds only the device's own examples, beside its personal part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fedadapt.data import LabelMap, TextDataset
+from fedadapt.errors import FedAdaptError
+from fedadapt.partition import ClientSplit
+
+logger = logging.getLogger(__name__)
+
+DATA_FILE = "data-{partition_id}.json"
+FORMAT = 1  # bump when the file's layout changes: older files are then recomputed
+FILE_KEYS = ("data", "labels")  # scenario fields that name files whose contents the split depends on
+
+
+def device_data_path(state_dir: Path, partition_id: int) -> Path:
+    """Where device ``partition_id`` keeps its split."""
+    return Path(state_dir) / DATA_FILE.format(partition_id=partition_id)
+
+
+def cached_device_data(
+    data_fields: Mapping[str, Any],
+    partition_id: int,
+    state_dir: Path,
+    compute: Callable[[], tuple[LabelMap, ClientSplit]],
+) -> tuple[LabelMap, ClientSplit]:
+    """The device's label map and split: from its state folder when still valid, else ``compute()``d and kept.
+
+    ``data_fields`` are the scenario settings the split depends on (data path, partitioning, seed...).
+    """
+    path = device_data_path(state_dir, partition_id)
+    key = data_key(data_fields, partition_id)
+    kept = _read(path, key, partition_id)
+    if kept is not None:
+        return kept
+    labels, split = compute()
+    from fedadapt.folder import write_bytes_atomic
+
+    record = {"format": FORMAT, "key": key, "labels": list(labels.names), "label_source": labels.source}
+    record |= {
+        "train": _dataset_json(split.train, split.train_indices),
+        "test": _dataset_json(split.test, split.test_indices),
+    }
+    write_bytes_atomic(path, json.dumps(record).encode())
+    return labels, split
+
+
+def data_key(data_fields: Mapping[str, Any], partition_id: int) -> str:
+    """A digest of everything the device's split depends on, data files' sizes and times included."""
+    files = {name: _fingerprint(data_fields.get(name)) for name in FILE_KEYS}
+    content = {"format": FORMAT, "partition": partition_id, "fields": dict(data_fields), "files": files}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fingerprint(location: Any) -> list[tuple[str, int, int]] | None:
+    """(name, size, mtime_ns) of a data file, or of every file below a data folder; None for no file."""
+    if not isinstance(location, str):
+        return None
+    path = Path(location).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return [(path.name, stat.st_size, stat.st_mtime_ns)]
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file())
+        return [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in found]
+    return None  # 'synthetic', or a hub id: the fields alone name it
+
+
+def _read(path: Path, key: str, partition_id: int) -> tuple[LabelMap, ClientSplit] | None:
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("format") != FORMAT or record.get("key") != key:
+            logger.info("%s was made for other data or settings: splitting the data again", path)
+            return None
+        labels = LabelMap(tuple(record["labels"]), source=record["label_source"])
+        split = ClientSplit(
+            client_id=partition_id,
+            train=_dataset(record["train"]),
+            test=_dataset(record["test"]),
+            train_indices=tuple(record["train"]["indices"]),
+            test_indices=tuple(record["test"]["indices"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, FedAdaptError) as err:
+        logger.warning("%s is unreadable (%s): splitting the data again", path, err)
+        return None
+    return labels, split
+
+
+def _dataset_json(data: TextDataset, indices: tuple[int, ...]) -> dict[str, Any]:
+    user_ids = None if data.user_ids is None else list(data.user_ids)
+    return {
+        "texts": list(data.texts),
+        "labels": list(data.labels),
+        "user_ids": user_ids,
+        "source": data.source,
+        "indices": list(indices),
+    }
+
+
+def _dataset(record: Mapping[str, Any]) -> TextDataset:
+    user_ids = record["user_ids"]
+    return TextDataset(
+        texts=tuple(record["texts"]),
+        labels=tuple(record["labels"]),
+        user_ids=None if user_ids is None else tuple(user_ids),
+        source=record["source"],
+    )
