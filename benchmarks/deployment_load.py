@@ -151,7 +151,8 @@ def main() -> None:
     baseline, _ = run(baseline_scenario, 1, BASELINE_ROUNDS, out / "baseline" / "run", empty=True)
     scenario = write_scenario(out / "load", args.nodes, args.rounds, args)
     metrics, memory = run(scenario, args.nodes, args.rounds, out / "load" / "run", empty=False)
-    one_exchange = statistics.median(r["flower_s"] for r in round_rows(baseline))
+    baseline_rows = round_rows(baseline)
+    one_exchange = statistics.median(r["flower_s"] for r in baseline_rows)
     rows = round_rows(metrics)
     report = {
         "command": " ".join(sys.argv),
@@ -161,7 +162,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "one_flower_exchange_s": one_exchange,
-        "baseline_rounds": round_rows(baseline),
+        "baseline_rounds": baseline_rows,
         "rounds_detail": rows,
         "peak_pss_mib_all_processes": memory.peak_pss_mib,
         "peak_rss_mib_largest_process": memory.peak_rss_mib,

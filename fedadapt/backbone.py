@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -204,5 +205,11 @@ def cache_argument(backbone: nn.Module) -> str | None:
 
     transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40).
     """
-    parameters = inspect.signature(backbone.forward).parameters
+    return _cache_argument_of(type(backbone).forward)
+
+
+@functools.lru_cache(maxsize=32)
+def _cache_argument_of(forward: Any) -> str | None:
+    # Once per backbone class: prefix tuning asks on every forward pass, and inspect.signature is not free.
+    parameters = inspect.signature(forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
