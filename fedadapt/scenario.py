@@ -84,6 +84,9 @@ class ScenarioConfig:
     compression: str = "fp16"  # of the uploaded deltas: none | fp16 | int8
     server_lr: float = 1.0
     max_delta_norm: float | None = None  # reject deltas with a larger global L2 norm
+    # The most examples one client's delta may weigh in FedAvg: bounds what one (lying) client can pull the mean
+    # by. Devices with more weigh as this many; a reply claiming more is rejected.
+    max_examples_per_client: int = 10_000
     full_model: bool = False  # also run ordinary full-model FedAvg on the same scenario, for comparison
     full_model_learning_rate: float = 5e-5  # backbone learning rate of that full-model run
     target_accuracy: float | None = None  # compare time to this accuracy; None: the lower of the two runs' best
@@ -108,7 +111,10 @@ class ScenarioConfig:
             raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
         _check_choice("partition", self.partition, SCHEMES)
         _check_choice("compression", self.compression, COMPRESSIONS)
-        positive = ("num_clients", "rounds", "local_epochs", "batch_size", "max_length", "client_cpus", "min_clients")
+        positive = (
+            *("num_clients", "rounds", "local_epochs", "batch_size", "max_length", "client_cpus", "min_clients"),
+            "max_examples_per_client",
+        )
         for name in (*positive, "examples_per_user"):
             _check_positive_int(name, getattr(self, name))
         for name in ("max_examples", "server_test_examples", "clients_per_round", "local_max_steps", "rank"):
