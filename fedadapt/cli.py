@@ -151,17 +151,26 @@ def train(
         _print_table({k: v for k, v in metrics.items() if not isinstance(v, dict)}, f"{method} on {data}")
 
 
+ACCEPT_UNVERIFIED_HELP = (
+    "With --resume: also resume from checkpoints this server cannot authenticate (older formats, a lost or "
+    "replaced checkpoint key). Only for files you trust."
+)
+
+
 @app.command()
 def simulate(
     scenario: Annotated[Path, typer.Option(help="Scenario TOML file (see simulations/README.md).")],
     rounds: Annotated[int | None, typer.Option(help="Rounds in all (overrides the scenario's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/sim-<name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = False,
+    accept_unverified_checkpoints: Annotated[bool, typer.Option(help=ACCEPT_UNVERIFIED_HELP)] = False,
 ) -> None:
     """Run a fleet scenario in Flower's simulation engine: metrics.json and final_adapter/ in --out."""
     try:
         runner = _checkout_module("simulations.runner")
-        runner.simulate(scenario, rounds=rounds, out=out, resume=resume)
+        runner.simulate(
+            scenario, rounds=rounds, out=out, resume=resume, accept_unverified=accept_unverified_checkpoints
+        )
     except FedAdaptError as err:
         _fail(str(err))
 

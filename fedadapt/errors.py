@@ -66,3 +66,7 @@ class PayloadError(FedAdaptError, ValueError):
 class SecAggError(FedAdaptError):
     """A secure-aggregation step cannot go on: a client refuses an inconsistent request, or the server
     cannot rebuild the sum (too many dropouts, an overflowing field). Never holds key material or values."""
+
+
+class CheckpointAuthError(FedAdaptError):
+    """A checkpoint cannot be shown to come from this server (no MAC, a wrong MAC, no key): resume refuses it."""

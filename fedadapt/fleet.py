@@ -441,11 +441,13 @@ RUN_FULL_MODEL = "full-model"  # run the scenario's full-model FedAvg variant in
 RUN_EMPTY_CLIENTS = "empty-clients"  # benchmarks: clients reply at once with a zero delta
 RUN_SERVER_KEY = "server-key"  # the server's X25519 private key file (privacy modes aead and secagg+)
 RUN_SERVER_PUBLIC_KEY = "server-public-key"  # its public key for the clients: 64 hex characters or server.pub's path
+RUN_ACCEPT_UNVERIFIED = "accept-unverified-checkpoints"  # resume from checkpoints the server cannot authenticate
 RUN_KEYS = (
     *(RUN_SCENARIO, RUN_OUT_DIR, RUN_NUM_ROUNDS, RUN_CLIENTS_PER_ROUND, RUN_RESUME, RUN_CLIENT_STATE_DIR),
-    *(RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_SERVER_KEY, RUN_SERVER_PUBLIC_KEY),
+    *(RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_SERVER_KEY, RUN_SERVER_PUBLIC_KEY, RUN_ACCEPT_UNVERIFIED),
 )
 CLIENT_STATE_FOLDER = "clients"
+KEYS_FOLDER = "keys"  # <out>/keys: the server's private keys (envelope key pair, checkpoint key)
 
 
 @dataclass(frozen=True)
@@ -459,6 +461,12 @@ class FleetRun:
     empty_clients: bool = False
     server_key: Path | None = None  # only the server reads it
     server_public_key: str = ""
+    accept_unverified_checkpoints: bool = False  # resume even from checkpoints that fail authentication
+
+    @property
+    def keys_dir(self) -> Path:
+        """The server's key folder (its checkpoint key lives there)."""
+        return self.out_dir / KEYS_FOLDER
 
     @property
     def state_dir(self) -> Path:
@@ -474,7 +482,9 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
     scenario_path = _resolve(str(run_config.get(RUN_SCENARIO, "")), project_root, RUN_SCENARIO)
     out_dir = _resolve(str(run_config.get(RUN_OUT_DIR, "")), Path.cwd(), RUN_OUT_DIR)
     rounds, per_round = (_count(run_config, key) for key in (RUN_NUM_ROUNDS, RUN_CLIENTS_PER_ROUND))
-    resume, full_model, empty = (_flag(run_config, key) for key in (RUN_RESUME, RUN_FULL_MODEL, RUN_EMPTY_CLIENTS))
+    resume, full_model, empty, accept_unverified = (
+        _flag(run_config, key) for key in (RUN_RESUME, RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_ACCEPT_UNVERIFIED)
+    )
     state = str(run_config.get(RUN_CLIENT_STATE_DIR, ""))
     server_key = str(run_config.get(RUN_SERVER_KEY, ""))
     scenario = with_overrides(load_scenario(scenario_path), rounds=rounds or None, clients_per_round=per_round or None)
@@ -486,6 +496,7 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
         empty_clients=empty,
         server_key=_resolve(server_key, Path.cwd(), RUN_SERVER_KEY) if server_key else None,
         server_public_key=str(run_config.get(RUN_SERVER_PUBLIC_KEY, "")),
+        accept_unverified_checkpoints=accept_unverified,
     )
 
 

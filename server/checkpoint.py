@@ -5,11 +5,15 @@ One safetensors file per round, ``checkpoints/round-NNNN.safetensors``: the glob
 header, the round, the sampler's RNG state, the optimizer's scalars and the metrics so far. The
 file is written to a temporary sibling and renamed, so a crash leaves the previous round intact.
 
-Integrity (format v2): the header JSON records ``sha256``, a SHA-256 over every tensor's name,
-dtype, shape and raw bytes (sorted by name) and the canonical JSON of the rest of the header.
-Loading recomputes it and refuses a file whose content no longer matches (bit rot, a flipped
-byte, an edited header), so a damaged checkpoint never resumes a run from wrong values. v1 files
-(no hash) still load, with an info log that they cannot be verified.
+Integrity and origin (format v3): the header JSON records ``sha256``, a SHA-256 over every
+tensor's name, dtype, shape and raw bytes (sorted by name) and the canonical JSON of the rest of
+the header, and ``hmac``, an HMAC-SHA256 over the same stream under the server's checkpoint key
+(``fedadapt.checkpoint_key``: 32 random bytes, 0600, beside its other keys). The SHA-256 catches
+damage: a file whose content no longer matches it (bit rot, a truncated write) is skipped with a
+warning and the run resumes from the newest intact one. The HMAC catches substitution: anyone can
+write a self-consistent SHA-256, only the key holder a valid HMAC. A file that is intact but not
+authenticated (a wrong or missing HMAC, a v1 or v2 file, no key to check it with) is refused
+(``CheckpointAuthError``, naming the file) unless the user explicitly accepts unverified files.
 """
 
 from __future__ import annotations
@@ -30,18 +34,24 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedadapt.aggregate import OptimizerState
-from fedadapt.errors import StateError
+from fedadapt.checkpoint_key import read_checkpoint_key
+from fedadapt.errors import CheckpointAuthError, StateError
+from fedadapt.fleet import KEYS_FOLDER
 from fedadapt.folder import write_bytes_atomic
 from fedadapt.serialize import read_metadata
 from fedadapt.state import State, dtype_name
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "fedadapt.checkpoint.v2"
-FORMAT_V1 = "fedadapt.checkpoint.v1"  # no content hash; still read
-_FORMATS = (FORMAT, FORMAT_V1)
+FORMAT = "fedadapt.checkpoint.v3"
+FORMAT_V2 = "fedadapt.checkpoint.v2"  # SHA-256, no HMAC: read only when unverified files are accepted
+FORMAT_V1 = "fedadapt.checkpoint.v1"  # no hash at all: the same
+_FORMATS = (FORMAT, FORMAT_V2, FORMAT_V1)
 _HASH_KEY = "sha256"  # in the header JSON; covers the tensors and every other header key
+_MAC_KEY = "hmac"  # in the header JSON (v3); the same stream as the hash, under the checkpoint key
 _HASH_DOMAIN = b"fedadapt.checkpoint.v2\0"  # fixed: a later FORMAT must still verify v2 files
+_MAC_DOMAIN = b"fedadapt.checkpoint.v3.hmac\0"
+ACCEPT_FLAG = "--accept-unverified-checkpoints"  # the CLI flag that lets unauthenticated files resume a run
 FOLDER = "checkpoints"
 KEEP = 3  # checkpoints kept; older ones are removed after a newer one is in place
 _NAME = re.compile(r"round-(\d{4,})\.safetensors")
@@ -65,8 +75,8 @@ def checkpoint_path(out_dir: Path, server_round: int) -> Path:
     return Path(out_dir) / FOLDER / f"round-{server_round:04d}.safetensors"
 
 
-def save_checkpoint(out_dir: Path, checkpoint: Checkpoint, keep: int = KEEP) -> Path:
-    """Write ``checkpoint`` atomically and prune all but the newest ``keep``."""
+def save_checkpoint(out_dir: Path, checkpoint: Checkpoint, key: bytes, keep: int = KEEP) -> Path:
+    """Write ``checkpoint`` atomically, authenticated under ``key``, and prune all but the newest ``keep``."""
     tensors = {_GLOBAL + n: t.detach().cpu().contiguous().clone() for n, t in checkpoint.global_state.items()}
     tensors |= {_OPTIMIZER + n: t.detach().cpu().contiguous().clone() for n, t in checkpoint.optimizer.tensors.items()}
     header = {
@@ -78,7 +88,8 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint, keep: int = KEEP) -> 
     }
     # Hash what a reader will parse back (tuples become lists, keys become strings, ...).
     header = json.loads(json.dumps(header))
-    header[_HASH_KEY] = content_sha256(tensors, header)
+    header[_MAC_KEY] = content_hmac(key, tensors, header)
+    header[_HASH_KEY] = content_sha256(tensors, header)  # over the header with its HMAC
     path = checkpoint_path(out_dir, checkpoint.round)
     write_bytes_atomic(path, safetensors_save(tensors, metadata={"format": FORMAT, "json": json.dumps(header)}))
     for old in list_checkpoints(out_dir)[:-keep]:
@@ -95,8 +106,13 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read one checkpoint file; StateError if it is not one or its content fails its SHA-256."""
+def load_checkpoint(path: Path, key: bytes | None, accept_unverified: bool = False) -> Checkpoint:
+    """Read one checkpoint file.
+
+    StateError if it is not one or its content fails its SHA-256 (damage); CheckpointAuthError if it
+    is intact but not authenticated under ``key`` (a wrong or missing HMAC, a v1/v2 file, no key),
+    unless ``accept_unverified``, which loads such a file with a warning.
+    """
     data = Path(path).read_bytes()
     try:
         metadata = read_metadata(data)
@@ -110,16 +126,22 @@ def load_checkpoint(path: Path) -> Checkpoint:
         if not isinstance(header, dict):
             raise ValueError("its header JSON is not an object")
         tensors = safetensors_load(data)
-    except (KeyError, ValueError, SafetensorError) as err:
-        raise StateError(f"{path} is a damaged checkpoint: {err}") from err
-    if file_format == FORMAT_V1:
-        logger.info("checkpoint %s is %s, which records no SHA-256: its content cannot be verified", path, FORMAT_V1)
-    else:
+    except (KeyError, ValueError, RecursionError, SafetensorError) as err:
+        raise StateError(f"{path} is a damaged checkpoint: {type(err).__name__}: {str(err)[:200]}") from err
+    if file_format != FORMAT_V1:
         recorded = header.pop(_HASH_KEY, None)
         if not isinstance(recorded, str):
             raise StateError(f"{path} is a damaged checkpoint: its header records no SHA-256")
         if not hmac.compare_digest(recorded, content_sha256(tensors, header)):
             raise StateError(f"{path}: content does not match its recorded SHA-256: the file is corrupt")
+    problem = _authentication_problem(file_format, header, tensors, key)
+    if problem is not None:
+        if not accept_unverified:
+            raise CheckpointAuthError(
+                f"{path} {problem}: it may not have been written by this server, so the run does not resume from "
+                f"it. Move it away to resume from an earlier checkpoint, or pass {ACCEPT_FLAG} if you trust it"
+            )
+        logger.warning("checkpoint %s %s; loading it anyway, as %s asks", path, problem, ACCEPT_FLAG)
     try:
         return Checkpoint(
             round=int(header["round"]),
@@ -133,16 +155,31 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise StateError(f"{path} is a damaged checkpoint: bad header field {err}") from err
 
 
-def load_latest_checkpoint(out_dir: Path) -> Checkpoint | None:
-    """The newest readable checkpoint in ``out_dir``, or None when there is none.
+def _authentication_problem(
+    file_format: str, header: dict[str, Any], tensors: Mapping[str, torch.Tensor], key: bytes | None
+) -> str | None:
+    """Why the file is not authenticated under ``key`` (``header`` loses its HMAC), or None when it is."""
+    recorded = header.pop(_MAC_KEY, None)
+    if file_format != FORMAT:
+        return f"is {file_format}, which carries no HMAC"
+    if key is None:
+        return "cannot be authenticated: the server's checkpoint key is missing"
+    if not isinstance(recorded, str) or not hmac.compare_digest(recorded, content_hmac(key, tensors, header)):
+        return "fails its HMAC under this server's checkpoint key"
+    return None
 
-    Unreadable or corrupt files are skipped, each with a warning naming it, the reason and the
-    checkpoint the run resumes from instead.
+
+def load_latest_checkpoint(out_dir: Path, key: bytes | None, accept_unverified: bool = False) -> Checkpoint | None:
+    """The newest intact checkpoint in ``out_dir``, or None when there is none.
+
+    Damaged files (unreadable, or failing their SHA-256) are skipped, each with a warning naming it,
+    the reason and the checkpoint the run resumes from instead. An intact file that is not
+    authenticated raises CheckpointAuthError (see ``load_checkpoint``): it is not silently skipped.
     """
     skipped: list[tuple[Path, str]] = []
     for path in reversed(list_checkpoints(out_dir)):
         try:
-            checkpoint = load_checkpoint(path)
+            checkpoint = load_checkpoint(path, key, accept_unverified)
         except (OSError, StateError) as err:
             reason = "is corrupt" if isinstance(err, StateError) else "is unreadable"
             skipped.append((path, f"{reason} ({err})"))
@@ -163,6 +200,11 @@ def load_latest_checkpoint(out_dir: Path) -> Checkpoint | None:
     return None
 
 
+def load_run_checkpoint(out_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint of the run in ``out_dir``, authenticated with the key in ``<out_dir>/keys``."""
+    return load_latest_checkpoint(out_dir, read_checkpoint_key(Path(out_dir) / KEYS_FOLDER))
+
+
 def content_sha256(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> str:
     """Hex SHA-256 over the tensors (name, dtype, shape, raw bytes; sorted by name) and ``header``.
 
@@ -170,6 +212,18 @@ def content_sha256(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any
     JSON. Streams through the tensors: no concatenated copy of the state is made.
     """
     digest = hashlib.sha256(_HASH_DOMAIN)
+    _feed(digest, tensors, header)
+    return digest.hexdigest()
+
+
+def content_hmac(key: bytes, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> str:
+    """Hex HMAC-SHA256 under ``key`` over the same stream as ``content_sha256`` (``header`` without the MAC)."""
+    mac = hmac.new(key, _MAC_DOMAIN, hashlib.sha256)
+    _feed(mac, tensors, header)
+    return mac.hexdigest()
+
+
+def _feed(digest: Any, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> None:
     for name in sorted(tensors):
         tensor = tensors[name].detach()
         if tensor.device.type != "cpu":
@@ -182,7 +236,6 @@ def content_sha256(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     digest.update(len(canonical).to_bytes(8, "little") + canonical)
-    return digest.hexdigest()
 
 
 def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> State:

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from fedadapt import protocol
 from fedadapt.aggregate import DeltaValidator, FedAvgConfig, ServerOptimizer, aggregate_round
+from fedadapt.checkpoint_key import load_or_create_checkpoint_key, read_checkpoint_key
 from fedadapt.errors import EmptyAggregateError, EnvelopeError, SchemaMismatch
 from fedadapt.fleet import FleetRun, build_model, encode_split, load_fleet_data
 from fedadapt.folder import save_adapter, write_bytes_atomic
@@ -73,6 +74,7 @@ class Federation:
         self.global_state: State = self.model.state("shared")
         self.history: list[dict[str, Any]] = []
         self._started = False  # whether this process has run a round yet (the first waits for the fleet)
+        self._key: bytes | None = None  # the checkpoint key, read or made when the first checkpoint is written
 
     @property
     def completed_rounds(self) -> int:
@@ -82,7 +84,9 @@ class Federation:
 
     def resume(self) -> None:
         """Continue from the latest checkpoint in the out dir, if there is one."""
-        checkpoint = load_latest_checkpoint(self.run.out_dir)
+        checkpoint = load_latest_checkpoint(
+            self.run.out_dir, read_checkpoint_key(self.run.keys_dir), self.run.accept_unverified_checkpoints
+        )
         if checkpoint is None:
             logger.info("no checkpoint in %s: starting at round 1", self.run.out_dir)
             return
@@ -106,7 +110,7 @@ class Federation:
         for server_round in range(self.completed_rounds + 1, self.scenario.rounds + 1):
             record = self.run_round(grid, server_round)
             self.history.append(record)
-            save_checkpoint(self.run.out_dir, self._checkpoint())
+            save_checkpoint(self.run.out_dir, self._checkpoint(), self._checkpoint_key())
             self.write_metrics(complete=False)
             logger.info("round %d: %s", server_round, _round_line(record))
         self.model.load_state(self.global_state, "shared")
@@ -277,6 +281,12 @@ class Federation:
         result = evaluate(self.model, self.test_set, device=self.scenario.server_device)
         self.model.to("cpu")
         return scores | {"accuracy": result.accuracy, "loss": result.loss, "macro_f1": result.macro_f1}
+
+    def _checkpoint_key(self) -> bytes:
+        """The key that authenticates this run's checkpoints (made 0600 in <out>/keys on first use)."""
+        if self._key is None:
+            self._key = load_or_create_checkpoint_key(self.run.keys_dir)
+        return self._key
 
     def _checkpoint(self) -> Checkpoint:
         return Checkpoint(

@@ -32,6 +32,7 @@ from fedadapt.errors import ConfigError, FedAdaptError
 from fedadapt.fleet import (
     CLIENT_STATE_FOLDER,
     PERSONAL_FILE,
+    RUN_ACCEPT_UNVERIFIED,
     RUN_CLIENTS_PER_ROUND,
     RUN_EMPTY_CLIENTS,
     RUN_FULL_MODEL,
@@ -87,6 +88,7 @@ class SimulationPlan:
     resume: bool
     full_model: bool = False  # run the scenario's full-model FedAvg variant (``scenario`` is that variant)
     empty_clients: bool = False  # benchmarks: clients reply at once with a zero delta
+    accept_unverified: bool = False  # resume even from checkpoints the server cannot authenticate
 
     @property
     def metrics_file(self) -> Path:
@@ -103,18 +105,25 @@ class SimulationPlan:
             resume and _has_checkpoints(out_dir),
             full_model=True,
             empty_clients=self.empty_clients,
+            accept_unverified=self.accept_unverified,
         )
 
 
 def plan_simulation(
-    scenario: Path, rounds: int | None, out: Path | None, resume: bool, empty_clients: bool = False
+    scenario: Path,
+    rounds: int | None,
+    out: Path | None,
+    resume: bool,
+    empty_clients: bool = False,
+    accept_unverified: bool = False,
 ) -> SimulationPlan:
     """Check the scenario and the out dir before anything starts."""
     scenario_path = Path(scenario).expanduser().resolve()
     config = with_overrides(load_scenario(scenario_path), rounds=rounds)
     out_dir = (Path(out) if out else _default_out_dir(config.name, resume)).expanduser().resolve()
     refuse_unless_resuming(out_dir, resume)
-    return SimulationPlan(scenario_path, config, out_dir, resume and _has_checkpoints(out_dir), False, empty_clients)
+    resuming = resume and _has_checkpoints(out_dir)
+    return SimulationPlan(scenario_path, config, out_dir, resuming, False, empty_clients, accept_unverified)
 
 
 def refuse_unless_resuming(out_dir: Path, resume: bool) -> None:
@@ -153,6 +162,7 @@ def simulate(
     resume: bool = False,
     show: bool = True,
     empty_clients: bool = False,
+    accept_unverified: bool = False,
 ) -> dict[str, Any]:
     """Run the scenario to its last round and return the contents of its metrics.json.
 
@@ -162,7 +172,7 @@ def simulate(
     """
     from simulations.plots import write_plots
 
-    plan = plan_simulation(scenario, rounds, out, resume, empty_clients)
+    plan = plan_simulation(scenario, rounds, out, resume, empty_clients, accept_unverified)
     metrics = run_plan(plan, show)
     full = None
     if plan.scenario.full_model:
@@ -279,6 +289,7 @@ def write_run_config(plan: SimulationPlan, folder: Path) -> Path:
         RUN_RESUME: plan.resume,
         RUN_FULL_MODEL: plan.full_model,
         RUN_EMPTY_CLIENTS: plan.empty_clients,
+        RUN_ACCEPT_UNVERIFIED: plan.accept_unverified,
     }
     if plan.scenario.privacy.sealed:
         values |= run_keys(plan.out_dir)

@@ -1,4 +1,4 @@
-"""Checkpoint integrity: a SHA-256 over tensors and header catches corrupt files that still parse."""
+"""Checkpoint integrity and origin: a SHA-256 catches corrupt files that still parse, an HMAC substituted ones."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from fedadapt.aggregate import OptimizerState
-from fedadapt.errors import StateError
+from fedadapt.errors import CheckpointAuthError, StateError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
@@ -33,6 +33,7 @@ from server.checkpoint import (  # noqa: E402
 )
 
 LOGGER = "server.checkpoint"
+KEY = bytes(range(32))  # the server's checkpoint key in these tests
 
 
 def _checkpoint(server_round: int, dtype: torch.dtype = torch.float32) -> Checkpoint:
@@ -93,29 +94,29 @@ def _assert_same(a: Checkpoint, b: Checkpoint) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_round_trip_keeps_everything_and_verifies(tmp_path: Path, dtype: torch.dtype) -> None:
     original = _checkpoint(3, dtype)
-    path = save_checkpoint(tmp_path, original)
+    path = save_checkpoint(tmp_path, original, KEY)
     header, _ = _split(path.read_bytes())
-    assert header["__metadata__"]["format"] == FORMAT == "fedadapt.checkpoint.v2"
+    assert header["__metadata__"]["format"] == FORMAT == "fedadapt.checkpoint.v3"
     recorded = json.loads(header["__metadata__"]["json"])["sha256"]
     assert isinstance(recorded, str) and len(recorded) == 64
-    _assert_same(load_checkpoint(path), original)
+    _assert_same(load_checkpoint(path, KEY), original)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flipped_tensor_byte_is_refused(tmp_path: Path, dtype: torch.dtype) -> None:
-    path = save_checkpoint(tmp_path, _checkpoint(2, dtype))
+    path = save_checkpoint(tmp_path, _checkpoint(2, dtype), KEY)
     _flip_tensor_byte(path)
     with pytest.raises(StateError, match="SHA-256") as caught:
-        load_checkpoint(path)
+        load_checkpoint(path, KEY)
     message = str(caught.value)
     assert message == f"{path}: content does not match its recorded SHA-256: the file is corrupt"
 
 
 def test_flipped_optimizer_byte_is_refused(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path, _checkpoint(2))
+    path = save_checkpoint(tmp_path, _checkpoint(2), KEY)
     _flip_tensor_byte(path, "optimizer/m/head.bias", index=7)
     with pytest.raises(StateError, match="SHA-256"):
-        load_checkpoint(path)
+        load_checkpoint(path, KEY)
 
 
 def _rewrite_header_json(path: Path, change: Any) -> None:
@@ -141,25 +142,25 @@ def _rewrite_header_json(path: Path, change: Any) -> None:
     ids=["history-entry", "history-length", "round", "schema", "optimizer-scalar", "rng-state", "extra-key"],
 )
 def test_changed_header_is_refused(tmp_path: Path, change: Any) -> None:
-    path = save_checkpoint(tmp_path, _checkpoint(3))
+    path = save_checkpoint(tmp_path, _checkpoint(3), KEY)
     _rewrite_header_json(path, change)
     with pytest.raises(StateError, match="content does not match its recorded SHA-256: the file is corrupt"):
-        load_checkpoint(path)
+        load_checkpoint(path, KEY)
 
 
 def test_rebuilt_file_without_changes_still_verifies(tmp_path: Path) -> None:
     """The rewrite helper itself keeps a valid file valid: the refusals above come from the edits."""
     original = _checkpoint(3)
-    path = save_checkpoint(tmp_path, original)
+    path = save_checkpoint(tmp_path, original, KEY)
     _rewrite_header_json(path, lambda h: None)
-    _assert_same(load_checkpoint(path), original)
+    _assert_same(load_checkpoint(path, KEY), original)
 
 
 def test_v2_file_without_a_hash_is_refused(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path, _checkpoint(1))
+    path = save_checkpoint(tmp_path, _checkpoint(1), KEY)
     _rewrite_header_json(path, lambda h: h.pop("sha256"))
     with pytest.raises(StateError, match="records no SHA-256"):
-        load_checkpoint(path)
+        load_checkpoint(path, KEY)
 
 
 def test_hash_covers_dtype_shape_and_name() -> None:
@@ -178,10 +179,10 @@ def test_hash_covers_dtype_shape_and_name() -> None:
 
 def test_latest_skips_a_corrupt_newest_and_says_which(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     for server_round in (1, 2, 3):
-        save_checkpoint(tmp_path, _checkpoint(server_round), keep=5)
+        save_checkpoint(tmp_path, _checkpoint(server_round), KEY, keep=5)
     _flip_tensor_byte(checkpoint_path(tmp_path, 3))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        loaded = load_latest_checkpoint(tmp_path)
+        loaded = load_latest_checkpoint(tmp_path, KEY)
     assert loaded is not None and loaded.round == 2
     _assert_same(loaded, _checkpoint(2))
     warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
@@ -194,9 +195,9 @@ def test_latest_skips_a_corrupt_newest_and_says_which(tmp_path: Path, caplog: py
 
 def test_latest_with_everything_corrupt_is_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     for server_round in (1, 2, 3):
-        _flip_tensor_byte(save_checkpoint(tmp_path, _checkpoint(server_round), keep=5))
+        _flip_tensor_byte(save_checkpoint(tmp_path, _checkpoint(server_round), KEY, keep=5))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert load_latest_checkpoint(tmp_path) is None
+        assert load_latest_checkpoint(tmp_path, KEY) is None
     messages = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
     for server_round in (1, 2, 3):
         assert any(f"round-{server_round:04d}.safetensors is corrupt" in m for m in messages)
@@ -204,7 +205,7 @@ def test_latest_with_everything_corrupt_is_none(tmp_path: Path, caplog: pytest.L
 
 
 def test_latest_with_no_checkpoints_is_none(tmp_path: Path) -> None:
-    assert load_latest_checkpoint(tmp_path) is None
+    assert load_latest_checkpoint(tmp_path, KEY) is None
 
 
 def _save_v1(out_dir: Path, checkpoint: Checkpoint) -> Path:
@@ -225,39 +226,47 @@ def _save_v1(out_dir: Path, checkpoint: Checkpoint) -> Path:
     return path
 
 
-def test_v1_file_still_loads_unverified(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_v1_file_is_refused_unless_unverified_files_are_accepted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     original = _checkpoint(2, torch.bfloat16)
     path = _save_v1(tmp_path, original)
-    with caplog.at_level(logging.INFO, logger=LOGGER):
-        loaded = load_checkpoint(path)
+    with pytest.raises(CheckpointAuthError, match=f"{path} is fedadapt.checkpoint.v1, which carries no HMAC"):
+        load_checkpoint(path, KEY)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        loaded = load_checkpoint(path, KEY, accept_unverified=True)
     _assert_same(loaded, original)
-    assert any("cannot be verified" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+    assert any("--accept-unverified-checkpoints" in r.getMessage() for r in caplog.records)
 
 
-def test_latest_falls_back_from_corrupt_v2_to_v1(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_latest_falls_back_from_corrupt_v3_to_v1_only_if_accepted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _save_v1(tmp_path, _checkpoint(1))
-    _flip_tensor_byte(save_checkpoint(tmp_path, _checkpoint(2), keep=5))
+    _flip_tensor_byte(save_checkpoint(tmp_path, _checkpoint(2), KEY, keep=5))
+    with pytest.raises(CheckpointAuthError, match="round-0001.safetensors is fedadapt.checkpoint.v1"):
+        load_latest_checkpoint(tmp_path, KEY)
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        loaded = load_latest_checkpoint(tmp_path)
+        loaded = load_latest_checkpoint(tmp_path, KEY, accept_unverified=True)
     assert loaded is not None and loaded.round == 1
     assert any("resuming from round-0001.safetensors" in r.getMessage() for r in caplog.records)
 
 
 def test_unknown_format_is_refused(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path, _checkpoint(1))
+    path = save_checkpoint(tmp_path, _checkpoint(1), KEY)
     header, body = _split(path.read_bytes())
     header["__metadata__"]["format"] = "fedadapt.checkpoint.v0"
     path.write_bytes(_join(header, body))
     with pytest.raises(StateError, match="not a fedadapt checkpoint"):
-        load_checkpoint(path)
+        load_checkpoint(path, KEY)
 
 
 def test_truncated_file_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    save_checkpoint(tmp_path, _checkpoint(1), keep=5)
-    newest = save_checkpoint(tmp_path, _checkpoint(2), keep=5)
+    save_checkpoint(tmp_path, _checkpoint(1), KEY, keep=5)
+    newest = save_checkpoint(tmp_path, _checkpoint(2), KEY, keep=5)
     newest.write_bytes(newest.read_bytes()[:-5])
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        loaded = load_latest_checkpoint(tmp_path)
+        loaded = load_latest_checkpoint(tmp_path, KEY)
     assert loaded is not None and loaded.round == 1
     assert any(
         "round-0002.safetensors" in r.getMessage() and "resuming from round-0001.safetensors" in r.getMessage()

@@ -278,7 +278,7 @@ def test_unregistered_device_and_foreign_ca_are_refused_and_the_run_is_unaffecte
 @pytest.mark.deployment
 @pytest.mark.timeout(900)
 def test_resume_after_sigterm_equals_an_uninterrupted_run(served: Served, tmp_path: Path) -> None:
-    from server.checkpoint import load_latest_checkpoint
+    from server.checkpoint import load_run_checkpoint
 
     out, tree = tmp_path / "run", _Tree()
     first = out / "checkpoints" / "round-0001.safetensors"
@@ -306,7 +306,7 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(served: Served, tmp_pa
         served.scenario, serve_module.Deployment(local_supernodes=NODES), out=out, resume=True, show=False
     )
     _assert_complete(metrics)
-    straight, resumed = load_latest_checkpoint(served.out), load_latest_checkpoint(out)
+    straight, resumed = load_run_checkpoint(served.out), load_run_checkpoint(out)
     assert straight is not None and resumed is not None
     assert straight.global_state.keys() == resumed.global_state.keys()
     for name, tensor in straight.global_state.items():

@@ -38,6 +38,7 @@ if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed; Flower impo
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from clients.client_app import app as client_app  # noqa: E402
+from fedadapt.checkpoint_key import read_checkpoint_key  # noqa: E402
 from server.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, load_latest_checkpoint  # noqa: E402
 from server.server_app import app as server_app  # noqa: E402
 
@@ -180,10 +181,11 @@ def _run(grid: PrivacyGrid) -> dict[str, Any]:
 
 def _state(out_dir: Path, server_round: int | None = None) -> dict[str, torch.Tensor]:
     """The shared global state checkpointed after ``server_round`` (the latest when None)."""
+    key = read_checkpoint_key(out_dir / "keys")
     checkpoint = (
-        load_latest_checkpoint(out_dir)
+        load_latest_checkpoint(out_dir, key)
         if server_round is None
-        else load_checkpoint(checkpoint_path(out_dir, server_round))
+        else load_checkpoint(checkpoint_path(out_dir, server_round), key)
     )
     assert checkpoint is not None
     return checkpoint.global_state

@@ -26,7 +26,7 @@ if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed; Flower impo
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from clients.client_app import app as client_app  # noqa: E402
-from server.checkpoint import list_checkpoints, load_latest_checkpoint  # noqa: E402
+from server.checkpoint import list_checkpoints, load_run_checkpoint  # noqa: E402
 from server.server_app import app as server_app  # noqa: E402
 
 Tamper = Callable[[Message], Message | None]
@@ -140,8 +140,8 @@ def test_resume_continues_where_the_checkpoint_left_off(tiny_bert: Path, tmp_pat
     assert [r["round"] for r in resumed["rounds"]] == [1, 2]
     for a, b in zip(straight["rounds"], resumed["rounds"], strict=True):
         assert a["accuracy"] == b["accuracy"] and a["client_results"] == _without_seconds(b["client_results"], a)
-    final_a = load_latest_checkpoint(tmp_path / "straight")
-    final_b = load_latest_checkpoint(tmp_path / "resumed")
+    final_a = load_run_checkpoint(tmp_path / "straight")
+    final_b = load_run_checkpoint(tmp_path / "resumed")
     assert final_a is not None and final_b is not None
     for name, tensor in final_a.global_state.items():
         assert torch.equal(tensor, final_b.global_state[name]), name  # sampling RNG and state restored exactly
@@ -238,7 +238,7 @@ def test_nan_and_wrong_shaped_deltas_are_rejected_and_the_round_completes(tiny_b
         assert any("non-finite" in reason for reason in reasons), reasons
         assert any("shape" in reason for reason in reasons), reasons
     # The NaN delta left no trace in the global state.
-    checkpoint = load_latest_checkpoint(tmp_path / "run")
+    checkpoint = load_run_checkpoint(tmp_path / "run")
     assert checkpoint is not None
     assert all(torch.isfinite(t).all() for t in checkpoint.global_state.values())
 
@@ -275,7 +275,7 @@ def test_a_round_without_accepted_deltas_keeps_the_global_state(tiny_bert: Path,
     metrics = _run(grid)
     record = metrics["rounds"][0]
     assert record["accepted"] == 0 and len(record["rejected"]) == 2
-    checkpoint = load_latest_checkpoint(tmp_path / "run")
+    checkpoint = load_run_checkpoint(tmp_path / "run")
     assert checkpoint is not None
     schema = load_adapter(tmp_path / "run" / "final_adapter").schema
     sent = deserialize_state(grid.global_blobs[0], schema, "shared")
@@ -293,7 +293,7 @@ def test_personal_heads_are_scored_by_the_clients(tiny_bert: Path, tmp_path: Pat
     assert len(list((out / "clients").glob("client-*.safetensors"))) == 2
     # The evaluate handler scores a device's own model: the final global adapter with its personal head.
     schema = load_adapter(out / "final_adapter").schema
-    checkpoint = load_latest_checkpoint(out)
+    checkpoint = load_run_checkpoint(out)
     assert checkpoint is not None
     blob = serialize_state(checkpoint.global_state, schema, "shared", "none")
     arrays = ArrayRecord({protocol.ADAPTER_STATE: Array(np.frombuffer(blob, dtype=np.uint8))})
