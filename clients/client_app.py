@@ -9,17 +9,15 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.secure import Device, bytes_array, payload_bytes, run_stage
+from clients.device import Device, device_from_config, warn_about_device_paths
+from clients.secure import bytes_array, payload_bytes, run_stage
 from fedadapt import protocol
-from fedadapt.fleet import FleetRun, empty_client_round, evaluate_client, fleet_run_from_config, run_client_round
+from fedadapt.fleet import empty_client_round, evaluate_client, fleet_run_from_config, run_client_round
 from fedadapt.privacy import PrivacyConfig
 from fedadapt.resources import process_age_seconds
 from fedadapt.transport import ClientSealer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # inside the FAB Flower unpacks, or the checkout
-PARTITION_ID = "partition-id"  # node config key Flower's simulation sets for each virtual device
-STATE_DIR = "state-dir"  # optional node config key: where a real device keeps its personal part
-DATA_PATH = "data-path"  # optional node config key: the device's own data file (else its partition of the scenario's)
 
 app = ClientApp()
 
@@ -32,23 +30,18 @@ def train(msg: Message, context: Context) -> Message:
     """
     start = time.perf_counter()
     run = fleet_run_from_config(context.run_config, PROJECT_ROOT)
+    device = _device(context)
     config = msg.content.config_records[protocol.CONFIG]
     sealer = _sealer(run.scenario.privacy, context.run_id, context.node_id, run.server_public_key)
     if protocol.SECAGG_STAGE in config:
-        device = Device(_partition_id(context), _state_dir(run, context), _data_path(context))
         return run_stage(msg, context, run, sealer, device)
     server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[arg-type]
     if run.empty_clients:
-        reply = empty_client_round(run.scenario, _partition_id(context), _data_path(context))
+        reply = empty_client_round(run.scenario, device.partition_id, device.data_path)
     else:
         global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
         reply = run_client_round(
-            run.scenario,
-            _partition_id(context),
-            global_blob,
-            _state_dir(run, context),
-            server_round,
-            _data_path(context),
+            run.scenario, device.partition_id, global_blob, device.state_dir, server_round, device.data_path
         )
     delta = sealer.seal_delta(reply.delta_blob, reply.num_examples, server_round, reply.schema_id)
     metrics: dict[str, MetricRecordValues] = dict(reply.metrics)
@@ -74,10 +67,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the device's model (global shared part + its personal part) on its local test split."""
     run = fleet_run_from_config(context.run_config, PROJECT_ROOT)
+    device = _device(context)
     global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
-    scores = evaluate_client(
-        run.scenario, _partition_id(context), global_blob, _state_dir(run, context), _data_path(context)
-    )
+    scores = evaluate_client(run.scenario, device.partition_id, global_blob, device.state_dir, device.data_path)
     metrics: dict[str, MetricRecordValues] = {**scores}
     return Message(content=RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
@@ -88,15 +80,7 @@ def _sealer(privacy: PrivacyConfig, run_id: int, node_id: int, public_key: str) 
     return ClientSealer.from_config(privacy, run_id, node_id, public_key)
 
 
-def _partition_id(context: Context) -> int:
-    return int(context.node_config[PARTITION_ID])
-
-
-def _data_path(context: Context) -> Path | None:
-    configured = context.node_config.get(DATA_PATH)
-    return Path(str(configured)) if configured else None
-
-
-def _state_dir(run: FleetRun, context: Context) -> Path:
-    configured = context.node_config.get(STATE_DIR)
-    return Path(str(configured)) if configured else run.state_dir
+def _device(context: Context) -> Device:
+    """This device, from its own node config; paths the run config names for devices are ignored."""
+    warn_about_device_paths(context.run_config)
+    return device_from_config(context.node_config)

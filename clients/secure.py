@@ -7,12 +7,11 @@ The protocol itself is ``fedadapt.secagg.client``; training is ``fedadapt.fleet`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 
+from clients.device import Device
 from fedadapt import protocol
 from fedadapt.errors import SecAggError
 from fedadapt.fleet import FleetRun, LocalUpdate
@@ -21,15 +20,6 @@ from fedadapt.secagg import stages
 from fedadapt.transport import ClientSealer
 
 _SESSION_FIELD = "session"
-
-
-@dataclass(frozen=True)
-class Device:
-    """Which device this is: its partition id, where it keeps its personal part, its own data file if any."""
-
-    partition_id: int
-    state_dir: Path
-    data_path: Path | None = None
 
 
 def run_stage(msg: Message, context: Context, run: FleetRun, sealer: ClientSealer, device: Device) -> Message:

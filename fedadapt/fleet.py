@@ -436,7 +436,7 @@ RUN_OUT_DIR = "out-dir"  # where the server writes checkpoints, metrics.json and
 RUN_NUM_ROUNDS = "num-rounds"  # 0: the scenario's rounds
 RUN_CLIENTS_PER_ROUND = "clients-per-round"  # 0: the scenario's; fedadapt serve lowers it to the nodes it starts
 RUN_RESUME = "resume"  # continue from the latest checkpoint in out-dir
-RUN_CLIENT_STATE_DIR = "client-state-dir"  # where devices keep their personal parts; '': <out-dir>/clients
+RUN_CLIENT_STATE_DIR = "client-state-dir"  # obsolete: devices ignore it (their folders are theirs to choose)
 RUN_FULL_MODEL = "full-model"  # run the scenario's full-model FedAvg variant instead
 RUN_EMPTY_CLIENTS = "empty-clients"  # benchmarks: clients reply at once with a zero delta
 RUN_SERVER_KEY = "server-key"  # the server's X25519 private key file (privacy modes aead and secagg+)
@@ -457,7 +457,6 @@ class FleetRun:
     scenario: ScenarioConfig
     out_dir: Path
     resume: bool = False
-    client_state_dir: Path | None = None
     empty_clients: bool = False
     server_key: Path | None = None  # only the server reads it
     server_public_key: str = ""
@@ -467,11 +466,6 @@ class FleetRun:
     def keys_dir(self) -> Path:
         """The server's key folder (its checkpoint key lives there)."""
         return self.out_dir / KEYS_FOLDER
-
-    @property
-    def state_dir(self) -> Path:
-        """Where simulated devices keep their personal parts."""
-        return self.client_state_dir or self.out_dir / CLIENT_STATE_FOLDER
 
 
 def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> FleetRun:
@@ -485,14 +479,12 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
     resume, full_model, empty, accept_unverified = (
         _flag(run_config, key) for key in (RUN_RESUME, RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_ACCEPT_UNVERIFIED)
     )
-    state = str(run_config.get(RUN_CLIENT_STATE_DIR, ""))
     server_key = str(run_config.get(RUN_SERVER_KEY, ""))
     scenario = with_overrides(load_scenario(scenario_path), rounds=rounds or None, clients_per_round=per_round or None)
     return FleetRun(
         scenario=full_model_variant(scenario) if full_model else scenario,
         out_dir=out_dir,
         resume=resume,
-        client_state_dir=_resolve(state, Path.cwd(), RUN_CLIENT_STATE_DIR) if state else None,
         empty_clients=empty,
         server_key=_resolve(server_key, Path.cwd(), RUN_SERVER_KEY) if server_key else None,
         server_public_key=str(run_config.get(RUN_SERVER_PUBLIC_KEY, "")),

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clients.device import DEVICE_ROOT_ENV
 from fedadapt.errors import ConfigError, FedAdaptError
 from fedadapt.fleet import (
     CLIENT_STATE_FOLDER,
@@ -193,7 +194,8 @@ def run_plan(plan: SimulationPlan, show: bool) -> dict[str, Any]:
         remove_stale_client_state(plan.out_dir)
     flwr_home = Path(tempfile.mkdtemp(prefix="fedadapt-flwr-"))
     try:
-        with terminate_gracefully(), _superlink(flwr_home, plan.out_dir / SUPERLINK_LOG) as env:
+        device_root = plan.out_dir / CLIENT_STATE_FOLDER
+        with terminate_gracefully(), _superlink(flwr_home, plan.out_dir / SUPERLINK_LOG, device_root) as env:
             code = _run_app(plan, flwr_home, env, show)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
@@ -221,10 +223,14 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _superlink(flwr_home: Path, log_file: Path) -> Iterator[dict[str, str]]:
-    """A simulation SuperLink on a free port; yields the environment ``flwr run`` needs to use it."""
+def _superlink(flwr_home: Path, log_file: Path, device_root: Path) -> Iterator[dict[str, str]]:
+    """A simulation SuperLink on a free port; yields the environment ``flwr run`` needs to use it.
+
+    The virtual devices it runs keep their files under ``device_root``: Flower's simulation gives
+    them no node config of their own, so the folder travels in the environment they inherit.
+    """
     port = free_port()
-    env = flower_env(flwr_home) | {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port)}
+    env = flower_env(flwr_home) | {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port), DEVICE_ROOT_ENV: str(device_root)}
     command = [find_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
     with log_file.open("ab") as log:

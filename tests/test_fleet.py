@@ -108,7 +108,7 @@ def test_run_config_resolves_the_scenario_against_the_project(tmp_path: Path) ->
         PROJECT_ROOT,
     )
     assert run.scenario.name == "quickstart" and run.scenario.rounds == 7
-    assert run.resume and run.out_dir == tmp_path and run.state_dir == tmp_path / "clients"
+    assert run.resume and run.out_dir == tmp_path and run.keys_dir == tmp_path / "keys"
     unchanged = fleet_run_from_config({"scenario": "simulations/quickstart.toml", "out-dir": "x"}, PROJECT_ROOT)
     assert unchanged.scenario.rounds == load_scenario(PROJECT_ROOT / "simulations/quickstart.toml").rounds
     with pytest.raises(ConfigError, match="unknown keys"):

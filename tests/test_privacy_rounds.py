@@ -88,7 +88,7 @@ class PrivacyGrid(StubGrid):
             self.contexts[node] = Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": self.nodes[node]},
+                node_config={"partition-id": self.nodes[node], "state-dir": _device_root(self.run_config)},
                 state=RecordDict(),
                 run_config=self.run_config,
             )
@@ -711,3 +711,8 @@ def test_too_few_devices_for_secagg_fail_that_round_cleanly_and_the_next_proceed
     assert second["accepted"] == 0 and "num-shares" in second["error"] and second["clients"] == 2
     assert _max_difference(_state(tmp_path / "run", 2), _state(tmp_path / "run", 1)) == 0  # unchanged
     assert _max_difference(_state(tmp_path / "run", 3), _state(tmp_path / "run", 2)) > 0
+
+
+def _device_root(run_config: dict[str, Any]) -> str:
+    """Where the in-process devices keep their files: as in a simulation, ``<out-dir>/clients``."""
+    return str(Path(str(run_config["out-dir"])) / "clients")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -54,7 +55,7 @@ class InProcessGrid(StubGrid):
             context = Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": self.nodes[node]},
+                node_config={"partition-id": self.nodes[node], "state-dir": _device_root(self.run_config)},
                 state=RecordDict(),
                 run_config=self.run_config,
             )
@@ -299,7 +300,11 @@ def test_personal_heads_are_scored_by_the_clients(tiny_bert: Path, tmp_path: Pat
     arrays = ArrayRecord({protocol.ADAPTER_STATE: Array(np.frombuffer(blob, dtype=np.uint8))})
     message = Message(RecordDict({protocol.ARRAYS: arrays}), message_type=MessageType.EVALUATE, dst_node_id=101)
     context = Context(
-        run_id=1, node_id=101, node_config={"partition-id": 0}, state=RecordDict(), run_config=_config(scenario, out)
+        run_id=1,
+        node_id=101,
+        node_config={"partition-id": 0, "state-dir": str(out / "clients")},
+        state=RecordDict(),
+        run_config=_config(scenario, out),
     )
     scores = client_app(message, context).content.metric_records[protocol.METRICS]
     assert 0.0 <= float(scores["accuracy"]) <= 1.0 and scores["partition-id"] == 0
@@ -341,6 +346,9 @@ def test_flower_simulation_end_to_end(tiny_bert: Path, tmp_path: Path) -> None:
     (rejected,) = written["rounds"][crash_round - 1]["rejected"]
     assert f"client {crash_client} crashed in round {crash_round}" in rejected["reason"]
     assert load_adapter(tmp_path / "run" / "final_adapter").schema_id == written["schema_id"]
+    # The virtual devices found their own folder (FEDADAPT_DEVICE_ROOT, not the run config): their cached splits.
+    cached = sorted(p.name for p in (tmp_path / "run" / "clients").glob("data-*.json"))
+    assert cached == ["data-0.json", "data-1.json", "data-2.json"]
     # The same scenario as full-model FedAvg, compared in the summary: every backbone weight goes up.
     full = json.loads((tmp_path / "run" / "full-model" / "metrics.json").read_text())
     assert full["complete"] and full["scenario"]["method"] == "full" and full["scenario"]["compression"] == "none"
@@ -382,3 +390,52 @@ def test_an_error_the_superlink_makes_is_filed_under_the_node_it_was_sent_to() -
     from_node = SimpleNamespace(metadata=SimpleNamespace(src_node_id=101, reply_to_message_id="unknown"))
     assert reply_node(from_superlink, sent_to) == 102  # type: ignore[arg-type]
     assert reply_node(from_node, sent_to) == 101  # type: ignore[arg-type]
+
+
+def _device_root(run_config: dict[str, Any]) -> str:
+    """Where the in-process devices keep their files: as in a simulation, ``<out-dir>/clients``."""
+    return str(Path(str(run_config["out-dir"])) / "clients")
+
+
+def test_a_run_config_cannot_choose_where_devices_write(
+    tiny_bert: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's run config names a folder on the devices: they ignore it, write only to their own."""
+    target = tmp_path / "attacker-chosen"
+    scenario = _scenario_file(tmp_path, tiny_bert, **{"personal-head": True, "rounds": 1})
+    grid = InProcessGrid(3, _config(scenario, tmp_path / "run", **{"client-state-dir": str(target)}))
+    with caplog.at_level(logging.WARNING, logger="clients.device"):
+        metrics = _run(grid)
+    assert metrics["complete"] and metrics["rounds"][0]["accepted"] == 2
+    assert not target.exists()
+    own = sorted(p.name for p in (tmp_path / "run" / "clients").iterdir())
+    assert len([name for name in own if name.startswith("client-")]) == 2, own
+    assert any("'client-state-dir'" in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_refuses_a_substituted_checkpoint(tiny_bert: Path, tmp_path: Path) -> None:
+    """Someone who can write the run folder but lacks the key plants a later round: resume refuses it."""
+    from safetensors.torch import save as safetensors_save
+
+    from fedadapt.errors import CheckpointAuthError
+    from server.checkpoint import checkpoint_path, content_sha256
+
+    scenario = _scenario_file(tmp_path, tiny_bert)
+    out = tmp_path / "run"
+    _run(InProcessGrid(3, _config(scenario, out, **{"num-rounds": 1})))
+    genuine = load_run_checkpoint(out)
+    assert genuine is not None and genuine.round == 1
+    tensors = {"global/" + n: torch.full_like(t, 7.0) for n, t in genuine.global_state.items()}
+    header = {"round": 2, "schema_id": genuine.schema_id, "optimizer": {}, "rng_state": genuine.rng_state}
+    header = json.loads(json.dumps(header | {"history": genuine.history * 2}))
+    header["sha256"] = content_sha256(tensors, header)
+    forged = checkpoint_path(out, 2)
+    metadata = {"format": "fedadapt.checkpoint.v2", "json": json.dumps(header)}
+    forged.write_bytes(safetensors_save(tensors, metadata=metadata))
+    grid = InProcessGrid(3, _config(scenario, out, resume=True))
+    with pytest.raises(CheckpointAuthError, match=f"{forged} is fedadapt.checkpoint.v2, which carries no HMAC"):
+        _run(grid)
+    assert grid.sent == []  # refused before any round
+    forged.unlink()
+    resumed = _run(InProcessGrid(3, _config(scenario, out, resume=True)))
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2]

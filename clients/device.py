@@ -1,0 +1,97 @@
+"""Which device this is and where it keeps its files: from the device's own configuration, never the run's.
+
+The run config comes from the server. A device's state folder (its personal part, its cached
+split with raw texts), its own data file and its identity key are the device's business: they
+come from its node config (``fedadapt node`` passes ``state-dir``, ``data-path``, ``identity-key``
+and ``roster``), or, in Flower's simulation, which cannot give virtual nodes extra node config,
+from ``FEDADAPT_DEVICE_ROOT`` in the environment the simulation runner starts Flower with. A run
+config that names a path on devices (``client-state-dir``) is ignored there, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedadapt.errors import ConfigError
+from fedadapt.fleet import RUN_CLIENT_STATE_DIR
+
+logger = logging.getLogger(__name__)
+
+PARTITION_ID = "partition-id"  # node config key Flower's simulation sets for each virtual device
+STATE_DIR = "state-dir"  # where a real device keeps its personal part and cached split
+DATA_PATH = "data-path"  # the device's own data file (else its partition of the scenario's)
+IDENTITY_KEY = "identity-key"  # the device's ECDSA P-384 key (its SuperNode key): signs its SecAgg+ messages
+ROSTER = "roster"  # the devices' public keys, one OpenSSH line each: whom SecAgg+ messages may come from
+DEVICE_ROOT_ENV = "FEDADAPT_DEVICE_ROOT"  # simulation: the folder every virtual device keeps its files in
+DEFAULT_STATE_DIR = Path("~/.fedadapt/device")  # a device with no state-dir configured
+RUN_CONFIG_DEVICE_PATHS = (RUN_CLIENT_STATE_DIR,)  # run-config keys that once named paths on devices
+_warned: set[str] = set()  # keys already warned about in this process (simulation reuses its workers)
+
+
+@dataclass(frozen=True)
+class Device:
+    """This device: its partition id, where it keeps its files, its own data file and identity, if any."""
+
+    partition_id: int
+    state_dir: Path
+    data_path: Path | None = None
+    identity_key: Path | None = None
+    roster: Path | None = None
+
+
+def device_from_config(node_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Device:
+    """The device a ClientApp runs as, from its node config (and, in simulation, the environment)."""
+    environ = os.environ if environ is None else environ
+    partition_id = _partition_id(node_config)
+    root = environ.get(DEVICE_ROOT_ENV, "")
+    state_dir = _path(node_config, STATE_DIR) or (Path(root) if root else DEFAULT_STATE_DIR.expanduser())
+    identity, roster = _path(node_config, IDENTITY_KEY), _path(node_config, ROSTER)
+    if root and identity is None:
+        identity = Path(root) / f"device-{partition_id}" / "identity.key"
+    if root and roster is None:
+        roster = Path(root) / "roster.pub"
+    return Device(partition_id, state_dir, _path(node_config, DATA_PATH), identity, roster)
+
+
+def warn_about_device_paths(run_config: Mapping[str, Any]) -> list[str]:
+    """Run-config keys that name paths on devices: logged (once per process) and ignored."""
+    named = [key for key in RUN_CONFIG_DEVICE_PATHS if str(run_config.get(key, "") or "")]
+    for key in named:
+        if key in _warned:
+            continue
+        _warned.add(key)
+        logger.warning(
+            "the run config sets %r, a path on this device: ignored. A device's folders come from its own "
+            "configuration (fedadapt node --state-dir, or node config %r)",
+            key,
+            STATE_DIR,
+        )
+    return named
+
+
+def _partition_id(node_config: Mapping[str, Any]) -> int:
+    value = node_config.get(PARTITION_ID)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"node config {PARTITION_ID!r} must be an integer >= 0, got {value!r}")
+    try:
+        partition_id = int(value)
+    except ValueError:
+        raise ConfigError(f"node config {PARTITION_ID!r} must be an integer >= 0, got {value!r}") from None
+    if partition_id < 0:
+        raise ConfigError(f"node config {PARTITION_ID!r} must be an integer >= 0, got {partition_id}")
+    return partition_id
+
+
+def _path(node_config: Mapping[str, Any], key: str) -> Path | None:
+    value = node_config.get(key)
+    if value in (None, ""):
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_absolute():
+        raise ConfigError(f"node config {key!r} must be an absolute path, got {str(value)!r}")
+    return path
