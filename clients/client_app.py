@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 
@@ -20,6 +21,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent  # inside the FAB Flower u
 PARTITION_ID = "partition-id"  # node config key Flower's simulation sets for each virtual device
 STATE_DIR = "state-dir"  # optional node config key: where a real device keeps its personal part
 DATA_PATH = "data-path"  # optional node config key: the device's own data file (else its partition of the scenario's)
+IDENTITY_KEY = "identity-key"  # node config key (secagg+): the device's OpenSSH P-384 private key, an absolute path
+ROSTER = "roster"  # node config key (secagg+): the device keys it trusts as neighbours, an absolute path
+DEVICE_ROOT_ENV = "FEDADAPT_DEVICE_ROOT"  # simulations: <root>/device-<partition-id>/identity.key, <root>/roster.pub
 
 app = ClientApp()
 
@@ -35,8 +39,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records[protocol.CONFIG]
     sealer = _sealer(run.scenario.privacy, context.run_id, context.node_id, run.server_public_key)
     if protocol.SECAGG_STAGE in config:
-        device = Device(_partition_id(context), _state_dir(run, context), _data_path(context))
-        return run_stage(msg, context, run, sealer, device)
+        return run_stage(msg, context, run, sealer, _device(run, context))
     server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[arg-type]
     if run.empty_clients:
         reply = empty_client_round(run.scenario, _partition_id(context), _data_path(context))
@@ -86,6 +89,17 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _sealer(privacy: PrivacyConfig, run_id: int, node_id: int, public_key: str) -> ClientSealer:
     # Parsing the key (maybe reading server.pub) once per run and node, not once per message.
     return ClientSealer.from_config(privacy, run_id, node_id, public_key)
+
+
+def _device(run: FleetRun, context: Context) -> Device:
+    """The device's own settings; identity files from node config, else from ``FEDADAPT_DEVICE_ROOT``."""
+    partition_id = _partition_id(context)
+    key, roster = context.node_config.get(IDENTITY_KEY), context.node_config.get(ROSTER)
+    root = os.environ.get(DEVICE_ROOT_ENV)
+    # Flower's simulation cannot give nodes extra node config: the runner sets the environment instead.
+    key_path = Path(str(key)) if key else (Path(root) / f"device-{partition_id}" / "identity.key" if root else None)
+    roster_path = Path(str(roster)) if roster else (Path(root) / "roster.pub" if root else None)
+    return Device(partition_id, _state_dir(run, context), _data_path(context), key_path, roster_path)
 
 
 def _partition_id(context: Context) -> int:

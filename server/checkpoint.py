@@ -47,6 +47,7 @@ KEEP = 3  # checkpoints kept; older ones are removed after a newer one is in pla
 _NAME = re.compile(r"round-(\d{4,})\.safetensors")
 _GLOBAL = "global/"
 _OPTIMIZER = "optimizer/"
+_RUN_SECRET = "run_secret"  # header key, hex; absent outside secagg+
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Checkpoint:
     optimizer: OptimizerState = field(repr=False)
     rng_state: list[Any] = field(repr=False)  # random.Random.getstate(), JSON-ready
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)  # one record per completed round
+    run_secret: bytes | None = field(default=None, repr=False)  # secagg+: seeds the sample and ring of each round
 
 
 def checkpoint_path(out_dir: Path, server_round: int) -> Path:
@@ -76,6 +78,8 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint, keep: int = KEEP) -> 
         "rng_state": checkpoint.rng_state,
         "history": checkpoint.history,
     }
+    if checkpoint.run_secret is not None:
+        header[_RUN_SECRET] = checkpoint.run_secret.hex()
     # Hash what a reader will parse back (tuples become lists, keys become strings, ...).
     header = json.loads(json.dumps(header))
     header[_HASH_KEY] = content_sha256(tensors, header)
@@ -128,6 +132,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             optimizer=OptimizerState(_with_prefix(tensors, _OPTIMIZER), dict(header["optimizer"])),
             rng_state=list(header["rng_state"]),
             history=list(header["history"]),
+            run_secret=_run_secret(header.get(_RUN_SECRET)),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise StateError(f"{path} is a damaged checkpoint: bad header field {err}") from err
@@ -183,6 +188,15 @@ def content_sha256(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any
     canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     digest.update(len(canonical).to_bytes(8, "little") + canonical)
     return digest.hexdigest()
+
+
+def _run_secret(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    secret = bytes.fromhex(value)  # ValueError/TypeError: a damaged header
+    if len(secret) != 32:
+        raise ValueError(f"{_RUN_SECRET} must be 32 bytes, got {len(secret)}")
+    return secret
 
 
 def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> State:

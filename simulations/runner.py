@@ -54,6 +54,8 @@ FLWR_LOG = "flwr.log"
 SUPERLINK_LOG = "superlink.log"
 STARTUP_TIMEOUT = 60.0
 KEYS_FOLDER = "keys"  # the server key pair of a run whose privacy mode seals payloads
+DEVICES_FOLDER = "devices"  # secagg+: each simulated device's identity key and the fleet's roster
+DEVICE_ROOT_ENV = "FEDADAPT_DEVICE_ROOT"  # read by clients.client_app (simulated nodes get no extra node config)
 FLOWER_ENV = {
     # Set for the child processes only, never at import (../shared/FLOWER-1.41-NOTES.md).
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -183,7 +185,8 @@ def run_plan(plan: SimulationPlan, show: bool) -> dict[str, Any]:
         remove_stale_client_state(plan.out_dir)
     flwr_home = Path(tempfile.mkdtemp(prefix="fedadapt-flwr-"))
     try:
-        with terminate_gracefully(), _superlink(flwr_home, plan.out_dir / SUPERLINK_LOG) as env:
+        extra = {DEVICE_ROOT_ENV: str(device_root(plan))} if plan.scenario.privacy.secure_aggregation else {}
+        with terminate_gracefully(), _superlink(flwr_home, plan.out_dir / SUPERLINK_LOG, extra) as env:
             code = _run_app(plan, flwr_home, env, show)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
@@ -211,10 +214,13 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _superlink(flwr_home: Path, log_file: Path) -> Iterator[dict[str, str]]:
-    """A simulation SuperLink on a free port; yields the environment ``flwr run`` needs to use it."""
+def _superlink(flwr_home: Path, log_file: Path, extra: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """A simulation SuperLink on a free port; yields the environment ``flwr run`` needs to use it.
+
+    ``extra`` reaches the simulation process it starts, and so the simulated ClientApps.
+    """
     port = free_port()
-    env = flower_env(flwr_home) | {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port)}
+    env = flower_env(flwr_home) | {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port)} | (extra or {})
     command = [find_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
     with log_file.open("ab") as log:
@@ -285,6 +291,23 @@ def write_run_config(plan: SimulationPlan, folder: Path) -> Path:
     path = folder / "run-config.toml"
     path.write_text(toml_lines(values))
     return path
+
+
+def device_root(plan: SimulationPlan) -> Path:
+    """``<out>/devices``: ``device-<i>/identity.key`` (0600, made once, reused on resume) per partition and
+    ``roster.pub``, the fleet's public keys; the simulated devices find it through ``FEDADAPT_DEVICE_ROOT``."""
+    from fedadapt.secagg.identity import generate_private_key, load_private_key, openssh_public
+
+    root = plan.out_dir / DEVICES_FOLDER
+    lines = []
+    for partition in range(plan.scenario.num_clients):
+        path = root / f"device-{partition}" / "identity.key"
+        if path.exists():
+            lines.append(openssh_public(load_private_key(path).public_key()))
+        else:
+            lines.append(generate_private_key(path))
+    (root / "roster.pub").write_bytes(b"".join(line + f" device-{i}\n".encode() for i, line in enumerate(lines)))
+    return root
 
 
 def run_keys(out_dir: Path) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """Privacy modes end to end on an in-process grid: sealed deltas (aead) and SecAgg+ rounds (secagg+).
 
 The grid keeps one Context per node across messages (as Flower does), so a SecAgg+ session survives
-between the four stage messages of a round; it records every reply the server receives and lets a
-test tamper with (or lose) the reply of one node at one stage.
+between the five stage messages of a round (the devices' identity keys come from FEDADAPT_DEVICE_ROOT);
+it records every reply the server receives and lets a test tamper with (or lose) the reply of one node at one stage.
 """
 
 from __future__ import annotations
@@ -128,6 +128,27 @@ class PrivacyGrid(StubGrid):
             for r in self.received
             if r.stage == stage and server_round in (None, r.server_round)
         }
+
+
+DEVICES = 8  # identity keys made for partitions 0..7
+
+
+def make_device_root(folder: Path, count: int = DEVICES) -> Path:
+    """What the simulation runner makes: device-<i>/identity.key (0600) and roster.pub."""
+    from fedadapt.secagg.identity import generate_private_key
+
+    lines = [generate_private_key(folder / f"device-{i}" / "identity.key") for i in range(count)]
+    (folder / "roster.pub").write_bytes(b"\n".join(lines) + b"\n")
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def device_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every secagg+ device of this module signs with its own identity key and trusts the fleet's roster."""
+    root = make_device_root(tmp_path_factory.mktemp("devices"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDADAPT_DEVICE_ROOT", str(root))
+        yield root
 
 
 @pytest.fixture(autouse=True)
@@ -475,6 +496,13 @@ def test_secagg_rounds_match_plain_rounds_within_the_quantization_bound(
         assert 0.0 <= record["accuracy"] <= 1.0
         assert {c["client"] for c in record["client_results"]} == {c["client"] for c in plain["client_results"]}
         assert all("num-examples" not in c for c in record["client_results"])
+        # nothing that reveals a device's example count travels in the clear under secagg+
+        assert all(not {"train-steps", "train-seconds", "test-examples"} & set(c) for c in record["client_results"])
+        assert all("accuracy" in c and "train-loss" in c for c in record["client_results"])
+    # The ring and sample come from a fresh run secret kept for resume; plain runs have none.
+    secret = load_latest_checkpoint(secagg_run.out).run_secret  # type: ignore[union-attr]
+    assert isinstance(secret, bytes) and len(secret) == 32
+    assert load_latest_checkpoint(plain_run.out).run_secret is None  # type: ignore[union-attr]
     # Each round's mean is off by at most one quantization step per value; errors add up over rounds.
     bound = privacy.quantization_step  # 2 * clipping_range / quantization_range, times server_lr = 1
     round_1 = _max_difference(_state(secagg_run.out, 1), _state(plain_run.out, 1))
@@ -589,6 +617,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 from flwr.supercore.task_identity import TaskIdentity
+from pathlib import Path
+import os
 
 TaskIdentity._run_id = 1
 TaskIdentity._task_id = 1
@@ -596,7 +626,7 @@ TaskIdentity._node_id = 0
 
 from clients.client_app import app
 from fedadapt import protocol
-from fedadapt.secagg import stages, wire
+from fedadapt.secagg import identity, stages, wire
 
 
 def message(stage, payload):
@@ -615,9 +645,13 @@ replies = []
 reply = app(message(stages.SETUP, wire.pack({{stages.NEIGHBOURS: wire.pack_ids([102, 103])}})), context)
 replies.append(reply.content.array_records[protocol.ARRAYS][protocol.SECAGG_PAYLOAD].numpy().tobytes())
 keys = {{}}
-for other in (102, 103):
-    for name in (stages.ENCRYPTION_KEY, stages.MASK_KEY):
-        keys[f"{{name}}/{{other}}"] = public_key_to_bytes(generate_key_pairs()[1])
+root = Path(os.environ["FEDADAPT_DEVICE_ROOT"])
+for partition, other in ((1, 102), (2, 103)):
+    fresh = [public_key_to_bytes(generate_key_pairs()[1]) for _ in range(2)]
+    signer = identity.load_private_key(root / f"device-{{partition}}" / "identity.key")
+    keys[f"{{stages.ENCRYPTION_KEY}}/{{other}}"], keys[f"{{stages.MASK_KEY}}/{{other}}"] = fresh
+    keys[f"{{stages.IDENTITY_KEY}}/{{other}}"] = identity.openssh_public(signer.public_key())
+    keys[f"{{stages.SETUP_SIGNATURE}}/{{other}}"] = identity.sign(signer, identity.setup_message(1, 1, other, *fresh))
 reply = app(message(stages.SHARE_KEYS, wire.pack(keys)), context)
 replies.append(reply.content.array_records[protocol.ARRAYS][protocol.SECAGG_PAYLOAD].numpy().tobytes())
 print(json.dumps({{
@@ -641,6 +675,45 @@ def test_the_client_key_stages_never_import_torch(tiny_bert: Path, tmp_path: Pat
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"torch": False, "envelopes": ["FAEN", "FAEN"], "session": True}
+
+
+def test_simulation_runner_makes_one_identity_per_device_and_the_roster(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fedadapt.secagg.identity import load_identity
+    from simulations.runner import device_root
+
+    plan = SimpleNamespace(out_dir=tmp_path / "run", scenario=SimpleNamespace(num_clients=3))
+    root = device_root(plan)  # type: ignore[arg-type]
+    assert root == tmp_path / "run" / "devices"
+    keys = [root / f"device-{i}" / "identity.key" for i in range(3)]
+    assert all(oct(key.stat().st_mode & 0o777) == "0o600" for key in keys)
+    roster = (root / "roster.pub").read_bytes()
+    identities = [load_identity(key, root / "roster.pub", run_id=1) for key in keys]
+    assert len({i.public_key for i in identities}) == 3 and all(i.public_key in i.roster for i in identities)
+    assert len(identities[0].roster) == 3
+    assert device_root(plan) == root and (root / "roster.pub").read_bytes() == roster  # reused on resume
+    assert b"PRIVATE" not in roster
+
+
+def test_a_device_finds_its_identity_in_node_config_or_the_device_root(tmp_path: Path, device_root: Path) -> None:
+    from types import SimpleNamespace
+
+    from clients.client_app import _device
+    from clients.secure import Device, device_identity
+
+    run = SimpleNamespace(state_dir=tmp_path / "state")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
+    device = _device(run, context)  # type: ignore[arg-type]
+    assert device.identity_key == device_root / "device-2" / "identity.key"
+    assert device.roster == device_root / "roster.pub"
+    assert device_identity(device, context).public_key in device_identity(device, context).roster
+    configured = {"partition-id": 2, "identity-key": "/abs/id.key", "roster": "/abs/roster.pub"}
+    context = Context(run_id=1, node_id=7, node_config=configured, state=RecordDict(), run_config={})
+    device = _device(run, context)  # type: ignore[arg-type]
+    assert (device.identity_key, device.roster) == (Path("/abs/id.key"), Path("/abs/roster.pub"))
+    with pytest.raises(ConfigError, match="identity-key .* roster .* FEDADAPT_DEVICE_ROOT"):
+        device_identity(Device(2, tmp_path), context)
 
 
 # --- a real Flower simulation -----------------------------------------------------------------------------------
