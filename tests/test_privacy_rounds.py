@@ -722,13 +722,16 @@ def test_a_device_finds_its_identity_in_node_config_or_the_device_root(tmp_path:
 @pytest.mark.simulation
 @pytest.mark.timeout(420)
 def test_secagg_plus_in_a_real_flower_simulation_survives_a_crash_and_leaks_no_key(
-    tiny_bert: Path, tmp_path: Path
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`fedadapt simulate` with secagg+ for real: Flower keeps each device's session in context.state across
-    the four stage messages, a device that crashes while training is recovered from its neighbours' shares,
-    and no key material reaches the logs or metrics."""
+    the five stage messages, the runner's device identities reach the simulated ClientApps, a device that
+    crashes while training is recovered from its neighbours' shares, and no key material reaches the logs
+    or metrics."""
     from fedadapt.processes import alive, descendants
     from simulations.runner import simulate
+
+    monkeypatch.delenv("FEDADAPT_DEVICE_ROOT")  # only the runner's own device folder can make the rounds work
 
     seed, (crash_round, crash_client) = seed_with_one_crash(rounds=2, clients=3, dropout=0.2)
     scenario = _scenario_file(tmp_path, tiny_bert, PRIVACY_SECAGG, **{"dropout-fraction": 0.2, "seed": seed})
@@ -746,7 +749,10 @@ def test_secagg_plus_in_a_real_flower_simulation_survives_a_crash_and_leaks_no_k
             assert f"client {crash_client} crashed in round {crash_round}" in dropped["reason"]
         else:
             assert record["dropped"] == []
+    devices = out / "devices"
+    assert len((devices / "roster.pub").read_text().splitlines()) == 3
     private_pem = (out / "keys" / "server.key").read_text()
+    private_pem += "".join((devices / f"device-{i}" / "identity.key").read_text() for i in range(3))
     secret_lines = [line for line in private_pem.splitlines() if line and not line.startswith("-----")]
     written = "".join(p.read_text(errors="replace") for p in (out / "flwr.log", out / "metrics.json"))
     assert secret_lines and not any(line in written for line in secret_lines)
