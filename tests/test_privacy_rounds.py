@@ -677,6 +677,34 @@ def test_the_client_key_stages_never_import_torch(tiny_bert: Path, tmp_path: Pat
     assert report == {"torch": False, "envelopes": ["FAEN", "FAEN"], "session": True}
 
 
+def test_the_run_secret_survives_a_checkpoint_and_seeds_each_round_and_purpose_apart(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fedadapt.aggregate import OptimizerState
+    from fedadapt.errors import StateError
+    from server.checkpoint import Checkpoint, save_checkpoint
+    from server.federation import Federation
+
+    secret = os.urandom(32)
+    state = {"w": torch.zeros(2)}
+    checkpoint = Checkpoint(1, "schema", state, OptimizerState({}, {}), [3, [1, 2], None], [], run_secret=secret)
+    path = save_checkpoint(tmp_path, checkpoint)
+    assert load_checkpoint(path).run_secret == secret
+    assert secret.hex() not in repr(load_checkpoint(path))
+    plain = save_checkpoint(tmp_path / "plain", Checkpoint(1, "schema", state, OptimizerState({}, {}), [3, [1], None]))
+    assert load_checkpoint(plain).run_secret is None
+    short = Checkpoint(2, "schema", state, OptimizerState({}, {}), [3, [1], None], run_secret=b"short")
+    with pytest.raises(StateError, match="run_secret must be 32 bytes"):
+        load_checkpoint(save_checkpoint(tmp_path / "short", short))
+
+    def seed(key: bytes, server_round: int, purpose: str) -> int:
+        return Federation._secret_seed(SimpleNamespace(run_secret=key), server_round, purpose)  # type: ignore[arg-type]
+
+    seeds = {seed(secret, r, p) for r in (1, 2, 3) for p in ("ring", "sampling")}
+    assert len(seeds) == 6 and seed(secret, 2, "ring") == seed(secret, 2, "ring")
+    assert seed(os.urandom(32), 2, "ring") != seed(secret, 2, "ring")
+
+
 def test_simulation_runner_makes_one_identity_per_device_and_the_roster(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
