@@ -500,3 +500,25 @@ def test_fuzz_hostile_replies_end_as_rejections_never_as_other_exceptions(
     # exception escapes here and fails the test.
     with contextlib.suppress(SecAggError):
         _METHODS[stage](server, replies, {})
+
+
+def test_a_bad_survivor_set_signature_is_recorded_and_its_neighbours_refuse() -> None:
+    nodes, deltas, counts = make_inputs(5, 8, seed=17)
+    liar = nodes[1]
+
+    def tamper(stage: str, node: int, reply: bytes) -> bytes:
+        if (stage, node) != (stages.CONSISTENCY, liar):
+            return reply
+        return wire.pack({stages.SURVIVOR_SIGNATURE: identity.sign(identity_key(liar), b"another set")})
+
+    trace = run_round(inputs=(nodes, deltas, counts), tamper=tamper, stop_before=stages.UNMASK)
+    reason = trace.server.dropped[liar]
+    assert reason.startswith(f"{stages.CONSISTENCY}: bad survivor-set signature"), reason
+    assert liar not in trace.requests[stages.UNMASK]
+    for node in trace.server.neighbours[liar]:
+        expect_refusal(
+            lambda node=node: client.unmask(
+                trace.config, ROUND, trace.sessions[node], trace.requests[stages.UNMASK][node]
+            ),
+            f"missing ['{stages.SURVIVOR_SIGNATURE}/{liar}']",
+        )

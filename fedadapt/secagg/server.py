@@ -183,8 +183,8 @@ class SecAggRound:
         its neighbours get no signature of it and refuse to unmask (a rare loss: this stage does no work).
         """
         message = identity.survivors_message(self.run_id, self.server_round, self._masked)
-        for node, reason in failed.items():
-            logger.info("secagg round %d: node %d sent no survivor-set signature (%s)", self.server_round, node, reason)
+        # Recorded with a reason; such a node's vector stays in the sum, but its neighbours will refuse.
+        self._drop(failed, stages.CONSISTENCY)
         for node, blob in self._asked(replies, self._masked, stages.CONSISTENCY).items():
             try:
                 fields = wire.unpack(blob, "survivor-set signature")
@@ -192,7 +192,7 @@ class SecAggRound:
                 if not identity.verify(self._identity[node][0], fields[stages.SURVIVOR_SIGNATURE], message):
                     raise PayloadError("it is not a valid signature of the survivor set by the node's identity key")
             except PayloadError as err:
-                logger.info("secagg round %d: node %d: bad survivor-set signature: %s", self.server_round, node, err)
+                self._drop({node: f"bad survivor-set signature: {err}"}, stages.CONSISTENCY)
                 continue
             self._signatures[node] = fields[stages.SURVIVOR_SIGNATURE]
         masked = set(self._masked)
