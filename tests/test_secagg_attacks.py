@@ -522,3 +522,22 @@ def test_a_bad_survivor_set_signature_is_recorded_and_its_neighbours_refuse() ->
             ),
             f"missing ['{stages.SURVIVOR_SIGNATURE}/{liar}']",
         )
+
+
+_BEFORE_CONSISTENCY = run_round(4, 6, secagg(3, 2), stop_before=stages.CONSISTENCY, seed=18)
+
+
+@settings(max_examples=400, deadline=None)
+@given(blob=_hostile_blob(), survivors=st.lists(st.integers(0, 2**64 - 1), max_size=6), with_self=st.booleans())
+def test_fuzz_hostile_consistency_requests_end_as_refusals(blob: bytes, survivors: list[int], with_self: bool) -> None:
+    """A malicious server's consistency request: the client signs a set with itself in it, or refuses."""
+    trace = _BEFORE_CONSISTENCY
+    node = trace.nodes[0]
+    chosen = sorted(set(survivors) | ({node} if with_self else set()))
+    for request in (blob, wire.pack({stages.SURVIVORS: wire.pack_ids(chosen)})):
+        try:
+            step = client.consistency(ROUND, trace.sessions[node], request, trace.devices[node])
+        except (PayloadError, SecAggError):
+            continue
+        signed = wire.unpack_ids(wire.unpack(step.session)["signed"])
+        assert node in signed and signed == sorted(signed)
