@@ -8,8 +8,13 @@ values). Five real client updates are trained once with the quickstart's local s
 and the server one after another (as on a simulation host), through the same code the apps call:
 - none: fp16 serialization on the client; ``aggregate_round`` (decode, validate, stream, step).
 - aead: the same inside ``fedadapt.transport`` envelopes (X25519 + HKDF + AES-256-GCM).
-- secagg+: the four stages of ``fedadapt.secagg`` (clients and ``SecAggRound``), every payload sealed,
-  then the optimizer step on the unmasked mean.
+- secagg+: the five stages of ``fedadapt.secagg`` (clients and ``SecAggRound``), every payload sealed,
+  then the optimizer step on the unmasked mean. Each client has a P-384 identity key and the roster.
+
+The consistency check's cost (column "consistency s") is the consistency stage's whole exchange plus
+every identity signature and verification of the other stages (setup signatures, their checks by the
+server and the neighbours, the survivor-set checks in unmask), reported as the ratio to the plain
+round's protocol time and to the plain round with training.
 
 Protocol seconds = client work (summed over clients) + server work, best of ``--repeats``.
 "Round with training" adds the measured training seconds of every client (the median of the five
@@ -40,6 +45,7 @@ class Figures:
     server_seconds: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
+    consistency_seconds: float = 0.0  # secagg+: the consistency stage + identity signing/verification
 
     @property
     def protocol_seconds(self) -> float:
@@ -114,9 +120,12 @@ def _opened(opened: tuple[bytes, int | None], clear_count: int) -> tuple[bytes, 
 
 
 def secure_round(model, global_blob: bytes, updates, clients: int, keys: dict, privacy) -> tuple[Figures, dict]:  # type: ignore[no-untyped-def]
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from fedadapt.aggregate import FedAvgConfig, ServerOptimizer
     from fedadapt.secagg import client as secagg
     from fedadapt.secagg import stages
+    from fedadapt.secagg.identity import Identity, openssh_public
     from fedadapt.secagg.server import SecAggRound
     from fedadapt.state import flatten_state, unflatten_state
     from fedadapt.transport import ClientSealer, ServerOpener
@@ -130,9 +139,12 @@ def secure_round(model, global_blob: bytes, updates, clients: int, keys: dict, p
     sealers = {n: ClientSealer.from_config(privacy, 1, n, keys["public"]) for n in nodes}
     vectors = {n: flatten_state(updates[i % len(updates)].delta, specs).numpy() for i, n in enumerate(nodes)}
     counts = {n: updates[i % len(updates)].num_examples for i, n in enumerate(nodes)}
+    signing_keys = {n: ec.generate_private_key(ec.SECP384R1()) for n in nodes}  # made on the devices, untimed
+    roster = frozenset(openssh_public(key.public_key()) for key in signing_keys.values())
+    devices = {n: Identity(1, signing_keys[n], roster) for n in nodes}
     sessions: dict[int, bytes] = {}
     with Clock(figures, "server"):
-        server = SecAggRound(privacy, 1, nodes, schema.num_params("shared"), seed=1)
+        server = SecAggRound(privacy, 1, nodes, schema.num_params("shared"), seed=1, run_id=1)
         requests = server.setup_requests()
 
     def exchange(stage: str, requests: dict[int, bytes], answer) -> dict[int, bytes]:  # type: ignore[no-untyped-def]
@@ -149,24 +161,65 @@ def secure_round(model, global_blob: bytes, updates, clients: int, keys: dict, p
         return replies
 
     def masked(node: int, request: bytes):  # type: ignore[no-untyped-def]
-        session = secagg.receive_shares(1, sessions[node], request)
+        session = secagg.receive_shares(privacy, 1, sessions[node], request)
         return secagg.mask(privacy, 1, session, vectors[node], counts[node])
 
-    replies = exchange(stages.SETUP, requests, lambda n, r: secagg.setup(privacy, 1, n, r))
-    with Clock(figures, "server"):
-        requests = server.keys_received(replies, {})
-    replies = exchange(stages.SHARE_KEYS, requests, lambda n, r: secagg.share_keys(privacy, 1, sessions[n], r))
-    with Clock(figures, "server"):
-        requests = server.shares_received(replies, {})
-    replies = exchange(stages.MASKED, requests, masked)
-    with Clock(figures, "server"):
-        requests = server.masked_received(replies, {})
-    replies = exchange(stages.UNMASK, requests, lambda n, r: secagg.unmask(1, sessions[n], r))
-    with Clock(figures, "server"):
-        result = server.unmask_received(replies, {})
-        mean = unflatten_state(torch.from_numpy(result.mean), specs)
-        state = ServerOptimizer(FedAvgConfig(), schema).step(model.state("shared"), mean)
+    with IdentityTimer(figures) as timer:
+        replies = exchange(stages.SETUP, requests, lambda n, r: secagg.setup(privacy, 1, n, r, devices[n]))
+        with Clock(figures, "server"):
+            requests = server.keys_received(replies, {})
+        replies = exchange(
+            stages.SHARE_KEYS, requests, lambda n, r: secagg.share_keys(privacy, 1, sessions[n], r, devices[n])
+        )
+        with Clock(figures, "server"):
+            requests = server.shares_received(replies, {})
+        replies = exchange(stages.MASKED, requests, masked)
+        with Clock(figures, "server"):
+            requests = server.masked_received(replies, {})
+        # The consistency stage is all consistency check: time it whole (its signatures inside it).
+        timer.paused = True
+        start = figures.protocol_seconds
+        replies = exchange(stages.CONSISTENCY, requests, lambda n, r: secagg.consistency(1, sessions[n], r, devices[n]))
+        with Clock(figures, "server"):
+            requests = server.consistency_received(replies, {})
+        figures.consistency_seconds += figures.protocol_seconds - start
+        timer.paused = False
+        replies = exchange(stages.UNMASK, requests, lambda n, r: secagg.unmask(privacy, 1, sessions[n], r))
+        with Clock(figures, "server"):
+            result = server.unmask_received(replies, {})
+            mean = unflatten_state(torch.from_numpy(result.mean), specs)
+            state = ServerOptimizer(FedAvgConfig(), schema).step(model.state("shared"), mean)
     return figures, state
+
+
+class IdentityTimer:
+    """Times ``identity.sign``/``verify``/``normalize_public`` (outside the consistency stage, timed whole)."""
+
+    def __init__(self, figures: Figures) -> None:
+        from fedadapt.secagg import identity
+
+        self.module, self.figures, self.paused = identity, figures, False
+        self.originals = {name: getattr(identity, name) for name in ("sign", "verify", "normalize_public")}
+
+    def __enter__(self) -> IdentityTimer:
+        for name, original in self.originals.items():
+            setattr(self.module, name, self._timed(original))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for name, original in self.originals.items():
+            setattr(self.module, name, original)
+
+    def _timed(self, function):  # type: ignore[no-untyped-def]
+        def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                if not self.paused:
+                    self.figures.consistency_seconds += time.perf_counter() - start
+
+        return timed
 
 
 def exact_fedavg(model, updates, clients: int) -> dict:  # type: ignore[no-untyped-def]
@@ -239,6 +292,13 @@ def main() -> None:
                         "bytes_up": figures.bytes_up,
                         "bytes_down": figures.bytes_down,
                         "max_abs_gap_to_exact": gap if mode == "secagg+" else None,
+                        "consistency_seconds": figures.consistency_seconds if mode == "secagg+" else None,
+                        "consistency_ratio_to_plain_protocol": (
+                            figures.consistency_seconds / plain.protocol_seconds if mode == "secagg+" else None
+                        ),
+                        "consistency_ratio_to_plain_round_with_training": (
+                            figures.consistency_seconds / plain_training if mode == "secagg+" else None
+                        ),
                     }
                 )
     header = (
@@ -253,6 +313,15 @@ def main() -> None:
             f"{row['round_with_training_seconds']:>13.1f} "
             f"{row['overhead_with_training']:>8.1%} {row['bytes_up'] / 1e6:>8.2f} {row['bytes_down'] / 1e6:>8.2f}"
         )
+    print(f"{'clients':>7} {'consistency s':>13} {'vs plain protocol':>17} {'vs plain+train':>15} {'of secagg+':>10}")
+    for row in rows:
+        if row["consistency_seconds"] is not None:
+            print(
+                f"{row['clients']:>7} {row['consistency_seconds']:>13.3f} "
+                f"{row['consistency_ratio_to_plain_protocol']:>16.2f}× "
+                f"{row['consistency_ratio_to_plain_round_with_training']:>14.2%} "
+                f"{row['consistency_seconds'] / row['protocol_seconds']:>9.1%}"
+            )
     gaps = [r["max_abs_gap_to_exact"] for r in rows if r["max_abs_gap_to_exact"] is not None]
     print(
         f"secagg+ global state vs exact fp32 FedAvg after one round: max |difference| {max(gaps):.2e} "

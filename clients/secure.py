@@ -2,6 +2,8 @@
 
 The protocol itself is ``fedadapt.secagg.client``; training is ``fedadapt.fleet``. Only the
 ``masked`` stage loads the model (torch is imported there and nowhere else in these stages).
+The device signs with its own identity key and trusts only the identities of its roster (both
+files of the device's own configuration, never of the run config).
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from clients.device import Device
 from fedadapt import protocol
-from fedadapt.errors import SecAggError
+from fedadapt.errors import ConfigError, SecAggError
 from fedadapt.fleet import FleetRun, LocalUpdate
 from fedadapt.secagg import client as secagg_client
 from fedadapt.secagg import stages
+from fedadapt.secagg.identity import Identity, load_identity
 from fedadapt.transport import ClientSealer
 
 _SESSION_FIELD = "session"
+# Metrics that reveal (or are derived from) the example count: under secagg+ they stay on the device.
+COUNT_METRICS = ("train-steps", "train-seconds", "test-examples")
 
 
 def run_stage(msg: Message, context: Context, run: FleetRun, sealer: ClientSealer, device: Device) -> Message:
@@ -33,19 +38,24 @@ def run_stage(msg: Message, context: Context, run: FleetRun, sealer: ClientSeale
     privacy = run.scenario.privacy
     metrics: dict[str, MetricRecordValues] = {}
     if stage == stages.SETUP:
-        step = secagg_client.setup(privacy, server_round, context.node_id, request)
+        step = secagg_client.setup(privacy, server_round, context.node_id, request, device_identity(device, context))
     elif stage == stages.SHARE_KEYS:
-        step = secagg_client.share_keys(privacy, server_round, saved, request)
+        step = secagg_client.share_keys(privacy, server_round, saved, request, device_identity(device, context))
     elif stage == stages.MASKED:
         # Check the neighbours' shares before spending a round of training on them.
-        session = secagg_client.receive_shares(server_round, saved, request)
+        session = secagg_client.receive_shares(privacy, server_round, saved, request)
         update = _train(msg, run, device, server_round)
         vector, norm_clipped = _delta_vector(update, run.scenario.max_delta_norm)
-        step = secagg_client.mask(privacy, server_round, session, vector, update.num_examples)
+        # The server can only check the total: an honest device keeps its own weight within the cap.
+        num_examples = min(update.num_examples, run.scenario.max_examples_per_client)
+        step = secagg_client.mask(privacy, server_round, session, vector, num_examples)
         schema_id = update.schema.schema_id
-        metrics = {**update.metrics, "norm-clipped": int(norm_clipped)}  # never the example count: it is masked
+        metrics = {k: v for k, v in update.metrics.items() if k not in COUNT_METRICS}  # the count is masked
+        metrics["norm-clipped"] = int(norm_clipped)
+    elif stage == stages.CONSISTENCY:
+        step = secagg_client.consistency(server_round, saved, request, device_identity(device, context))
     elif stage == stages.UNMASK:
-        step = secagg_client.unmask(server_round, saved, request)
+        step = secagg_client.unmask(privacy, server_round, saved, request)
     else:
         raise SecAggError(f"unknown secure-aggregation stage {stage[:40]!r}: client and server versions differ")
     context.state[protocol.SECAGG_SESSION] = ConfigRecord({_SESSION_FIELD: step.session})
@@ -54,6 +64,18 @@ def run_stage(msg: Message, context: Context, run: FleetRun, sealer: ClientSeale
     if metrics:
         content[protocol.METRICS] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)
+
+
+def device_identity(device: Device, context: Context) -> Identity:
+    """The device's identity for this run; ConfigError saying what to configure when it has none."""
+    if device.identity_key is None or device.roster is None:
+        raise ConfigError(
+            "secagg+ needs this device's identity key and roster: set the node config keys identity-key (its "
+            "OpenSSH ECDSA P-384 private key, the one its SuperNode authenticates with) and roster (the fleet's "
+            "public keys, one per line), or FEDADAPT_DEVICE_ROOT for simulations "
+            "(<root>/device-<partition-id>/identity.key and <root>/roster.pub)"
+        )
+    return load_identity(device.identity_key, device.roster, context.run_id)
 
 
 def bytes_array(blob: bytes) -> Array:

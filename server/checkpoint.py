@@ -57,6 +57,7 @@ KEEP = 3  # checkpoints kept; older ones are removed after a newer one is in pla
 _NAME = re.compile(r"round-(\d{4,})\.safetensors")
 _GLOBAL = "global/"
 _OPTIMIZER = "optimizer/"
+_RUN_SECRET = "run_secret"  # header key, hex; absent outside secagg+
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Checkpoint:
     optimizer: OptimizerState = field(repr=False)
     rng_state: list[Any] = field(repr=False)  # random.Random.getstate(), JSON-ready
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)  # one record per completed round
+    run_secret: bytes | None = field(default=None, repr=False)  # secagg+: seeds the sample and ring of each round
 
 
 def checkpoint_path(out_dir: Path, server_round: int) -> Path:
@@ -86,6 +88,8 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint, key: bytes, keep: int
         "rng_state": checkpoint.rng_state,
         "history": checkpoint.history,
     }
+    if checkpoint.run_secret is not None:
+        header[_RUN_SECRET] = checkpoint.run_secret.hex()
     # Hash what a reader will parse back (tuples become lists, keys become strings, ...).
     header = json.loads(json.dumps(header))
     header[_MAC_KEY] = content_hmac(key, tensors, header)
@@ -150,6 +154,7 @@ def load_checkpoint(path: Path, key: bytes | None, accept_unverified: bool = Fal
             optimizer=OptimizerState(_with_prefix(tensors, _OPTIMIZER), dict(header["optimizer"])),
             rng_state=list(header["rng_state"]),
             history=list(header["history"]),
+            run_secret=_run_secret(header.get(_RUN_SECRET)),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise StateError(f"{path} is a damaged checkpoint: bad header field {err}") from err
@@ -236,6 +241,15 @@ def _feed(digest: Any, tensors: Mapping[str, torch.Tensor], header: Mapping[str,
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     digest.update(len(canonical).to_bytes(8, "little") + canonical)
+
+
+def _run_secret(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    secret = bytes.fromhex(value)  # ValueError/TypeError: a damaged header
+    if len(secret) != 32:
+        raise ValueError(f"{_RUN_SECRET} must be 32 bytes, got {len(secret)}")
+    return secret
 
 
 def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> State:

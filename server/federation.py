@@ -1,17 +1,22 @@
 """The server's round loop on a Flower grid: sample, send the global adapter, validate and average deltas.
 
 Each round: wait for enough connected clients, sample ``clients_per_round`` of them with a seeded
-RNG, send the global shared state (uncompressed), validate every returned delta and stream their
-example-weighted mean into the server optimizer (``fedadapt.aggregate``; rejected clients are
-logged and left out, the round completes), evaluate the global model on the server's test split,
+RNG (under secagg+ from a fresh per-run secret instead, so colluding clients cannot predict the
+sample or their neighbours from the public scenario seed), send the global shared state
+(uncompressed), validate every returned delta and stream their example-weighted mean into the
+server optimizer (``fedadapt.aggregate``; rejected clients are logged and left out, the round
+completes), evaluate the global model on the server's test split,
 checkpoint atomically and rewrite ``metrics.json``. A run resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import random
+import secrets
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -71,6 +76,10 @@ class Federation:
         self.validator = DeltaValidator(self.schema, max_norm=self.scenario.max_delta_norm)
         self.optimizer = ServerOptimizer(FedAvgConfig(server_lr=self.scenario.server_lr), self.schema)
         self.rng = random.Random(self.scenario.seed)
+        self.run_id = run_id
+        # SecAgg+ draws each round's sample and neighbour ring from this, not from the public seed (kept in
+        # the checkpoint so a resumed run goes on with it).
+        self.run_secret: bytes | None = secrets.token_bytes(32) if self.privacy.secure_aggregation else None
         self.global_state: State = self.model.state("shared")
         self.history: list[dict[str, Any]] = []
         self._started = False  # whether this process has run a round yet (the first waits for the fleet)
@@ -100,6 +109,8 @@ class Federation:
         self.global_state = {s.name: checkpoint.global_state[s.name] for s in specs}
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.rng.setstate(rng_state_from_json(checkpoint.rng_state))
+        if self.privacy.secure_aggregation and checkpoint.run_secret is not None:
+            self.run_secret = checkpoint.run_secret
         self.history = checkpoint.history
         logger.info("resumed %s after round %d", self.run.out_dir, checkpoint.round)
 
@@ -127,7 +138,8 @@ class Federation:
         timeout = self.scenario.node_timeout if first else self.scenario.rejoin_timeout
         minimum = max(self.scenario.min_clients, 2 if self.privacy.secure_aggregation else 1)
         nodes = wait_for_nodes(grid, self.scenario.sample_size, timeout, minimum=None if first else minimum)
-        sampled = sorted(self.rng.sample(sorted(nodes), min(self.scenario.sample_size, len(nodes))))
+        rng = random.Random(self._secret_seed(server_round, "sampling")) if self.run_secret else self.rng
+        sampled = sorted(rng.sample(sorted(nodes), min(self.scenario.sample_size, len(nodes))))
         self.opener.start_round(server_round)
         record: dict[str, Any] = {"round": server_round, "clients": len(sampled)}
         if server_round == 1 and self.scenario.server_warmup_epochs:
@@ -217,7 +229,9 @@ class Federation:
             opener=self.opener,
             global_blob=blob,
             timeout=self.scenario.round_timeout,
-            seed=self._round_seed(server_round),
+            seed=self._secret_seed(server_round, "ring"),
+            run_id=self.run_id,
+            max_examples_per_client=self.scenario.max_examples_per_client,
         )
         record |= outcome.record
         if outcome.mean is not None and record["accepted"] < self.scenario.min_clients:
@@ -236,6 +250,13 @@ class Federation:
     def _round_seed(self, server_round: int) -> int:
         """The server's own seed for a round (the SecAgg+ ring, proxy training): reproducible per scenario seed."""
         return self.scenario.seed * 1_000_003 + server_round
+
+    def _secret_seed(self, server_round: int, purpose: str) -> int:
+        """A 64-bit seed for ``purpose`` in ``server_round``: HMAC-SHA256 under the run secret (secagg+)."""
+        if self.run_secret is None:
+            return self._round_seed(server_round)
+        message = f"fedadapt.federation.{purpose}.round-{server_round}".encode()
+        return int.from_bytes(hmac.new(self.run_secret, message, hashlib.sha256).digest()[:8], "little")
 
     def _load_proxy(self, labels: Any) -> Any:
         """The server's labelled proxy set, encoded once; None without ``server-proxy-data``."""
@@ -296,6 +317,7 @@ class Federation:
             optimizer=self.optimizer.state_dict(),
             rng_state=rng_state_to_json(self.rng.getstate()),
             history=self.history,
+            run_secret=self.run_secret,
         )
 
     # --- metrics ------------------------------------------------------------------------------------------------
@@ -381,6 +403,7 @@ def _unpack_replies(
 
 
 def _weighted_accuracy(client_metrics: list[dict[str, Any]]) -> float | None:
+    """Client accuracy weighted by test examples; under secagg+ devices keep that count, so each counts once."""
     scored = [(m["accuracy"], m.get("test-examples", 1)) for m in client_metrics if "accuracy" in m]
     total = sum(n for _, n in scored)
     return sum(a * n for a, n in scored) / total if total else None

@@ -1,4 +1,4 @@
-"""The ServerApp's SecAgg+ round: four message exchanges that drive ``fedadapt.secagg.server.SecAggRound``.
+"""The ServerApp's SecAgg+ round: five message exchanges that drive ``fedadapt.secagg.server.SecAggRound``.
 
 Each client payload arrives sealed (``fedadapt.transport``) and is opened against the node Flower
 names as its source; a payload that fails to open, a client error or a missing reply counts as a
@@ -66,8 +66,14 @@ def run_secure_round(
     global_blob: bytes,
     timeout: float,
     seed: int,
+    run_id: int = 0,
+    max_examples_per_client: int | None = None,
 ) -> SecureRoundOutcome:
-    """One SecAgg+ round over ``sampled``; SecAggError inside is caught and recorded as a failed round."""
+    """One SecAgg+ round over ``sampled``; SecAggError inside is caught and recorded as a failed round.
+
+    ``seed`` draws the neighbour ring; ``run_id`` is bound into the clients' signatures;
+    ``max_examples_per_client`` bounds the decoded example total (contributors × it).
+    """
     import torch
 
     from fedadapt.state import unflatten_state
@@ -76,7 +82,15 @@ def run_secure_round(
     talk = _Talk(grid, server_round, schema.schema_id, opener, timeout)
     outcome = SecureRoundOutcome()
     try:
-        secagg = SecAggRound(privacy, server_round, sampled, schema.num_params("shared"), seed=seed)
+        secagg = SecAggRound(
+            privacy,
+            server_round,
+            sampled,
+            schema.num_params("shared"),
+            seed=seed,
+            run_id=run_id,
+            max_examples_per_client=max_examples_per_client,
+        )
     except SecAggError as err:  # too few clients for the configured shares: this round cannot be secure
         logger.warning("round %d: %s; the global state stays as it was", server_round, err)
         outcome.record = talk.record(None, error=str(err))
@@ -85,6 +99,7 @@ def run_secure_round(
         requests = secagg.keys_received(*talk(stages.SETUP, secagg.setup_requests()))
         requests = secagg.shares_received(*talk(stages.SHARE_KEYS, requests))
         requests = secagg.masked_received(*talk(stages.MASKED, requests, global_blob))
+        requests = secagg.consistency_received(*talk(stages.CONSISTENCY, requests))
         result = secagg.unmask_received(*talk(stages.UNMASK, requests))
     except SecAggError as err:
         logger.warning("round %d: secure aggregation failed: %s; the global state stays as it was", server_round, err)

@@ -194,8 +194,8 @@ def run_plan(plan: SimulationPlan, show: bool) -> dict[str, Any]:
         remove_stale_client_state(plan.out_dir)
     flwr_home = Path(tempfile.mkdtemp(prefix="fedadapt-flwr-"))
     try:
-        device_root = plan.out_dir / CLIENT_STATE_FOLDER
-        with terminate_gracefully(), _superlink(flwr_home, plan.out_dir / SUPERLINK_LOG, device_root) as env:
+        root = device_root(plan)
+        with terminate_gracefully(), _superlink(flwr_home, plan.out_dir / SUPERLINK_LOG, root) as env:
             code = _run_app(plan, flwr_home, env, show)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
@@ -302,6 +302,26 @@ def write_run_config(plan: SimulationPlan, folder: Path) -> Path:
     path = folder / "run-config.toml"
     path.write_text(toml_lines(values))
     return path
+
+
+def device_root(plan: SimulationPlan) -> Path:
+    """``<out>/clients``, where the simulated devices keep their files (they find it through
+    ``FEDADAPT_DEVICE_ROOT``). Under secagg+ it also holds ``device-<i>/identity.key`` per partition
+    (0600, made once, reused on resume) and ``roster.pub``, the fleet's public keys."""
+    from fedadapt.secagg.identity import generate_private_key, load_private_key, openssh_public
+
+    root = plan.out_dir / CLIENT_STATE_FOLDER
+    if not plan.scenario.privacy.secure_aggregation:
+        return root
+    lines = []
+    for partition in range(plan.scenario.num_clients):
+        path = root / f"device-{partition}" / "identity.key"
+        if path.exists():
+            lines.append(openssh_public(load_private_key(path).public_key()))
+        else:
+            lines.append(generate_private_key(path))
+    (root / "roster.pub").write_bytes(b"".join(line + f" device-{i}\n".encode() for i, line in enumerate(lines)))
+    return root
 
 
 def run_keys(out_dir: Path) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """Privacy modes end to end on an in-process grid: sealed deltas (aead) and SecAgg+ rounds (secagg+).
 
 The grid keeps one Context per node across messages (as Flower does), so a SecAgg+ session survives
-between the four stage messages of a round; it records every reply the server receives and lets a
-test tamper with (or lose) the reply of one node at one stage.
+between the five stage messages of a round (the devices' identity keys come from FEDADAPT_DEVICE_ROOT);
+it records every reply the server receives and lets a test tamper with (or lose) the reply of one node at one stage.
 """
 
 from __future__ import annotations
@@ -129,6 +129,27 @@ class PrivacyGrid(StubGrid):
             for r in self.received
             if r.stage == stage and server_round in (None, r.server_round)
         }
+
+
+DEVICES = 8  # identity keys made for partitions 0..7
+
+
+def make_device_root(folder: Path, count: int = DEVICES) -> Path:
+    """What the simulation runner makes: device-<i>/identity.key (0600) and roster.pub."""
+    from fedadapt.secagg.identity import generate_private_key
+
+    lines = [generate_private_key(folder / f"device-{i}" / "identity.key") for i in range(count)]
+    (folder / "roster.pub").write_bytes(b"\n".join(lines) + b"\n")
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def device_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every secagg+ device of this module signs with its own identity key and trusts the fleet's roster."""
+    root = make_device_root(tmp_path_factory.mktemp("devices"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDADAPT_DEVICE_ROOT", str(root))
+        yield root
 
 
 @pytest.fixture(autouse=True)
@@ -477,6 +498,13 @@ def test_secagg_rounds_match_plain_rounds_within_the_quantization_bound(
         assert 0.0 <= record["accuracy"] <= 1.0
         assert {c["client"] for c in record["client_results"]} == {c["client"] for c in plain["client_results"]}
         assert all("num-examples" not in c for c in record["client_results"])
+        # nothing that reveals a device's example count travels in the clear under secagg+
+        assert all(not {"train-steps", "train-seconds", "test-examples"} & set(c) for c in record["client_results"])
+        assert all("accuracy" in c and "train-loss" in c for c in record["client_results"])
+    # The ring and sample come from a fresh run secret kept for resume; plain runs have none.
+    secret = load_latest_checkpoint(secagg_run.out).run_secret  # type: ignore[union-attr]
+    assert isinstance(secret, bytes) and len(secret) == 32
+    assert load_latest_checkpoint(plain_run.out).run_secret is None  # type: ignore[union-attr]
     # Each round's mean is off by at most one quantization step per value; errors add up over rounds.
     bound = privacy.quantization_step  # 2 * clipping_range / quantization_range, times server_lr = 1
     round_1 = _max_difference(_state(secagg_run.out, 1), _state(plain_run.out, 1))
@@ -591,6 +619,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 from flwr.supercore.task_identity import TaskIdentity
+from pathlib import Path
+import os
 
 TaskIdentity._run_id = 1
 TaskIdentity._task_id = 1
@@ -598,7 +628,7 @@ TaskIdentity._node_id = 0
 
 from clients.client_app import app
 from fedadapt import protocol
-from fedadapt.secagg import stages, wire
+from fedadapt.secagg import identity, stages, wire
 
 
 def message(stage, payload):
@@ -617,9 +647,13 @@ replies = []
 reply = app(message(stages.SETUP, wire.pack({{stages.NEIGHBOURS: wire.pack_ids([102, 103])}})), context)
 replies.append(reply.content.array_records[protocol.ARRAYS][protocol.SECAGG_PAYLOAD].numpy().tobytes())
 keys = {{}}
-for other in (102, 103):
-    for name in (stages.ENCRYPTION_KEY, stages.MASK_KEY):
-        keys[f"{{name}}/{{other}}"] = public_key_to_bytes(generate_key_pairs()[1])
+root = Path(os.environ["FEDADAPT_DEVICE_ROOT"])
+for partition, other in ((1, 102), (2, 103)):
+    fresh = [public_key_to_bytes(generate_key_pairs()[1]) for _ in range(2)]
+    signer = identity.load_private_key(root / f"device-{{partition}}" / "identity.key")
+    keys[f"{{stages.ENCRYPTION_KEY}}/{{other}}"], keys[f"{{stages.MASK_KEY}}/{{other}}"] = fresh
+    keys[f"{{stages.IDENTITY_KEY}}/{{other}}"] = identity.openssh_public(signer.public_key())
+    keys[f"{{stages.SETUP_SIGNATURE}}/{{other}}"] = identity.sign(signer, identity.setup_message(1, 1, other, *fresh))
 reply = app(message(stages.SHARE_KEYS, wire.pack(keys)), context)
 replies.append(reply.content.array_records[protocol.ARRAYS][protocol.SECAGG_PAYLOAD].numpy().tobytes())
 print(json.dumps({{
@@ -645,19 +679,89 @@ def test_the_client_key_stages_never_import_torch(tiny_bert: Path, tmp_path: Pat
     assert report == {"torch": False, "envelopes": ["FAEN", "FAEN"], "session": True}
 
 
+def test_the_run_secret_survives_a_checkpoint_and_seeds_each_round_and_purpose_apart(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fedadapt.aggregate import OptimizerState
+    from fedadapt.errors import StateError
+    from server.checkpoint import Checkpoint, save_checkpoint
+    from server.federation import Federation
+
+    secret = os.urandom(32)
+    state = {"w": torch.zeros(2)}
+    checkpoint = Checkpoint(1, "schema", state, OptimizerState({}, {}), [3, [1, 2], None], [], run_secret=secret)
+    path = save_checkpoint(tmp_path, checkpoint)
+    assert load_checkpoint(path).run_secret == secret
+    assert secret.hex() not in repr(load_checkpoint(path))
+    plain = save_checkpoint(tmp_path / "plain", Checkpoint(1, "schema", state, OptimizerState({}, {}), [3, [1], None]))
+    assert load_checkpoint(plain).run_secret is None
+    short = Checkpoint(2, "schema", state, OptimizerState({}, {}), [3, [1], None], run_secret=b"short")
+    with pytest.raises(StateError, match="run_secret must be 32 bytes"):
+        load_checkpoint(save_checkpoint(tmp_path / "short", short))
+
+    def seed(key: bytes, server_round: int, purpose: str) -> int:
+        return Federation._secret_seed(SimpleNamespace(run_secret=key), server_round, purpose)  # type: ignore[arg-type]
+
+    seeds = {seed(secret, r, p) for r in (1, 2, 3) for p in ("ring", "sampling")}
+    assert len(seeds) == 6 and seed(secret, 2, "ring") == seed(secret, 2, "ring")
+    assert seed(os.urandom(32), 2, "ring") != seed(secret, 2, "ring")
+
+
+def test_simulation_runner_makes_one_identity_per_device_and_the_roster(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fedadapt.secagg.identity import load_identity
+    from simulations.runner import device_root
+
+    plan = SimpleNamespace(out_dir=tmp_path / "run", scenario=SimpleNamespace(num_clients=3))
+    root = device_root(plan)  # type: ignore[arg-type]
+    assert root == tmp_path / "run" / "clients"
+    keys = [root / f"device-{i}" / "identity.key" for i in range(3)]
+    assert all(oct(key.stat().st_mode & 0o777) == "0o600" for key in keys)
+    roster = (root / "roster.pub").read_bytes()
+    identities = [load_identity(key, root / "roster.pub", run_id=1) for key in keys]
+    assert len({i.public_key for i in identities}) == 3 and all(i.public_key in i.roster for i in identities)
+    assert len(identities[0].roster) == 3
+    assert device_root(plan) == root and (root / "roster.pub").read_bytes() == roster  # reused on resume
+    assert b"PRIVATE" not in roster
+
+
+def test_a_device_finds_its_identity_in_node_config_or_the_device_root(tmp_path: Path, device_root: Path) -> None:
+    from types import SimpleNamespace
+
+    from clients.client_app import _device
+    from clients.secure import Device, device_identity
+
+    run = SimpleNamespace(state_dir=tmp_path / "state")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
+    device = _device(run, context)  # type: ignore[arg-type]
+    assert device.identity_key == device_root / "device-2" / "identity.key"
+    assert device.roster == device_root / "roster.pub"
+    assert device_identity(device, context).public_key in device_identity(device, context).roster
+    configured = {"partition-id": 2, "identity-key": "/abs/id.key", "roster": "/abs/roster.pub"}
+    context = Context(run_id=1, node_id=7, node_config=configured, state=RecordDict(), run_config={})
+    device = _device(run, context)  # type: ignore[arg-type]
+    assert (device.identity_key, device.roster) == (Path("/abs/id.key"), Path("/abs/roster.pub"))
+    with pytest.raises(ConfigError, match="identity-key .* roster .* FEDADAPT_DEVICE_ROOT"):
+        device_identity(Device(2, tmp_path), context)
+
+
 # --- a real Flower simulation -----------------------------------------------------------------------------------
 
 
 @pytest.mark.simulation
 @pytest.mark.timeout(420)
 def test_secagg_plus_in_a_real_flower_simulation_survives_a_crash_and_leaks_no_key(
-    tiny_bert: Path, tmp_path: Path
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`fedadapt simulate` with secagg+ for real: Flower keeps each device's session in context.state across
-    the four stage messages, a device that crashes while training is recovered from its neighbours' shares,
-    and no key material reaches the logs or metrics."""
+    the five stage messages, the runner's device identities reach the simulated ClientApps, a device that
+    crashes while training is recovered from its neighbours' shares, and no key material reaches the logs
+    or metrics."""
     from fedadapt.processes import alive, descendants
     from simulations.runner import simulate
+
+    monkeypatch.delenv("FEDADAPT_DEVICE_ROOT")  # only the runner's own device folder can make the rounds work
 
     seed, (crash_round, crash_client) = seed_with_one_crash(rounds=2, clients=3, dropout=0.2)
     scenario = _scenario_file(tmp_path, tiny_bert, PRIVACY_SECAGG, **{"dropout-fraction": 0.2, "seed": seed})
@@ -675,7 +779,10 @@ def test_secagg_plus_in_a_real_flower_simulation_survives_a_crash_and_leaks_no_k
             assert f"client {crash_client} crashed in round {crash_round}" in dropped["reason"]
         else:
             assert record["dropped"] == []
+    devices = out / "devices"
+    assert len((devices / "roster.pub").read_text().splitlines()) == 3
     private_pem = (out / "keys" / "server.key").read_text()
+    private_pem += "".join((devices / f"device-{i}" / "identity.key").read_text() for i in range(3))
     secret_lines = [line for line in private_pem.splitlines() if line and not line.startswith("-----")]
     written = "".join(p.read_text(errors="replace") for p in (out / "flwr.log", out / "metrics.json"))
     assert secret_lines and not any(line in written for line in secret_lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import subprocess
 import sys
 import textwrap
@@ -16,11 +17,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedadapt.errors import ConfigError, PayloadError, SecAggError
 from fedadapt.privacy import PrivacyConfig
-from fedadapt.secagg import client, masking, stages, wire
+from fedadapt.secagg import client, identity, masking, stages, wire
+from fedadapt.secagg.identity import Identity
 from fedadapt.secagg.server import SecAggResult, SecAggRound
 
 ROUND = 3
+RUN_ID = 77
 GONE = "connection lost"
+_P384_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973
+
+
+@functools.lru_cache(maxsize=4096)
+def identity_key(node: int) -> ec.EllipticCurvePrivateKey:
+    """A device identity key per node id, derived so tests need not store them (never do this for real keys)."""
+    return ec.derive_private_key(node % (_P384_ORDER - 1) + 1, ec.SECP384R1())
+
+
+def device(node: int, roster: Iterable[int] = ()) -> Identity:
+    """Node ``node``'s identity in run ``RUN_ID``, trusting the identities of ``roster`` (node ids)."""
+    keys = frozenset(identity.openssh_public(identity_key(n).public_key()) for n in {node, *roster})
+    return Identity(RUN_ID, identity_key(node), keys)
 
 
 def secagg(num_shares: int = 3, threshold: int = 2, **changes: object) -> PrivacyConfig:
@@ -43,6 +59,7 @@ class Trace:
     sessions: dict[int, bytes] = field(default_factory=dict)
     requests: dict[str, dict[int, bytes]] = field(default_factory=dict)  # stage → what the clients were asked
     replies: dict[str, dict[int, bytes]] = field(default_factory=dict)  # stage → what the server received
+    devices: dict[int, Identity] = field(default_factory=dict)  # each client's identity and roster
     encoded: dict[int, np.ndarray] = field(default_factory=dict)  # each client's vector before masking
     masked: dict[int, np.ndarray] = field(default_factory=dict)  # the masked vectors the server received
     result: SecAggResult | None = None
@@ -73,19 +90,29 @@ def run_round(
     stop_before: str | None = None,
     inputs: tuple[list[int], dict[int, np.ndarray], dict[int, int]] | None = None,
     seed: int = 0,
+    max_examples: int | None = None,
 ) -> Trace:
     """Drive one round between a ``SecAggRound`` and ``n`` in-process clients.
 
     ``drop_at[stage]``: nodes that never answer ``stage`` (reported to the server as failed).
-    ``tamper``: rewrites replies before the server sees them. ``stop_before``: return once the
+    ``tamper``: rewrites replies before the server sees them. ``max_examples``: the server's per-client cap.
+    ``stop_before``: return once the
     clients hold the requests of that stage (``stages.MASKED`` is the forwarded shares), before
     they answer it: the sessions and requests then let a test call the client functions itself.
     """
     config = config or secagg()
     nodes, deltas, counts = inputs or make_inputs(n, length, seed)
     drops = {stage: set(lost) for stage, lost in (drop_at or {}).items()}
-    server = SecAggRound(config, ROUND, nodes, len(next(iter(deltas.values()))), seed=seed)
-    trace = Trace(config, server, nodes, deltas, counts)
+    server = SecAggRound(
+        config,
+        ROUND,
+        nodes,
+        len(next(iter(deltas.values()))),
+        seed=seed,
+        run_id=RUN_ID,
+        max_examples_per_client=max_examples,
+    )
+    trace = Trace(config, server, nodes, deltas, counts, devices={node: device(node, nodes) for node in nodes})
 
     def answer(stage: str, requests: dict[int, bytes], respond: Callable[[int, bytes], bytes]) -> tuple:
         trace.requests[stage] = requests
@@ -102,17 +129,17 @@ def run_round(
         return replies, failed
 
     def setup(node: int, request: bytes) -> bytes:
-        step = client.setup(config, ROUND, node, request)
+        step = client.setup(config, ROUND, node, request, trace.devices[node])
         trace.sessions[node] = step.session
         return step.reply
 
     def share_keys(node: int, request: bytes) -> bytes:
-        step = client.share_keys(config, ROUND, trace.sessions[node], request)
+        step = client.share_keys(config, ROUND, trace.sessions[node], request, trace.devices[node])
         trace.sessions[node] = step.session
         return step.reply
 
     def train_and_mask(node: int, request: bytes) -> bytes:
-        trace.sessions[node] = client.receive_shares(ROUND, trace.sessions[node], request)
+        trace.sessions[node] = client.receive_shares(config, ROUND, trace.sessions[node], request)
         # Quantization rounds stochastically with NumPy's global generator: the same seed twice
         # gives the exact vector the client encodes before masking it.
         np.random.seed(node % 2**32)
@@ -122,8 +149,13 @@ def run_round(
         trace.sessions[node] = step.session
         return step.reply
 
+    def consistency(node: int, request: bytes) -> bytes:
+        step = client.consistency(ROUND, trace.sessions[node], request, trace.devices[node])
+        trace.sessions[node] = step.session
+        return step.reply
+
     def unmask(node: int, request: bytes) -> bytes:
-        step = client.unmask(ROUND, trace.sessions[node], request)
+        step = client.unmask(config, ROUND, trace.sessions[node], request)
         trace.sessions[node] = step.session
         return step.reply
 
@@ -140,7 +172,10 @@ def run_round(
     for node, blob in got[0].items():
         with contextlib.suppress(PayloadError, KeyError, ValueError):  # a tampered reply: the server drops it
             trace.masked[node] = np.frombuffer(wire.unpack(blob)[stages.MASKED_VECTOR], dtype=dtype)
-    got = answer(stages.UNMASK, server.masked_received(*got), unmask)
+    got = answer(stages.CONSISTENCY, server.masked_received(*got), consistency)
+    if got is None:
+        return trace
+    got = answer(stages.UNMASK, server.consistency_received(*got), unmask)
     if got is None:
         return trace
     trace.result = server.unmask_received(*got)
@@ -411,7 +446,7 @@ def test_a_client_left_with_too_few_holders_stops_sharing() -> None:
     trace = run_round(config=config, inputs=inputs, drop_at={stages.SETUP: [gone]}, stop_before=stages.SHARE_KEYS)
     request = trace.requests[stages.SHARE_KEYS][victim]
     expect_refusal(
-        lambda: client.share_keys(config, ROUND, trace.sessions[victim], request),
+        lambda: client.share_keys(config, ROUND, trace.sessions[victim], request, trace.devices[victim]),
         "only 1 neighbours are left",
         "reconstruction-threshold 3",
         "could never be rebuilt",
@@ -424,23 +459,27 @@ def test_a_client_left_with_too_few_holders_stops_sharing() -> None:
 def test_client_refuses_a_neighbour_count_that_does_not_match_num_shares() -> None:
     config = secagg(5, 3)
     request = wire.pack({stages.NEIGHBOURS: wire.pack_ids([2, 3])})
-    expect_refusal(lambda: client.setup(config, ROUND, 1, request), "2 neighbours", "num-shares (5)", "[privacy]")
+    expect_refusal(
+        lambda: client.setup(config, ROUND, 1, request, device(1)), "2 neighbours", "num-shares (5)", "[privacy]"
+    )
     # the same round seen by a client configured with other settings than the server
     trace = run_round(5, 10, secagg(3, 2), stop_before=stages.SETUP)
     node = trace.nodes[0]
-    expect_refusal(lambda: client.setup(config, ROUND, node, trace.requests[stages.SETUP][node]), "calls for 4")
+    expect_refusal(
+        lambda: client.setup(config, ROUND, node, trace.requests[stages.SETUP][node], device(node)), "calls for 4"
+    )
 
 
 def test_client_refuses_to_be_its_own_neighbour() -> None:
     request = wire.pack({stages.NEIGHBOURS: wire.pack_ids([1, 2])})
-    expect_refusal(lambda: client.setup(secagg(), ROUND, 1, request), "its own neighbour")
+    expect_refusal(lambda: client.setup(secagg(), ROUND, 1, request, device(1)), "its own neighbour")
 
 
 def test_client_setup_rejects_malformed_requests() -> None:
     with pytest.raises(PayloadError, match="lacks the fields"):
-        client.setup(secagg(), ROUND, 1, wire.pack({}))
+        client.setup(secagg(), ROUND, 1, wire.pack({}), device(1))
     with pytest.raises(PayloadError, match="twice"):
-        client.setup(secagg(), ROUND, 1, wire.pack({stages.NEIGHBOURS: wire.pack_ids([2, 2])}))
+        client.setup(secagg(), ROUND, 1, wire.pack({stages.NEIGHBOURS: wire.pack_ids([2, 2])}), device(1))
 
 
 @pytest.fixture(scope="module")
@@ -460,28 +499,33 @@ def _victim(trace: Trace) -> tuple[int, list[int]]:
     return node, trace.server.neighbours[node]
 
 
-def test_client_answers_a_consistent_unmask_request(before_unmask: Trace) -> None:
-    node, neighbours = _victim(before_unmask)
-    fields = wire.unpack(
-        client.unmask(ROUND, before_unmask.sessions[node], _unmask_request([node, *neighbours], [])).reply
-    )
-    assert set(fields) == {stages.SEED_SHARE + str(other) for other in [node, *neighbours]}
-    fields = wire.unpack(
-        client.unmask(ROUND, before_unmask.sessions[node], _unmask_request([node], sorted(neighbours))).reply
-    )
-    assert set(fields) == {stages.SEED_SHARE + str(node)} | {stages.KEY_SHARE + str(o) for o in neighbours}
+def test_client_answers_the_servers_unmask_request(before_unmask: Trace) -> None:
+    for node, request in before_unmask.requests[stages.UNMASK].items():
+        fields = wire.unpack(request)
+        survivors = wire.unpack_ids(fields[stages.SURVIVORS])
+        dropped = wire.unpack_ids(fields[stages.DROPPED])
+        reply = wire.unpack(client.unmask(before_unmask.config, ROUND, before_unmask.sessions[node], request).reply)
+        assert set(reply) == {stages.SEED_SHARE + str(o) for o in survivors} | {
+            stages.KEY_SHARE + str(o) for o in dropped
+        }
 
 
 def test_client_refuses_a_node_named_both_survivor_and_dropout(before_unmask: Trace) -> None:
     node, neighbours = _victim(before_unmask)
     request = _unmask_request([node, *neighbours], [neighbours[0]])
-    expect_refusal(lambda: client.unmask(ROUND, before_unmask.sessions[node], request), "both survivor and dropout")
+    expect_refusal(
+        lambda: client.unmask(before_unmask.config, ROUND, before_unmask.sessions[node], request),
+        "both survivor and dropout",
+    )
 
 
 def test_client_refuses_to_be_named_a_dropout(before_unmask: Trace) -> None:
     node, neighbours = _victim(before_unmask)
     request = _unmask_request(neighbours, [node])
-    expect_refusal(lambda: client.unmask(ROUND, before_unmask.sessions[node], request), "named this client a dropout")
+    expect_refusal(
+        lambda: client.unmask(before_unmask.config, ROUND, before_unmask.sessions[node], request),
+        "named this client a dropout",
+    )
 
 
 @pytest.mark.parametrize("change", ["missing", "stranger-survivor", "stranger-dropout"])
@@ -495,7 +539,10 @@ def test_client_refuses_lists_that_do_not_cover_its_neighbours(before_unmask: Tr
     else:
         dropped.append(123456789)
     request = _unmask_request(survivors, dropped)
-    expect_refusal(lambda: client.unmask(ROUND, before_unmask.sessions[node], request), "do not cover exactly")
+    expect_refusal(
+        lambda: client.unmask(before_unmask.config, ROUND, before_unmask.sessions[node], request),
+        "do not cover exactly",
+    )
 
 
 def test_the_server_request_itself_is_consistent(before_unmask: Trace) -> None:
@@ -506,14 +553,27 @@ def test_the_server_request_itself_is_consistent(before_unmask: Trace) -> None:
         assert node in survivors
         assert not set(survivors) & set(dropped)
         assert before_unmask.nodes[0] not in survivors
+        assert {f"{stages.SURVIVOR_SIGNATURE}/{o}" for o in survivors if o != node} <= set(fields)
 
 
 def test_unmask_answers_once(before_unmask: Trace) -> None:
     node = next(iter(before_unmask.requests[stages.UNMASK]))
     request = before_unmask.requests[stages.UNMASK][node]
-    closed = client.unmask(ROUND, before_unmask.sessions[node], request).session
+    config = before_unmask.config
+    closed = client.unmask(config, ROUND, before_unmask.sessions[node], request).session
     assert set(wire.unpack(closed)) == {"round", "node", "done"}  # no secret is kept after the round
-    expect_refusal(lambda: client.unmask(ROUND, closed, request), "must follow", stages.MASKED, stages.UNMASK)
+    expect_refusal(lambda: client.unmask(config, ROUND, closed, request), "must follow", stages.CONSISTENCY)
+
+
+def test_a_client_signs_one_survivor_set_per_round(before_unmask: Trace) -> None:
+    node = next(iter(before_unmask.requests[stages.UNMASK]))
+    other_set = wire.pack({stages.SURVIVORS: wire.pack_ids([node])})
+    signed_once = before_unmask.sessions[node]  # it has signed the server's set already
+    expect_refusal(
+        lambda: client.consistency(ROUND, signed_once, other_set, before_unmask.devices[node]),
+        "must follow",
+        stages.MASKED,
+    )
 
 
 def test_stages_out_of_order_are_refused() -> None:
@@ -522,13 +582,20 @@ def test_stages_out_of_order_are_refused() -> None:
     after_share_keys = trace.sessions[node]
     delta = trace.deltas[node]
     expect_refusal(lambda: client.mask(trace.config, ROUND, after_share_keys, delta, 5), "must follow")
-    expect_refusal(lambda: client.unmask(ROUND, after_share_keys, _unmask_request([node], [])), "must follow")
-    expect_refusal(lambda: client.share_keys(trace.config, ROUND, after_share_keys, wire.pack({})), "must follow")
+    expect_refusal(
+        lambda: client.unmask(trace.config, ROUND, after_share_keys, _unmask_request([node], [])), "must follow"
+    )
+    expect_refusal(
+        lambda: client.share_keys(trace.config, ROUND, after_share_keys, wire.pack({}), trace.devices[node]),
+        "must follow",
+    )
     forwarded = trace.requests[stages.MASKED][node]
-    after_shares = client.receive_shares(ROUND, after_share_keys, forwarded)
-    expect_refusal(lambda: client.receive_shares(ROUND, after_shares, forwarded), "must follow")
+    after_shares = client.receive_shares(trace.config, ROUND, after_share_keys, forwarded)
+    expect_refusal(lambda: client.receive_shares(trace.config, ROUND, after_shares, forwarded), "must follow")
     # a session of another round, an empty session, an unreadable session
-    expect_refusal(lambda: client.receive_shares(ROUND + 1, after_share_keys, forwarded), f"round {ROUND + 1}")
+    expect_refusal(
+        lambda: client.receive_shares(trace.config, ROUND + 1, after_share_keys, forwarded), f"round {ROUND + 1}"
+    )
     expect_refusal(lambda: client.mask(trace.config, ROUND, b"", delta, 5), "out of order")
     expect_refusal(lambda: client.mask(trace.config, ROUND, b"garbage", delta, 5), "unreadable")
     step = client.mask(trace.config, ROUND, after_shares, delta, 5)
@@ -545,7 +612,7 @@ def test_receive_shares_refuses_an_altered_share() -> None:
     fields[name] = token[:middle] + (b"A" if token[middle : middle + 1] != b"A" else b"B") + token[middle + 1 :]
     sender = stages.node_of(name, stages.SHARE)
     expect_refusal(
-        lambda: client.receive_shares(ROUND, trace.sessions[node], wire.pack(fields)),
+        lambda: client.receive_shares(trace.config, ROUND, trace.sessions[node], wire.pack(fields)),
         f"node {sender}",
         "does not decrypt",
     )
@@ -557,14 +624,22 @@ def test_receive_shares_refuses_a_share_under_the_wrong_sender() -> None:
     fields = wire.unpack(trace.requests[stages.MASKED][node])
     first, second = sorted(fields)
     swapped = {first: fields[second], second: fields[first]}
-    expect_refusal(lambda: client.receive_shares(ROUND, trace.sessions[node], wire.pack(swapped)), "does not decrypt")
+    expect_refusal(
+        lambda: client.receive_shares(trace.config, ROUND, trace.sessions[node], wire.pack(swapped)), "does not decrypt"
+    )
     # a share the client receives from another client's neighbourhood (a node it never exchanged keys with)
     other = trace.nodes[0]
     foreign = wire.unpack(trace.requests[stages.MASKED][other])
     stranger = wire.pack({stages.share_name(999): next(iter(foreign.values()))})
-    expect_refusal(lambda: client.receive_shares(ROUND, trace.sessions[node], stranger), "not a share from a neighbour")
+    expect_refusal(
+        lambda: client.receive_shares(trace.config, ROUND, trace.sessions[node], stranger),
+        "not a share from a neighbour",
+    )
     unnamed = wire.pack({"bogus": b"x"})
-    expect_refusal(lambda: client.receive_shares(ROUND, trace.sessions[node], unnamed), "not a share from a neighbour")
+    expect_refusal(
+        lambda: client.receive_shares(trace.config, ROUND, trace.sessions[node], unnamed),
+        "not a share from a neighbour",
+    )
 
 
 def test_share_keys_refuses_inconsistent_key_lists() -> None:
@@ -574,12 +649,31 @@ def test_share_keys_refuses_inconsistent_key_lists() -> None:
     fields = wire.unpack(trace.requests[stages.SHARE_KEYS][node])
     half = dict(fields)
     del half[sorted(name for name in half if name.startswith(stages.MASK_KEY))[0]]
-    expect_refusal(lambda: client.share_keys(trace.config, ROUND, session, wire.pack(half)), "only one of the two")
+    expect_refusal(
+        lambda: client.share_keys(trace.config, ROUND, session, wire.pack(half), trace.devices[node]),
+        "only some of the signed",
+    )
     extra = fields | {"c-pk/999": fields[sorted(fields)[0]]}
-    expect_refusal(lambda: client.share_keys(trace.config, ROUND, session, wire.pack(extra)), "not keys of neighbours")
+    expect_refusal(
+        lambda: client.share_keys(trace.config, ROUND, session, wire.pack(extra), trace.devices[node]),
+        "not keys of neighbours",
+    )
     bad = dict(fields)
-    bad[sorted(fields)[0]] = b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n"
-    expect_refusal(lambda: client.share_keys(trace.config, ROUND, session, wire.pack(bad)), "not a PEM public key")
+    garbage = b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n"
+    other = trace.server.neighbours[node][0]
+    bad[f"{stages.ENCRYPTION_KEY}/{other}"] = garbage
+    # a key the server swapped in fails the neighbour's signature ...
+    expect_refusal(
+        lambda: client.share_keys(trace.config, ROUND, session, wire.pack(bad), trace.devices[node]),
+        f"neighbour {other} do not carry a valid signature",
+    )
+    # ... and a garbage key its owner signed is still refused as a key
+    signed = identity.setup_message(RUN_ID, ROUND, other, garbage, bad[f"{stages.MASK_KEY}/{other}"])
+    bad[f"{stages.SETUP_SIGNATURE}/{other}"] = identity.sign(identity_key(other), signed)
+    expect_refusal(
+        lambda: client.share_keys(trace.config, ROUND, session, wire.pack(bad), trace.devices[node]),
+        "not a PEM public key",
+    )
 
 
 # --- 6. malformed replies at the server ------------------------------------------------------------------------
@@ -673,7 +767,7 @@ def test_server_ignores_a_masked_vector_from_a_node_that_shared_no_keys() -> Non
     assert late not in trace.requests[stages.MASKED]
     replies = {}
     for node, request in trace.requests[stages.MASKED].items():
-        session = client.receive_shares(ROUND, trace.sessions[node], request)
+        session = client.receive_shares(trace.config, ROUND, trace.sessions[node], request)
         replies[node] = client.mask(trace.config, ROUND, session, deltas[node], counts[node]).reply
     replies[late] = replies[nodes[1]]  # a well-formed vector, but its sender left the round
     requests = trace.server.masked_received(replies, {})
@@ -734,7 +828,10 @@ def test_receive_shares_refuses_a_superscript_share_name() -> None:
     trace = run_round(3, 10, stop_before=stages.MASKED)
     node = trace.nodes[0]
     request = wire.pack({"share/\u00b2": b"x"})
-    expect_refusal(lambda: client.receive_shares(ROUND, trace.sessions[node], request), "not a share from a neighbour")
+    expect_refusal(
+        lambda: client.receive_shares(trace.config, ROUND, trace.sessions[node], request),
+        "not a share from a neighbour",
+    )
 
 
 def test_a_rejected_unmask_reply_contributes_no_shares() -> None:
@@ -819,7 +916,7 @@ def test_encode_refuses_an_example_count_beyond_the_field() -> None:
 def test_client_mask_refuses_bad_deltas_before_sending() -> None:
     trace = run_round(3, 10, stop_before=stages.MASKED)
     node = trace.nodes[0]
-    session = client.receive_shares(ROUND, trace.sessions[node], trace.requests[stages.MASKED][node])
+    session = client.receive_shares(trace.config, ROUND, trace.sessions[node], trace.requests[stages.MASKED][node])
     delta = trace.deltas[node].copy()
     delta[0] = np.nan
     expect_refusal(lambda: client.mask(trace.config, ROUND, session, delta, 5), "NaN or inf")
@@ -959,30 +1056,39 @@ def test_key_and_share_stages_do_not_import_torch() -> None:
         import sys
         import numpy as np
         from fedadapt.privacy import PrivacyConfig
-        from fedadapt.secagg import client
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from fedadapt.secagg import client, identity
         from fedadapt.secagg.server import SecAggRound
 
         config = PrivacyConfig(mode="secagg+", num_shares=3, reconstruction_threshold=2)
         nodes = [11, 22, 33]
+        keys = {node: ec.generate_private_key(ec.SECP384R1()) for node in nodes}
+        roster = frozenset(identity.openssh_public(key.public_key()) for key in keys.values())
+        devices = {node: identity.Identity(5, keys[node], roster) for node in nodes}
         deltas = {node: np.full(8, node / 100) for node in nodes}
-        server = SecAggRound(config, 1, nodes, 8)
+        server = SecAggRound(config, 1, nodes, 8, run_id=5)
         sessions, replies = {}, {}
         for node, request in server.setup_requests().items():
-            step = client.setup(config, 1, node, request)
+            step = client.setup(config, 1, node, request, devices[node])
             sessions[node], replies[node] = step.session, step.reply
         requests = server.keys_received(replies, {})
         replies = {}
         for node, request in requests.items():
-            step = client.share_keys(config, 1, sessions[node], request)
+            step = client.share_keys(config, 1, sessions[node], request, devices[node])
             sessions[node], replies[node] = step.session, step.reply
         requests = server.shares_received(replies, {})
         replies = {}
         for node, request in requests.items():
-            sessions[node] = client.receive_shares(1, sessions[node], request)
+            sessions[node] = client.receive_shares(config, 1, sessions[node], request)
             step = client.mask(config, 1, sessions[node], deltas[node], 2)
             sessions[node], replies[node] = step.session, step.reply
         requests = server.masked_received(replies, {})
-        replies = {node: client.unmask(1, sessions[node], request).reply for node, request in requests.items()}
+        replies = {}
+        for node, request in requests.items():
+            step = client.consistency(1, sessions[node], request, devices[node])
+            sessions[node], replies[node] = step.session, step.reply
+        requests = server.consistency_received(replies, {})
+        replies = {node: client.unmask(config, 1, sessions[node], request).reply for node, request in requests.items()}
         result = server.unmask_received(replies, {})
         assert abs(result.mean - 0.22).max() < 1e-4, result.mean
         heavy = sorted(name for name in ("torch", "transformers", "peft") if name in sys.modules)

@@ -191,7 +191,7 @@ def _before_unmask() -> Trace:
 def _unmask_replies() -> dict[int, bytes]:
     trace = _before_unmask()
     return {
-        node: client.unmask(ROUND, trace.sessions[node], request).reply
+        node: client.unmask(trace.config, ROUND, trace.sessions[node], request).reply
         for node, request in trace.requests[stages.UNMASK].items()
     }
 
@@ -342,12 +342,17 @@ def test_fuzz_client_setup(seed: int) -> None:
     trace = _before_unmask()
     node = _client_node(trace, stages.SETUP)
     try:
-        step = client.setup(trace.config, ROUND, node, request)
+        step = client.setup(trace.config, ROUND, node, request, trace.devices[node])
     except (PayloadError, SecAggError):
         return
     neighbours = wire.unpack_ids(wire.unpack(request)[stages.NEIGHBOURS])
     assert len(neighbours) == trace.config.num_shares - 1 and node not in neighbours
-    assert set(wire.unpack(step.reply)) == {stages.ENCRYPTION_KEY, stages.MASK_KEY}
+    assert set(wire.unpack(step.reply)) == {
+        stages.ENCRYPTION_KEY,
+        stages.MASK_KEY,
+        stages.IDENTITY_KEY,
+        stages.SETUP_SIGNATURE,
+    }
 
 
 @_STAGE_FUZZ
@@ -357,7 +362,7 @@ def test_fuzz_client_receive_shares(seed: int) -> None:
     trace = _before_shares()
     node = _client_node(trace, stages.MASKED)
     try:
-        session = client.receive_shares(ROUND, trace.sessions[node], request)
+        session = client.receive_shares(trace.config, ROUND, trace.sessions[node], request)
     except (PayloadError, SecAggError):
         return
     assert wire.unpack(session)["done"] == b"secagg-shares"
@@ -370,7 +375,7 @@ def test_fuzz_client_unmask(seed: int) -> None:
     trace = _before_unmask()
     node = _client_node(trace, stages.UNMASK)
     try:
-        step = client.unmask(ROUND, trace.sessions[node], request)
+        step = client.unmask(trace.config, ROUND, trace.sessions[node], request)
     except (PayloadError, SecAggError):
         return
     fields = wire.unpack(step.reply)
@@ -385,9 +390,9 @@ def test_fuzz_client_share_keys(seed: int) -> None:
     request = _stage_payload("unmask", stages.SHARE_KEYS, seed)
     trace = _before_unmask()
     node = _client_node(trace, stages.SHARE_KEYS)
-    session = client.setup(trace.config, ROUND, node, trace.requests[stages.SETUP][node]).session
+    session = client.setup(trace.config, ROUND, node, trace.requests[stages.SETUP][node], trace.devices[node]).session
     try:
-        client.share_keys(trace.config, ROUND, session, request)
+        client.share_keys(trace.config, ROUND, session, request, trace.devices[node])
     except (PayloadError, SecAggError):
         return
 

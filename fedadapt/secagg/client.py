@@ -4,7 +4,10 @@ The session holds this round's secrets (private keys, self-mask seed, received s
 framed blob that the ClientApp keeps in ``context.state`` between messages (in deployment every
 message runs in a fresh process). Nothing here imports torch or loads a model: the stages that
 only move keys, shares and masks stay light. The client checks what the server asks for against
-its own configuration and its own view of the round, and refuses inconsistent requests.
+its own configuration and its own view of the round, and refuses inconsistent requests: the
+server may be malicious. Neighbours prove who they are with device identity keys from the client's
+roster (``identity``), and the consistency stage makes every survivor commit, by signature, to one
+survivor set before any share of a secret leaves a client (see docs/privacy.md for the argument).
 
 Building blocks are Flower's (``flwr.common.secure_aggregation``): P-384 ECDH key agreement with
 HKDF-SHA256, Fernet (AES-128-CBC + HMAC-SHA256) for the shares, Shamir secret sharing.
@@ -17,6 +20,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.fernet import InvalidToken
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
@@ -35,10 +39,13 @@ from flwr.supercore.primitives.asymmetric import (
 
 from fedadapt.errors import PayloadError, SecAggError
 from fedadapt.privacy import PrivacyConfig
-from fedadapt.secagg import masking, stages, wire
+from fedadapt.secagg import identity, masking, stages, wire
+from fedadapt.secagg.identity import Identity
 
 # Session fields
-_ROUND, _NODE, _DONE = "round", "node", "done"
+_ROUND, _NODE, _DONE, _RUN = "round", "node", "done", "run"
+_ID_PK = "id-pk/"  # + neighbour id (own id included): the identity key that node presented in setup
+_SIGNED = "signed"  # the survivor set this client signed (one per round)
 _NEIGHBOURS, _HOLDERS, _MASKERS = "neighbours", "holders", "maskers"
 _C_SK, _S_SK, _SEED = "c-sk", "s-sk", "seed"
 _C_PK, _S_PK = "c-pk/", "s-pk/"  # + neighbour id
@@ -54,8 +61,9 @@ class Step:
     reply: bytes
 
 
-def setup(config: PrivacyConfig, server_round: int, node_id: int, request: bytes) -> Step:
-    """Stage 1: check the neighbour list, make this round's two key pairs, return their public halves."""
+def setup(config: PrivacyConfig, server_round: int, node_id: int, request: bytes, device: Identity) -> Step:
+    """Stage 1: check the neighbour list, make this round's two key pairs, return their public halves, signed."""
+    round_bytes, node_bytes = _int_bytes(server_round, "round"), _int_bytes(node_id, "node id")
     fields = wire.unpack(request, "setup request")
     wire.require(fields, [stages.NEIGHBOURS], "setup request")
     neighbours = wire.unpack_ids(fields[stages.NEIGHBOURS], "neighbour list")
@@ -68,32 +76,48 @@ def setup(config: PrivacyConfig, server_round: int, node_id: int, request: bytes
         )
     c_sk, c_pk = generate_key_pairs()
     s_sk, s_pk = generate_key_pairs()
+    own_identity = device.public_key
     session = {
-        _ROUND: _int_bytes(server_round),
-        _NODE: _int_bytes(node_id),
+        _ROUND: round_bytes,
+        _NODE: node_bytes,
+        _RUN: _int_bytes(device.run_id, "run id"),
         _DONE: stages.SETUP.encode(),
         _NEIGHBOURS: wire.pack_ids(neighbours),
         _C_SK: private_key_to_bytes(c_sk),
         _S_SK: private_key_to_bytes(s_sk),
+        _ID_PK + str(node_id): own_identity,
     }
-    reply = {stages.ENCRYPTION_KEY: public_key_to_bytes(c_pk), stages.MASK_KEY: public_key_to_bytes(s_pk)}
+    c_raw, s_raw = public_key_to_bytes(c_pk), public_key_to_bytes(s_pk)
+    signed = identity.setup_message(device.run_id, server_round, node_id, c_raw, s_raw)
+    reply = {
+        stages.ENCRYPTION_KEY: c_raw,
+        stages.MASK_KEY: s_raw,
+        stages.IDENTITY_KEY: own_identity,
+        stages.SETUP_SIGNATURE: identity.sign(device.private_key, signed),
+    }
     return Step(wire.pack(session), wire.pack(reply))
 
 
-def share_keys(config: PrivacyConfig, server_round: int, saved: bytes, request: bytes) -> Step:
-    """Stage 2: Shamir-share the self-mask seed and the mask key among itself and the neighbours that answered."""
+_KEY_FIELDS = (stages.ENCRYPTION_KEY, stages.MASK_KEY, stages.IDENTITY_KEY, stages.SETUP_SIGNATURE)
+
+
+def share_keys(config: PrivacyConfig, server_round: int, saved: bytes, request: bytes, device: Identity) -> Step:
+    """Stage 2: check each neighbour's identity and signed keys, then Shamir-share the self-mask seed and
+    the mask key among itself and those neighbours."""
     session = _load(saved, server_round, after=stages.SETUP)
     node = _int(session[_NODE])
     neighbours = set(wire.unpack_ids(session[_NEIGHBOURS]))
     fields = wire.unpack(request, "share-keys request")
     keys: dict[int, tuple[bytes, bytes]] = {}
+    identities = {session[_ID_PK + str(node)]: node}
     for other in sorted(neighbours):
-        pair = fields.get(f"{stages.ENCRYPTION_KEY}/{other}"), fields.get(f"{stages.MASK_KEY}/{other}")
-        if None not in pair:
-            keys[other] = pair  # type: ignore[assignment]
-        elif pair != (None, None):
-            raise SecAggError(f"the share-keys request has only one of the two public keys of neighbour {other}")
-    expected = {f"{prefix}/{other}" for other in keys for prefix in (stages.ENCRYPTION_KEY, stages.MASK_KEY)}
+        found = tuple(fields.get(f"{prefix}/{other}") for prefix in _KEY_FIELDS)
+        if None not in found:
+            keys[other] = found[:2]  # type: ignore[assignment]
+            session[_ID_PK + str(other)] = _check_identity(device, server_round, other, found, identities)  # type: ignore[arg-type]
+        elif found != (None,) * len(_KEY_FIELDS):
+            raise SecAggError(f"the share-keys request has only some of the signed public keys of neighbour {other}")
+    expected = {f"{prefix}/{other}" for other in keys for prefix in _KEY_FIELDS}
     if set(fields) != expected:
         raise SecAggError(
             f"the share-keys request holds fields that are not keys of neighbours: {sorted(set(fields) - expected)[:3]}"
@@ -122,8 +146,12 @@ def share_keys(config: PrivacyConfig, server_round: int, saved: bytes, request: 
     return Step(wire.pack(session), wire.pack(reply))
 
 
-def receive_shares(server_round: int, saved: bytes, request: bytes) -> bytes:
-    """Stage 3, before training: decrypt and check the shares forwarded from the neighbours; the new session."""
+def receive_shares(config: PrivacyConfig, server_round: int, saved: bytes, request: bytes) -> bytes:
+    """Stage 3, before training: decrypt and check the shares forwarded from the neighbours; the new session.
+
+    Refuses when fewer than ``reconstruction_threshold − 1`` neighbours' shares arrived: masked with
+    so few pairwise masks, the input would be exposed by the self-mask seed alone.
+    """
     session = _load(saved, server_round, after=stages.SHARE_KEYS)
     node = _int(session[_NODE])
     fields = wire.unpack(request, "forwarded shares")
@@ -136,13 +164,19 @@ def receive_shares(server_round: int, saved: bytes, request: bytes) -> bytes:
         c_pk = bytes_to_public_key(session[_C_PK + str(other)])
         try:
             plaintext = decrypt(generate_shared_key(c_sk, c_pk), ciphertext)
-        except (InvalidToken, ValueError, TypeError):
+            source, destination, seed_share, key_share = share_keys_plaintext_separate(plaintext)
+        except (InvalidToken, ValueError, TypeError, IndexError):
             raise SecAggError(f"the share from node {other} does not decrypt: it was altered on the way") from None
-        source, destination, seed_share, key_share = share_keys_plaintext_separate(plaintext)
         if (source, destination) != (other, node):
             raise SecAggError(f"the share forwarded as from node {other} was sent from {source} to {destination}")
         session[_B_SHARE + str(other)], session[_SK_SHARE + str(other)] = seed_share, key_share
         maskers.append(other)
+    if len(maskers) < config.reconstruction_threshold - 1:
+        raise SecAggError(
+            f"only {len(maskers)} neighbours' shares reached this client, reconstruction-threshold "
+            f"{config.reconstruction_threshold} calls for at least {config.reconstruction_threshold - 1}: the server "
+            "may be withholding them to strip this client's pairwise masks, so it sends no masked input"
+        )
     session |= {_MASKERS: wire.pack_ids(sorted(maskers)), _DONE: _SHARES_RECEIVED.encode()}
     return wire.pack(session)
 
@@ -165,9 +199,31 @@ def mask(config: PrivacyConfig, server_round: int, saved: bytes, delta: np.ndarr
     return Step(wire.pack(session), wire.pack({stages.MASKED_VECTOR: vector.tobytes()}))
 
 
-def unmask(server_round: int, saved: bytes, request: bytes) -> Step:
-    """Stage 4: shares of the survivors' seeds and of the dropouts' mask keys, never both for one node."""
+def consistency(server_round: int, saved: bytes, request: bytes, device: Identity) -> Step:
+    """Stage 4: sign the round's survivor set with the identity key; a client signs one set per round."""
     session = _load(saved, server_round, after=stages.MASKED)
+    node = _int(session[_NODE])
+    fields = wire.unpack(request, "consistency request")
+    wire.require(fields, [stages.SURVIVORS], "consistency request")
+    if set(fields) != {stages.SURVIVORS}:
+        raise SecAggError("the consistency request holds fields other than the survivor set")
+    survivors = sorted(wire.unpack_ids(fields[stages.SURVIVORS], "survivor set"))
+    if node not in survivors:
+        raise SecAggError("the server's survivor set leaves out this client although it sent its masked vector")
+    if _int(session[_RUN]) != device.run_id:
+        raise SecAggError("the consistency request belongs to another run than this client's session")
+    signature = identity.sign(device.private_key, identity.survivors_message(device.run_id, server_round, survivors))
+    session |= {_SIGNED: wire.pack_ids(survivors), _DONE: stages.CONSISTENCY.encode()}
+    return Step(wire.pack(session), wire.pack({stages.SURVIVOR_SIGNATURE: signature}))
+
+
+def unmask(config: PrivacyConfig, server_round: int, saved: bytes, request: bytes) -> Step:
+    """Stage 5: shares of the survivors' seeds and of the dropouts' mask keys, never both for one node.
+
+    Answers only when the lists match the survivor set this client signed, every surviving neighbour
+    signed that same set, and at least ``reconstruction_threshold`` of its neighbourhood survived.
+    """
+    session = _load(saved, server_round, after=stages.CONSISTENCY)
     node = _int(session[_NODE])
     fields = wire.unpack(request, "unmask request")
     wire.require(fields, [stages.SURVIVORS, stages.DROPPED], "unmask request")
@@ -182,6 +238,7 @@ def unmask(server_round: int, saved: bytes, request: bytes) -> Step:
         raise SecAggError(
             "the server's survivors and dropouts do not cover exactly the neighbours that shared with this client"
         )
+    _check_consistent(config, session, server_round, node, known, survivors, fields)
     reply = {stages.SEED_SHARE + str(n): session[_B_SHARE + str(n)] for n in sorted(survivors)}
     reply |= {stages.KEY_SHARE + str(n): session[_SK_SHARE + str(n)] for n in sorted(dropped)}
     # The round is over for this client: keep nothing but the fact that it answered.
@@ -213,18 +270,80 @@ def _load(saved: bytes | None, server_round: int, after: str) -> dict[str, bytes
     return session
 
 
+def _check_identity(
+    device: Identity, server_round: int, other: int, found: tuple[bytes, bytes, bytes, bytes], seen: dict[bytes, int]
+) -> bytes:
+    """The canonical identity key of neighbour ``other``, after checking roster, uniqueness and signature."""
+    c_raw, s_raw, id_raw, signature = found
+    try:
+        key = identity.normalize_public(id_raw)
+    except SecAggError as err:
+        raise SecAggError(f"neighbour {other}: {err}") from None
+    if key not in device.roster:
+        raise SecAggError(
+            f"neighbour {other} presents an identity key that is not in this device's roster: refusing a "
+            "neighbour the server may have made up"
+        )
+    if key in seen:
+        raise SecAggError(f"neighbour {other} presents the identity key of node {seen[key]}: one device, two nodes")
+    seen[key] = other
+    if not identity.verify(key, signature, identity.setup_message(device.run_id, server_round, other, c_raw, s_raw)):
+        raise SecAggError(f"the public keys of neighbour {other} do not carry a valid signature by its identity key")
+    return key
+
+
+def _check_consistent(
+    config: PrivacyConfig,
+    session: dict[str, bytes],
+    server_round: int,
+    node: int,
+    known: set[int],
+    survivors: set[int],
+    fields: dict[str, bytes],
+) -> None:
+    """SecAggError unless the unmask request agrees with the survivor set this client signed (Bell et al.)."""
+    signed = set(wire.unpack_ids(session[_SIGNED]))
+    if survivors != known & signed:
+        raise SecAggError(
+            "the unmask request's survivors differ from the survivor set this client signed: the server tells "
+            "clients different stories, so no share leaves this client"
+        )
+    if len(survivors) < config.reconstruction_threshold:
+        raise SecAggError(
+            f"only {len(survivors)} members of this client's neighbourhood survived, reconstruction-threshold is "
+            f"{config.reconstruction_threshold}: answering could hand the server both secrets of a neighbour"
+        )
+    expected = {stages.SURVIVORS, stages.DROPPED} | {_signature_name(n) for n in survivors - {node}}
+    if set(fields) != expected:
+        missing, unexpected = sorted(expected - set(fields))[:3], [f[:40] for f in sorted(set(fields) - expected)[:3]]
+        raise SecAggError(
+            "the unmask request does not carry exactly one survivor-set signature per surviving neighbour "
+            f"(missing {missing}, unexpected {unexpected}): no share leaves this client"
+        )
+    message = identity.survivors_message(_int(session[_RUN]), server_round, signed)
+    for other in sorted(survivors - {node}):
+        if not identity.verify(session[_ID_PK + str(other)], fields[_signature_name(other)], message):
+            raise SecAggError(f"neighbour {other} did not sign the survivor set this client signed: no share leaves")
+
+
+def _signature_name(node: int) -> str:
+    return f"{stages.SURVIVOR_SIGNATURE}/{node}"
+
+
 def _public_key(raw: bytes, node: int) -> ec.EllipticCurvePublicKey:
     try:
         key = bytes_to_public_key(raw)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise SecAggError(f"the public key of node {node} is not a PEM public key") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
         raise SecAggError(f"the public key of node {node} is not a P-384 key")
     return key
 
 
-def _int_bytes(value: int) -> bytes:
-    return int(value).to_bytes(8, "little")
+def _int_bytes(value: int, what: str = "value") -> bytes:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise SecAggError(f"the {what} must be an integer in [0, 2**64), got {value!r}")
+    return value.to_bytes(8, "little")
 
 
 def _int(raw: bytes) -> int:

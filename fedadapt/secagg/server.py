@@ -12,6 +12,12 @@ still has pairwise masks in its neighbours' vectors: its mask key is rebuilt fro
 shares. A node that sent its masked vector and was lost afterwards stays in the sum: its self-mask
 seed is rebuilt the same way. Either needs ``reconstruction_threshold`` of the node's share holders
 to answer the last stage; otherwise the round fails with SecAggError rather than a wrong sum.
+
+Hostile replies: any bytes a client sends end as that client's drop with a reason (or, when too
+few clients are left, as the round's SecAggError); nothing else escapes a stage method. The server
+checks the setup signatures (so one client with a bad signature cannot make its neighbours refuse)
+and the decoded sum: a mean outside ±(clipping range + one quantization step), or more examples
+than ``max_examples_per_client`` per contributor, fails the round.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fedadapt.errors import ConfigError, PayloadError, SecAggError
 from fedadapt.privacy import PrivacyConfig
-from fedadapt.secagg import masking, stages, wire
+from fedadapt.secagg import identity, masking, stages, wire
 from fedadapt.secagg.client import pair_seed
 
 logger = logging.getLogger(__name__)
@@ -54,9 +61,17 @@ class SecAggRound:
     nodes: list[int]
     vector_length: int  # values of the delta, before the two totals
     seed: int = 0
+    run_id: int = 0  # bound into every signature of the round
+    max_examples_per_client: int | None = None  # the decoded total may not exceed contributors × this
     dropped: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        named = [("round", self.server_round), ("run id", self.run_id), *(("node id", n) for n in self.nodes)]
+        for name, value in named:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+                raise SecAggError(f"a secure round's {name} must be an integer in [0, 2**64), got {value!r}")
+        if len(set(self.nodes)) != len(self.nodes):
+            raise SecAggError("a secure round's sampled nodes must be distinct")
         if len(self.nodes) < 2:
             raise SecAggError("secure aggregation needs at least 2 clients: one client's sum is its delta")
         try:
@@ -65,6 +80,8 @@ class SecAggRound:
             raise SecAggError(f"round {self.server_round} has {len(self.nodes)} clients: {err}") from None
         self.neighbours = stages.neighbour_graph(sorted(self.nodes), self.config.num_shares, self.seed)
         self._keys: dict[int, tuple[bytes, bytes]] = {}  # node → (encryption key, mask key)
+        self._identity: dict[int, tuple[bytes, bytes]] = {}  # node → (identity key, its setup signature)
+        self._signatures: dict[int, bytes] = {}  # node → its signature over the survivor set
         self._shared: dict[int, dict[int, bytes]] = {}  # sender → {receiver: encrypted share}
         self._maskers: dict[int, list[int]] = {}  # node → neighbours whose masks it added
         self._sum = np.zeros(self.vector_length + masking.EXTRA_ENTRIES, dtype=masking.field_dtype(self.config))
@@ -79,16 +96,21 @@ class SecAggRound:
     def keys_received(self, replies: Mapping[int, bytes], failed: Mapping[int, str]) -> dict[int, bytes]:
         """Stage 1 replies in; stage 2 requests (the answering neighbours' public keys) out."""
         self._drop(failed, stages.SETUP)
-        for node, blob in replies.items():
+        owners: dict[bytes, int] = {}
+        for node, blob in self._asked(replies, self.nodes, stages.SETUP).items():
             try:
                 fields = wire.unpack(blob, "public keys")
-                wire.require(fields, [stages.ENCRYPTION_KEY, stages.MASK_KEY], "public keys")
+                names = [stages.ENCRYPTION_KEY, stages.MASK_KEY, stages.IDENTITY_KEY, stages.SETUP_SIGNATURE]
+                wire.require(fields, names, "public keys")
                 for name in (stages.ENCRYPTION_KEY, stages.MASK_KEY):
                     _check_p384(fields[name])  # refuse a bad key here, or every neighbour would abort on it
-            except (PayloadError, ValueError, TypeError) as err:
+                key = self._check_setup_signature(node, fields, owners)
+            except (PayloadError, SecAggError, ValueError, TypeError) as err:
                 self._drop({node: f"bad public keys: {err}"}, stages.SETUP)
                 continue
+            owners[key] = node
             self._keys[node] = (fields[stages.ENCRYPTION_KEY], fields[stages.MASK_KEY])
+            self._identity[node] = (key, fields[stages.SETUP_SIGNATURE])
         self._check_enough(self._keys, stages.SETUP)
         requests = {}
         for node in self._keys:
@@ -97,13 +119,15 @@ class SecAggRound:
                 if other in self._keys:
                     fields[f"{stages.ENCRYPTION_KEY}/{other}"] = self._keys[other][0]
                     fields[f"{stages.MASK_KEY}/{other}"] = self._keys[other][1]
+                    fields[f"{stages.IDENTITY_KEY}/{other}"] = self._identity[other][0]
+                    fields[f"{stages.SETUP_SIGNATURE}/{other}"] = self._identity[other][1]
             requests[node] = wire.pack(fields)
         return requests
 
     def shares_received(self, replies: Mapping[int, bytes], failed: Mapping[int, str]) -> dict[int, bytes]:
         """Stage 2 replies in; stage 3 requests (the encrypted shares addressed to each node) out."""
         self._drop(failed, stages.SHARE_KEYS)
-        for node, blob in replies.items():
+        for node, blob in self._asked(replies, self._keys, stages.SHARE_KEYS).items():
             expected = {stages.share_name(o) for o in self.neighbours[node] if o in self._keys}
             try:
                 fields = wire.unpack(blob, "encrypted shares")
@@ -123,13 +147,16 @@ class SecAggRound:
         return requests
 
     def masked_received(self, replies: Mapping[int, bytes], failed: Mapping[int, str]) -> dict[int, bytes]:
-        """Stage 3 replies in (each added to the running sum, then dropped); stage 4 requests out."""
+        """Stage 3 replies in (each added to the running sum, then dropped); consistency requests out."""
         self._drop(failed, stages.MASKED)
         dtype = masking.field_dtype(self.config)
         size = self._sum.size * dtype.itemsize
         for node, blob in replies.items():
             if node not in self._maskers:
-                self._drop({node: "a masked vector from a node that shared no keys this round"}, stages.MASKED)
+                if node in self.nodes:
+                    self._drop({node: "a masked vector from a node that shared no keys this round"}, stages.MASKED)
+                else:
+                    logger.info("secagg round %d: ignored a reply from node %r, not asked", self.server_round, node)
                 continue
             try:
                 fields = wire.unpack(blob, "masked vector")
@@ -146,26 +173,50 @@ class SecAggRound:
                 f"only {len(self._masked)} masked vectors arrived in round {self.server_round}: a sum of fewer "
                 "than 2 would reveal a client's delta, so the round fails"
             )
+        request = wire.pack({stages.SURVIVORS: wire.pack_ids(sorted(self._masked))})
+        return {node: request for node in self._masked}
+
+    def consistency_received(self, replies: Mapping[int, bytes], failed: Mapping[int, str]) -> dict[int, bytes]:
+        """Stage 4 replies in (signatures over the survivor set, checked); unmask requests out.
+
+        The survivor set stays the set the clients signed: a client lost here is still in the sum, but
+        its neighbours get no signature of it and refuse to unmask (a rare loss: this stage does no work).
+        """
+        message = identity.survivors_message(self.run_id, self.server_round, self._masked)
+        # Recorded with a reason; such a node's vector stays in the sum, but its neighbours will refuse.
+        self._drop(failed, stages.CONSISTENCY)
+        for node, blob in self._asked(replies, self._masked, stages.CONSISTENCY).items():
+            try:
+                fields = wire.unpack(blob, "survivor-set signature")
+                wire.require(fields, [stages.SURVIVOR_SIGNATURE], "survivor-set signature")
+                if not identity.verify(self._identity[node][0], fields[stages.SURVIVOR_SIGNATURE], message):
+                    raise PayloadError("it is not a valid signature of the survivor set by the node's identity key")
+            except PayloadError as err:
+                self._drop({node: f"bad survivor-set signature: {err}"}, stages.CONSISTENCY)
+                continue
+            self._signatures[node] = fields[stages.SURVIVOR_SIGNATURE]
         masked = set(self._masked)
         requests = {}
-        for node in self._masked:
+        for node in self._signatures:
             holders = [node, *self._maskers[node]]
-            requests[node] = wire.pack(
-                {
-                    stages.SURVIVORS: wire.pack_ids(sorted(n for n in holders if n in masked)),
-                    stages.DROPPED: wire.pack_ids(sorted(n for n in holders if n not in masked)),
-                }
-            )
+            fields = {
+                stages.SURVIVORS: wire.pack_ids(sorted(n for n in holders if n in masked)),
+                stages.DROPPED: wire.pack_ids(sorted(n for n in holders if n not in masked)),
+            }
+            for other in holders:
+                if other != node and other in self._signatures:
+                    fields[f"{stages.SURVIVOR_SIGNATURE}/{other}"] = self._signatures[other]
+            requests[node] = wire.pack(fields)
         return requests
 
     def unmask_received(self, replies: Mapping[int, bytes], failed: Mapping[int, str]) -> SecAggResult:
-        """Stage 4 replies in: rebuild the seeds and keys, strip the masks off the sum and decode it."""
+        """Stage 5 replies in: rebuild the seeds and keys, strip the masks off the sum and decode it."""
         unmask_failed = dict(failed)
         seed_shares: dict[int, list[bytes]] = {}
         key_shares: dict[int, list[bytes]] = {}
         masked = set(self._masked)
         answered = []
-        for node, blob in replies.items():
+        for node, blob in self._asked(replies, self._signatures, stages.UNMASK).items():
             try:
                 seeds, keys = self._unmask_shares(node, blob, masked)
             except PayloadError as err:
@@ -196,6 +247,7 @@ class SecAggRound:
                     else:
                         total += pair
         decoded = masking.decode_sum(total, self.config)
+        self._check_decoded(decoded)
         recovered = sorted(n for n in self._masked if n not in answered)
         return SecAggResult(
             mean=decoded.mean,
@@ -207,6 +259,44 @@ class SecAggRound:
         )
 
     # --- helpers --------------------------------------------------------------------------------------------
+
+    def _asked(self, replies: Mapping[int, bytes], asked: object, stage: str) -> dict[int, bytes]:
+        """The replies of nodes this stage asked (``asked`` supports ``in``); others are logged and ignored."""
+        kept = {}
+        for node, blob in replies.items():
+            if node in asked:  # type: ignore[operator]
+                kept[node] = blob
+            else:
+                logger.info("secagg round %d: ignored a %s reply from node %r", self.server_round, stage, node)
+        return kept
+
+    def _check_setup_signature(self, node: int, fields: Mapping[str, bytes], owners: Mapping[bytes, int]) -> bytes:
+        """The node's canonical identity key; SecAggError if its keys are not signed by it or it is taken."""
+        key = identity.normalize_public(fields[stages.IDENTITY_KEY])
+        if key in owners:
+            raise SecAggError(f"its identity key is already node {owners[key]}'s")
+        signed = identity.setup_message(
+            self.run_id, self.server_round, node, fields[stages.ENCRYPTION_KEY], fields[stages.MASK_KEY]
+        )
+        if not identity.verify(key, fields[stages.SETUP_SIGNATURE], signed):
+            raise SecAggError("its public keys do not carry a valid signature by its identity key")
+        return key
+
+    def _check_decoded(self, decoded: masking.DecodedSum) -> None:
+        """SecAggError when the decoded sum cannot come from honest clients (a client encoded out of range)."""
+        limit = self.config.clipping_range + self.config.quantization_step
+        worst = float(np.max(np.abs(decoded.mean))) if decoded.mean.size else 0.0
+        if not np.isfinite(worst) or worst > limit * (1 + 1e-9):
+            raise SecAggError(
+                f"round {self.server_round}: the decoded mean reaches {worst:.6g}, outside ±{limit:.6g} "
+                "(clipping-range plus one quantization step): a client encoded values out of range, so the round fails"
+            )
+        cap = self.max_examples_per_client
+        if cap is not None and decoded.total_examples > len(self._masked) * cap:
+            raise SecAggError(
+                f"round {self.server_round}: the decoded example total {decoded.total_examples} exceeds "
+                f"{len(self._masked)} contributors × max-examples-per-client {cap}: a client over-claimed its weight"
+            )
 
     def _unmask_shares(self, node: int, blob: bytes, masked: set[int]) -> tuple[dict[int, bytes], dict[int, bytes]]:
         """The seed shares and key shares in one unmask reply; PayloadError if any field was not asked for."""
@@ -270,6 +360,9 @@ class SecAggRound:
 
 def _check_p384(raw: bytes) -> None:
     """ValueError unless ``raw`` is a PEM P-384 public key (the curve every client agrees keys on)."""
-    key = bytes_to_public_key(raw)
+    try:
+        key = bytes_to_public_key(raw)
+    except UnsupportedAlgorithm as err:  # a curve this build of OpenSSL does not support: that client's fault
+        raise ValueError(f"the public key uses an unsupported algorithm ({err})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
         raise ValueError("the public key is not a P-384 key")

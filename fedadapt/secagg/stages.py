@@ -1,17 +1,23 @@
-"""The four stages of a SecAgg+ round, and the neighbour graph both sides agree on.
+"""The five stages of a SecAgg+ round, and the neighbour graph both sides agree on.
 
 1. ``setup`` — the server names each sampled client's neighbours; each client answers with two
-   fresh P-384 public keys (one to encrypt shares, one to agree pairwise mask seeds).
-2. ``share-keys`` — the server forwards the neighbours' public keys; each client draws a self-mask
+   fresh P-384 public keys (one to encrypt shares, one to agree pairwise mask seeds), signed with
+   its device identity key (``identity``), and that identity's public key.
+2. ``share-keys`` — the server forwards the neighbours' public keys and signatures; each client
+   checks every neighbour's identity against its roster and signature, draws a self-mask
    seed, Shamir-shares it and its mask private key among itself and those neighbours, and returns
    one share pair per neighbour, encrypted for that neighbour.
 3. ``masked`` — the server forwards the encrypted shares with the global adapter; each client
    trains, encodes its example-weighted delta in the field and adds its self-mask and one pairwise
    mask per neighbour that shared (+ towards higher node ids, − towards lower): pairwise masks cancel
-   in the sum.
-4. ``unmask`` — the server names which neighbours sent a masked vector and which dropped; each
-   client returns its share of every survivor's self-mask seed and of every dropout's mask key,
-   never both for one client. The server rebuilds them, removes the masks and decodes the sum.
+   in the sum. A client that received fewer than ``reconstruction_threshold − 1`` shares refuses.
+4. ``consistency`` — the server sends every client whose masked vector arrived the round's survivor
+   set; each client signs it with its identity key (once per round) and returns the signature.
+5. ``unmask`` — the server names which neighbours survived and which dropped and forwards the
+   survivors' signatures; each client checks that the lists match the set it signed, that every
+   surviving neighbour signed that same set, and that enough of its neighbourhood survived, then
+   returns its share of every survivor's self-mask seed and of every dropout's mask key, never both
+   for one client. The server rebuilds them, removes the masks and decodes the sum.
 """
 
 from __future__ import annotations
@@ -19,17 +25,21 @@ from __future__ import annotations
 import random
 from typing import Literal
 
-Stage = Literal["secagg-setup", "secagg-share-keys", "secagg-masked", "secagg-unmask"]
+Stage = Literal["secagg-setup", "secagg-share-keys", "secagg-masked", "secagg-consistency", "secagg-unmask"]
 SETUP: Stage = "secagg-setup"
 SHARE_KEYS: Stage = "secagg-share-keys"
 MASKED: Stage = "secagg-masked"
+CONSISTENCY: Stage = "secagg-consistency"
 UNMASK: Stage = "secagg-unmask"
-STAGES: tuple[Stage, ...] = (SETUP, SHARE_KEYS, MASKED, UNMASK)
+STAGES: tuple[Stage, ...] = (SETUP, SHARE_KEYS, MASKED, CONSISTENCY, UNMASK)
 
 # Field names inside stage payloads
 NEIGHBOURS = "neighbours"
 ENCRYPTION_KEY = "c-pk"  # public key that encrypts shares sent to this client
 MASK_KEY = "s-pk"  # public key that agrees pairwise mask seeds
+IDENTITY_KEY = "id-pk"  # the client's device identity (OpenSSH public key line)
+SETUP_SIGNATURE = "id-sig"  # its identity's signature over its two fresh public keys
+SURVIVOR_SIGNATURE = "sig"  # a client's signature over the survivor set; "sig/" + node id when forwarded
 SHARE = "share/"  # + node id: an encrypted share pair (from or to that node)
 MASKED_VECTOR = "masked"
 SURVIVORS = "survivors"

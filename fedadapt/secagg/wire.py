@@ -87,8 +87,12 @@ def require(fields: Mapping[str, bytes], names: Iterable[str], what: str = "payl
 
 
 def pack_ids(ids: Iterable[int]) -> bytes:
-    """Node ids as little-endian uint64."""
-    return np.asarray(list(ids), dtype="<u8").tobytes()
+    """Node ids as little-endian uint64; PayloadError for an id outside [0, 2**64)."""
+    values = list(ids)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value < 2**64:
+            raise PayloadError(f"a node id must be an integer in [0, 2**64), got {value!r}")
+    return np.asarray(values, dtype="<u8").tobytes()
 
 
 def unpack_ids(data: bytes, what: str = "node id list") -> list[int]:
