@@ -39,7 +39,13 @@ if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed; Flower impo
 
 from clients.client_app import app as client_app  # noqa: E402
 from fedadapt.checkpoint_key import read_checkpoint_key  # noqa: E402
-from server.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, load_latest_checkpoint  # noqa: E402
+from server.checkpoint import (  # noqa: E402
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_checkpoint,
+    load_run_checkpoint,
+)
 from server.server_app import app as server_app  # noqa: E402
 
 PLAIN = "train"  # the grid's stage name for a plain round's message
@@ -502,9 +508,9 @@ def test_secagg_rounds_match_plain_rounds_within_the_quantization_bound(
         assert all(not {"train-steps", "train-seconds", "test-examples"} & set(c) for c in record["client_results"])
         assert all("accuracy" in c and "train-loss" in c for c in record["client_results"])
     # The ring and sample come from a fresh run secret kept for resume; plain runs have none.
-    secret = load_latest_checkpoint(secagg_run.out).run_secret  # type: ignore[union-attr]
+    secret = load_run_checkpoint(secagg_run.out).run_secret  # type: ignore[union-attr]
     assert isinstance(secret, bytes) and len(secret) == 32
-    assert load_latest_checkpoint(plain_run.out).run_secret is None  # type: ignore[union-attr]
+    assert load_run_checkpoint(plain_run.out).run_secret is None  # type: ignore[union-attr]
     # Each round's mean is off by at most one quantization step per value; errors add up over rounds.
     bound = privacy.quantization_step  # 2 * clipping_range / quantization_range, times server_lr = 1
     round_1 = _max_difference(_state(secagg_run.out, 1), _state(plain_run.out, 1))
@@ -690,14 +696,16 @@ def test_the_run_secret_survives_a_checkpoint_and_seeds_each_round_and_purpose_a
     secret = os.urandom(32)
     state = {"w": torch.zeros(2)}
     checkpoint = Checkpoint(1, "schema", state, OptimizerState({}, {}), [3, [1, 2], None], [], run_secret=secret)
-    path = save_checkpoint(tmp_path, checkpoint)
-    assert load_checkpoint(path).run_secret == secret
-    assert secret.hex() not in repr(load_checkpoint(path))
-    plain = save_checkpoint(tmp_path / "plain", Checkpoint(1, "schema", state, OptimizerState({}, {}), [3, [1], None]))
-    assert load_checkpoint(plain).run_secret is None
+    key = os.urandom(32)
+    path = save_checkpoint(tmp_path, checkpoint, key)
+    assert load_checkpoint(path, key).run_secret == secret
+    assert secret.hex() not in repr(load_checkpoint(path, key))
+    plain_checkpoint = Checkpoint(1, "schema", state, OptimizerState({}, {}), [3, [1], None])
+    plain = save_checkpoint(tmp_path / "plain", plain_checkpoint, key)
+    assert load_checkpoint(plain, key).run_secret is None
     short = Checkpoint(2, "schema", state, OptimizerState({}, {}), [3, [1], None], run_secret=b"short")
     with pytest.raises(StateError, match="run_secret must be 32 bytes"):
-        load_checkpoint(save_checkpoint(tmp_path / "short", short))
+        load_checkpoint(save_checkpoint(tmp_path / "short", short, key), key)
 
     def seed(key: bytes, server_round: int, purpose: str) -> int:
         return Federation._secret_seed(SimpleNamespace(run_secret=key), server_round, purpose)  # type: ignore[arg-type]
@@ -713,7 +721,8 @@ def test_simulation_runner_makes_one_identity_per_device_and_the_roster(tmp_path
     from fedadapt.secagg.identity import load_identity
     from simulations.runner import device_root
 
-    plan = SimpleNamespace(out_dir=tmp_path / "run", scenario=SimpleNamespace(num_clients=3))
+    secure = SimpleNamespace(secure_aggregation=True)
+    plan = SimpleNamespace(out_dir=tmp_path / "run", scenario=SimpleNamespace(num_clients=3, privacy=secure))
     root = device_root(plan)  # type: ignore[arg-type]
     assert root == tmp_path / "run" / "clients"
     keys = [root / f"device-{i}" / "identity.key" for i in range(3)]
@@ -724,23 +733,25 @@ def test_simulation_runner_makes_one_identity_per_device_and_the_roster(tmp_path
     assert len(identities[0].roster) == 3
     assert device_root(plan) == root and (root / "roster.pub").read_bytes() == roster  # reused on resume
     assert b"PRIVATE" not in roster
+    plain = SimpleNamespace(secure_aggregation=False)
+    other = SimpleNamespace(out_dir=tmp_path / "plain", scenario=SimpleNamespace(num_clients=3, privacy=plain))
+    assert device_root(other) == tmp_path / "plain" / "clients"  # type: ignore[arg-type]
+    assert not (tmp_path / "plain").exists()  # no identities where no secagg+ needs them
 
 
 def test_a_device_finds_its_identity_in_node_config_or_the_device_root(tmp_path: Path, device_root: Path) -> None:
-    from types import SimpleNamespace
 
     from clients.client_app import _device
     from clients.secure import Device, device_identity
 
-    run = SimpleNamespace(state_dir=tmp_path / "state")
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
-    device = _device(run, context)  # type: ignore[arg-type]
+    device = _device(context)
     assert device.identity_key == device_root / "device-2" / "identity.key"
     assert device.roster == device_root / "roster.pub"
     assert device_identity(device, context).public_key in device_identity(device, context).roster
     configured = {"partition-id": 2, "identity-key": "/abs/id.key", "roster": "/abs/roster.pub"}
     context = Context(run_id=1, node_id=7, node_config=configured, state=RecordDict(), run_config={})
-    device = _device(run, context)  # type: ignore[arg-type]
+    device = _device(context)
     assert (device.identity_key, device.roster) == (Path("/abs/id.key"), Path("/abs/roster.pub"))
     with pytest.raises(ConfigError, match="identity-key .* roster .* FEDADAPT_DEVICE_ROOT"):
         device_identity(Device(2, tmp_path), context)
@@ -779,7 +790,7 @@ def test_secagg_plus_in_a_real_flower_simulation_survives_a_crash_and_leaks_no_k
             assert f"client {crash_client} crashed in round {crash_round}" in dropped["reason"]
         else:
             assert record["dropped"] == []
-    devices = out / "devices"
+    devices = out / "clients"
     assert len((devices / "roster.pub").read_text().splitlines()) == 3
     private_pem = (out / "keys" / "server.key").read_text()
     private_pem += "".join((devices / f"device-{i}" / "identity.key").read_text() for i in range(3))
