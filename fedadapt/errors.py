@@ -66,3 +66,11 @@ class PayloadError(FedAdaptError, ValueError):
 class SecAggError(FedAdaptError):
     """A secure-aggregation step cannot go on: a client refuses an inconsistent request, or the server
     cannot rebuild the sum (too many dropouts, an overflowing field). Never holds key material or values."""
+
+
+class JsonInputError(FedAdaptError, ValueError):
+    """JSON from an untrusted source is too large, nested too deeply or not valid JSON; ``what`` names the source."""
+
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(f"{what}: {message}")
+        self.what = what
