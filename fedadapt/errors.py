@@ -74,3 +74,8 @@ class JsonInputError(FedAdaptError, ValueError):
     def __init__(self, what: str, message: str) -> None:
         super().__init__(f"{what}: {message}")
         self.what = what
+
+
+class ReplyError(FedAdaptError, ValueError):
+    """A client's reply is malformed (missing or wrongly typed records, an oversize payload, bad metrics);
+    the server leaves that client out of the round with this message as the reason."""
