@@ -165,11 +165,12 @@ def check_num_examples(num_examples: object, limit: int | None = None) -> int:
     take it exactly; 2**64 − 1 would overflow them)."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) or num_examples <= 0:
         raise ValueError(f"num_examples must be a positive int, got {_shown(num_examples)}")
-    if limit is not None and num_examples > limit:
-        raise ValueError(f"num-examples {_shown(num_examples)} exceeds limit {limit}")
-    if num_examples > MAX_COUNT:
-        raise ValueError(f"num-examples {_shown(num_examples)} exceeds limit {MAX_COUNT} (2**53)")
-    return int(num_examples)
+    count = int(num_examples)
+    if limit is not None and count > limit:
+        raise ValueError(f"num-examples {_shown(count)} exceeds limit {limit}")
+    if count > MAX_COUNT:
+        raise ValueError(f"num-examples {_shown(count)} exceeds limit {MAX_COUNT} (2**53)")
+    return count
 
 
 def _shown(value: object) -> str:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -408,7 +408,8 @@ def _opened(
             logger.exception("unexpected error opening the reply of %s", read.client)
             tally.rejected.append((read.client, unexpected_reason(err)))
             continue
-        yield ClientReply(read.client, blob, read.num_examples if sealed_count is None else sealed_count)
+        count = read.num_examples if sealed_count is None else sealed_count
+        yield ClientReply(read.client, blob, cast(int, count))  # as the client sent it: aggregate_round checks it
 
 
 def _weighted_accuracy(client_metrics: list[dict[str, Any]]) -> float | None:
