@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 NormPolicy = Literal["reject", "clip"]
 NORM_POLICIES: tuple[NormPolicy, ...] = ("reject", "clip")
 REASON_LIMIT = 300  # characters of a rejection reason kept for logs and results
+_SHOWN = 80  # characters of a client-chosen value quoted in a reason
+MAX_COUNT = 2**53  # the largest example count a float64 sum of counts and weights holds exactly
 
 
 # --- validation ----------------------------------------------------------------------------------------------
@@ -58,13 +60,16 @@ class DeltaValidator:
     """Turns a client's bytes into a delta the server may average, or raises StateError/SchemaMismatch.
 
     ``deserialize_state`` checks format, schema id, part, names, shapes, dtypes and finiteness;
-    this adds the global L2-norm bound: deltas above ``max_norm`` are rejected or scaled down to it.
+    this adds the global L2-norm bound: deltas above ``max_norm`` are rejected or scaled down to it,
+    and a size bound checked before anything is parsed: blobs over ``max_bytes`` are rejected
+    (``serialize.max_blob_size`` gives the largest legal blob of a schema and compression).
     """
 
     schema: AdapterSchema
     max_norm: float | None = None
     norm_policy: NormPolicy = "reject"
     part: Part = "shared"
+    max_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_norm is not None and not (0 < self.max_norm < math.inf):
@@ -73,9 +78,13 @@ class DeltaValidator:
             raise ConfigError(f"norm_policy must be one of {NORM_POLICIES}, got {self.norm_policy!r}")
         if self.part not in PARTS:
             raise ConfigError(f"part must be one of {PARTS}, got {self.part!r}")
+        if self.max_bytes is not None and (isinstance(self.max_bytes, bool) or self.max_bytes < 1):
+            raise ConfigError(f"max_bytes must be a positive int or None, got {self.max_bytes!r}")
 
     def check(self, blob: bytes) -> CheckedDelta:
         """The validated (and possibly clipped) delta in ``blob``, with its norm."""
+        if self.max_bytes is not None and isinstance(blob, bytes | bytearray) and len(blob) > self.max_bytes:
+            raise StateError(f"blob of {len(blob)} bytes exceeds the {self.max_bytes} the largest legal delta takes")
         state = deserialize_state(blob, self.schema, self.part, check_values=False)
         squares = finite_squared_norms(state, what="received blob")  # finiteness and the norm in one pass
         norm = math.sqrt(sum(squares.values()))
@@ -150,11 +159,27 @@ class StreamingFedAvg:
         return {s.name: (self._sums[s.name] / self.num_examples).to(getattr(torch, s.dtype)) for s in self.specs}
 
 
-def check_num_examples(num_examples: object) -> int:
-    """``num_examples`` as an int; ValueError unless it is a positive integer (bool and 3.0 are not counts)."""
+def check_num_examples(num_examples: object, limit: int | None = None) -> int:
+    """``num_examples`` as an int; ValueError unless it is a positive integer (bool and 3.0 are not counts)
+    of at most ``limit`` (a client's FedAvg weight is bounded) and at most 2**53 (torch and float64 sums
+    take it exactly; 2**64 − 1 would overflow them)."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) or num_examples <= 0:
-        raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
-    return int(num_examples)
+        raise ValueError(f"num_examples must be a positive int, got {_shown(num_examples)}")
+    count = int(num_examples)
+    if limit is not None and count > limit:
+        raise ValueError(f"num-examples {_shown(count)} exceeds limit {limit}")
+    if count > MAX_COUNT:
+        raise ValueError(f"num-examples {_shown(count)} exceeds limit {MAX_COUNT} (2**53)")
+    return count
+
+
+def _shown(value: object) -> str:
+    """A client-chosen value for a message: its repr, cut short (an int of 5,000 digits has none)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<an {type(value).__name__} too large to show>"
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
 # --- server optimizers ---------------------------------------------------------------------------------------
@@ -352,17 +377,21 @@ def aggregate_round(
     validator: DeltaValidator,
     optimizer: ServerOptimizer,
     min_clients: int = 1,
+    max_examples: int | None = None,
 ) -> RoundResult:
     """Validate each reply, leave failing clients out with a logged reason, and step on the weighted mean.
 
     ``replies`` may be a generator: each blob is decoded, added and dropped before the next is read.
-    Raises EmptyAggregateError when fewer than ``min_clients`` replies are accepted (the global state
-    and the optimizer then stay as they are).
+    A reply claiming more than ``max_examples`` is rejected (``num-examples N exceeds limit L``): one
+    client's weight is bounded. Raises EmptyAggregateError when fewer than ``min_clients`` replies are
+    accepted (the global state and the optimizer then stay as they are).
     """
     if (validator.schema.schema_id, validator.part) != (optimizer.schema_id, optimizer.part):
         raise SchemaMismatch("validator and optimizer must be built for the same adapter schema and part")
     if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
         raise ConfigError(f"min_clients must be a positive integer, got {min_clients!r}")
+    if max_examples is not None and (isinstance(max_examples, bool) or max_examples < 1):
+        raise ConfigError(f"max_examples must be a positive int or None, got {max_examples!r}")
     fedavg = StreamingFedAvg(validator.schema, validator.part)
     rejected: list[tuple[str, str]] = []
     clipped: list[str] = []
@@ -370,7 +399,7 @@ def aggregate_round(
     received = 0
     for client_id, blob, num_examples in replies:
         received += len(blob) if isinstance(blob, bytes | bytearray | memoryview) else 0
-        reason, checked = _admit(client_id, blob, num_examples, validator, seen)
+        reason, checked = _admit(client_id, blob, num_examples, validator, seen, max_examples)
         seen.add(client_id)
         if checked is None:
             logger.warning("leaving client %s out of the round: %s", client_id, reason)
@@ -402,13 +431,18 @@ def aggregate_round(
 
 
 def _admit(
-    client_id: str, blob: bytes, num_examples: int, validator: DeltaValidator, seen: set[str]
+    client_id: str,
+    blob: bytes,
+    num_examples: int,
+    validator: DeltaValidator,
+    seen: set[str],
+    max_examples: int | None = None,
 ) -> tuple[str, CheckedDelta | None]:
     """('', delta) for an acceptable reply, else (reason, None)."""
     if client_id in seen:
         return "a second reply from the same client this round", None
     try:
-        check_num_examples(num_examples)
+        check_num_examples(num_examples, max_examples)
     except ValueError as err:
         return str(err)[:REASON_LIMIT], None
     try:
@@ -416,3 +450,6 @@ def _admit(
     except FedAdaptError as err:
         # Our errors name tensors, shapes and dtypes, never values; the cap bounds client-chosen strings.
         return f"{type(err).__name__}: {err}"[:REASON_LIMIT], None
+    except Exception as err:  # a parser's bug must not end the round: the client's bytes caused it
+        logger.exception("unexpected error while validating the delta of client %s", client_id)
+        return f"unexpected {type(err).__name__} while validating the delta: {err}"[:REASON_LIMIT], None

@@ -56,6 +56,7 @@ HEADER_SIZE = _HEADER.size  # 84 bytes, followed by the schema id, the kind, the
 _KEY_SIZE = 32
 _NONCE_SIZE = 12
 _TAG_SIZE = 16
+TAG_SIZE = _TAG_SIZE  # bytes of the AES-GCM tag after the ciphertext
 _U64 = 2**64
 _SHOWN = 80  # characters of a received (untrusted) string quoted in an error message
 

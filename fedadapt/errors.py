@@ -70,3 +70,16 @@ class SecAggError(FedAdaptError):
 
 class CheckpointAuthError(FedAdaptError):
     """A checkpoint cannot be shown to come from this server (no MAC, a wrong MAC, no key): resume refuses it."""
+
+
+class JsonInputError(FedAdaptError, ValueError):
+    """JSON from an untrusted source is too large, nested too deeply or not valid JSON; ``what`` names the source."""
+
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(f"{what}: {message}")
+        self.what = what
+
+
+class ReplyError(FedAdaptError, ValueError):
+    """A client's reply is malformed (missing or wrongly typed records, an oversize payload, bad metrics);
+    the server leaves that client out of the round with this message as the reason."""

@@ -351,7 +351,7 @@ def train_client_update(
         metrics |= {"accuracy": after.accuracy, "loss": after.loss}
     if before is not None:
         metrics["accuracy-before"] = before.accuracy
-    return LocalUpdate(delta=delta, schema=model.schema, num_examples=len(train_set), metrics=metrics)
+    return LocalUpdate(delta, model.schema, fedavg_weight(scenario, len(train_set)), metrics)
 
 
 def empty_client_round(scenario: ScenarioConfig, partition_id: int, data_path: Path | None = None) -> ClientReply:
@@ -366,7 +366,15 @@ def empty_client_update(scenario: ScenarioConfig, partition_id: int, data_path: 
     model = _cached_model(_only(scenario, _MODEL_FIELDS), scenario_labels(scenario).names).model
     zeros = {s.name: torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in model.schema.specs("shared")}
     num_examples = max(1, len(device_split(scenario, partition_id, data_path).train))
-    return LocalUpdate(zeros, model.schema, num_examples, {"partition-id": partition_id})
+    return LocalUpdate(zeros, model.schema, fedavg_weight(scenario, num_examples), {"partition-id": partition_id})
+
+
+def fedavg_weight(scenario: ScenarioConfig, num_examples: int) -> int:
+    """The example count a device reports: its own, capped at ``max-examples-per-client``.
+
+    The server rejects a reply claiming more, so an honest device with more data weighs as the limit.
+    """
+    return min(num_examples, scenario.max_examples_per_client)
 
 
 def evaluate_client(

@@ -18,14 +18,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from fedadapt.errors import SchemaMismatch, StateError
+from fedadapt import jsonsafe
+from fedadapt.errors import JsonInputError, SchemaMismatch, StateError
 from fedadapt.state import AdapterSchema, Part, State, TensorSpec, check_names_and_shapes, check_state, dtype_name
 
 Compression = Literal["none", "fp16", "int8"]
 COMPRESSIONS: tuple[Compression, ...] = ("none", "fp16", "int8")
 FORMAT = "fedadapt.state.v1"
 _HEADER_LIMIT = 16 * 1024 * 1024  # a state header is a few KB; refuse absurd lengths before parsing
+_HEADER_DEPTH = 4  # {name: {"shape": [...]}} is 3 deep; anything deeper is not a state header
+_SCALES_DEPTH = 1  # int8 scales are one flat object of numbers
 _WIRE_DTYPE = {"fp16": "float16", "int8": "int8"}
+_SCALE_TEXT = 24  # the longest repr of a float ("-2.2250738585072014e-308")
 
 
 def serialize_state(
@@ -89,9 +93,11 @@ def deserialize_state(
     except (SafetensorError, ValueError) as err:
         raise StateError(f"blob is not valid safetensors: {err}") from err
     try:
-        scales = json.loads(metadata.get("int8_scales", "{}"))
-    except ValueError as err:
-        raise StateError(f"blob's int8 scales are not JSON: {err}") from err
+        scales = jsonsafe.loads(
+            metadata.get("int8_scales", "{}"), what="int8 scales", max_bytes=len(data), max_depth=_SCALES_DEPTH
+        )
+    except JsonInputError as err:
+        raise StateError(f"blob's {err}") from None
     if not isinstance(scales, dict):
         raise StateError(f"blob's int8 scales must be a JSON object, got {type(scales).__name__}")
     specs = {s.name: s for s in schema.specs(part)}
@@ -116,15 +122,26 @@ def read_metadata(data: bytes) -> dict[str, str]:
     if 8 + header_len > len(data):
         raise StateError(f"blob is truncated: header needs {header_len} bytes, {len(data) - 8} present")
     try:
-        header = json.loads(bytes(data[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StateError(f"blob is not safetensors: header is not JSON ({err})") from err
+        header = jsonsafe.loads(data[8 : 8 + header_len], what="header", max_bytes=header_len, max_depth=_HEADER_DEPTH)
+    except JsonInputError as err:
+        raise StateError(f"blob is not safetensors: {err}") from None
     if not isinstance(header, dict):
         raise StateError("blob is not safetensors: header is not a JSON object")
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict):
         raise StateError("blob is not safetensors: its __metadata__ is not a JSON object")
     return {str(k): str(v) for k, v in metadata.items()}
+
+
+def max_blob_size(schema: AdapterSchema, part: Part | None = "shared", compression: Compression = "none") -> int:
+    """The most bytes a blob ``serialize_state`` makes for ``part`` under ``compression`` can have.
+
+    A bound to check before parsing anything a client sends. The layout fixes every byte but the int8
+    scales' text: this serializes an all-zero state once (O(model), scales "1.0") and adds, per tensor,
+    room for the longest float text (24 characters) and safetensors' header padding (up to 7 bytes).
+    """
+    zeros = {s.name: torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in schema.specs(part)}
+    return len(serialize_state(zeros, schema, part, compression)) + _SCALE_TEXT * len(zeros) + 8
 
 
 def _wire_dtype(spec: TensorSpec, compression: str) -> str:

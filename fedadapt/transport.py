@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from fedadapt.envelope import EnvelopeContext, EnvelopeOpener, seal
+from fedadapt.envelope import HEADER_SIZE, TAG_SIZE, EnvelopeContext, EnvelopeOpener, seal
 from fedadapt.errors import ConfigError, EnvelopeError, PayloadError
 from fedadapt.keys import load_private_key, parse_public_key, public_key_hex
 from fedadapt.privacy import PrivacyConfig
@@ -63,6 +63,13 @@ class ClientSealer:
             return blob
         payload = wire.pack({_DELTA: blob, _NUM_EXAMPLES: int(num_examples).to_bytes(8, "little")})
         return self.seal(payload, server_round, schema_id, DELTA_KIND)
+
+
+def sealed_delta_overhead(schema_id: str) -> int:
+    """Bytes ``ClientSealer.seal_delta`` adds to a delta blob: the envelope's header, schema id, kind and tag,
+    and the framing of the delta with its 8-byte count (a payload cap is the largest blob plus this)."""
+    framing = len(wire.pack({_DELTA: b"", _NUM_EXAMPLES: bytes(8)}))
+    return HEADER_SIZE + len(schema_id.encode()) + len(DELTA_KIND.encode()) + TAG_SIZE + framing
 
 
 class ServerOpener:

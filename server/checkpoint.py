@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from fedadapt import jsonsafe
 from fedadapt.aggregate import OptimizerState
 from fedadapt.checkpoint_key import read_checkpoint_key
 from fedadapt.errors import CheckpointAuthError, StateError
@@ -50,6 +51,7 @@ _FORMATS = (FORMAT, FORMAT_V2, FORMAT_V1)
 _HASH_KEY = "sha256"  # in the header JSON; covers the tensors and every other header key
 _MAC_KEY = "hmac"  # in the header JSON (v3); the same stream as the hash, under the checkpoint key
 _HASH_DOMAIN = b"fedadapt.checkpoint.v2\0"  # fixed: a later FORMAT must still verify v2 files
+_HEADER_DEPTH = 64  # the round records nest a few levels; a checkpoint's header is the server's own JSON
 _MAC_DOMAIN = b"fedadapt.checkpoint.v3.hmac\0"
 ACCEPT_FLAG = "--accept-unverified-checkpoints"  # the CLI flag that lets unauthenticated files resume a run
 FOLDER = "checkpoints"
@@ -126,11 +128,12 @@ def load_checkpoint(path: Path, key: bytes | None, accept_unverified: bool = Fal
     if file_format not in _FORMATS:
         raise StateError(f"{path} is not a fedadapt checkpoint (format {file_format!r})")
     try:
-        header = json.loads(metadata["json"])
+        raw = metadata["json"].encode()
+        header = jsonsafe.loads(raw, what=f"{path}'s header", max_bytes=len(raw), max_depth=_HEADER_DEPTH)
         if not isinstance(header, dict):
             raise ValueError("its header JSON is not an object")
         tensors = safetensors_load(data)
-    except (KeyError, ValueError, RecursionError, SafetensorError) as err:
+    except (KeyError, ValueError, SafetensorError) as err:  # JsonInputError is a ValueError
         raise StateError(f"{path} is a damaged checkpoint: {type(err).__name__}: {str(err)[:200]}") from err
     if file_format != FORMAT_V1:
         recorded = header.pop(_HASH_KEY, None)

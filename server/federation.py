@@ -18,24 +18,25 @@ import logging
 import random
 import secrets
 import time
-from dataclasses import asdict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedadapt import protocol
-from fedadapt.aggregate import DeltaValidator, FedAvgConfig, ServerOptimizer, aggregate_round
+from fedadapt.aggregate import REASON_LIMIT, ClientReply, DeltaValidator, FedAvgConfig, ServerOptimizer, aggregate_round
 from fedadapt.checkpoint_key import load_or_create_checkpoint_key, read_checkpoint_key
-from fedadapt.errors import EmptyAggregateError, EnvelopeError, SchemaMismatch
+from fedadapt.errors import EmptyAggregateError, EnvelopeError, ReplyError, SchemaMismatch
 from fedadapt.fleet import FleetRun, build_model, encode_split, load_fleet_data
 from fedadapt.folder import save_adapter, write_bytes_atomic
 from fedadapt.resources import memory_record
-from fedadapt.serialize import serialize_state
+from fedadapt.serialize import max_blob_size, serialize_state
 from fedadapt.state import State, check_state
 from fedadapt.train import evaluate
-from fedadapt.transport import ServerOpener
+from fedadapt.transport import ServerOpener, sealed_delta_overhead
 from server.checkpoint import (
     Checkpoint,
     load_latest_checkpoint,
@@ -44,13 +45,14 @@ from server.checkpoint import (
     save_checkpoint,
 )
 from server.replies import (
-    array_to_bytes,
+    DeltaReply,
     bytes_to_array,
-    client_error_reason,
-    destinations,
+    client_error_reason,  # noqa: F401  (re-exported: callers and tests read reasons from here)
     envelope_reason,
-    malformed_reason,
-    reply_node,
+    late_reason,
+    read_delta_reply,
+    reply_stream,
+    unexpected_reason,
 )
 from server.secure_round import run_secure_round
 
@@ -73,7 +75,8 @@ class Federation:
         self.schema = self.model.schema
         self.test_set = encode_split(self.model, fleet.splits.test, fleet.labels, self.scenario.max_length)
         self.proxy = self._load_proxy(fleet.labels)
-        self.validator = DeltaValidator(self.schema, max_norm=self.scenario.max_delta_norm)
+        self.blob_limit = max_blob_size(self.schema, "shared", self.scenario.compression)  # type: ignore[arg-type]
+        self.validator = DeltaValidator(self.schema, max_norm=self.scenario.max_delta_norm, max_bytes=self.blob_limit)
         self.optimizer = ServerOptimizer(FedAvgConfig(server_lr=self.scenario.server_lr), self.schema)
         self.rng = random.Random(self.scenario.seed)
         self.run_id = run_id
@@ -175,46 +178,28 @@ class Federation:
             }
         )
         messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in sampled]
+        plan = ReplyPlan(
+            opener=self.opener,
+            validator=self.validator,
+            optimizer=self.optimizer,
+            server_round=server_round,
+            timeout=self.scenario.round_timeout,
+            max_payload=self.payload_limit,
+            min_clients=self.scenario.min_clients,
+            max_examples=self.scenario.max_examples_per_client,
+        )
         sent = time.perf_counter()
-        replies = list(grid.send_and_receive(messages, timeout=self.scenario.round_timeout))
-        record["exchange_seconds"] = time.perf_counter() - sent  # sent until the last reply (or the deadline)
-        unpacked = _unpack_replies(replies, sampled, self.scenario.round_timeout, destinations(messages))
-        record |= {
-            "bytes_down": len(blob) * len(sampled),
-            "bytes_up": sum(len(r[1]) for r in unpacked.deltas),
-            "uploads": len(unpacked.deltas),
-        }
-        rejected = list(unpacked.rejected)
-        deltas = self._opened(unpacked.deltas, server_round, rejected)
-        try:
-            result = aggregate_round(
-                self.global_state, iter(deltas), self.validator, self.optimizer, self.scenario.min_clients
-            )
-            self.global_state = result.state
-            rejected += result.rejected
-            record |= {"accepted": result.accepted, "clipped": result.clipped}
-        except EmptyAggregateError as err:
-            logger.warning("round %d: %s; the global state stays as it was", server_round, err)
-            rejected += err.rejected
-            record |= {"accepted": 0, "clipped": []}
-        record["rejected"] = [{"client": c, "reason": r} for c, r in rejected]
-        return record, unpacked.client_metrics
+        arrivals = reply_stream(grid, messages, self.scenario.round_timeout)
+        self.global_state, fields, client_metrics = fold_plain_replies(arrivals, self.global_state, plan)
+        record["exchange_seconds"] = fields.pop("finished") - sent  # sent until the last reply (or the deadline)
+        record |= {"bytes_down": len(blob) * len(sampled)} | fields
+        return record, client_metrics
 
-    def _opened(
-        self, deltas: list[tuple[str, bytes, Any, int]], server_round: int, rejected: list[tuple[str, str]]
-    ) -> list[tuple[str, bytes, Any]]:
-        """Each delta (and its sealed example count) out of its envelope in mode aead; rejected ones are left out."""
-        opened = []
-        for client, sealed, clear_count, node in deltas:
-            try:
-                blob, sealed_count = self.opener.open_delta(sealed, server_round, node, self.schema.schema_id)
-                num_examples = clear_count if sealed_count is None else sealed_count
-            except EnvelopeError as err:
-                logger.warning("leaving client %s out of the round: envelope rejected (%s)", client, err.reason)
-                rejected.append((client, envelope_reason(err)))
-                continue
-            opened.append((client, blob, num_examples))
-        return opened
+    @property
+    def payload_limit(self) -> int:
+        """The most bytes a client's delta payload may have: the largest legal blob, sealed when the mode seals."""
+        overhead = sealed_delta_overhead(self.schema.schema_id) if self.privacy.sealed else 0
+        return self.blob_limit + overhead
 
     def _secure_round(
         self, grid: Grid, sampled: list[int], server_round: int, blob: bytes, record: dict[str, Any]
@@ -294,7 +279,8 @@ class Federation:
 
     def _evaluate(self, client_metrics: list[dict[str, Any]]) -> dict[str, Any]:
         """Central accuracy of the global model, when it has a shared head; the clients' own accuracy always."""
-        scores: dict[str, Any] = {"client_accuracy": _weighted_accuracy(client_metrics)}
+        limit = self.scenario.max_examples_per_client
+        scores: dict[str, Any] = {"client_accuracy": _weighted_accuracy(client_metrics, limit)}
         if self.scenario.personal_head:
             # The head is personal: the global model has no trained head to score centrally.
             return scores | {"accuracy": scores["client_accuracy"], "loss": None, "macro_f1": None}
@@ -365,46 +351,110 @@ class Federation:
 # --- helpers --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ReplyPlan:
+    """What the server needs to turn a plain round's replies into the next global state."""
+
+    opener: ServerOpener
+    validator: DeltaValidator
+    optimizer: ServerOptimizer
+    server_round: int
+    timeout: float  # the round timeout, named in the reason of a missing reply
+    max_payload: int  # the largest legal payload (delta blob, sealed in sealed modes)
+    min_clients: int = 1
+    max_examples: int | None = None  # one client's largest FedAvg weight
+
+
+def fold_plain_replies(
+    arrivals: Iterable[tuple[int, Message | None]], global_state: State, plan: ReplyPlan
+) -> tuple[State, dict[str, Any], list[dict[str, Any]]]:
+    """Read, open, validate and fold each reply as it arrives, keeping none: the next global state (the same
+    one when too few are accepted), the round record's fields and the clients' metrics.
+
+    Every reply ends accepted or in ``rejected`` with a named reason; nothing a client sends raises here.
+    """
+    tally = _Replies()
+    read = _unpack_replies(arrivals, plan.timeout, plan.max_payload, tally)
+    deltas = _opened(read, plan.opener, plan.server_round, plan.validator.schema.schema_id, tally)
+    fields: dict[str, Any]
+    try:
+        result = aggregate_round(
+            global_state, deltas, plan.validator, plan.optimizer, plan.min_clients, max_examples=plan.max_examples
+        )
+        global_state, checked = result.state, result.rejected
+        fields = {"accepted": result.accepted, "clipped": result.clipped}
+    except EmptyAggregateError as err:
+        logger.warning("round %d: %s; the global state stays as it was", plan.server_round, err)
+        checked, fields = err.rejected, {"accepted": 0, "clipped": []}
+    fields |= {"bytes_up": tally.bytes_up, "uploads": tally.uploads, "finished": tally.finished}
+    fields["rejected"] = [{"client": c, "reason": r} for c, r in [*tally.rejected, *checked]]
+    return global_state, fields, tally.client_metrics
+
+
 class _Replies:
-    """Deltas to aggregate, transport-level rejections and the clients' metrics of one round."""
+    """What reading a round's replies found beside the deltas: rejections, metrics and upload figures."""
 
     def __init__(self) -> None:
-        self.deltas: list[tuple[str, bytes, Any, int]] = []  # client label, bytes, example count, node id
         self.rejected: list[tuple[str, str]] = []
         self.client_metrics: list[dict[str, Any]] = []
+        self.bytes_up = 0
+        self.uploads = 0
+        self.finished = time.perf_counter()  # when the last reply came (or the deadline passed)
 
 
 def _unpack_replies(
-    replies: list[Message], sampled: list[int], timeout: float, sent_to: dict[str, int] | None = None
-) -> _Replies:
-    out = _Replies()
-    answered = set()
-    for reply in replies:
-        node = reply_node(reply, sent_to or {})
-        answered.add(node)
-        client = f"node {node}"
-        if reply.has_error():
-            out.rejected.append((client, f"client error: {client_error_reason(reply.error.reason)}"))
+    arrivals: Iterable[tuple[int, Message | None]], timeout: float, max_bytes: int, tally: _Replies
+) -> Iterator[tuple[int, DeltaReply]]:
+    """Each arriving reply read within bounds; missing, late and malformed ones go to ``tally.rejected``."""
+    for node, reply in arrivals:
+        if reply is None:
+            tally.rejected.append((f"node {node}", late_reason(timeout)))
             continue
         try:
-            blob = array_to_bytes(reply.content.array_records[protocol.ARRAYS][protocol.ADAPTER_DELTA])
-            metrics: dict[str, Any] = dict(reply.content.metric_records[protocol.METRICS])
-            num_examples = metrics.pop(protocol.NUM_EXAMPLES, None)  # sealed modes: inside the envelope
-        except (KeyError, TypeError, ValueError) as err:
-            out.rejected.append((client, malformed_reason(err)))
+            read = read_delta_reply(reply, node, max_bytes)
+        except ReplyError as err:
+            tally.rejected.append((f"node {node}", str(err)[:REASON_LIMIT]))
             continue
-        if "partition-id" in metrics:
-            client = f"client {metrics['partition-id']} (node {node})"
-        out.deltas.append((client, blob, num_examples, node))
-        out.client_metrics.append({"client": client, **metrics})
-    late = f"no reply within the round timeout ({timeout:g} s): a lost or straggling device"
-    out.rejected += [(f"node {n}", late) for n in sampled if n not in answered]
-    return out
+        except Exception as err:  # a client's bytes must never end the round
+            logger.exception("unexpected error reading the reply of node %d", node)
+            tally.rejected.append((f"node {node}", unexpected_reason(err)))
+            continue
+        tally.bytes_up += len(read.payload)
+        tally.uploads += 1
+        tally.client_metrics.append({"client": read.client, **read.metrics})
+        yield node, read
+    tally.finished = time.perf_counter()
 
 
-def _weighted_accuracy(client_metrics: list[dict[str, Any]]) -> float | None:
-    """Client accuracy weighted by test examples; under secagg+ devices keep that count, so each counts once."""
-    scored = [(m["accuracy"], m.get("test-examples", 1)) for m in client_metrics if "accuracy" in m]
+def _opened(
+    replies: Iterable[tuple[int, DeltaReply]], opener: ServerOpener, server_round: int, schema_id: str, tally: _Replies
+) -> Iterator[ClientReply]:
+    """Each delta (and its sealed example count) out of its envelope in mode aead; rejected ones go to ``tally``."""
+    for node, read in replies:
+        try:
+            blob, sealed_count = opener.open_delta(read.payload, server_round, node, schema_id)
+        except EnvelopeError as err:
+            logger.warning("leaving client %s out of the round: envelope rejected (%s)", read.client, err.reason)
+            tally.rejected.append((read.client, envelope_reason(err)))
+            continue
+        except Exception as err:  # a client's bytes must never end the round
+            logger.exception("unexpected error opening the reply of %s", read.client)
+            tally.rejected.append((read.client, unexpected_reason(err)))
+            continue
+        count = read.num_examples if sealed_count is None else sealed_count
+        yield ClientReply(read.client, blob, cast(int, count))  # as the client sent it: aggregate_round checks it
+
+
+def _weighted_accuracy(client_metrics: list[dict[str, Any]], limit: int) -> float | None:
+    """Client accuracy weighted by test examples; under secagg+ devices keep that count, so each counts once.
+
+    A claimed count weighs at most ``limit`` (max-examples-per-client), as in FedAvg: one device's
+    report cannot drown the others'."""
+    scored = [
+        (float(m["accuracy"]), min(max(float(m.get("test-examples", 1)), 0.0), float(limit)))
+        for m in client_metrics
+        if "accuracy" in m
+    ]
     total = sum(n for _, n in scored)
     return sum(a * n for a, n in scored) / total if total else None
 

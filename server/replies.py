@@ -1,14 +1,37 @@
-"""Turning Flower messages into bytes and reasons: payload arrays and the client's own error message."""
+"""Turning Flower messages into bytes and reasons: the stream of a round's replies, payload arrays read
+within bounds, and the reason each bad reply is left out for.
+
+``reply_stream`` pushes a round's messages and yields each reply as it arrives (Flower's public
+``Grid.push_messages`` / ``pull_messages``, polled at a short interval until the round timeout), so the
+server can open, check and fold one reply and drop it before the next: its memory per round is
+O(model), not O(clients). ``read_delta_reply`` turns one reply into a payload or a ``ReplyError``:
+every record, dtype, shape, size and metric a client sends is checked before it is used.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 
+from fedadapt import protocol
 from fedadapt.aggregate import REASON_LIMIT
-from fedadapt.errors import EnvelopeError
+from fedadapt.errors import EnvelopeError, ReplyError
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2  # how often the server asks for replies (Flower's send_and_receive waits 3 s between asks)
+MAX_METRICS = 64  # scalar metrics a reply may carry; each name at most MAX_METRIC_NAME characters
+MAX_METRIC_NAME = 64
+_NPY_HEADER = 4096  # bytes an .npy header of a 1-D uint8 array takes at most (numpy pads it to 64 bytes)
+_SHOWN = 60  # characters of a client-chosen name quoted in a reason
 
 
 def bytes_to_array(blob: bytes) -> Array:
@@ -52,3 +75,119 @@ def envelope_reason(err: EnvelopeError) -> str:
 def malformed_reason(err: Exception) -> str:
     """The rejection reason of a reply that lacks a record or holds a wrong one."""
     return f"malformed reply: missing or bad {err}"[:REASON_LIMIT]
+
+
+# --- the round's replies, one at a time -------------------------------------------------------------------------
+
+
+def reply_stream(
+    grid: Grid, messages: list[Message], timeout: float, poll_seconds: float = POLL_SECONDS
+) -> Iterator[tuple[int, Message | None]]:
+    """Push ``messages``, then yield ``(node, reply)`` as each reply arrives, and ``(node, None)`` for each
+    message without a reply when ``timeout`` seconds have passed (or that could not be pushed).
+
+    Only the first reply to each message counts; anything else the grid returns is ignored. The caller
+    handles each reply before asking for the next, so no more replies are held than one poll brings.
+    """
+    pushed = list(grid.push_messages(messages))
+    pending: dict[str, int] = {}
+    for message, message_id in zip(messages, pushed, strict=False):
+        if message_id:
+            pending[str(message_id)] = message.metadata.dst_node_id
+    unpushed = [m.metadata.dst_node_id for m in messages[len(pushed) :]]
+    unpushed += [m.metadata.dst_node_id for m, i in zip(messages, pushed, strict=False) if not i]
+    deadline = time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is not None:
+                yield node, reply
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())))
+    for node in [*pending.values(), *unpushed]:
+        yield node, None
+
+
+@dataclass(frozen=True)
+class DeltaReply:
+    """One client's plain-round reply, read within bounds: its label, payload, clear count and metrics."""
+
+    client: str
+    payload: bytes  # the serialized delta, or its envelope in sealed modes
+    num_examples: object  # the clear count as sent (None in sealed modes); aggregation checks it
+    metrics: dict[str, int | float]
+
+
+def read_delta_reply(reply: Message, node: int, max_bytes: int) -> DeltaReply:
+    """The delta payload and metrics of ``reply``; ReplyError naming what is wrong otherwise.
+
+    ``max_bytes`` bounds the payload (the largest legal one for the round's schema, compression and
+    privacy mode), checked on the array's metadata and its size before the array is decoded.
+    """
+    if reply.has_error():
+        raise ReplyError(f"client error: {client_error_reason(reply.error.reason)}")
+    # Records are looked up by key, not through ``content.array_records``: those views reference themselves,
+    # so every reply they touched would wait for the garbage collector instead of being freed at once.
+    content = reply.content
+    arrays = content.get(protocol.ARRAYS)
+    if not isinstance(arrays, ArrayRecord) or protocol.ADAPTER_DELTA not in arrays:
+        raise ReplyError(f"malformed reply: no {protocol.ARRAYS}/{protocol.ADAPTER_DELTA} array")
+    payload = payload_bytes(arrays[protocol.ADAPTER_DELTA], max_bytes)
+    record = content.get(protocol.METRICS)
+    if not isinstance(record, MetricRecord):
+        raise ReplyError(f"malformed reply: no {protocol.METRICS} record")
+    metrics = checked_metrics(dict(record))
+    num_examples = metrics.pop(protocol.NUM_EXAMPLES, None)  # sealed modes: inside the envelope
+    client = f"node {node}"
+    if "partition-id" in metrics:
+        partition = metrics["partition-id"]
+        if isinstance(partition, float) or partition < 0:
+            raise ReplyError(f"malformed reply: partition-id must be a non-negative int, got {partition!r}")
+        client = f"client {partition} (node {node})"
+    return DeltaReply(client, payload, num_examples, metrics)
+
+
+def payload_bytes(array: Array, max_bytes: int) -> bytes:
+    """The bytes of a 1-D uint8 payload array of at most ``max_bytes``; ReplyError otherwise."""
+    if not isinstance(array, Array):
+        raise ReplyError(f"malformed reply: the payload is a {type(array).__name__}, not an Array")
+    shape = list(array.shape) if isinstance(array.shape, list | tuple) else []
+    one_dim = len(shape) == 1 and isinstance(shape[0], int) and isinstance(array.data, bytes)
+    if array.dtype != "uint8" or not one_dim:
+        raise ReplyError(f"malformed reply: the payload must be a 1-D uint8 array, got {str(array.dtype)[:_SHOWN]!r}")
+    if shape[0] > max_bytes or len(array.data) > max_bytes + _NPY_HEADER:
+        size = max(shape[0], len(array.data) - _NPY_HEADER)
+        raise ReplyError(f"payload of {size} bytes exceeds the {max_bytes} the largest legal one takes")
+    try:
+        decoded = array.numpy()
+    except (ValueError, TypeError, EOFError, OSError) as err:  # what np.load raises on a bad .npy
+        raise ReplyError(f"malformed reply: the payload array does not decode ({str(err)[:_SHOWN]})") from None
+    if decoded.dtype != np.uint8 or decoded.ndim != 1 or decoded.size > max_bytes:
+        raise ReplyError("malformed reply: the payload array's data is not the 1-D uint8 array its metadata says")
+    return decoded.tobytes()
+
+
+def checked_metrics(metrics: dict[str, object]) -> dict[str, int | float]:
+    """Client metrics that may go into metrics.json: at most MAX_METRICS finite scalars with short names."""
+    if len(metrics) > MAX_METRICS:
+        raise ReplyError(f"malformed reply: {len(metrics)} metrics, at most {MAX_METRICS} are accepted")
+    checked: dict[str, int | float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or len(name) > MAX_METRIC_NAME:
+            raise ReplyError(f"malformed reply: metric name {str(name)[:_SHOWN]!r} is longer than {MAX_METRIC_NAME}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ReplyError(f"malformed reply: metric {name!r} is a {type(value).__name__}, not a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ReplyError(f"malformed reply: metric {name!r} is {value!r}")
+        checked[name] = value
+    return checked
+
+
+def late_reason(timeout: float) -> str:
+    return f"no reply within the round timeout ({timeout:g} s): a lost or straggling device"
+
+
+def unexpected_reason(err: Exception) -> str:
+    """The reason for a reply that raised what no check foresaw: the client's bytes caused it, the round goes on."""
+    return f"unexpected {type(err).__name__} while reading the reply: {err}"[:REASON_LIMIT]

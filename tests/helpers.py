@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,11 @@ def tiny_scenario(tiny_bert: Path, **changes: object) -> ScenarioConfig:
 
 
 class StubGrid(Grid):
-    """A Grid whose nodes are answered in this process: subclasses give ``get_node_ids`` and ``send_and_receive``."""
+    """A Grid whose nodes are answered in this process: subclasses give ``get_node_ids`` and ``send_and_receive``.
+
+    ``push_messages`` / ``pull_messages`` (what the server's plain round uses) are built on ``send_and_receive``:
+    the first pull answers every pushed message at once; a reply lost there never comes.
+    """
 
     def set_run(self, run: Any) -> None:
         raise NotImplementedError
@@ -62,10 +67,26 @@ class StubGrid(Grid):
         raise NotImplementedError
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
+        pushed = self.__dict__.setdefault("_pushed", {})
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's in-memory grid does
+            pushed[message.metadata.message_id] = message
+            ids.append(message.metadata.message_id)
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
+        pushed = self.__dict__.setdefault("_pushed", {})
+        wanted = [pushed.pop(i) for i in list(message_ids) if i in pushed]
+        if not wanted:
+            return []
+        by_node = {m.metadata.dst_node_id: m.metadata.message_id for m in wanted}
+        replies = list(self.send_and_receive(wanted, timeout=None))
+        for reply in replies:  # a test's hand-made reply may answer a copy of the message: file it by its node
+            if reply.metadata.reply_to_message_id not in by_node.values():
+                node = reply.metadata.src_node_id
+                reply.metadata.__dict__["_reply_to_message_id"] = by_node.get(node, "")
+        return replies
 
 
 def seed_with_one_crash(rounds: int, clients: int, dropout: float) -> tuple[int, tuple[int, int]]:

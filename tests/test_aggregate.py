@@ -414,3 +414,49 @@ def test_exactly_min_clients_aggregates() -> None:
 def test_min_clients_must_be_a_positive_integer(bad: object) -> None:
     with pytest.raises(ConfigError, match="min_clients must be a positive integer"):
         aggregate_round(filled(0.0), iter(()), DeltaValidator(SCHEMA), fedavg_optimizer(), bad)  # type: ignore[arg-type]
+
+
+# --- bounded influence and hostile counts (issue 16) -----------------------------------------------------------
+
+
+def test_a_client_over_claiming_its_count_is_rejected_and_the_mean_stays_the_honest_mean() -> None:
+    honest = [(f"c{i}", blob_of(random_state(i)), 50 + i) for i in range(99)]
+    liar = ("liar", blob_of(filled(100.0)), 10**15)
+    result = aggregate_round(filled(0.0), iter([*honest, liar]), DeltaValidator(SCHEMA), fedavg_optimizer(), 1, 10_000)
+    expected = StreamingFedAvg(SCHEMA)
+    for i in range(99):
+        expected.add(random_state(i), 50 + i)
+    mean = expected.result()
+    assert result.accepted == 99 and result.total_examples == sum(50 + i for i in range(99))
+    assert result.rejected == [("liar", "num-examples 1000000000000000 exceeds limit 10000")]
+    for name in SHAPES:
+        assert torch.allclose(result.state[name], mean[name], atol=1e-6)
+
+
+def test_a_count_at_the_limit_is_accepted() -> None:
+    replies = [("a", blob_of(filled(1.0)), 10_000), ("b", blob_of(filled(3.0)), 10_000)]
+    result = aggregate_round(filled(0.0), replies, DeltaValidator(SCHEMA), fedavg_optimizer(), 1, 10_000)
+    assert result.accepted == 2 and torch.allclose(result.state["lora_A"], torch.full((2, 3), 2.0))
+
+
+@pytest.mark.parametrize("count", [2**64 - 1, 2**63, 2**53 + 1, 10**400])
+def test_a_count_too_large_for_the_sums_is_a_rejection_not_an_overflow(count: int) -> None:
+    """Without a per-client limit the stream still refuses counts that torch's alpha or float64 cannot hold."""
+    replies = [("a", blob_of(filled(1.0)), 3), ("huge", blob_of(filled(9.0)), count)]
+    result = aggregate_round(filled(0.0), replies, DeltaValidator(SCHEMA), fedavg_optimizer())
+    assert result.accepted == 1 and torch.equal(result.state["lora_A"], torch.full((2, 3), 1.0))
+    ((client, reason),) = result.rejected
+    assert client == "huge" and "exceeds limit 9007199254740992 (2**53)" in reason
+
+
+def test_an_oversize_blob_is_rejected_before_it_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedadapt import aggregate
+    from fedadapt.serialize import max_blob_size
+
+    cap = max_blob_size(SCHEMA, "shared", "none")
+    parsed: list[int] = []
+    monkeypatch.setattr(aggregate, "deserialize_state", lambda blob, *a, **k: parsed.append(len(blob)))
+    validator = DeltaValidator(SCHEMA, max_bytes=cap)
+    with pytest.raises(StateError, match=f"blob of {cap + 1} bytes exceeds the {cap} the largest legal delta takes"):
+        validator.check(blob_of(filled(0.0)) + b" " * (cap + 1 - len(blob_of(filled(0.0)))))
+    assert parsed == []

@@ -16,6 +16,7 @@ from fedadapt.errors import ConfigError
 from fedadapt.fleet import (
     ClientReply,
     build_model,
+    empty_client_round,
     fleet_run_from_config,
     load_fleet_data,
     personal_path,
@@ -142,6 +143,14 @@ def test_client_round_sends_only_the_shared_delta(tiny_bert: Path, tmp_path: Pat
     assert reply.num_examples == len(load_fleet_data(scenario).clients[1].train)
     assert reply.metrics["partition-id"] == 1 and reply.metrics["train-steps"] == 2
     assert 0.0 <= reply.metrics["accuracy"] <= 1.0
+
+
+def test_a_device_with_more_examples_than_the_limit_reports_the_limit(tiny_bert: Path, tmp_path: Path) -> None:
+    scenario = tiny_scenario(tiny_bert, max_examples_per_client=3)
+    _, blob = _global(scenario)
+    assert len(load_fleet_data(scenario).clients[1].train) > 3
+    assert run_client_round(scenario, 1, blob, tmp_path, server_round=1).num_examples == 3
+    assert empty_client_round(scenario, 1).num_examples == 3
 
 
 def test_personal_head_is_kept_on_disk_and_restored_next_round(

@@ -406,3 +406,33 @@ def test_serialize_module_does_not_use_pickle_or_torch_load() -> None:
     assert "torch.load" not in attributes
     # What it does load with is safetensors' own, pickle-free reader.
     assert "safetensors.torch.load" in imported
+
+
+# --- hostile headers (issue 16) --------------------------------------------------------------------------------
+
+
+def test_a_deeply_nested_header_is_a_state_error_not_a_recursion_error(lora: AdapterModel) -> None:
+    header = b"[" * 100_000 + b"]" * 100_000
+    blob = struct.pack("<Q", len(header)) + header
+    with pytest.raises(StateError, match="blob is not safetensors: header: JSON nested 100000 levels deep"):
+        deserialize_state(blob, lora.schema, "shared")
+
+
+def test_deeply_nested_int8_scales_are_a_state_error_not_a_recursion_error(lora: AdapterModel, state: State) -> None:
+    good = serialize_state(state, lora.schema, "shared", "int8")
+    data = craft(safetensors_load(good), good, int8_scales="[" * 100_000 + "]" * 100_000)
+    with pytest.raises(StateError, match="int8 scales: JSON nested 100000 levels deep"):
+        deserialize_state(data, lora.schema, "shared")
+
+
+@pytest.mark.parametrize("compression", ["none", "fp16", "int8"])
+def test_max_blob_size_bounds_every_honest_blob_and_is_tight(
+    lora: AdapterModel, state: State, compression: Compression
+) -> None:
+    from fedadapt.serialize import max_blob_size
+
+    cap = max_blob_size(lora.schema, "shared", compression)
+    # Scales with the longest float text: the worst case the cap must still admit.
+    tiny = {n: torch.full_like(t, 2.2250738585072014e-308 * 127) for n, t in state.items()}
+    sizes = [len(serialize_state(s, lora.schema, "shared", compression)) for s in (state, tiny)]
+    assert max(sizes) <= cap < max(sizes) + 64 * len(state) + 64

@@ -1,0 +1,80 @@
+"""fedadapt.jsonsafe: JSON from clients parsed with a size and depth limit, one JsonInputError for every failure."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedadapt.errors import JsonInputError
+from fedadapt.jsonsafe import loads, nesting_depth
+
+_SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+JSON_VALUES = st.recursive(
+    _SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4), max_leaves=30
+)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(JSON_VALUES)
+def test_valid_json_reads_as_the_stdlib_reads_it_and_its_depth_is_measured_exactly(value: Any) -> None:
+    text = json.dumps(value)
+    assert nesting_depth(text.encode()) == _depth(value)
+    assert loads(text, what="test", max_depth=64) == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 200_000 + b"]" * 200_000,  # the stdlib parser raises RecursionError on this
+        b'{"a": ' * 50_000 + b"1" + b"}" * 50_000,
+        b"[" * 200_000,  # unterminated
+    ],
+)
+def test_deep_nesting_is_a_named_error_not_a_recursion_error(data: bytes) -> None:
+    with pytest.raises(RecursionError):
+        json.loads(data)  # what the stdlib alone does
+    with pytest.raises(JsonInputError, match=r"client header: JSON nested \d+ levels deep, more than the 32 allowed"):
+        loads(data, what="client header", max_bytes=len(data))
+
+
+def test_brackets_inside_strings_do_not_count_and_escaped_quotes_do_not_end_a_string() -> None:
+    assert nesting_depth(b'{"a": "[[[[{{{{", "b\\"[[": ["]]]"]}') == 2
+    assert loads('{"a": "[[[[[[[[[["}', what="x", max_depth=1) == {"a": "[[[[[[[[[["}
+
+
+def test_oversize_input_is_refused_before_it_is_parsed() -> None:
+    with pytest.raises(JsonInputError, match="int8 scales: 1001 bytes of JSON, more than the 1000 allowed"):
+        loads(b" " * 1001, what="int8 scales", max_bytes=1000)
+
+
+@pytest.mark.parametrize("data", [b"{", b"\xff\xfe", b'{"a": 1,}', b"", b'"\\', b"1e999999" * 0 + b"[1 2]"])
+def test_invalid_json_is_a_named_error(data: bytes) -> None:
+    with pytest.raises(JsonInputError, match="wire metadata: not valid JSON"):
+        loads(data, what="wire metadata")
+
+
+def test_an_unterminated_string_of_escaped_quotes_is_scanned_in_linear_time() -> None:
+    import time
+
+    data = b'"' + b'\\"' * 300_000  # a regex that retried at every quote would take minutes
+    start = time.perf_counter()
+    with pytest.raises(JsonInputError):
+        loads(data, what="x", max_bytes=len(data))
+    assert time.perf_counter() - start < 2.0
+
+
+def test_a_non_bytes_value_is_a_named_error() -> None:
+    with pytest.raises(JsonInputError, match="expected bytes or str, got int"):
+        loads(12, what="x")  # type: ignore[arg-type]
