@@ -38,6 +38,10 @@ class PrivacyConfig:
     integer levels over [-clipping_range, clipping_range]; the mean's error per value is at most
     2·clipping_range / quantization_range. ``modulus_bits``: the field is the integers mod
     2**bits; the round's example count times ``quantization_range`` must stay below it.
+    ``assume_honest_server``: on a sparse ring (``num_shares`` below the clients per round) the
+    protection against a malicious server needs ``reconstruction_threshold >= num_shares - 1``
+    (docs/privacy.md, threat model); lower thresholds tolerate more dropouts but are accepted only
+    when this says the server is trusted to follow the protocol.
     """
 
     mode: str = "none"
@@ -46,6 +50,7 @@ class PrivacyConfig:
     clipping_range: float = 1.0
     quantization_range: int = 2**16
     modulus_bits: int = 32
+    assume_honest_server: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -78,6 +83,8 @@ class PrivacyConfig:
             )
         if self.modulus_bits not in MODULUS_BITS or isinstance(self.modulus_bits, bool):
             raise ConfigError(f"privacy modulus-bits must be one of {MODULUS_BITS}, got {self.modulus_bits!r}")
+        if not isinstance(self.assume_honest_server, bool):
+            raise ConfigError(f"privacy assume-honest-server must be true or false, got {self.assume_honest_server!r}")
         if self.quantization_range >= 2**self.modulus_bits:
             raise ConfigError(
                 f"privacy quantization-range ({self.quantization_range}) must be below the modulus "
@@ -113,6 +120,15 @@ class PrivacyConfig:
             raise ConfigError(
                 f"privacy num-shares must be odd when smaller than the clients per round ({sample_size}): each "
                 f"client shares with (num-shares - 1) / 2 neighbours on either side of a ring; got {self.num_shares}"
+            )
+        sparse = self.num_shares < sample_size
+        if sparse and self.reconstruction_threshold < self.num_shares - 1 and not self.assume_honest_server:
+            raise ConfigError(
+                f"privacy reconstruction-threshold {self.reconstruction_threshold} with num-shares {self.num_shares} "
+                f"on a ring of {sample_size} clients does not hold against a malicious server (it needs at least "
+                f"num-shares - 1 = {self.num_shares - 1}; see docs/privacy.md). Raise the threshold, use num-shares "
+                f"= clients per round, or set assume-honest-server = true if the server is trusted to follow the "
+                "protocol"
             )
 
 

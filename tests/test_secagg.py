@@ -40,6 +40,9 @@ def device(node: int, roster: Iterable[int] = ()) -> Identity:
 
 
 def secagg(num_shares: int = 3, threshold: int = 2, **changes: object) -> PrivacyConfig:
+    # The dropout tests use thresholds below num-shares - 1 on sparse rings (two dropouts per neighbourhood):
+    # the config accepts those only under the honest-server assumption, which these protocol tests make.
+    changes.setdefault("assume_honest_server", threshold < num_shares - 1)
     return PrivacyConfig(mode="secagg+", num_shares=num_shares, reconstruction_threshold=threshold, **changes)  # type: ignore[arg-type]
 
 
@@ -995,6 +998,21 @@ def test_check_fleet_refuses_what_the_round_cannot_satisfy(
         secagg(num_shares, threshold).check_fleet(sample_size)
     for word in words:
         assert word in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(("num_shares", "threshold", "sample_size"), [(5, 3, 9), (7, 4, 20), (7, 5, 8)])
+def test_sparse_rings_below_num_shares_minus_one_need_the_honest_server_assumption(
+    num_shares: int, threshold: int, sample_size: int
+) -> None:
+    """docs/privacy.md: a malicious server defeats t <= n - 2 on a sparse ring; such configs are refused by default."""
+    with pytest.raises(ConfigError, match="does not hold against a malicious server") as info:
+        secagg(num_shares, threshold, assume_honest_server=False).check_fleet(sample_size)
+    assert f"at least num-shares - 1 = {num_shares - 1}" in str(info.value) and "assume-honest-server" in str(
+        info.value
+    )
+    secagg(num_shares, threshold, assume_honest_server=True).check_fleet(sample_size)
+    secagg(num_shares, num_shares - 1, assume_honest_server=False).check_fleet(sample_size)
+    secagg(num_shares, threshold, assume_honest_server=False).check_fleet(num_shares)  # full SecAgg: every pair
 
 
 def test_check_fleet_accepts_what_works() -> None:
