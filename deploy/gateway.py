@@ -194,6 +194,7 @@ def main() -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded poll would drown the refusals
     config = _parse_args()
     uvicorn.run(
         create_app(config),
