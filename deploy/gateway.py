@@ -119,6 +119,7 @@ def create_app(config: GatewayConfig) -> Starlette:
         )
 
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         async with client:
