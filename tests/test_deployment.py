@@ -343,7 +343,8 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(served: Served, tmp_pa
     first = out / "checkpoints" / "round-0001.safetensors"
     proc = _cli_serve(out, served.scenario, free_port(), tmp_path / "serve.out", tmp_path)
     try:
-        _until(lambda: first.exists() or proc.poll() is not None, 180, "round 1's checkpoint", tree, proc)
+        # ~30 s to start (SuperLink, signed FAB, gateway, registrations) and 100-150 s for round 1 at load 7
+        _until(lambda: first.exists() or proc.poll() is not None, 300, "round 1's checkpoint", tree, proc)
         assert proc.poll() is None, _text(tmp_path / "serve.out")[-3000:]
         tree.watch(proc)
         proc.send_signal(signal.SIGTERM)
