@@ -128,6 +128,9 @@ def serve(
     if not plan.resume:
         remove_stale_client_state(plan.out_dir)
     certs = None if deployment.insecure else _certs(plan, deployment)
+    if certs is not None and show and not deployment.local_supernodes:
+        registered = len(certs.device_publics)
+        print(f"{registered} device keys; devices need {certs.ca}, {certs.trusted_entities} and {certs.roster}")
     flwr_home = Path(tempfile.mkdtemp(prefix="fedadapt-serve-"))
     try:
         with terminate_gracefully(), _superlink(flwr_home, plan.out_dir, deployment, certs) as link:
