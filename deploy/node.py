@@ -1,10 +1,13 @@
 """One device joins a real federation: ``fedadapt node`` runs a Flower SuperNode until it is stopped.
 
 The SuperNode dials the SuperLink, and for every message Flower starts the project's ClientApp
-in a fresh process. The device's partition id (which part of the scenario's data it trains on)
-and where it keeps its personal part travel as node config. With TLS (the default), the
-SuperNode checks the SuperLink's certificate against the CA from ``fedadapt certs`` and signs in
-with its own authentication key, which the server must have registered.
+in a fresh process. The device's partition id (which part of the scenario's data it trains on),
+where it keeps its personal part, its identity key and the SecAgg+ roster travel as node config.
+With TLS (the default), the SuperNode checks the SuperLink's certificate against the CA from
+``fedadapt certs``, signs in with its own authentication key (made on the device with ``fedadapt
+node keygen``; the server registered its public key), and runs only FABs signed by an identity in
+``--trusted-entities`` (the server's ``trusted-entities.yaml``): any other FAB is refused with
+Flower's "FAB verification failed" log line and an error reply.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ class NodeConfig:
     partition_id: int
     num_partitions: int
     root_certificates: Path | None = None  # the CA certificate (ca.crt)
-    auth_key: Path | None = None  # this device's private key (devices/device-<i>.key)
+    auth_key: Path | None = None  # this device's private key (from `fedadapt node keygen`)
+    trusted_entities: Path | None = None  # the server's trusted-entities.yaml: the FAB signers it accepts
+    roster: Path | None = None  # the devices' public keys, one a line (the server's roster.pub), for SecAgg+
     insecure: bool = False
     state_dir: Path | None = None  # where the device keeps its personal part
     data: Path | None = None  # the device's own data file; None: its partition of the scenario's data
@@ -40,17 +45,20 @@ class NodeConfig:
             raise ConfigError(f"--superlink must be HOST:PORT, got {self.superlink!r}")
         if not 0 <= self.partition_id < self.num_partitions:
             raise ConfigError(f"--partition-id must be in [0, {self.num_partitions}), got {self.partition_id}")
-        if self.insecure and (self.root_certificates or self.auth_key):
-            raise ConfigError("--insecure contradicts --root-certificates/--auth-key: choose one")
+        if self.insecure and (self.root_certificates or self.auth_key or self.trusted_entities):
+            raise ConfigError("--insecure contradicts --root-certificates/--auth-key/--trusted-entities: choose one")
         if not self.insecure:
-            if self.root_certificates is None or self.auth_key is None:
+            if self.root_certificates is None or self.auth_key is None or self.trusted_entities is None:
                 raise ConfigError(
-                    "a secure node needs --root-certificates (the CA's ca.crt) and --auth-key (its device key "
-                    "from `fedadapt certs`); --insecure is for local demos only"
+                    "a secure node needs --root-certificates (the CA's ca.crt), --auth-key (its key from "
+                    "`fedadapt node keygen`) and --trusted-entities (the server's trusted-entities.yaml); "
+                    "--insecure is for local demos only"
                 )
-            for path in (self.root_certificates, self.auth_key):
+            for path in (self.root_certificates, self.auth_key, self.trusted_entities):
                 if not path.is_file():
                     raise ConfigError(f"{path} does not exist")
+        if self.roster is not None and not self.roster.is_file():
+            raise ConfigError(f"--roster {self.roster} does not exist")
         if self.data is not None and not self.data.exists():
             raise ConfigError(f"--data {self.data} does not exist")
 
@@ -61,15 +69,20 @@ class NodeConfig:
             node_config += f' state-dir="{self.state_dir.resolve()}"'
         if self.data is not None:
             node_config += f' data-path="{self.data.resolve()}"'
+        if self.auth_key is not None:
+            node_config += f' identity-key="{self.auth_key.resolve()}"'
+        if self.roster is not None:
+            node_config += f' roster="{self.roster.resolve()}"'
         command = [find_tool("flower-supernode"), "--superlink", self.superlink]
         command += ["--port", str(self.port or free_port()), "--node-config", node_config]
         if self.insecure:
             return [*command, "--insecure"]
-        assert self.root_certificates is not None and self.auth_key is not None
+        assert self.root_certificates and self.auth_key and self.trusted_entities  # checked in __post_init__
         return [
             *command,
             *("--root-certificates", str(self.root_certificates.resolve())),
             *("--auth-supernode-private-key", str(self.auth_key.resolve())),
+            *("--trusted-entities", str(self.trusted_entities.resolve())),
         ]
 
 

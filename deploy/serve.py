@@ -2,10 +2,15 @@
 
 The same ClientApp and ServerApp as the simulation, on real processes that talk over the network:
 
-- a SuperLink (``flower-superlink``) on ``--host``/``--port``, with TLS and SuperNode authentication
-  unless ``--insecure`` (local demos only);
-- with ``--local-supernodes N``, N SuperNodes on this machine over loopback, one per partition, each
-  with its own authentication key registered first; without it, devices join with ``fedadapt node``;
+- a SuperLink (``flower-superlink``) on a loopback port, with TLS and SuperNode authentication unless
+  ``--insecure`` (local demos only); its Control and Runtime APIs are reachable from this machine only;
+- the gateway (``deploy/gateway.py``) on ``--host``/``--port``: the only listening socket devices can
+  reach; it passes the Fleet API alone (403 for everything else) and attaches the server's signature
+  to the FAB, which ``fedadapt serve`` signs with its identity key (``deploy/fab_signing.py``);
+- the devices' public keys (every ``*.pub`` in ``--devices``, default ``<certs>/devices``) registered,
+  and ``<certs>/roster.pub`` written from them for SecAgg+ (operators copy it to the devices);
+- with ``--local-supernodes N``, N SuperNodes on this machine over loopback, one per partition, dialling
+  the gateway with demo keys (``<certs>/demo-device-keys``); without it, devices join with ``fedadapt node``;
 - ``flwr run`` of the project against it, with the scenario and ``out-dir`` in the run config.
 
 Progress, ``metrics.json``, plots and ``final_adapter/`` are the simulation's. Every process this
@@ -24,6 +29,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -56,6 +62,7 @@ logger = logging.getLogger(__name__)
 CONNECTION = "fedadapt"  # the name of the SuperLink connection in the private FLWR_HOME
 CERTS_FOLDER = "certs"
 SUPERNODE_LOG = "supernode-{index}.log"
+GATEWAY_LOG = "gateway.log"
 INSECURE_WARNING = (
     "INSECURE: TLS and SuperNode authentication are off. Anyone who can reach the port can join the "
     "federation or read what travels. Use this on a single machine for a demo only."
@@ -66,19 +73,22 @@ INSECURE_WARNING = (
 class Deployment:
     """Where the SuperLink listens and how it is secured."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # where the gateway listens: the only address devices (or anyone) can reach
     port: int | None = None  # None: a free port (local demos)
     certs: Path | None = None  # a `fedadapt certs` folder; None: <out>/certs, made for local SuperNodes
     insecure: bool = False
     local_supernodes: int = 0
+    devices: Path | None = None  # a folder of device public keys (*.pub); None: <certs>/devices
 
     def __post_init__(self) -> None:
         if self.local_supernodes < 0:
             raise ConfigError(f"--local-supernodes must be 0 or more, got {self.local_supernodes}")
         if self.port is not None and not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
-        if self.insecure and self.certs is not None:
-            raise ConfigError("--insecure and --certs contradict each other: choose one")
+        if self.insecure and (self.certs is not None or self.devices is not None):
+            raise ConfigError("--insecure and --certs/--devices contradict each other: choose one")
+        if self.local_supernodes and self.devices is not None:
+            raise ConfigError("--local-supernodes registers its own demo keys in <certs>/devices: drop --devices")
 
 
 def serve(
@@ -118,19 +128,22 @@ def serve(
     if not plan.resume:
         remove_stale_client_state(plan.out_dir)
     certs = None if deployment.insecure else _certs(plan, deployment)
+    if certs is not None and show and not deployment.local_supernodes:
+        registered = len(certs.device_publics)
+        print(f"{registered} device keys; devices need {certs.ca}, {certs.trusted_entities} and {certs.roster}")
     flwr_home = Path(tempfile.mkdtemp(prefix="fedadapt-serve-"))
     try:
-        with terminate_gracefully(), _superlink(flwr_home, plan, deployment, certs) as (env, address, link):
+        with terminate_gracefully(), _superlink(flwr_home, plan.out_dir, deployment, certs) as link:
             nodes = [
-                _supernode(flwr_home, env, plan, address, index, deployment.local_supernodes, certs)
+                _supernode(flwr_home, link.env, plan, link.address, index, deployment.local_supernodes, certs)
                 for index in range(deployment.local_supernodes)
             ]
             try:
-                code = _run_app(plan, flwr_home, env, show)
+                code = _run_app(plan, flwr_home, link.env, show)
             finally:
                 # The SuperLink (and the ServerApp below it) first: with the nodes gone first, the
                 # ServerApp would close the interrupted round as failed and mark the run complete.
-                stop_process_tree(link)
+                stop_process_trees([link.superlink, link.gateway])
                 stop_process_trees(nodes)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
@@ -149,39 +162,58 @@ class _Certs:
     ca: Path
     certificate: Path
     key: Path
-    device_publics: list[Path]  # devices/device-<i>.key.pub: every device the SuperLink lets in
-    local_keys: list[Path]  # the private keys of the SuperNodes started here
+    identity: Path  # the server's ed25519 identity: signs the FAB
+    trusted_entities: Path  # that identity for `flower-supernode --trusted-entities`
+    device_publics: tuple[Path, ...]  # every device the SuperLink lets in
+    roster: Path  # their public keys, one a line, for SecAgg+ signatures
+    local_keys: tuple[Path, ...]  # demo private keys of the SuperNodes started here
 
 
 def _certs(plan: SimulationPlan, deployment: Deployment) -> _Certs:
     """The certificates to use: --certs as given, or <out>/certs made (and kept for --resume) for local nodes."""
     from fedadapt.certs import (
         CA_CERT,
+        DEVICES_DIR,
+        IDENTITY_KEY,
+        LOOPBACK,
         SERVER_CERT,
         SERVER_KEY,
-        add_device_keys,
-        existing_devices,
+        TRUSTED_ENTITIES,
+        certificate_names,
+        ensure_server_identity,
         generate_deployment_certs,
     )
 
+    from .devices import ROSTER, demo_device_keys, read_device_keys, write_roster
+
     folder = deployment.certs or plan.out_dir / CERTS_FOLDER
     if deployment.certs is None and not (folder / CA_CERT).exists():
-        generate_deployment_certs(folder, hosts=_hosts(deployment.host), devices=deployment.local_supernodes)
+        generate_deployment_certs(folder, hosts=_hosts(deployment.host))
     missing = [name for name in (CA_CERT, SERVER_CERT, SERVER_KEY) if not (folder / name).is_file()]
     if missing:
         raise ConfigError(f"{folder} lacks {missing}: make the folder with `fedadapt certs --out {folder}`")
-    devices = existing_devices(folder)
-    if len(devices) < deployment.local_supernodes:
-        add_device_keys(folder, deployment.local_supernodes - len(devices))
-        devices = existing_devices(folder)
-    local = [d.private_path for d in devices[: deployment.local_supernodes]]
-    absent = [str(p) for p in local if not p.is_file()]
-    if absent:
-        raise ConfigError(f"local SuperNodes need their private keys, and {absent[:3]} do not exist")
+    if LOOPBACK not in certificate_names(folder / SERVER_CERT):
+        raise ConfigError(
+            f"{folder / SERVER_CERT} is not valid for {LOOPBACK}, where the SuperLink now listens behind the "
+            "gateway: make a new folder with `fedadapt certs`"
+        )
+    ensure_server_identity(folder)
+    local = tuple(demo_device_keys(folder, deployment.local_supernodes))
+    devices_dir = deployment.devices or folder / DEVICES_DIR
+    devices = read_device_keys(devices_dir)
     if not devices:
-        logger.warning("%s/devices holds no device keys: no SuperNode will be allowed in", folder)
-    publics = [d.public_path for d in devices]
-    return _Certs(folder / CA_CERT, folder / SERVER_CERT, folder / SERVER_KEY, publics, local)
+        logger.warning("%s holds no device public keys (*.pub): no SuperNode will be allowed in", devices_dir)
+    roster = write_roster(devices, folder / ROSTER)
+    return _Certs(
+        ca=folder / CA_CERT,
+        certificate=folder / SERVER_CERT,
+        key=folder / SERVER_KEY,
+        identity=folder / IDENTITY_KEY,
+        trusted_entities=folder / TRUSTED_ENTITIES,
+        device_publics=tuple(d.path for d in devices),
+        roster=roster,
+        local_keys=local,
+    )
 
 
 def _hosts(host: str) -> tuple[str, ...]:
@@ -191,33 +223,79 @@ def _hosts(host: str) -> tuple[str, ...]:
 # --- processes ------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Link:
+    """A running SuperLink behind its gateway."""
+
+    env: dict[str, str]  # for Flower's CLI against the SuperLink (its loopback Control API)
+    address: str  # HOST:PORT devices dial: the gateway
+    superlink: subprocess.Popen[bytes]
+    gateway: subprocess.Popen[bytes]
+
+
+# Flower starts legacy gRPC Control/Fleet servers on 0.0.0.0 when these are "1": never here.
+_LEGACY_GRPC_ENV = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
+
+
 @contextlib.contextmanager
-def _superlink(
-    flwr_home: Path, plan: SimulationPlan, deployment: Deployment, certs: _Certs | None
-) -> Iterator[tuple[dict[str, str], str, subprocess.Popen[bytes]]]:
-    """A deployment SuperLink; yields the environment for Flower's CLI and the address SuperNodes dial."""
+def _superlink(flwr_home: Path, out_dir: Path, deployment: Deployment, certs: _Certs | None) -> Iterator[_Link]:
+    """A SuperLink on loopback and the gateway devices dial; stopped (both trees) on exit."""
     port = deployment.port or free_port()
-    address = f"{'127.0.0.1' if deployment.host in ('0.0.0.0', '::') else deployment.host}:{port}"
-    env = flower_env(flwr_home)
-    command = [find_tool("flower-superlink"), "--host", deployment.host, "--port", str(port)]
+    inner = free_port()
+    exposed = "127.0.0.1" if deployment.host in ("0.0.0.0", "::") else deployment.host
+    address = f"[{exposed}]:{port}" if ":" in exposed else f"{exposed}:{port}"
+    env = {k: v for k, v in flower_env(flwr_home).items() if k not in _LEGACY_GRPC_ENV}
+    command = [find_tool("flower-superlink"), "--host", "127.0.0.1", "--port", str(inner)]
     command += ["--disable-runtime-dependency-installation", "--database", str(flwr_home / "superlink.db")]
     if certs is None:
         command.append("--insecure")
     else:
         command += ["--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.certificate)]
         command += ["--ssl-keyfile", str(certs.key), "--enable-supernode-auth"]
-    _write_connection(flwr_home, address, certs)
-    log_file = plan.out_dir / SUPERLINK_LOG
+    _write_connection(flwr_home, f"127.0.0.1:{inner}", certs)
+    log_file = out_dir / SUPERLINK_LOG
     with log_file.open("ab") as log:
-        process = subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)
+        superlink = subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)
+    gateway = None
     try:
-        _wait_listening(port, process, log_file)
+        _wait_listening("127.0.0.1", inner, superlink, log_file, "flower-superlink")
+        gateway = _gateway(flwr_home, out_dir, deployment.host, port, inner, certs, env)
+        _wait_listening(exposed, port, gateway, out_dir / GATEWAY_LOG, "the gateway")
         if certs is not None:
             for public in certs.device_publics:
-                _register(flwr_home, env, public, plan.out_dir / FLWR_LOG)
-        yield env, address, process
+                _register(flwr_home, env, public, out_dir / FLWR_LOG)
+        yield _Link(env, address, superlink, gateway)
     finally:
-        stop_process_tree(process)
+        stop_process_trees([superlink] if gateway is None else [superlink, gateway])
+
+
+def _gateway(
+    flwr_home: Path,
+    out_dir: Path,
+    host: str,
+    port: int,
+    inner: int,
+    certs: _Certs | None,
+    env: dict[str, str],
+) -> subprocess.Popen[bytes]:
+    """The gateway on ``host:port`` in front of the SuperLink on 127.0.0.1:``inner``."""
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    command = [sys.executable, "-m", "deploy.gateway", "--listen", listen]
+    if certs is None:
+        command += ["--upstream", f"http://127.0.0.1:{inner}"]
+    else:
+        from .fab_signing import build_fab, load_identity, write_verifications
+
+        verifications = flwr_home / "fab-verifications.json"
+        write_verifications(build_fab(PROJECT_ROOT), load_identity(certs.identity), verifications)
+        command += ["--upstream", f"https://127.0.0.1:{inner}", "--ca-certfile", str(certs.ca)]
+        command += ["--certfile", str(certs.certificate), "--keyfile", str(certs.key)]
+        command += ["--fab-verifications", str(verifications)]
+    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    with (out_dir / GATEWAY_LOG).open("ab") as log:
+        return subprocess.Popen(
+            command, cwd=flwr_home, env=env | {"PYTHONPATH": path}, stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def _write_connection(flwr_home: Path, address: str, certs: _Certs | None) -> None:
@@ -245,13 +323,16 @@ def _supernode(
     count: int,
     certs: _Certs | None,
 ) -> subprocess.Popen[bytes]:
-    """Local SuperNode ``index`` (partition ``index`` of ``count``) dialling the SuperLink over loopback."""
+    """Local SuperNode ``index`` (partition ``index`` of ``count``) dialling the gateway over loopback."""
     command = [find_tool("flower-supernode"), "--superlink", address, "--port", str(free_port())]
-    command += ["--node-config", f"partition-id={index} num-partitions={count}"]
+    node_config = f"partition-id={index} num-partitions={count}"
     if certs is None:
-        command.append("--insecure")
+        command += ["--node-config", node_config, "--insecure"]
     else:
-        command += ["--root-certificates", str(certs.ca), "--auth-supernode-private-key", str(certs.local_keys[index])]
+        key = certs.local_keys[index]
+        node_config += f' identity-key="{key.resolve()}" roster="{certs.roster.resolve()}"'
+        command += ["--node-config", node_config, "--root-certificates", str(certs.ca)]
+        command += ["--auth-supernode-private-key", str(key), "--trusted-entities", str(certs.trusted_entities)]
     log_file = plan.out_dir / SUPERNODE_LOG.format(index=index)
     with log_file.open("ab") as log:
         return subprocess.Popen(
@@ -272,16 +353,16 @@ def share_cores(env: dict[str, str], local_nodes: int) -> dict[str, str]:
     return env | {"OMP_NUM_THREADS": str(threads)}
 
 
-def _wait_listening(port: int, process: subprocess.Popen[bytes], log_file: Path) -> None:
-    """Until the SuperLink accepts TCP connections on ``port`` (TLS or not)."""
+def _wait_listening(host: str, port: int, process: subprocess.Popen[bytes], log_file: Path, what: str) -> None:
+    """Until ``process`` accepts TCP connections on ``host:port`` (TLS or not)."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SimulationError(f"flower-superlink exited with {process.returncode}; see {log_file}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            raise SimulationError(f"{what} exited with {process.returncode}; see {log_file}{log_tail(log_file)}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
             return
         time.sleep(0.2)
-    raise SimulationError(f"flower-superlink did not listen on port {port} within {STARTUP_TIMEOUT:g} s")
+    raise SimulationError(f"{what} did not listen on {host}:{port} within {STARTUP_TIMEOUT:g} s")
 
 
 def _run_app(plan: SimulationPlan, flwr_home: Path, env: dict[str, str], show: bool) -> int:

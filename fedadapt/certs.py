@@ -10,18 +10,22 @@ Files written under ``out_dir`` (private keys 0600, the rest 0644; nothing is ev
 - ``superlink.crt`` / ``superlink.key``: the SuperLink's server certificate (SANs from ``hosts``,
   serverAuth) and its private key: ``flower-superlink --ssl-certfile`` / ``--ssl-keyfile``. Named
   apart from ``server.key`` / ``server.pub`` of ``fedadapt keys generate`` (the X25519 payload key).
-- ``devices/device-<i>.key``: SuperNode ``i``'s authentication key, ECDSA P-384 in OpenSSH private
-  format (what ``flower-supernode`` reads with ``load_ssh_private_key``):
-  ``flower-supernode --auth-supernode-private-key``. Copy it to that device only.
-- ``devices/device-<i>.key.pub``: its OpenSSH public key (a NIST curve, as ``flwr supernode register``
-  demands): ``flwr supernode register devices/device-<i>.key.pub <connection>`` before the node starts
-  against ``flower-superlink --enable-supernode-auth``.
+- ``server-identity.key`` / ``server-identity.pub``: the server's ed25519 identity (OpenSSH formats).
+  ``fedadapt serve`` signs the FAB it runs with it; keep the private key on the server.
+- ``trusted-entities.yaml``: that identity as ``flower-supernode --trusted-entities`` reads it (key id
+  to OpenSSH public key). Copy it to every device: ``fedadapt node --trusted-entities`` runs only FABs
+  the server signed.
+
+Device authentication keys are not made here: each device makes its own with ``fedadapt node keygen``
+and hands only its public key to the server (``deploy/devices.py``).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
+import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -30,7 +34,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -43,21 +47,16 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SERVER_CERT = "superlink.crt"
 SERVER_KEY = "superlink.key"
-DEVICES_DIR = "devices"
+DEVICES_DIR = "devices"  # the devices' public keys (*.pub) that `fedadapt serve` registers
+IDENTITY_KEY = "server-identity.key"
+IDENTITY_PUB = "server-identity.pub"
+TRUSTED_ENTITIES = "trusted-entities.yaml"
+IDENTITY_FILES = (IDENTITY_KEY, IDENTITY_PUB, TRUSTED_ENTITIES)
+LOOPBACK = "127.0.0.1"
 MAX_VALIDITY_DAYS = 3650
 _CURVE = ec.SECP384R1  # Flower's own choice for node keys; a NIST curve as `flwr supernode register` requires
-_DEVICE_RE = re.compile(r"device-(\d+)\.key(?:\.pub)?")
 _LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
-
-
-@dataclass(frozen=True)
-class DeviceKeyFiles:
-    """One SuperNode's authentication key pair."""
-
-    index: int
-    private_path: Path
-    public_path: Path
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,8 @@ class DeploymentCerts:
     ca_key: Path
     server_cert: Path
     server_key: Path
-    devices: tuple[DeviceKeyFiles, ...]
+    identity_key: Path
+    trusted_entities: Path
     hosts: tuple[str, ...]
     ca_fingerprint: str
 
@@ -76,73 +76,79 @@ class DeploymentCerts:
 def generate_deployment_certs(
     out_dir: Path,
     hosts: Sequence[str] = ("127.0.0.1", "localhost"),
-    devices: int = 0,
     validity_days: int = 825,
 ) -> DeploymentCerts:
-    """Write a CA, a SuperLink certificate for ``hosts`` and ``devices`` node key pairs; never overwrites."""
+    """Write a CA, a SuperLink certificate for ``hosts`` and the server's identity; never overwrites.
+
+    The certificate also names 127.0.0.1: the SuperLink itself listens on loopback behind the gateway
+    (``deploy/gateway.py``), and that hop checks the same certificate.
+    """
     out_dir = Path(out_dir)
     names = validate_hosts(hosts)
+    san_names = validate_hosts([*names, LOOPBACK])
     if not 1 <= validity_days <= MAX_VALIDITY_DAYS:
         raise ConfigError(f"validity_days must be in 1..{MAX_VALIDITY_DAYS}, got {validity_days!r}")
-    if devices < 0:
-        raise ConfigError(f"devices must be >= 0, got {devices!r}")
     paths = [out_dir / name for name in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)]
-    device_files = _device_files(out_dir, range(devices))
-    _refuse_existing([*paths, *(p for d in device_files for p in (d.private_path, d.public_path))])
+    _refuse_existing([*paths, *(out_dir / name for name in IDENTITY_FILES)])
     out_dir.mkdir(parents=True, exist_ok=True)
     ca_key, server_key = ec.generate_private_key(_CURVE()), ec.generate_private_key(_CURVE())
     ca_cert = _ca_certificate(ca_key, validity_days)
-    server_cert = _server_certificate(server_key, ca_cert, ca_key, names, validity_days)
+    server_cert = _server_certificate(server_key, ca_cert, ca_key, san_names, validity_days)
     contents = [
         (paths[0], ca_cert.public_bytes(Encoding.PEM), 0o644),
         (paths[1], _private_pem(ca_key), 0o600),
         (paths[2], server_cert.public_bytes(Encoding.PEM), 0o644),
         (paths[3], _private_pem(server_key), 0o600),
     ]
-    _write_all(contents + _device_contents(device_files))
-    logger.info("wrote CA, SuperLink certificate and %d device key pairs to %s", devices, out_dir)
+    _write_all(contents + _identity_contents(out_dir))
+    logger.info("wrote CA, SuperLink certificate and server identity to %s", out_dir)
     return DeploymentCerts(
         ca_cert=paths[0],
         ca_key=paths[1],
         server_cert=paths[2],
         server_key=paths[3],
-        devices=tuple(device_files),
+        identity_key=out_dir / IDENTITY_KEY,
+        trusted_entities=out_dir / TRUSTED_ENTITIES,
         hosts=names,
         ca_fingerprint=ca_fingerprint(ca_cert),
     )
 
 
-def add_device_keys(out_dir: Path, count: int) -> tuple[DeviceKeyFiles, ...]:
-    """Add ``count`` SuperNode key pairs to ``out_dir/devices``, numbered after the highest existing index."""
+def ensure_server_identity(out_dir: Path) -> bool:
+    """Create the server's identity in ``out_dir`` if it has none (a folder from an older fedadapt); True if made."""
     out_dir = Path(out_dir)
-    if count < 1:
-        raise ConfigError(f"count must be >= 1, got {count!r}")
-    if not (out_dir / CA_CERT).is_file():
-        raise ConfigError(
-            f"{out_dir / CA_CERT} does not exist: create the deployment first with `fedadapt certs --out {out_dir}`"
-        )
-    start = next_device_index(out_dir)
-    device_files = _device_files(out_dir, range(start, start + count))
-    _refuse_existing([p for d in device_files for p in (d.private_path, d.public_path)])
-    _write_all(_device_contents(device_files))
-    logger.info("added device key pairs %d..%d in %s", start, start + count - 1, out_dir / DEVICES_DIR)
-    return tuple(device_files)
+    if (out_dir / IDENTITY_KEY).is_file():
+        return False
+    _refuse_existing([out_dir / name for name in IDENTITY_FILES])
+    _write_all(_identity_contents(out_dir))
+    logger.warning("made the server identity %s: copy %s to every device", out_dir / IDENTITY_KEY, TRUSTED_ENTITIES)
+    return True
 
 
-def next_device_index(out_dir: Path) -> int:
-    """One past the highest ``device-<i>`` index in ``out_dir/devices`` (0 when there is none)."""
-    return max((i + 1 for i in _device_indices(out_dir)), default=0)
+def identity_key_id(public_line: bytes) -> str:
+    """The key id devices know the server's identity by: a prefix of the public key's SHA-256."""
+    return "fedadapt-server-" + hashlib.sha256(public_line.split()[1]).hexdigest()[:16]
 
 
-def existing_devices(out_dir: Path) -> tuple[DeviceKeyFiles, ...]:
-    """The devices of ``out_dir`` whose public key is there, by index (a private key may live on its device)."""
-    return tuple(d for d in _device_files(Path(out_dir), _device_indices(out_dir)) if d.public_path.is_file())
+def certificate_names(cert_path: Path) -> tuple[str, ...]:
+    """The DNS names and IP addresses a certificate is valid for (its SANs)."""
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return (*san.get_values_for_type(x509.DNSName), *ips)
 
 
-def _device_indices(out_dir: Path) -> list[int]:
-    folder = Path(out_dir) / DEVICES_DIR
-    found = [_DEVICE_RE.fullmatch(p.name) for p in folder.iterdir()] if folder.is_dir() else []
-    return sorted({int(m.group(1)) for m in found if m})
+def _identity_contents(out_dir: Path) -> list[tuple[Path, bytes, int]]:
+    key = ed25519.Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+    key_id = identity_key_id(public)
+    # One YAML mapping, the value a double-quoted scalar (JSON-compatible): {key id: OpenSSH public key}.
+    trusted = f"{key_id}: {json.dumps(public.decode('ascii'))}\n".encode()
+    return [
+        (out_dir / IDENTITY_KEY, key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()), 0o600),
+        (out_dir / IDENTITY_PUB, public + f" {key_id}\n".encode(), 0o644),
+        (out_dir / TRUSTED_ENTITIES, trusted, 0o644),
+    ]
 
 
 def validate_hosts(hosts: Sequence[str]) -> tuple[str, ...]:
@@ -165,22 +171,20 @@ def ca_fingerprint(cert: x509.Certificate) -> str:
 
 
 def next_commands(certs: DeploymentCerts, port: int = 9092) -> list[str]:
-    """The fedadapt commands that use these files: the server, then each device (absolute paths)."""
+    """The fedadapt commands that use these files: each device's key, the server, then each device (absolute paths)."""
     host = certs.hosts[0]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bind = host if _is_loopback(host) else "0.0.0.0"
     folder = certs.ca_cert.resolve().parent
-    lines = [
-        "# on the server (registers every devices/device-<i>.key.pub):",
+    return [
+        "# on each device: its own authentication key (the private key never leaves the device)",
+        "fedadapt node keygen --out device-keys/",
+        f"# hand device-keys/device.pub to the server as {folder / DEVICES_DIR}/device-<i>.pub, then on the server:",
         f"fedadapt serve --config SCENARIO.toml --host {bind} --port {port} --certs {folder} --out runs/server",
-        "# on device <i>, given ca.crt and devices/device-<i>.key:",
+        f"# copy {certs.ca_cert.name}, {certs.trusted_entities.name} and roster.pub (written by serve) to each device:",
+        f"fedadapt node --superlink {address} --partition-id <i> --num-partitions <n> --root-certificates ca.crt "
+        "--trusted-entities trusted-entities.yaml --auth-key device-keys/device.key --roster roster.pub",
     ]
-    for device in certs.devices:
-        lines.append(
-            f"fedadapt node --superlink {address} --partition-id {device.index} --num-partitions {len(certs.devices)} "
-            f"--root-certificates {certs.ca_cert.resolve()} --auth-key {device.private_path.resolve()}"
-        )
-    return lines
 
 
 def _normalize_host(host: str) -> str:
@@ -284,28 +288,12 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
 
 
-def _device_files(out_dir: Path, indices: Iterable[int]) -> list[DeviceKeyFiles]:
-    folder = out_dir / DEVICES_DIR
-    return [DeviceKeyFiles(i, folder / f"device-{i}.key", folder / f"device-{i}.key.pub") for i in indices]
-
-
-def _device_contents(device_files: Sequence[DeviceKeyFiles]) -> list[tuple[Path, bytes, int]]:
-    contents: list[tuple[Path, bytes, int]] = []
-    for device in device_files:
-        key = ec.generate_private_key(_CURVE())
-        private = key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption())
-        public = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
-        contents.append((device.private_path, private, 0o600))
-        contents.append((device.public_path, public + f" fedadapt-device-{device.index}\n".encode(), 0o644))
-    return contents
-
-
 def _refuse_existing(paths: Iterable[Path]) -> None:
     for path in paths:
         if path.exists() or path.is_symlink():
             raise ConfigError(
                 f"{path} already exists: certificates and keys are never overwritten; move it away or choose "
-                "another --out (add SuperNode keys to an existing deployment with `fedadapt certs --add-devices N`)"
+                "another --out"
             )
 
 

@@ -184,10 +184,18 @@ def serve(
     local_supernodes: Annotated[
         int, typer.Option(help="Also start this many SuperNodes on this machine over loopback (a demo).")
     ] = 0,
-    host: Annotated[str, typer.Option(help="Address the SuperLink listens on.")] = "127.0.0.1",
-    port: Annotated[int | None, typer.Option(help="Port the SuperLink listens on (default: a free one).")] = None,
+    host: Annotated[
+        str, typer.Option(help="Address devices dial; only the Fleet API is served there (the rest stays on loopback).")
+    ] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port devices dial (default: a free one).")] = None,
     certs: Annotated[
         Path | None, typer.Option(help="A `fedadapt certs` folder (default: <out>/certs, made for local nodes).")
+    ] = None,
+    devices: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of device public keys (*.pub from `fedadapt node keygen`; default: <certs>/devices)."
+        ),
     ] = None,
     insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication: local demos only.")] = False,
 ) -> None:
@@ -195,20 +203,39 @@ def serve(
     try:
         launcher = _checkout_module("deploy.serve")
         deployment = launcher.Deployment(
-            host=host, port=port, certs=certs, insecure=insecure, local_supernodes=local_supernodes
+            host=host, port=port, certs=certs, insecure=insecure, local_supernodes=local_supernodes, devices=devices
         )
         launcher.serve(scenario, deployment, rounds=rounds, out=out, resume=resume)
     except FedAdaptError as err:
         _fail(str(err))
 
 
-@app.command()
+node_app = typer.Typer(
+    help="Join a federation as one device (a Flower SuperNode running fedadapt's ClientApp), or make its key.",
+    invoke_without_command=True,
+)
+app.add_typer(node_app, name="node")
+
+
+@node_app.callback()
 def node(
-    superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")],
-    partition_id: Annotated[int, typer.Option(help="Which part of the scenario's data this device trains on.")],
-    num_partitions: Annotated[int, typer.Option(help="How many parts the data is split into.")],
+    ctx: typer.Context,
+    superlink: Annotated[str | None, typer.Option(help="The server's HOST:PORT (its gateway).")] = None,
+    partition_id: Annotated[
+        int | None, typer.Option(help="Which part of the scenario's data this device trains on.")
+    ] = None,
+    num_partitions: Annotated[int | None, typer.Option(help="How many parts the data is split into.")] = None,
     root_certificates: Annotated[Path | None, typer.Option(help="The CA certificate (ca.crt).")] = None,
-    auth_key: Annotated[Path | None, typer.Option(help="This device's key (devices/device-<i>.key).")] = None,
+    auth_key: Annotated[
+        Path | None, typer.Option(help="This device's private key (from `fedadapt node keygen`).")
+    ] = None,
+    trusted_entities: Annotated[
+        Path | None,
+        typer.Option(help="The server's trusted-entities.yaml: only FABs signed by these identities run here."),
+    ] = None,
+    roster: Annotated[
+        Path | None, typer.Option(help="The devices' public keys, one a line (the server's roster.pub), for SecAgg+.")
+    ] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Where the device keeps its personal part.")] = None,
     data: Annotated[
         Path | None,
@@ -217,6 +244,12 @@ def node(
     insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication: local demos only.")] = False,
 ) -> None:
     """Join a federation as one device: a Flower SuperNode that runs fedadapt's ClientApp."""
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [name for name, v in [("--superlink", superlink), ("--partition-id", partition_id),
+                                    ("--num-partitions", num_partitions)] if v is None]  # fmt: skip
+    if missing:
+        _fail(f"fedadapt node needs {', '.join(missing)} (or the subcommand `keygen`)")
     try:
         launcher = _checkout_module("deploy.node")
         config = launcher.NodeConfig(
@@ -225,6 +258,8 @@ def node(
             num_partitions=num_partitions,
             root_certificates=root_certificates,
             auth_key=auth_key,
+            trusted_entities=trusted_entities,
+            roster=roster,
             insecure=insecure,
             state_dir=state_dir,
             data=data,
@@ -232,6 +267,25 @@ def node(
         raise typer.Exit(launcher.run_node(config))
     except FedAdaptError as err:
         _fail(str(err))
+
+
+@node_app.command("keygen")
+def node_keygen(
+    out: Annotated[Path, typer.Option(help="Folder for <name>.key (mode 0600, stays here) and <name>.pub.")],
+    name: Annotated[str, typer.Option(help="File name and key comment, e.g. device-3.")] = "device",
+) -> None:
+    """Make this device's authentication key on the device; never overwrites. Prints only the public key."""
+    try:
+        made = _checkout_module("deploy.devices").keygen(out, name)
+    except FedAdaptError as err:
+        _fail(str(err))
+        return
+    except OSError as err:
+        _fail(f"cannot write the device key to {out}: {err.strerror or err}")
+        return
+    typer.echo(f"private key: {made.private_path} (stays on this device; mode 0600)")
+    typer.echo(f"public key:  {made.public_path} (give this file to the server operator)")
+    typer.echo(made.public_line)
 
 
 @app.command("export")
@@ -342,31 +396,21 @@ def keys_generate(
 
 @app.command("certs")
 def certs_command(
-    out: Annotated[Path, typer.Option(help="Folder for ca.*, superlink.* and devices/ (private keys mode 0600).")],
+    out: Annotated[Path, typer.Option(help="Folder for ca.*, superlink.*, server-identity.* (private keys 0600).")],
     host: Annotated[
         list[str] | None,
-        typer.Option(help="IP address or DNS name the SuperLink is reached by; repeat for more (default: loopback)."),
+        typer.Option(help="IP address or DNS name devices reach the server by; repeat for more (default: loopback)."),
     ] = None,
-    devices: Annotated[int, typer.Option(help="SuperNode authentication key pairs to create.")] = 0,
-    add_devices: Annotated[
-        int, typer.Option(help="Add N SuperNode key pairs to an existing --out instead (next free numbers).")
-    ] = 0,
     validity_days: Annotated[int, typer.Option(help="Days the certificates stay valid.")] = 825,
 ) -> None:
-    """TLS certificates and SuperNode keys for a Flower deployment; never overwrites. Prints paths, not keys."""
-    from fedadapt.certs import add_device_keys, generate_deployment_certs, next_commands
+    """TLS certificates and the server's FAB-signing identity; never overwrites. Prints paths, not keys.
 
-    if add_devices and (host or devices):
-        _fail("--add-devices adds keys to an existing --out: it takes no --host or --devices")
+    Device keys are made on each device (`fedadapt node keygen`); only their public keys come here.
+    """
+    from fedadapt.certs import generate_deployment_certs, next_commands
+
     try:
-        if add_devices:
-            for device in add_device_keys(out, add_devices):
-                typer.echo(f"device {device.index}: {device.private_path} (secret, mode 0600), {device.public_path}")
-            typer.echo(
-                "fedadapt serve registers every devices/device-<i>.key.pub when it starts: restart it to let them in"
-            )
-            return
-        certs = generate_deployment_certs(out, tuple(host or ("127.0.0.1", "localhost")), devices, validity_days)
+        certs = generate_deployment_certs(out, tuple(host or ("127.0.0.1", "localhost")), validity_days)
     except FedAdaptError as err:
         _fail(str(err))
         return
@@ -377,8 +421,8 @@ def certs_command(
     typer.echo(f"CA private key:        {certs.ca_key}  (secret, mode 0600; keep it offline)")
     typer.echo(f"SuperLink certificate: {certs.server_cert}  (for {', '.join(certs.hosts)})")
     typer.echo(f"SuperLink private key: {certs.server_key}  (secret, mode 0600)")
-    for device in certs.devices:
-        typer.echo(f"device {device.index}: {device.private_path} (secret, mode 0600), {device.public_path}")
+    typer.echo(f"server identity:       {certs.identity_key}  (secret, mode 0600; signs the FAB the server runs)")
+    typer.echo(f"trusted entities:      {certs.trusted_entities}  (copy to every device)")
     typer.echo("next:")
     for line in next_commands(certs):
         typer.echo(f"  {line}")

@@ -18,12 +18,25 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
-from fedadapt.certs import DeploymentCerts, add_device_keys, generate_deployment_certs, validate_hosts
+from deploy.devices import keygen, read_device_keys, write_roster
+from fedadapt.certs import (
+    DeploymentCerts,
+    ensure_server_identity,
+    generate_deployment_certs,
+    identity_key_id,
+    validate_hosts,
+)
 from fedadapt.cli import app
 from fedadapt.errors import ConfigError
 
@@ -66,17 +79,20 @@ def _handshake(certs: DeploymentCerts, ca_file: Path, server_hostname: str) -> N
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> DeploymentCerts:
     out = tmp_path_factory.mktemp("deploy") / "certs"
-    return generate_deployment_certs(out, hosts=("127.0.0.1", "localhost", "Example.org.", "::1"), devices=2)
+    return generate_deployment_certs(out, hosts=("127.0.0.1", "localhost", "Example.org.", "::1"))
 
 
 def test_files_and_modes(deployment: DeploymentCerts) -> None:
     assert _mode(deployment.ca_cert) == _mode(deployment.server_cert) == 0o644
-    assert _mode(deployment.ca_key) == _mode(deployment.server_key) == 0o600
-    assert [d.index for d in deployment.devices] == [0, 1]
-    for device in deployment.devices:
-        assert device.private_path.name == f"device-{device.index}.key"
-        assert device.public_path.name == f"device-{device.index}.key.pub"
-        assert (_mode(device.private_path), _mode(device.public_path)) == (0o600, 0o644)
+    assert _mode(deployment.ca_key) == _mode(deployment.server_key) == _mode(deployment.identity_key) == 0o600
+    assert _mode(deployment.trusted_entities) == _mode(deployment.identity_key.with_suffix(".pub")) == 0o644
+    # No device private key on the server: devices make their own (`fedadapt node keygen`).
+    folder = deployment.ca_cert.parent
+    assert not (folder / "devices").exists()
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ca.crt", "ca.key", "server-identity.key", "server-identity.pub", "superlink.crt", "superlink.key",
+        "trusted-entities.yaml",
+    ]  # fmt: skip
     assert deployment.server_cert.name == "superlink.crt"  # apart from `fedadapt keys generate`'s server.key
     assert deployment.hosts == ("127.0.0.1", "localhost", "example.org", "::1")
     ca = _cert(deployment.ca_cert)
@@ -110,44 +126,110 @@ def test_tls_handshake_verifies_names_and_ca(deployment: DeploymentCerts, tmp_pa
         _handshake(deployment, other.ca_cert, "127.0.0.1")
 
 
-def test_device_keys_load_as_flower_loads_them(deployment: DeploymentCerts) -> None:
+def test_server_identity_is_what_flower_supernode_trusts(deployment: DeploymentCerts) -> None:
+    """trusted-entities.yaml loads as flower-supernode loads it and names the identity key's public half."""
+    from flwr.supernode.cli.flower_supernode import _try_obtain_trusted_entities, _validate_public_keys_ed25519
+
+    entities = _try_obtain_trusted_entities(deployment.trusted_entities)
+    assert entities is not None and len(entities) == 1
+    _validate_public_keys_ed25519(entities)
+    ((key_id, public_line),) = entities.items()
+    private = load_ssh_private_key(deployment.identity_key.read_bytes(), None)
+    assert isinstance(private, ed25519.Ed25519PrivateKey)
+    assert load_ssh_public_key(public_line.encode()) == private.public_key()
+    assert key_id == identity_key_id(public_line.encode())
+
+
+def test_device_keygen_loads_as_flower_loads_it(tmp_path: Path) -> None:
     register = pytest.importorskip("flwr.cli.supernode.register")
-    for device in deployment.devices:
-        private = load_ssh_private_key(device.private_path.read_bytes(), None)  # as flower-supernode
-        assert isinstance(private, ec.EllipticCurvePrivateKey)
-        assert isinstance(private.curve, ec.SECP384R1)
-        public = load_ssh_public_key(device.public_path.read_bytes())
-        assert isinstance(public, ec.EllipticCurvePublicKey) and public == private.public_key()
-        signature = private.sign(b"timestamp", ec.ECDSA(hashes.SHA256()))  # how a SuperNode signs its requests
-        public.verify(signature, b"timestamp", ec.ECDSA(hashes.SHA256()))
-        assert register.try_load_public_key(device.public_path)  # what `flwr supernode register` runs
+    made = keygen(tmp_path / "device", "device-7")
+    assert (_mode(made.private_path), _mode(made.public_path)) == (0o600, 0o644)
+    private = load_ssh_private_key(made.private_path.read_bytes(), None)  # as flower-supernode
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP384R1)
+    public = load_ssh_public_key(made.public_path.read_bytes())
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public == private.public_key()
+    signature = private.sign(b"timestamp", ec.ECDSA(hashes.SHA256()))  # how a SuperNode signs its requests
+    public.verify(signature, b"timestamp", ec.ECDSA(hashes.SHA256()))
+    assert register.try_load_public_key(made.public_path)  # what `flwr supernode register` runs
+    assert made.public_path.read_text() == made.public_line + "\n" and made.public_line.endswith(" device-7")
+    with pytest.raises(ConfigError, match="never overwritten"):
+        keygen(tmp_path / "device", "device-7")
+    assert load_ssh_private_key(made.private_path.read_bytes(), None).public_key() == public  # untouched
+    with pytest.raises(ConfigError, match="--name"):
+        keygen(tmp_path / "device", "../escape")
+
+
+def test_server_reads_only_public_device_keys_and_writes_the_roster(tmp_path: Path) -> None:
+    folder = tmp_path / "devices"
+    first, second = keygen(tmp_path / "a"), keygen(tmp_path / "b", "phone")
+    folder.mkdir()
+    (folder / "device-0.pub").write_bytes(first.public_path.read_bytes())
+    (folder / "device-1.pub").write_bytes(second.public_path.read_bytes())
+    (folder / "notes.txt").write_text("ignored: not a .pub file")
+    keys = read_device_keys(folder)
+    assert [k.path.name for k in keys] == ["device-0.pub", "device-1.pub"]
+    roster = write_roster(keys, tmp_path / "roster.pub")
+    assert roster.read_text() == f"{first.public_line}\n{second.public_line}\n"  # as `cat devices/*.pub`
+    assert _mode(roster) == 0o644
+    (folder / "device-2.pub").write_bytes(first.private_path.read_bytes())
+    with pytest.raises(ConfigError, match=r"device-2\.pub"):
+        read_device_keys(folder)  # a private key handed over by mistake is refused, not registered
+    (folder / "device-2.pub").write_bytes(first.public_path.read_bytes())
+    with pytest.raises(ConfigError, match="same public key"):
+        read_device_keys(folder)
+    ed = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+    (folder / "device-2.pub").write_bytes(ed)
+    with pytest.raises(ConfigError, match="NIST curve"):
+        read_device_keys(folder)
 
 
 def test_keys_are_not_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG):
-        certs = generate_deployment_certs(tmp_path / "c", devices=1)
-    body = certs.devices[0].private_path.read_text().splitlines()[1]
-    assert "PRIVATE KEY" not in caplog.text and body not in caplog.text
+        certs = generate_deployment_certs(tmp_path / "c")
+        made = keygen(tmp_path / "d")
+    for secret in (certs.identity_key, certs.server_key, certs.ca_key, made.private_path):
+        assert secret.read_text().splitlines()[1] not in caplog.text
+    assert "PRIVATE KEY" not in caplog.text
 
 
 def test_refuses_to_overwrite(tmp_path: Path) -> None:
     generate_deployment_certs(tmp_path / "c")
     with pytest.raises(ConfigError, match=r"ca\.crt already exists.*never overwritten"):
         generate_deployment_certs(tmp_path / "c")
-    (tmp_path / "d" / "devices").mkdir(parents=True)
-    (tmp_path / "d" / "devices" / "device-1.key.pub").write_text("x")
-    with pytest.raises(ConfigError, match=r"device-1\.key\.pub already exists"):
-        generate_deployment_certs(tmp_path / "d", devices=2)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "trusted-entities.yaml").write_text("x")
+    with pytest.raises(ConfigError, match=r"trusted-entities\.yaml already exists"):
+        generate_deployment_certs(tmp_path / "d")
     assert not (tmp_path / "d" / "ca.crt").exists()  # checked before anything is written
 
 
-def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedadapt.certs as certs_module
+
+    written: list[Path] = []
+    real = certs_module._write_new
+
+    def fail_on_the_sixth(path: Path, data: bytes, mode: int) -> None:
+        if len(written) == 5:
+            raise OSError("disk full")
+        real(path, data, mode)
+        written.append(path)
+
+    monkeypatch.setattr(certs_module, "_write_new", fail_on_the_sixth)
     out = tmp_path / "c"
-    out.mkdir()
-    (out / "devices").write_text("a file where the folder goes")
-    with pytest.raises(OSError):
-        generate_deployment_certs(out, devices=1)
-    assert sorted(p.name for p in out.iterdir()) == ["devices"]
+    with pytest.raises(OSError, match="disk full"):
+        generate_deployment_certs(out)
+    assert len(written) == 5 and list(out.iterdir()) == []
+
+
+def test_an_older_folder_gets_a_server_identity_once(tmp_path: Path) -> None:
+    certs = generate_deployment_certs(tmp_path / "c")
+    for name in ("server-identity.key", "server-identity.pub", "trusted-entities.yaml"):
+        (tmp_path / "c" / name).unlink()
+    assert ensure_server_identity(tmp_path / "c") is True
+    before = certs.identity_key.read_bytes()
+    assert ensure_server_identity(tmp_path / "c") is False and certs.identity_key.read_bytes() == before
+    assert _mode(certs.identity_key) == 0o600
 
 
 @pytest.mark.parametrize(
@@ -165,26 +247,10 @@ def test_hosts_normalized() -> None:
     assert validate_hosts("example.org") == ("example.org",)
 
 
-@pytest.mark.parametrize(
-    ("devices", "validity_days", "match"), [(-1, 825, "devices"), (0, 0, "validity_days"), (0, 4000, "validity_days")]
-)
-def test_bad_numbers_refused(tmp_path: Path, devices: int, validity_days: int, match: str) -> None:
-    with pytest.raises(ConfigError, match=match):
-        generate_deployment_certs(tmp_path / "c", devices=devices, validity_days=validity_days)
-
-
-def test_add_device_keys_numbering(tmp_path: Path) -> None:
-    out = tmp_path / "c"
-    generate_deployment_certs(out, devices=2)
-    assert [d.index for d in add_device_keys(out, 3)] == [2, 3, 4]
-    for suffix in ("", ".pub"):
-        (out / "devices" / f"device-1.key{suffix}").unlink()
-    assert [d.index for d in add_device_keys(out, 1)] == [5]  # never reuses a number below the highest
-    assert _mode(out / "devices" / "device-5.key") == 0o600
-    with pytest.raises(ConfigError, match="count"):
-        add_device_keys(out, 0)
-    with pytest.raises(ConfigError, match=r"ca\.crt does not exist"):
-        add_device_keys(tmp_path / "empty", 1)
+@pytest.mark.parametrize("validity_days", [0, 4000])
+def test_bad_numbers_refused(tmp_path: Path, validity_days: int) -> None:
+    with pytest.raises(ConfigError, match="validity_days"):
+        generate_deployment_certs(tmp_path / "c", validity_days=validity_days)
 
 
 def test_cli_certs(tmp_path: Path) -> None:
@@ -195,28 +261,21 @@ def test_cli_certs(tmp_path: Path) -> None:
         "superlink.crt" in result.output and "fedadapt serve --config SCENARIO.toml --host 127.0.0.1" in result.output
     )
     assert "127.0.0.1, example.org" in result.output
-    result = runner.invoke(app, ["certs", "--out", str(out), "--add-devices", "2"])
-    assert result.exit_code == 0, result.output
-    assert "device-1.key.pub" in result.output and "fedadapt serve registers every" in result.output
-    secrets = [out / "ca.key", out / "superlink.key", out / "devices" / "device-0.key"]
-    for path in secrets:
+    assert "fedadapt node keygen --out" in result.output and "--trusted-entities trusted-entities.yaml" in result.output
+    for path in [out / "ca.key", out / "superlink.key", out / "server-identity.key"]:
         assert path.read_text().splitlines()[1] not in result.output
+    assert not (out / "devices").exists()
 
 
-def test_cli_certs_devices_and_errors(tmp_path: Path) -> None:
+def test_cli_certs_errors_and_no_device_keys(tmp_path: Path) -> None:
     out = tmp_path / "c"
-    result = runner.invoke(app, ["certs", "--out", str(out), "--devices", "1"])
-    assert result.exit_code == 0, result.output
-    assert (
-        "fedadapt node --superlink 127.0.0.1:9092 --partition-id 0" in result.output and "--auth-key" in result.output
-    )
-    assert (out / "devices" / "device-0.key").read_text().splitlines()[1] not in result.output
+    assert runner.invoke(app, ["certs", "--out", str(out)]).exit_code == 0
     again = runner.invoke(app, ["certs", "--out", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
     bad = runner.invoke(app, ["certs", "--out", str(tmp_path / "x"), "--host", "a b"])
     assert bad.exit_code == 2 and "not an IP address or DNS name" in bad.output
-    mixed = runner.invoke(app, ["certs", "--out", str(out), "--add-devices", "1", "--devices", "1"])
-    assert mixed.exit_code == 2
+    for gone in (["--devices", "1"], ["--add-devices", "1"]):  # the server no longer makes device private keys
+        assert runner.invoke(app, ["certs", "--out", str(tmp_path / "y"), *gone]).exit_code == 2
 
 
 # --- real loopback deployment ---------------------------------------------------------------------
@@ -291,7 +350,8 @@ def test_loopback_supernode_auth(tmp_path: Path) -> None:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
-    good = generate_deployment_certs(tmp_path / "good", hosts=["127.0.0.1"], devices=2)
+    good = generate_deployment_certs(tmp_path / "good", hosts=["127.0.0.1"])
+    device_keys = [keygen(tmp_path / "device-keys", f"device-{i}") for i in range(2)]
     foreign = generate_deployment_certs(tmp_path / "foreign", hosts=["127.0.0.1"])
     port = _free_port()
     procs: list[subprocess.Popen[bytes]] = []
@@ -325,13 +385,13 @@ def test_loopback_supernode_auth(tmp_path: Path) -> None:
             f'[superlink.deploy]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{good.ca_cert.resolve()}"\n'
         )
         register = subprocess.run(
-            [str(bin_dir / "flwr"), "supernode", "register", str(good.devices[0].public_path), "deploy"],
+            [str(bin_dir / "flwr"), "supernode", "register", str(device_keys[0].public_path), "deploy"],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert register.returncode == 0 and "registered successfully" in register.stdout, register.stdout
-        node, node_log = supernode("registered", good.ca_cert, good.devices[0].private_path)
-        stranger, stranger_log = supernode("unregistered", good.ca_cert, good.devices[1].private_path)
-        spoof, spoof_log = supernode("foreign-ca", foreign.ca_cert, good.devices[0].private_path)
+        node, node_log = supernode("registered", good.ca_cert, device_keys[0].private_path)
+        stranger, stranger_log = supernode("unregistered", good.ca_cert, device_keys[1].private_path)
+        spoof, spoof_log = supernode("foreign-ca", foreign.ca_cert, device_keys[0].private_path)
         _wait_for(node_log, "SuperNode ID:", node, 60)
         _wait_for(link_log, "[Fleet.ActivateNode] Activated node_id=", link, 10)
         refused = _wait_for(stranger_log, "Failed to activate SuperNode", stranger, 60, until_exit=True)

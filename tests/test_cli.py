@@ -89,3 +89,44 @@ def test_console_script_exit_code_and_no_traceback() -> None:
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == f"error: unknown method 'nope'; choose one of {sorted(METHODS)}"
     assert done.stdout == ""
+
+
+# --- deployment commands (issue 16): device keys made on the device, nodes that need the server's identity ------
+
+
+def test_node_keygen_prints_only_the_public_key_and_never_overwrites(tmp_path: Path) -> None:
+    out = tmp_path / "keys"
+    result = runner.invoke(app, ["node", "keygen", "--out", str(out), "--name", "device-3"])
+    assert result.exit_code == 0, result.output
+    private, public = out / "device-3.key", out / "device-3.pub"
+    assert (private.stat().st_mode & 0o777, public.stat().st_mode & 0o777) == (0o600, 0o644)
+    assert public.read_text().strip() in result.stdout
+    for line in private.read_text().splitlines()[1:-1]:
+        assert line not in result.output
+    before = private.read_bytes()
+    again = runner.invoke(app, ["node", "keygen", "--out", str(out), "--name", "device-3"])
+    assert again.exit_code == 2 and "never overwritten" in again.stderr
+    assert private.read_bytes() == before
+
+
+def test_a_secure_node_without_trusted_entities_is_refused(tmp_path: Path) -> None:
+    from fedadapt.certs import generate_deployment_certs
+
+    certs = generate_deployment_certs(tmp_path / "certs")
+    assert runner.invoke(app, ["node", "keygen", "--out", str(tmp_path / "k")]).exit_code == 0
+    args = ["node", "--superlink", "127.0.0.1:9092", "--partition-id", "0", "--num-partitions", "2"]
+    args += ["--root-certificates", str(certs.ca_cert), "--auth-key", str(tmp_path / "k" / "device.key")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--trusted-entities" in result.stderr
+    missing = runner.invoke(app, ["node", "--superlink", "127.0.0.1:9092"])
+    assert missing.exit_code == 2 and "--partition-id, --num-partitions" in missing.stderr
+
+
+def test_serve_refuses_devices_with_insecure_or_local_demo(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('name = "x"\n')
+    base = ["serve", "--config", str(scenario), "--out", str(tmp_path / "run")]
+    insecure = runner.invoke(app, [*base, "--insecure", "--devices", str(tmp_path)])
+    assert insecure.exit_code == 2 and "contradict" in insecure.stderr
+    local = runner.invoke(app, [*base, "--local-supernodes", "2", "--devices", str(tmp_path)])
+    assert local.exit_code == 2 and "drop --devices" in local.stderr

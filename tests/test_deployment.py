@@ -1,8 +1,10 @@
 """``fedadapt serve`` on a real loopback deployment: TLS + SuperNode auth, refusals, resume after a kill.
 
-One module-scoped run (the CLI, 3 local SuperNodes, 2 rounds, the tiny BERT) is shared: while it is
-in progress, a SuperNode with an unregistered key and one trusting another CA try to join; its
-output is the reference the interrupted-and-resumed run must match bit for bit. Every process
+One module-scoped run (the CLI, 3 local SuperNodes, 2 rounds, the tiny BERT) is shared. It exposes the
+devices' side on 127.0.0.2 (``--host 127.0.0.2``): the local SuperNodes join there, and while the run is
+in progress a SuperNode with an unregistered key, one trusting another CA, and an attacker calling the
+Control API there (``flwr supernode register`` with its own key, a raw ``start-run``) are all refused.
+Its output is the reference the interrupted-and-resumed run must match bit for bit. Every process
 started here is stopped by PID in a ``finally``; each test ends with no process left below pytest.
 """
 
@@ -24,6 +26,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from deploy.devices import keygen
 from fedadapt.certs import generate_deployment_certs
 from fedadapt.processes import alive, descendants, free_port
 
@@ -32,9 +35,10 @@ runner_module = pytest.importorskip("simulations.runner")
 
 ROUNDS = 2
 NODES = 3
-RUN_TIMEOUT = 420.0  # one 2-round run: ~115 s on 2 idle cores, ~210 s with the load average at 8
+RUN_TIMEOUT = 480.0  # one 2-round run: ~115 s on 2 idle cores, 210-275 s with the load average at 8
 STOP_TIMEOUT = 60.0
 BIN = Path(sys.executable).parent
+EXPOSED = "127.0.0.2"  # the devices' side of the served run; the SuperLink itself stays on 127.0.0.1
 
 
 def _scenario(folder: Path, tiny_bert: Path) -> Path:
@@ -114,8 +118,10 @@ def _popen(command: list[str], log: Path, env: dict[str, str], cwd: Path) -> sub
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd)
 
 
-def _cli_serve(out: Path, scenario: Path, port: int, log: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "fedadapt.cli", "serve", "--config", str(scenario)]
+def _cli_serve(
+    out: Path, scenario: Path, port: int, log: Path, cwd: Path, host: str = "127.0.0.1"
+) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "fedadapt.cli", "serve", "--config", str(scenario), "--host", host]
     command += ["--local-supernodes", str(NODES), "--rounds", str(ROUNDS), "--out", str(out), "--port", str(port)]
     return _popen(command, log, _flower_env(cwd / "flwr-home"), cwd)
 
@@ -155,6 +161,14 @@ class Intruder:
 
 
 @dataclass
+class ControlAttack:
+    register_code: int
+    register_output: str
+    start_run_status: int
+    list_nodes_status: int
+
+
+@dataclass
 class Served:
     scenario: Path
     out: Path
@@ -163,7 +177,28 @@ class Served:
     leftovers: list[int]
     unregistered: Intruder
     foreign_ca: Intruder
+    control: ControlAttack
     seconds: float
+
+
+def _attack_control_api(root: Path, address: str, ca: Path, env: dict[str, str]) -> ControlAttack:
+    """What a network caller holding the address and the public ca.crt gets from the Control API there."""
+    import httpx
+
+    key = keygen(root / "attacker-keys", "attacker")
+    home = Path(env["FLWR_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = "{address}"\nroot-certificates = "{ca}"\n'
+    )
+    register = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "register", str(key.public_path), "x"],
+        env=env, cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    with httpx.Client(verify=str(ca), timeout=30) as client:
+        start = client.post(f"https://{address}/v1/control/start-run", content=b"")
+        listed = client.post(f"https://{address}/v1/control/list-nodes", content=b"")
+    return ControlAttack(register.returncode, register.stdout + register.stderr, start.status_code, listed.status_code)
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +211,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Served:
     out, port = root / "run", free_port()
     # Intruders: a key the SuperLink never registered (with the run's real CA, once it exists), and a CA
     # other than the run's (with a key the SuperLink did register).
-    stranger = generate_deployment_certs(root / "stranger", hosts=["127.0.0.1"], devices=1)
+    stranger = generate_deployment_certs(root / "stranger", hosts=[EXPOSED])
+    stranger_key = keygen(root / "stranger" / "keys")
     tree, started = _Tree(), time.monotonic()
-    serve_proc = _cli_serve(out, scenario, port, root / "serve.out", root)
+    serve_proc = _cli_serve(out, scenario, port, root / "serve.out", root, host=EXPOSED)
     intruders: list[subprocess.Popen[bytes]] = []
     try:
         link_log = out / runner_module.SUPERLINK_LOG
@@ -189,15 +225,16 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Served:
         certs = out / serve_module.CERTS_FOLDER
 
         def intruder(name: str, ca: Path, key: Path) -> subprocess.Popen[bytes]:
-            command = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--port", str(free_port())]
+            command = [str(BIN / "flower-supernode"), "--superlink", f"{EXPOSED}:{port}", "--port", str(free_port())]
             command += ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
             command += ["--node-config", f"partition-id=0 num-partitions={NODES}"]
             proc = _popen(command, root / f"{name}.log", env, root)
             intruders.append(proc)
             return proc
 
-        unregistered = intruder("unregistered", certs / "ca.crt", stranger.devices[0].private_path)
-        foreign = intruder("foreign-ca", stranger.ca_cert, certs / "devices" / "device-0.key")
+        unregistered = intruder("unregistered", certs / "ca.crt", stranger_key.private_path)
+        foreign = intruder("foreign-ca", stranger.ca_cert, certs / "demo-device-keys" / "device-0.key")
+        control = _attack_control_api(root, f"{EXPOSED}:{port}", certs / "ca.crt", _flower_env(root / "attacker"))
         _until(lambda: all(p.poll() is not None for p in intruders), 90, "the intruders to exit", tree, *intruders)
         in_progress = serve_proc.poll() is None
         _until(lambda: serve_proc.poll() is not None, RUN_TIMEOUT - (time.monotonic() - started),
@@ -214,6 +251,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Served:
         leftovers=tree.alive() + _no_process_left(),
         unregistered=Intruder(unregistered.returncode, _text(root / "unregistered.log"), in_progress),
         foreign_ca=Intruder(foreign.returncode, _text(root / "foreign-ca.log"), in_progress),
+        control=control,
         seconds=seconds,
     )
 
@@ -233,7 +271,7 @@ def _mode(path: Path) -> int:
 
 
 @pytest.mark.deployment
-@pytest.mark.timeout(540)
+@pytest.mark.timeout(600)
 def test_tls_node_auth_three_supernodes_end_to_end(served: Served) -> None:
     from fedadapt.folder import load_adapter
     from server.checkpoint import list_checkpoints
@@ -247,22 +285,30 @@ def test_tls_node_auth_three_supernodes_end_to_end(served: Served) -> None:
     assert load_adapter(served.out / "final_adapter").schema_id == metrics["schema_id"]
     assert (served.out / "accuracy.png").is_file() and (served.out / "bytes.png").is_file()
     link = _text(served.out / runner_module.SUPERLINK_LOG)
+    # The SuperLink listens on loopback only; the gateway, with TLS, on the exposed address.
     assert "Uvicorn running on https://127.0.0.1:" in link and "Uvicorn running on http://" not in link
+    assert f"Uvicorn running on https://{EXPOSED}:" in _text(served.out / serve_module.GATEWAY_LOG)
     assert link.count("Activated node_id=") == NODES  # the three registered devices, nobody else
     assert _text(served.out / runner_module.FLWR_LOG).count("registered successfully") == NODES
     for index in range(NODES):
-        assert "SuperNode ID:" in _text(served.out / serve_module.SUPERNODE_LOG.format(index=index))
+        node_log = _text(served.out / serve_module.SUPERNODE_LOG.format(index=index))
+        assert "SuperNode ID:" in node_log and "FAB verification failed" not in node_log  # the signed FAB ran
     certs = served.out / serve_module.CERTS_FOLDER
-    devices = sorted(p.name for p in (certs / "devices").glob("device-*.key"))
-    assert devices == [f"device-{i}.key" for i in range(NODES)]
-    for key in [certs / "ca.key", certs / "superlink.key", *(certs / "devices").glob("device-*.key")]:
+    demo = sorted(p.name for p in (certs / "demo-device-keys").glob("device-*.key"))
+    assert demo == [f"device-{i}.key" for i in range(NODES)]
+    assert list((certs / "devices").glob("*.key")) == []  # the server's devices folder holds public keys only
+    roster = (certs / "roster.pub").read_text().splitlines()
+    assert roster == [(certs / "devices" / f"device-{i}.pub").read_text().strip() for i in range(NODES)]
+    secrets = [certs / "ca.key", certs / "superlink.key", certs / "server-identity.key"]
+    for key in [*secrets, *(certs / "demo-device-keys").glob("device-*.key")]:
         assert _mode(key) == 0o600, key
-    for public in [certs / "ca.crt", certs / "superlink.crt", *(certs / "devices").glob("device-*.key.pub")]:
+    publics = [certs / "ca.crt", certs / "superlink.crt", certs / "trusted-entities.yaml", certs / "roster.pub"]
+    for public in [*publics, *(certs / "devices").glob("device-*.pub")]:
         assert _mode(public) == 0o644, public
 
 
 @pytest.mark.deployment
-@pytest.mark.timeout(540)
+@pytest.mark.timeout(600)
 def test_unregistered_device_and_foreign_ca_are_refused_and_the_run_is_unaffected(served: Served) -> None:
     stranger, foreign = served.unregistered, served.foreign_ca
     assert stranger.run_in_progress and foreign.run_in_progress  # refused while the rounds went on
@@ -276,6 +322,19 @@ def test_unregistered_device_and_foreign_ca_are_refused_and_the_run_is_unaffecte
 
 
 @pytest.mark.deployment
+@pytest.mark.timeout(600)
+def test_control_api_through_the_exposed_address_is_refused_while_the_run_completes(served: Served) -> None:
+    """Issue 16's reproduction: with only the address and ca.crt, `flwr supernode register` used to succeed."""
+    control = served.control
+    assert control.register_code != 0, control.register_output[-3000:]
+    assert "registered successfully" not in control.register_output
+    assert (control.start_run_status, control.list_nodes_status) == (403, 403)
+    assert "refused POST /v1/control/register-node" in _text(served.out / serve_module.GATEWAY_LOG)
+    assert served.returncode == 0, served.output[-3000:]
+    _assert_complete(json.loads((served.out / "metrics.json").read_text()))
+
+
+@pytest.mark.deployment
 @pytest.mark.timeout(900)
 def test_resume_after_sigterm_equals_an_uninterrupted_run(served: Served, tmp_path: Path) -> None:
     from server.checkpoint import load_run_checkpoint
@@ -284,7 +343,8 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(served: Served, tmp_pa
     first = out / "checkpoints" / "round-0001.safetensors"
     proc = _cli_serve(out, served.scenario, free_port(), tmp_path / "serve.out", tmp_path)
     try:
-        _until(lambda: first.exists() or proc.poll() is not None, 180, "round 1's checkpoint", tree, proc)
+        # ~30 s to start (SuperLink, signed FAB, gateway, registrations) and 100-150 s for round 1 at load 7
+        _until(lambda: first.exists() or proc.poll() is not None, 300, "round 1's checkpoint", tree, proc)
         assert proc.poll() is None, _text(tmp_path / "serve.out")[-3000:]
         tree.watch(proc)
         proc.send_signal(signal.SIGTERM)

@@ -133,8 +133,9 @@ class _Serve:
         certs = self.out / "certs"
         command = [sys.executable, "-m", "fedadapt.cli", "node", "--superlink", f"127.0.0.1:{self.port}"]
         command += ["--partition-id", str(partition), "--num-partitions", str(NODES)]
-        key = certs / "devices" / f"device-{partition}.key"
+        key = certs / "demo-device-keys" / f"device-{partition}.key"
         command += ["--root-certificates", str(certs / "ca.crt"), "--auth-key", str(key)]
+        command += ["--trusted-entities", str(certs / "trusted-entities.yaml"), "--roster", str(certs / "roster.pub")]
         env = _flower_env(self.tmp / "node-home")
         self.extra.append(_popen(command, self.tmp / f"node-{partition}.out", env, self.tmp))
 
