@@ -99,6 +99,7 @@ def serve(
     resume: bool = False,
     show: bool = True,
     empty_clients: bool = False,
+    accept_unverified: bool = False,
 ) -> dict[str, Any]:
     """Run the scenario on a SuperLink of this process's own and return its metrics.json contents.
 
@@ -107,7 +108,9 @@ def serve(
     """
     from simulations.plots import write_plots
 
-    plan = plan_simulation(scenario, rounds, out, resume, empty_clients=empty_clients)
+    plan = plan_simulation(
+        scenario, rounds, out, resume, empty_clients=empty_clients, accept_unverified=accept_unverified
+    )
     if plan.scenario.full_model:
         logger.warning("full-model = true is ignored by fedadapt serve: run the comparison with fedadapt simulate")
     if 0 < deployment.local_supernodes < plan.scenario.sample_size:
@@ -325,7 +328,9 @@ def _supernode(
 ) -> subprocess.Popen[bytes]:
     """Local SuperNode ``index`` (partition ``index`` of ``count``) dialling the gateway over loopback."""
     command = [find_tool("flower-supernode"), "--superlink", address, "--port", str(free_port())]
-    node_config = f"partition-id={index} num-partitions={count}"
+    # The demo's devices keep their files where simulated ones do: <out>/clients (their own node config).
+    state_dir = (plan.out_dir / "clients").resolve()
+    node_config = f'partition-id={index} num-partitions={count} state-dir="{state_dir}"'
     if certs is None:
         command += ["--node-config", node_config, "--insecure"]
     else:

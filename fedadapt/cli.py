@@ -181,6 +181,7 @@ def serve(
     rounds: Annotated[int | None, typer.Option(help="Rounds in all (overrides the scenario's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/sim-<name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = False,
+    accept_unverified_checkpoints: Annotated[bool, typer.Option(help=ACCEPT_UNVERIFIED_HELP)] = False,
     local_supernodes: Annotated[
         int, typer.Option(help="Also start this many SuperNodes on this machine over loopback (a demo).")
     ] = 0,
@@ -205,7 +206,14 @@ def serve(
         deployment = launcher.Deployment(
             host=host, port=port, certs=certs, insecure=insecure, local_supernodes=local_supernodes, devices=devices
         )
-        launcher.serve(scenario, deployment, rounds=rounds, out=out, resume=resume)
+        launcher.serve(
+            scenario,
+            deployment,
+            rounds=rounds,
+            out=out,
+            resume=resume,
+            accept_unverified=accept_unverified_checkpoints,
+        )
     except FedAdaptError as err:
         _fail(str(err))
 
