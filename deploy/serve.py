@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fedadapt.errors import ConfigError
+from fedadapt.fleet import CLIENT_STATE_FOLDER
 from fedadapt.processes import find_tool, free_port, stop_process_tree, stop_process_trees, terminate_gracefully
 from fedadapt.scenario import with_overrides
 from simulations.runner import (
@@ -329,7 +330,7 @@ def _supernode(
     """Local SuperNode ``index`` (partition ``index`` of ``count``) dialling the gateway over loopback."""
     command = [find_tool("flower-supernode"), "--superlink", address, "--port", str(free_port())]
     # The demo's devices keep their files where simulated ones do: <out>/clients (their own node config).
-    state_dir = (plan.out_dir / "clients").resolve()
+    state_dir = (plan.out_dir / CLIENT_STATE_FOLDER).resolve()
     node_config = f'partition-id={index} num-partitions={count} state-dir="{state_dir}"'
     if certs is None:
         command += ["--node-config", node_config, "--insecure"]
