@@ -46,11 +46,17 @@ def loads(
         raise JsonInputError(what, f"expected bytes or str, got {type(data).__name__}")
     if len(raw) > max_bytes:
         raise JsonInputError(what, f"{len(raw)} bytes of JSON, more than the {max_bytes} allowed")
+    try:
+        # UTF-8 only (RFC 8259 8.1): json.loads(bytes) would also sniff UTF-16/32, whose bytes the depth scan
+        # below cannot read, so a UTF-16 document could hide its brackets from it.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise JsonInputError(what, f"not UTF-8 ({err.reason} at byte {err.start})") from None
     depth = nesting_depth(raw)
     if depth > max_depth:
         raise JsonInputError(what, f"JSON nested {depth} levels deep, more than the {max_depth} allowed")
     try:
-        return json.loads(raw)
+        return json.loads(text)
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise JsonInputError(what, f"not valid JSON ({str(err)[:200]})") from None
 

@@ -38,10 +38,10 @@ class PrivacyConfig:
     integer levels over [-clipping_range, clipping_range]; the mean's error per value is at most
     2·clipping_range / quantization_range. ``modulus_bits``: the field is the integers mod
     2**bits; the round's example count times ``quantization_range`` must stay below it.
-    ``assume_honest_server``: on a sparse ring (``num_shares`` below the clients per round) the
-    protection against a malicious server needs ``reconstruction_threshold >= num_shares - 1``
-    (docs/privacy.md, threat model); lower thresholds tolerate more dropouts but are accepted only
-    when this says the server is trusted to follow the protocol.
+    ``assume_honest_server``: the protection against a malicious server needs
+    ``reconstruction_threshold >= num_shares - 1`` (docs/privacy.md, threat model); lower thresholds
+    tolerate more dropouts but are accepted only when this says the server is trusted to follow
+    the protocol.
     """
 
     mode: str = "none"
@@ -121,14 +121,14 @@ class PrivacyConfig:
                 f"privacy num-shares must be odd when smaller than the clients per round ({sample_size}): each "
                 f"client shares with (num-shares - 1) / 2 neighbours on either side of a ring; got {self.num_shares}"
             )
-        sparse = self.num_shares < sample_size
-        if sparse and self.reconstruction_threshold < self.num_shares - 1 and not self.assume_honest_server:
+        # Not only on sparse rings: a client cannot see how many clients a round really has, so a server may
+        # sample more than num-shares and hand out lists of its choosing even when the scenario says "every pair".
+        if self.reconstruction_threshold < self.num_shares - 1 and not self.assume_honest_server:
             raise ConfigError(
                 f"privacy reconstruction-threshold {self.reconstruction_threshold} with num-shares {self.num_shares} "
-                f"on a ring of {sample_size} clients does not hold against a malicious server (it needs at least "
-                f"num-shares - 1 = {self.num_shares - 1}; see docs/privacy.md). Raise the threshold, use num-shares "
-                f"= clients per round, or set assume-honest-server = true if the server is trusted to follow the "
-                "protocol"
+                f"does not hold against a malicious server (it needs at least num-shares - 1 = "
+                f"{self.num_shares - 1}; see docs/privacy.md). Raise the threshold, or set assume-honest-server = "
+                "true if the server is trusted to follow the protocol"
             )
 
 

@@ -150,7 +150,7 @@ def load_checkpoint(path: Path, key: bytes | None, accept_unverified: bool = Fal
             )
         logger.warning("checkpoint %s %s; loading it anyway, as %s asks", path, problem, ACCEPT_FLAG)
     try:
-        return Checkpoint(
+        checkpoint = Checkpoint(
             round=int(header["round"]),
             schema_id=str(header["schema_id"]),
             global_state=_with_prefix(tensors, _GLOBAL),
@@ -161,6 +161,15 @@ def load_checkpoint(path: Path, key: bytes | None, accept_unverified: bool = Fal
         )
     except (KeyError, TypeError, ValueError) as err:
         raise StateError(f"{path} is a damaged checkpoint: bad header field {err}") from err
+    named = _NAME.fullmatch(Path(path).name)
+    if named is not None and int(named.group(1)) != checkpoint.round and not accept_unverified:
+        # The HMAC covers the round inside the file, not its name: an older genuine file copied over a
+        # newer name would otherwise roll the run back.
+        raise CheckpointAuthError(
+            f"{path} holds round {checkpoint.round}, not the round its name says: an older checkpoint was "
+            f"copied over a newer one. Move it away to resume from an earlier checkpoint, or pass {ACCEPT_FLAG}"
+        )
+    return checkpoint
 
 
 def _authentication_problem(

@@ -168,3 +168,16 @@ def test_a_deeply_nested_header_is_a_damaged_file_not_a_crash(tmp_path: Path) ->
     )
     loaded = load_latest_checkpoint(tmp_path, KEY)  # the nested file is skipped as damaged
     assert loaded is not None and loaded.round == 1
+
+
+def test_an_older_genuine_file_copied_over_a_newer_name_is_refused(tmp_path: Path) -> None:
+    """The HMAC covers the round inside the file; the name must agree, or an old file rolls the run back."""
+    for server_round in (1, 2, 3):
+        save_checkpoint(tmp_path, _checkpoint(server_round), KEY, keep=5)
+    replayed = checkpoint_path(tmp_path, 5)
+    replayed.write_bytes(checkpoint_path(tmp_path, 1).read_bytes())
+    with pytest.raises(CheckpointAuthError, match=f"{replayed} holds round 1, not the round its name says"):
+        load_latest_checkpoint(tmp_path, KEY)
+    replayed.unlink()
+    resumed = load_latest_checkpoint(tmp_path, KEY)
+    assert resumed is not None and resumed.round == 3

@@ -61,7 +61,7 @@ def test_oversize_input_is_refused_before_it_is_parsed() -> None:
 
 @pytest.mark.parametrize("data", [b"{", b"\xff\xfe", b'{"a": 1,}', b"", b'"\\', b"1e999999" * 0 + b"[1 2]"])
 def test_invalid_json_is_a_named_error(data: bytes) -> None:
-    with pytest.raises(JsonInputError, match="wire metadata: not valid JSON"):
+    with pytest.raises(JsonInputError, match="wire metadata: not (valid JSON|UTF-8)"):
         loads(data, what="wire metadata")
 
 
@@ -78,3 +78,13 @@ def test_an_unterminated_string_of_escaped_quotes_is_scanned_in_linear_time() ->
 def test_a_non_bytes_value_is_a_named_error() -> None:
     with pytest.raises(JsonInputError, match="expected bytes or str, got int"):
         loads(12, what="x")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16", "utf-32"])
+def test_only_utf8_is_read_so_no_encoding_hides_brackets_from_the_depth_scan(encoding: str) -> None:
+    # U+225B encodes as the bytes 5B 22 ('[' '"') in UTF-16-LE: read as bytes, it derails the string scan.
+    text = '{"\u225b":0,"a":' + "[" * 500 + "]" * 500 + "}"
+    raw = text.encode(encoding)
+    # Refused either way: not UTF-8 at all, or UTF-8 (NUL bytes are) that is no JSON document.
+    with pytest.raises(JsonInputError, match="header: not (UTF-8|valid JSON)"):
+        loads(raw, what="header", max_depth=32, max_bytes=len(raw))

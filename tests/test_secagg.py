@@ -1000,11 +1000,13 @@ def test_check_fleet_refuses_what_the_round_cannot_satisfy(
         assert word in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize(("num_shares", "threshold", "sample_size"), [(5, 3, 9), (7, 4, 20), (7, 5, 8)])
-def test_sparse_rings_below_num_shares_minus_one_need_the_honest_server_assumption(
+@pytest.mark.parametrize(("num_shares", "threshold", "sample_size"), [(5, 3, 9), (7, 4, 20), (7, 5, 8), (5, 3, 5)])
+def test_thresholds_below_num_shares_minus_one_need_the_honest_server_assumption(
     num_shares: int, threshold: int, sample_size: int
 ) -> None:
-    """docs/privacy.md: a malicious server defeats t <= n - 2 on a sparse ring; such configs are refused by default."""
+    """docs/privacy.md: a malicious server defeats t <= n - 2; such configs are refused by default.
+
+    Also when num-shares equals the clients per round: a client cannot tell how many the server really sampled."""
     with pytest.raises(ConfigError, match="does not hold against a malicious server") as info:
         secagg(num_shares, threshold, assume_honest_server=False).check_fleet(sample_size)
     assert f"at least num-shares - 1 = {num_shares - 1}" in str(info.value) and "assume-honest-server" in str(
@@ -1012,7 +1014,6 @@ def test_sparse_rings_below_num_shares_minus_one_need_the_honest_server_assumpti
     )
     secagg(num_shares, threshold, assume_honest_server=True).check_fleet(sample_size)
     secagg(num_shares, num_shares - 1, assume_honest_server=False).check_fleet(sample_size)
-    secagg(num_shares, threshold, assume_honest_server=False).check_fleet(num_shares)  # full SecAgg: every pair
 
 
 def test_check_fleet_accepts_what_works() -> None:
