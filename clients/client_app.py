@@ -9,7 +9,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.device import Device, device_from_config, warn_about_device_paths
+from clients.device import Device, device_from_config, enforce_privacy_policy, warn_about_device_paths
 from clients.secure import bytes_array, payload_bytes, run_stage
 from fedadapt import protocol
 from fedadapt.fleet import empty_client_round, evaluate_client, fleet_run_from_config, run_client_round
@@ -31,6 +31,7 @@ def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     run = fleet_run_from_config(context.run_config, PROJECT_ROOT)
     device = _device(context)
+    enforce_privacy_policy(device, run.scenario.privacy)
     config = msg.content.config_records[protocol.CONFIG]
     sealer = _sealer(run.scenario.privacy, context.run_id, context.node_id, run.server_public_key)
     if protocol.SECAGG_STAGE in config:

@@ -1,11 +1,12 @@
 """Which device this is and where it keeps its files: from the device's own configuration, never the run's.
 
 The run config comes from the server. A device's state folder (its personal part, its cached
-split with raw texts), its own data file and its identity key are the device's business: they
-come from its node config (``fedadapt node`` passes ``state-dir``, ``data-path``, ``identity-key``
-and ``roster``), or, in Flower's simulation, which cannot give virtual nodes extra node config,
-from ``FEDADAPT_DEVICE_ROOT`` in the environment the simulation runner starts Flower with. A run
-config that names a path on devices (``client-state-dir``) is ignored there, with a warning.
+split with raw texts), its own data file, its identity key and the weakest privacy mode it takes
+part in are the device's business: they come from its node config (``fedadapt node`` passes
+``state-dir``, ``data-path``, ``identity-key``, ``roster`` and ``require-privacy``), or, in Flower's
+simulation, which cannot give virtual nodes extra node config, from ``FEDADAPT_DEVICE_ROOT`` in the
+environment the simulation runner starts Flower with. A run config that names a path on devices
+(``client-state-dir``) is ignored there, with a warning.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from fedadapt.errors import ConfigError
 from fedadapt.fleet import RUN_CLIENT_STATE_DIR
+from fedadapt.privacy import MODES, PrivacyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ STATE_DIR = "state-dir"  # where a real device keeps its personal part and cache
 DATA_PATH = "data-path"  # the device's own data file (else its partition of the scenario's)
 IDENTITY_KEY = "identity-key"  # the device's ECDSA P-384 key (its SuperNode key): signs its SecAgg+ messages
 ROSTER = "roster"  # the devices' public keys, one OpenSSH line each: whom SecAgg+ messages may come from
+REQUIRE_PRIVACY = "require-privacy"  # the weakest privacy mode this device takes part in: none | aead | secagg+
 DEVICE_ROOT_ENV = "FEDADAPT_DEVICE_ROOT"  # simulation: the folder every virtual device keeps its files in
 DEFAULT_STATE_DIR = Path("~/.fedadapt/device")  # a device with no state-dir configured
 RUN_CONFIG_DEVICE_PATHS = (RUN_CLIENT_STATE_DIR,)  # run-config keys that once named paths on devices
@@ -42,6 +45,7 @@ class Device:
     data_path: Path | None = None
     identity_key: Path | None = None
     roster: Path | None = None
+    required_privacy: str = "none"  # the run config (the server's word) cannot take the device below this
 
 
 def device_from_config(node_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Device:
@@ -55,7 +59,29 @@ def device_from_config(node_config: Mapping[str, Any], environ: Mapping[str, str
         identity = Path(root) / f"device-{partition_id}" / "identity.key"
     if root and roster is None:
         roster = Path(root) / "roster.pub"
-    return Device(partition_id, state_dir, _path(node_config, DATA_PATH), identity, roster)
+    required = str(node_config.get(REQUIRE_PRIVACY, "none") or "none")
+    if required not in MODES:
+        raise ConfigError(f"node config {REQUIRE_PRIVACY!r} must be one of {MODES}, got {required!r}")
+    return Device(partition_id, state_dir, _path(node_config, DATA_PATH), identity, roster, required)
+
+
+def enforce_privacy_policy(device: Device, privacy: PrivacyConfig) -> None:
+    """ConfigError unless the run's privacy is at least what the device requires.
+
+    The scenario a device runs is named by the run config, which the server sets and nobody signs;
+    a device that requires secagg+ refuses a run that asks for less, or that asks it to assume the
+    server follows the protocol (``assume-honest-server``)."""
+    wanted, offered = MODES.index(device.required_privacy), MODES.index(privacy.mode)  # type: ignore[arg-type]
+    if offered < wanted:
+        raise ConfigError(
+            f"this device requires privacy {device.required_privacy!r} (node config {REQUIRE_PRIVACY!r}), the run "
+            f"asks for {privacy.mode!r}: it does not take part"
+        )
+    if device.required_privacy == "secagg+" and privacy.assume_honest_server:
+        raise ConfigError(
+            f"this device requires secagg+ against a malicious server (node config {REQUIRE_PRIVACY!r}), the run "
+            "sets assume-honest-server = true: it does not take part"
+        )
 
 
 def warn_about_device_paths(run_config: Mapping[str, Any]) -> list[str]:

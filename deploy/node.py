@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedadapt.errors import ConfigError
+from fedadapt.privacy import MODES
 from fedadapt.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
 from simulations.runner import flower_env
 
@@ -38,6 +39,7 @@ class NodeConfig:
     state_dir: Path | None = None  # where the device keeps its personal part
     data: Path | None = None  # the device's own data file; None: its partition of the scenario's data
     port: int | None = None  # the SuperNode's own ClientAppIo port; None: a free one
+    require_privacy: str = "none"  # the weakest privacy mode the device takes part in (the run config can't lower it)
 
     def __post_init__(self) -> None:
         host, _, port = self.superlink.rpartition(":")
@@ -57,6 +59,10 @@ class NodeConfig:
             for path in (self.root_certificates, self.auth_key, self.trusted_entities):
                 if not path.is_file():
                     raise ConfigError(f"{path} does not exist")
+        if self.require_privacy not in MODES:
+            raise ConfigError(f"--require-privacy must be one of {MODES}, got {self.require_privacy!r}")
+        if self.require_privacy == "secagg+" and (self.roster is None or self.auth_key is None):
+            raise ConfigError("--require-privacy secagg+ needs --roster and --auth-key (the device signs with its key)")
         if self.roster is not None and not self.roster.is_file():
             raise ConfigError(f"--roster {self.roster} does not exist")
         if self.data is not None and not self.data.exists():
@@ -73,6 +79,7 @@ class NodeConfig:
             node_config += f' identity-key="{self.auth_key.resolve()}"'
         if self.roster is not None:
             node_config += f' roster="{self.roster.resolve()}"'
+        node_config += f' require-privacy="{self.require_privacy}"'
         command = [find_tool("flower-supernode"), "--superlink", self.superlink]
         command += ["--port", str(self.port or free_port()), "--node-config", node_config]
         if self.insecure:

@@ -250,6 +250,10 @@ def node(
         typer.Option(help="The device's own CSV/JSON/JSONL data (default: its partition of the scenario's data)."),
     ] = None,
     insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication: local demos only.")] = False,
+    require_privacy: Annotated[
+        str,
+        typer.Option(help="The weakest privacy mode this device takes part in: none, aead or secagg+."),
+    ] = "none",
 ) -> None:
     """Join a federation as one device: a Flower SuperNode that runs fedadapt's ClientApp."""
     if ctx.invoked_subcommand is not None:
@@ -271,6 +275,7 @@ def node(
             insecure=insecure,
             state_dir=state_dir,
             data=data,
+            require_privacy=require_privacy,
         )
         raise typer.Exit(launcher.run_node(config))
     except FedAdaptError as err:

@@ -9,13 +9,20 @@ from pathlib import Path
 import pytest
 
 from fedadapt.errors import ConfigError
+from fedadapt.privacy import PrivacyConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from clients import device as device_module  # noqa: E402
-from clients.device import DEFAULT_STATE_DIR, DEVICE_ROOT_ENV, device_from_config, warn_about_device_paths  # noqa: E402
+from clients.device import (  # noqa: E402
+    DEFAULT_STATE_DIR,
+    DEVICE_ROOT_ENV,
+    device_from_config,
+    enforce_privacy_policy,
+    warn_about_device_paths,
+)
 
 
 def test_node_config_names_every_path(tmp_path: Path) -> None:
@@ -69,3 +76,38 @@ def test_run_config_device_paths_are_warned_about_once(
         warn_about_device_paths({"client-state-dir": "/srv/anywhere"})
         assert warn_about_device_paths({"client-state-dir": ""}) == []
     assert len(caplog.records) == 1 and "ignored" in caplog.records[0].getMessage()
+
+
+def _privacy(mode: str, **changes: object) -> PrivacyConfig:
+    return PrivacyConfig(mode=mode, **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("required", "offered", "refused"),
+    [
+        ("secagg+", _privacy("none"), "asks for 'none'"),
+        ("secagg+", _privacy("aead"), "asks for 'aead'"),
+        ("aead", _privacy("none"), "asks for 'none'"),
+        (
+            "secagg+",
+            _privacy("secagg+", num_shares=5, reconstruction_threshold=3, assume_honest_server=True),
+            "assume-honest-server",
+        ),
+    ],
+)
+def test_the_run_config_cannot_take_a_device_below_its_privacy_policy(
+    required: str, offered: PrivacyConfig, refused: str
+) -> None:
+    device = device_from_config({"partition-id": 0, "require-privacy": required}, environ={})
+    with pytest.raises(ConfigError, match=refused):
+        enforce_privacy_policy(device, offered)
+
+
+def test_a_run_at_or_above_the_policy_goes_ahead() -> None:
+    for required, offered in [("none", "none"), ("none", "secagg+"), ("aead", "aead"), ("aead", "secagg+")]:
+        device = device_from_config({"partition-id": 0, "require-privacy": required}, environ={})
+        enforce_privacy_policy(device, _privacy(offered))
+    device = device_from_config({"partition-id": 0, "require-privacy": "secagg+"}, environ={})
+    enforce_privacy_policy(device, _privacy("secagg+"))
+    with pytest.raises(ConfigError, match="'require-privacy' must be one of"):
+        device_from_config({"partition-id": 0, "require-privacy": "tls"}, environ={})

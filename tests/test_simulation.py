@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from helpers import StubGrid, seed_with_one_crash
 
@@ -439,3 +439,20 @@ def test_resume_refuses_a_substituted_checkpoint(tiny_bert: Path, tmp_path: Path
     forged.unlink()
     resumed = _run(InProcessGrid(3, _config(scenario, out, resume=True)))
     assert [r["round"] for r in resumed["rounds"]] == [1, 2]
+
+
+def test_a_device_that_requires_secagg_refuses_a_plain_run(tiny_bert: Path, tmp_path: Path) -> None:
+    """The run config (the server's, unsigned) names a plain scenario: the device's own policy refuses it."""
+    scenario = _scenario_file(tmp_path, tiny_bert)
+    config = ConfigRecord({protocol.SERVER_ROUND: 1, protocol.SCHEMA_ID: "x", protocol.COMPRESSION: "none"})
+    arrays = ArrayRecord({protocol.ADAPTER_STATE: Array(np.zeros(4, dtype=np.uint8))})
+    message = Message(
+        RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config}), message_type=MessageType.TRAIN, dst_node_id=101
+    )
+    node_config = {"partition-id": 0, "state-dir": str(tmp_path / "state"), "require-privacy": "secagg+"}
+    context = Context(
+        run_id=1, node_id=101, node_config=node_config, state=RecordDict(), run_config=_config(scenario, tmp_path)
+    )
+    with pytest.raises(Exception, match="requires privacy 'secagg\\+'.*asks for 'none'"):
+        client_app(message, context)
+    assert not (tmp_path / "state").exists()  # refused before any training or file
