@@ -6,9 +6,10 @@ Flower 1.41's format (``flwr app review`` signs, ``flower-supernode --trusted-en
 as ``{key id: '{"signature": base64url, "signed_at": int}'}``. Open-source Flower attaches such
 records only to Flower Hub apps, so ``deploy/gateway.py`` attaches this one to the FAB devices fetch.
 
-The FAB is built exactly as ``flwr run <project>`` builds it (``flwr.cli.build.build_fab_from_disk``:
-sorted files, fixed zip dates), so the hash signed here is the hash of the FAB the run submits. If
-the project changes between the two builds, devices refuse the run: it fails closed.
+The FAB is built as ``flwr run <project>`` builds it (``flwr.cli.build.build_fab_from_disk``: sorted
+files, fixed zip dates). ``fedadapt serve`` unpacks it and runs ``flwr run`` on the unpacked files,
+which rebuild the same bytes: the FAB that runs is the FAB signed here, whatever happens to the
+checkout meanwhile (a FAB that differed would be refused by the devices: it fails closed).
 """
 
 from __future__ import annotations

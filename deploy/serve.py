@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,7 @@ CONNECTION = "fedadapt"  # the name of the SuperLink connection in the private F
 CERTS_FOLDER = "certs"
 SUPERNODE_LOG = "supernode-{index}.log"
 GATEWAY_LOG = "gateway.log"
+FAB_VERIFICATIONS = "fab-verifications.json"  # in the private FLWR_HOME: the gateway's signature records
 INSECURE_WARNING = (
     "INSECURE: TLS and SuperNode authentication are off. Anyone who can reach the port can join the "
     "federation or read what travels. Use this on a single machine for a demo only."
@@ -143,7 +146,7 @@ def serve(
                 for index in range(deployment.local_supernodes)
             ]
             try:
-                code = _run_app(plan, flwr_home, link.env, show)
+                code = _run_app(plan, flwr_home, link.env, show, link.app)
             finally:
                 # The SuperLink (and the ServerApp below it) first: with the nodes gone first, the
                 # ServerApp would close the interrupted round as failed and mark the run complete.
@@ -235,6 +238,7 @@ class _Link:
     address: str  # HOST:PORT devices dial: the gateway
     superlink: subprocess.Popen[bytes]
     gateway: subprocess.Popen[bytes]
+    app: Path  # what `flwr run` submits: the signed FAB's own files, or the project (--insecure)
 
 
 # Flower starts legacy gRPC Control/Fleet servers on 0.0.0.0 when these are "1": never here.
@@ -263,12 +267,13 @@ def _superlink(flwr_home: Path, out_dir: Path, deployment: Deployment, certs: _C
     gateway = None
     try:
         _wait_listening("127.0.0.1", inner, superlink, log_file, "flower-superlink")
+        app = PROJECT_ROOT if certs is None else _signed_app(flwr_home, certs)
         gateway = _gateway(flwr_home, out_dir, deployment.host, port, inner, certs, env)
         _wait_listening(exposed, port, gateway, out_dir / GATEWAY_LOG, "the gateway")
         if certs is not None:
             for public in certs.device_publics:
                 _register(flwr_home, env, public, out_dir / FLWR_LOG)
-        yield _Link(env, address, superlink, gateway)
+        yield _Link(env, address, superlink, gateway, app)
     finally:
         stop_process_trees([superlink] if gateway is None else [superlink, gateway])
 
@@ -288,18 +293,31 @@ def _gateway(
     if certs is None:
         command += ["--upstream", f"http://127.0.0.1:{inner}"]
     else:
-        from .fab_signing import build_fab, load_identity, write_verifications
-
-        verifications = flwr_home / "fab-verifications.json"
-        write_verifications(build_fab(PROJECT_ROOT), load_identity(certs.identity), verifications)
         command += ["--upstream", f"https://127.0.0.1:{inner}", "--ca-certfile", str(certs.ca)]
         command += ["--certfile", str(certs.certificate), "--keyfile", str(certs.key)]
-        command += ["--fab-verifications", str(verifications)]
+        command += ["--fab-verifications", str(flwr_home / FAB_VERIFICATIONS)]
     path = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     with (out_dir / GATEWAY_LOG).open("ab") as log:
         return subprocess.Popen(
             command, cwd=flwr_home, env=env | {"PYTHONPATH": path}, stdout=log, stderr=subprocess.STDOUT
         )
+
+
+def _signed_app(flwr_home: Path, certs: _Certs) -> Path:
+    """Build and sign the project's FAB, and unpack it as the app ``flwr run`` submits.
+
+    ``flwr run`` rebuilds the FAB from a folder; from the unpacked FAB it rebuilds the same bytes
+    (sorted files, fixed dates), so the FAB that runs is the one signed even if the checkout
+    changes meanwhile.
+    """
+    from .fab_signing import build_fab, load_identity, write_verifications
+
+    fab = build_fab(PROJECT_ROOT)
+    write_verifications(fab, load_identity(certs.identity), flwr_home / FAB_VERIFICATIONS)
+    app = flwr_home / "app"
+    with zipfile.ZipFile(io.BytesIO(fab)) as archive:
+        archive.extractall(app)
+    return app
 
 
 def _write_connection(flwr_home: Path, address: str, certs: _Certs | None) -> None:
@@ -371,10 +389,10 @@ def _wait_listening(host: str, port: int, process: subprocess.Popen[bytes], log_
     raise SimulationError(f"{what} did not listen on {host}:{port} within {STARTUP_TIMEOUT:g} s")
 
 
-def _run_app(plan: SimulationPlan, flwr_home: Path, env: dict[str, str], show: bool) -> int:
-    """``flwr run`` the project on the deployment SuperLink; returns its exit code."""
+def _run_app(plan: SimulationPlan, flwr_home: Path, env: dict[str, str], show: bool, app: Path) -> int:
+    """``flwr run`` the app on the deployment SuperLink; returns its exit code."""
     overrides = write_run_config(plan, flwr_home)
-    command = [find_tool("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream", "--run-config", str(overrides)]
+    command = [find_tool("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", str(overrides)]
     with (plan.out_dir / FLWR_LOG).open("ab") as log:
         process = subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -150,6 +151,9 @@ def test_only_the_fleet_api_is_reachable_and_an_unsigned_fab_is_refused(tmp_path
     try:
         with serve_module._superlink(home, out, deployment, certs) as link:
             assert link.address == address
+            # What `flwr run` submits (the unpacked signed FAB) rebuilds to exactly the FAB the server signed.
+            signed = json.loads((home / serve_module.FAB_VERIFICATIONS).read_text())
+            assert list(signed) == [hashlib.sha256(fab_signing.build_fab(link.app)).hexdigest()]
             # The SuperLink itself is on 127.0.0.1 only: nothing answers on the exposed host but the gateway.
             inner = int((home / "config.toml").read_text().split('address = "127.0.0.1:')[1].split('"')[0])
             with pytest.raises(OSError), socket.create_connection((EXPOSED, inner), timeout=2):
