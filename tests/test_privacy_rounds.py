@@ -757,6 +757,45 @@ def test_a_device_finds_its_identity_in_node_config_or_the_device_root(tmp_path:
         device_identity(Device(2, tmp_path), context)
 
 
+def test_the_client_app_answers_one_setup_per_round(device_root: Path) -> None:
+    """A server that re-sends a round's setup would wipe the device's session and get a second survivor-set
+    signature for the round: the ClientApp refuses it (the session of a later round or another run is new)."""
+    from types import SimpleNamespace
+
+    from clients.client_app import _device
+    from clients.secure import run_stage
+    from fedadapt.errors import SecAggError
+
+    privacy = PrivacyConfig(mode="secagg+", num_shares=3, reconstruction_threshold=2)
+    run = SimpleNamespace(scenario=SimpleNamespace(privacy=privacy))
+    sealer = ClientSealer(privacy, run_id=1, node_id=7)  # no server key: payloads pass through
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
+    device = _device(context)
+
+    def setup(server_round: int) -> Message:
+        request = wire.pack({stages.NEIGHBOURS: wire.pack_ids([8, 9])})
+        config = {protocol.SERVER_ROUND: server_round, protocol.SCHEMA_ID: "s", protocol.SECAGG_STAGE: stages.SETUP}
+        content = RecordDict(
+            {
+                protocol.ARRAYS: ArrayRecord({protocol.SECAGG_PAYLOAD: Array(np.frombuffer(request, np.uint8))}),
+                protocol.CONFIG: ConfigRecord(config),  # type: ignore[arg-type]
+            }
+        )
+        message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=7)
+        return run_stage(message, context, run, sealer, device)  # type: ignore[arg-type]
+
+    first = setup(3)
+    saved = context.state.config_records[protocol.SECAGG_SESSION]["session"]
+    for server_round in (3, 2):
+        refused = f"setup for round {server_round}, but this device already set up round 3"
+        with pytest.raises(SecAggError, match=refused):
+            setup(server_round)
+    assert context.state.config_records[protocol.SECAGG_SESSION]["session"] == saved  # the signed-for session stays
+    assert not first.has_error() and not setup(4).has_error()  # the next round sets up as usual
+    context.state = RecordDict()  # a device that lost its context state simply has no session
+    assert not setup(3).has_error()
+
+
 # --- a real Flower simulation -----------------------------------------------------------------------------------
 
 
