@@ -39,10 +39,6 @@ def bytes_to_array(blob: bytes) -> Array:
     return Array(np.frombuffer(blob, dtype=np.uint8))
 
 
-def array_to_bytes(array: Array) -> bytes:
-    return array.numpy().tobytes()
-
-
 def destinations(messages: list[Message]) -> dict[str, int]:
     """Message id → destination node of messages already sent (the grid sets their ids when it pushes them)."""
     return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
@@ -70,11 +66,6 @@ def client_error_reason(text: str | None, limit: int = REASON_LIMIT) -> str:
 def envelope_reason(err: EnvelopeError) -> str:
     """The rejection reason of a payload that failed to open (the envelope's own reason first)."""
     return f"envelope rejected ({err.reason}): {err}"[:REASON_LIMIT]
-
-
-def malformed_reason(err: Exception) -> str:
-    """The rejection reason of a reply that lacks a record or holds a wrong one."""
-    return f"malformed reply: missing or bad {err}"[:REASON_LIMIT]
 
 
 # --- the round's replies, one at a time -------------------------------------------------------------------------
@@ -139,13 +130,48 @@ def read_delta_reply(reply: Message, node: int, max_bytes: int) -> DeltaReply:
         raise ReplyError(f"malformed reply: no {protocol.METRICS} record")
     metrics = checked_metrics(dict(record))
     num_examples = metrics.pop(protocol.NUM_EXAMPLES, None)  # sealed modes: inside the envelope
-    client = f"node {node}"
-    if "partition-id" in metrics:
-        partition = metrics["partition-id"]
-        if isinstance(partition, float) or partition < 0:
-            raise ReplyError(f"malformed reply: partition-id must be a non-negative int, got {partition!r}")
-        client = f"client {partition} (node {node})"
-    return DeltaReply(client, payload, num_examples, metrics)
+    return DeltaReply(client_label(node, metrics), payload, num_examples, metrics)
+
+
+@dataclass(frozen=True)
+class StageReply:
+    """One client's SecAgg+ stage reply, read within bounds: its sealed payload and its (checked) metrics."""
+
+    client: str
+    payload: bytes
+    metrics: dict[str, int | float]
+
+
+def read_stage_reply(reply: Message, node: int, max_bytes: int) -> StageReply:
+    """The sealed payload and metrics of a SecAgg+ stage reply; ReplyError naming what is wrong otherwise.
+
+    Read as ``read_delta_reply`` reads a plain round's reply: ``max_bytes`` is the stage's cap, the
+    metrics record is optional (only the masked stage sends one) and checked when present.
+    """
+    if reply.has_error():
+        raise ReplyError(f"client error: {client_error_reason(reply.error.reason)}")
+    content = reply.content
+    arrays = content.get(protocol.ARRAYS)
+    if not isinstance(arrays, ArrayRecord) or protocol.SECAGG_PAYLOAD not in arrays:
+        raise ReplyError(f"malformed reply: no {protocol.ARRAYS}/{protocol.SECAGG_PAYLOAD} array")
+    payload = payload_bytes(arrays[protocol.SECAGG_PAYLOAD], max_bytes)
+    metrics: dict[str, int | float] = {}
+    if protocol.METRICS in content:
+        record = content.get(protocol.METRICS)
+        if not isinstance(record, MetricRecord):
+            raise ReplyError(f"malformed reply: {protocol.METRICS} is a {type(record).__name__}, not a MetricRecord")
+        metrics = checked_metrics(dict(record))
+    return StageReply(client_label(node, metrics), payload, metrics)
+
+
+def client_label(node: int, metrics: dict[str, int | float]) -> str:
+    """How reasons and metrics.json name the client: by its partition id when it sends one (checked here)."""
+    if "partition-id" not in metrics:
+        return f"node {node}"
+    partition = metrics["partition-id"]
+    if isinstance(partition, float) or partition < 0:
+        raise ReplyError(f"malformed reply: partition-id must be a non-negative int, got {partition!r}")
+    return f"client {partition} (node {node})"
 
 
 def payload_bytes(array: Array, max_bytes: int) -> bytes:
@@ -163,6 +189,8 @@ def payload_bytes(array: Array, max_bytes: int) -> bytes:
         decoded = array.numpy()
     except (ValueError, TypeError, EOFError, OSError) as err:  # what np.load raises on a bad .npy
         raise ReplyError(f"malformed reply: the payload array does not decode ({str(err)[:_SHOWN]})") from None
+    if not isinstance(decoded, np.ndarray):  # np.load reads an .npz as an NpzFile
+        raise ReplyError(f"malformed reply: the payload array's data is a {type(decoded).__name__}, not an .npy array")
     if decoded.dtype != np.uint8 or decoded.ndim != 1 or decoded.size > max_bytes:
         raise ReplyError("malformed reply: the payload array's data is not the 1-D uint8 array its metadata says")
     return decoded.tobytes()

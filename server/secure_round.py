@@ -17,23 +17,51 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedadapt import protocol
-from fedadapt.errors import EnvelopeError, SecAggError
+from fedadapt.aggregate import REASON_LIMIT
+from fedadapt.envelope import HEADER_SIZE, TAG_SIZE
+from fedadapt.errors import EnvelopeError, ReplyError, SecAggError
 from fedadapt.privacy import PrivacyConfig
-from fedadapt.secagg import stages
+from fedadapt.secagg import masking, stages, wire
 from fedadapt.secagg.server import SecAggRound
 from fedadapt.state import AdapterSchema, State
 from fedadapt.transport import ServerOpener
 from server.replies import (
-    array_to_bytes,
     bytes_to_array,
-    client_error_reason,
     destinations,
     envelope_reason,
-    malformed_reason,
+    read_stage_reply,
     reply_node,
+    unexpected_reason,
 )
 
 logger = logging.getLogger(__name__)
+
+# The key stages' payloads are small and do not grow with the model: measured 0.8 KB (setup), 0.65 KB per
+# neighbour (share-keys), 0.13 KB (consistency) and 0.09 KB per share holder (unmask); the caps leave room.
+_SETUP_BYTES = 4096
+_SHARE_BYTES = 2048  # per neighbour, share-keys
+_SIGNATURE_BYTES = 1024
+_UNMASK_SHARE_BYTES = 512  # per share holder, unmask
+_FRAMING_BYTES = 1024  # the framing of a key stage's fields beside their data
+
+
+def stage_limits(privacy: PrivacyConfig, vector_length: int, schema_id: str) -> dict[str, int]:
+    """The most bytes a client's sealed payload may have at each stage: the masked stage's cap follows from
+    the vector, (values + 2) field elements and their framing; the key stages' from ``num-shares``."""
+    element = masking.field_dtype(privacy).itemsize
+    plain = {
+        stages.SETUP: _SETUP_BYTES,
+        stages.SHARE_KEYS: _SHARE_BYTES * (privacy.num_shares - 1) + _FRAMING_BYTES,
+        stages.MASKED: len(wire.pack({stages.MASKED_VECTOR: b""})) + (vector_length + masking.EXTRA_ENTRIES) * element,
+        stages.CONSISTENCY: _SIGNATURE_BYTES,
+        stages.UNMASK: _UNMASK_SHARE_BYTES * privacy.num_shares + _FRAMING_BYTES,
+    }
+    return {stage: size + _envelope_overhead(privacy, schema_id, stage) for stage, size in plain.items()}
+
+
+def _envelope_overhead(privacy: PrivacyConfig, schema_id: str, stage: str) -> int:
+    """Bytes the sealer adds to a stage payload: header, schema id, kind (the stage) and tag."""
+    return HEADER_SIZE + len(schema_id.encode()) + len(stage.encode()) + TAG_SIZE if privacy.sealed else 0
 
 
 @dataclass
@@ -79,7 +107,8 @@ def run_secure_round(
     from fedadapt.state import unflatten_state
 
     specs = schema.specs("shared")
-    talk = _Talk(grid, server_round, schema.schema_id, opener, timeout)
+    limits = stage_limits(privacy, schema.num_params("shared"), schema.schema_id)
+    talk = _Talk(grid, server_round, schema.schema_id, opener, timeout, limits)
     outcome = SecureRoundOutcome()
     try:
         secagg = SecAggRound(
@@ -106,6 +135,12 @@ def run_secure_round(
         outcome.record = talk.record(secagg, error=str(err))
         outcome.client_metrics = talk.client_metrics()
         return outcome
+    except Exception as err:  # last resort: whatever a client's bytes cause, the run goes on without this round
+        logger.exception("round %d: secure aggregation failed unexpectedly", server_round)
+        error = f"secure aggregation failed: unexpected {type(err).__name__}: {err}"[:REASON_LIMIT]
+        outcome.record = talk.record(secagg, error=error)
+        outcome.client_metrics = talk.client_metrics()
+        return outcome
     outcome.mean = unflatten_state(torch.from_numpy(result.mean), specs)
     outcome.record = talk.record(secagg) | {
         "accepted": len(result.contributors),
@@ -120,9 +155,17 @@ def run_secure_round(
 class _Talk:
     """Sends one stage's requests, collects and opens the replies, and keeps the stage's figures."""
 
-    def __init__(self, grid: Grid, server_round: int, schema_id: str, opener: ServerOpener, timeout: float) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        server_round: int,
+        schema_id: str,
+        opener: ServerOpener,
+        timeout: float,
+        limits: dict[str, int],
+    ) -> None:
         self.grid, self.server_round, self.schema_id = grid, server_round, schema_id
-        self.opener, self.timeout = opener, timeout
+        self.opener, self.timeout, self.limits = opener, timeout, limits
         self.stages: dict[str, dict[str, float | int]] = {}
         self._metrics: dict[int, dict[str, Any]] = {}
 
@@ -161,22 +204,23 @@ class _Talk:
         return exchange.replies, exchange.failed
 
     def _take(self, stage: str, reply: Message, exchange: _Exchange, node: int) -> None:
-        if reply.has_error():
-            exchange.failed[node] = f"client error: {client_error_reason(reply.error.reason)}"
-            return
+        """Read, bound-check and open one reply: it ends in ``exchange.replies`` or as the node's named failure."""
         try:
-            sealed = array_to_bytes(reply.content.array_records[protocol.ARRAYS][protocol.SECAGG_PAYLOAD])
-        except (KeyError, TypeError, ValueError) as err:
-            exchange.failed[node] = malformed_reason(err)
+            read = read_stage_reply(reply, node, self.limits[stage])
+            exchange.bytes_up += len(read.payload)
+            exchange.replies[node] = self.opener.open(read.payload, self.server_round, node, self.schema_id, stage)
+        except ReplyError as err:
+            exchange.failed[node] = str(err)[:REASON_LIMIT]
             return
-        exchange.bytes_up += len(sealed)
-        try:
-            exchange.replies[node] = self.opener.open(sealed, self.server_round, node, self.schema_id, stage)
         except EnvelopeError as err:
             exchange.failed[node] = envelope_reason(err)
             return
-        if protocol.METRICS in reply.content.metric_records:
-            self._metrics[node] = dict(reply.content.metric_records[protocol.METRICS])
+        except Exception as err:  # last resort: a client's bytes must never end the round
+            logger.exception("round %d: unexpected error in the %s reply of node %d", self.server_round, stage, node)
+            exchange.failed[node] = unexpected_reason(err)
+            return
+        if read.metrics:
+            self._metrics[node] = read.metrics
 
     def label(self, node: int) -> str:
         partition = self._metrics.get(node, {}).get("partition-id")

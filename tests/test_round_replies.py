@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import re
 import struct
 import sys
@@ -250,6 +251,13 @@ def test_an_oversize_payload_is_rejected_before_it_is_decoded(
     assert reasons(fields) == {"node 102": f"payload of {cap + 1} bytes exceeds the {cap} the largest legal one takes"}
 
 
+def _npz() -> bytes:
+    """An .npz archive: np.load reads it as an NpzFile, not an array."""
+    buffer = io.BytesIO()
+    np.savez(buffer, a=np.zeros(3, np.uint8))
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
@@ -257,6 +265,10 @@ def test_an_oversize_payload_is_rejected_before_it_is_decoded(
         (lambda: reply(102, b"x", None), "malformed reply: no metrics record"),
         (lambda: reply(102, Array(np.zeros(8, np.float32)), {}), "malformed reply: the payload must be a 1-D uint8"),
         (lambda: reply(102, Array(np.zeros((2, 2), np.uint8)), {}), "malformed reply: the payload must be a 1-D uint8"),
+        (
+            lambda: reply(102, Array(dtype="uint8", shape=(3,), stype="numpy.ndarray", data=_npz()), {}),
+            "malformed reply: the payload array's",
+        ),
         (lambda: reply(102, b"x", {"accuracy": [0.5, 0.7]}), "malformed reply: metric 'accuracy' is a list"),
         (lambda: reply(102, b"x", {"accuracy": float("nan")}), "malformed reply: metric 'accuracy' is nan"),
         (lambda: reply(102, b"x", {"partition-id": -4}), "malformed reply: partition-id must be a non-negative int"),
