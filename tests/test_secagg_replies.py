@@ -74,6 +74,7 @@ class SecureGrid(StubGrid):
     nodes: list[int] = field(default_factory=lambda: list(NODES))
     tamper: dict[tuple[int, str], Tamper] = field(default_factory=dict)
     sessions: dict[int, bytes] = field(default_factory=dict)
+    crash: set[tuple[int, str]] = field(default_factory=set)  # (node, stage) whose ClientApp raises
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
@@ -87,6 +88,8 @@ class SecureGrid(StubGrid):
         stage = str(config[protocol.SECAGG_STAGE])
         request = message.content.array_records[protocol.ARRAYS][protocol.SECAGG_PAYLOAD].numpy().tobytes()
         try:
+            if (node, stage) in self.crash:
+                raise RuntimeError("device lost")
             payload = self._step(node, stage, request)
         except Exception as err:  # Flower's runtime turns a ClientApp exception into an error reply
             return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
@@ -165,6 +168,20 @@ def _with_metrics(metrics: dict[str, Any]) -> Tamper:
     return tamper
 
 
+def _beside(array: bool) -> Tamper:
+    """A reply with a 1 MiB array the server did not ask for, in the payload's record or a record of its own."""
+
+    def tamper(reply: Message) -> Message:
+        junk = Array(np.zeros(2**20, np.uint8))
+        if array:
+            reply.content[protocol.ARRAYS]["junk"] = junk
+        else:
+            reply.content["junk"] = ArrayRecord({"junk": junk})
+        return reply
+
+    return tamper
+
+
 # --- (A) one client's stage reply cannot end the run ------------------------------------------------------------
 
 HOSTILE_REPLIES: list[tuple[str, Callable[[], Tamper], str]] = [
@@ -186,6 +203,8 @@ HOSTILE_REPLIES: list[tuple[str, Callable[[], Tamper], str]] = [
     ("accuracy as a list", lambda: _with_metrics({"accuracy": [0.5, 0.7]}), "malformed reply: metric 'accuracy'"),
     ("accuracy nan", lambda: _with_metrics({"accuracy": float("nan")}), "malformed reply: metric 'accuracy' is nan"),
     ("negative partition", lambda: _with_metrics({"partition-id": -3}), "malformed reply: partition-id must be"),
+    ("an extra array", lambda: _beside(array=True), "malformed reply: unexpected array 'junk' beside secagg-payload"),
+    ("an extra record", lambda: _beside(array=False), "malformed reply: unexpected record 'junk' beside arrays"),
 ]
 
 
@@ -269,3 +288,59 @@ def test_a_non_numeric_or_out_of_range_accuracy_is_left_out_of_the_score(accurac
         {"client": "d", "accuracy": 0.4, "test-examples": [3]},  # an unusable count counts once
     ]
     assert _weighted_accuracy(metrics, 10_000) == pytest.approx((0.8 * 30 + 0.2 * 10 + 0.4) / 41)
+
+
+# --- (B) the masked stage folds each vector into the sum before it pulls the next ------------------------------
+
+
+def test_each_masked_vector_is_in_the_sum_before_the_next_pull(keys: KeyFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the review's fix the server collected every masked vector of the round (O(clients × model)) and
+    only then summed them. Now, at every pull of the masked stage, each vector pulled so far is already in the
+    running sum, and a pull asks for at most 4 replies."""
+    from fedadapt.secagg.server import SecAggRound
+    from server.replies import PULL_BATCH
+
+    rounds: list[SecAggRound] = []
+    real_init = SecAggRound.__post_init__
+
+    def keep(self: SecAggRound) -> None:
+        real_init(self)
+        rounds.append(self)
+
+    monkeypatch.setattr(SecAggRound, "__post_init__", keep)
+    nodes = list(range(101, 115))
+    grid = SecureGrid(secagg(3, 2), schema_of(64), str(keys.public_path), nodes=nodes)
+    handed: list[int] = []  # masked replies handed out so far
+    unsummed: list[int] = []  # at each masked-stage pull: vectors handed out but not yet in the sum
+    batches: list[int] = []
+    real_answer = grid._answer
+
+    def answer(message: Message) -> Message:
+        stage = str(message.content.config_records[protocol.CONFIG][protocol.SECAGG_STAGE])
+        if stage == stages.MASKED:
+            handed.append(message.metadata.dst_node_id)
+        return real_answer(message)
+
+    real_send = grid.send_and_receive
+
+    def send_and_receive(messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        stage = str(messages[0].content.config_records[protocol.CONFIG][protocol.SECAGG_STAGE])
+        if stage == stages.MASKED:
+            unsummed.append(len(handed) - len(rounds[0]._masked))
+            batches.append(len(messages))
+        return real_send(messages, timeout=timeout)
+
+    grid._answer = answer  # type: ignore[method-assign]
+    grid.send_and_receive = send_and_receive  # type: ignore[method-assign]
+    outcome = secure_round(grid, keys)
+    assert outcome.mean is not None and outcome.record["accepted"] == len(nodes)
+    assert unsummed == [0] * len(batches) and max(batches) == PULL_BATCH and sum(batches) == len(nodes)
+    assert outcome.record["stages"][stages.MASKED]["replies"] == len(nodes)
+
+
+def test_a_failed_masked_reply_is_recorded_as_that_nodes_drop(keys: KeyFiles) -> None:
+    grid = SecureGrid(secagg(3, 2), schema_of(32), str(keys.public_path), crash={(HOSTILE, stages.MASKED)})
+    outcome = secure_round(grid, keys)
+    assert outcome.mean is not None and outcome.record["accepted"] == 4
+    assert dropped(outcome) == {f"node {HOSTILE}": f"{stages.MASKED}: client error: RuntimeError: device lost"}
