@@ -1,6 +1,7 @@
 """The server's peak memory in one plain round with 10 and 100 fake clients: replies folded as they arrive.
 
 Run:  PYTHONPATH=. .venv/bin/python benchmarks/round_memory.py [--compression fp16] [--per-poll 4]
+      (``--per-poll 100``: every reply ready at once; the server still pulls at most 4 message ids at a time)
 
 No Flower deployment and no model: a fake grid hands out replies (the MiniLM-L6 LoRA r=8 schema of
 ``aggregate_deltas.py``, 103,373 values, serialized as clients send them) a few per pull, as a SuperLink

@@ -38,7 +38,8 @@ def run_stage(msg: Message, context: Context, run: FleetRun, sealer: ClientSeale
     privacy = run.scenario.privacy
     metrics: dict[str, MetricRecordValues] = {}
     if stage == stages.SETUP:
-        step = secagg_client.setup(privacy, server_round, context.node_id, request, device_identity(device, context))
+        identity = device_identity(device, context)
+        step = secagg_client.setup(privacy, server_round, context.node_id, request, identity, saved=saved)
     elif stage == stages.SHARE_KEYS:
         step = secagg_client.share_keys(privacy, server_round, saved, request, device_identity(device, context))
     elif stage == stages.MASKED:

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import random
 import secrets
 import time
@@ -449,14 +450,28 @@ def _weighted_accuracy(client_metrics: list[dict[str, Any]], limit: int) -> floa
     """Client accuracy weighted by test examples; under secagg+ devices keep that count, so each counts once.
 
     A claimed count weighs at most ``limit`` (max-examples-per-client), as in FedAvg: one device's
-    report cannot drown the others'."""
-    scored = [
-        (float(m["accuracy"]), min(max(float(m.get("test-examples", 1)), 0.0), float(limit)))
-        for m in client_metrics
-        if "accuracy" in m
-    ]
+    report cannot drown the others'. An accuracy that is not a finite number in [0, 1] is left out, and
+    a count that is not a finite number counts once: a client's metrics cannot break the round's score."""
+    scored = []
+    for metrics in client_metrics:
+        accuracy = _finite(metrics.get("accuracy"))
+        if accuracy is None or not 0.0 <= accuracy <= 1.0:
+            continue
+        count = _finite(metrics.get("test-examples", 1))
+        scored.append((accuracy, min(max(1.0 if count is None else count, 0.0), float(limit))))
     total = sum(n for _, n in scored)
     return sum(a * n for a, n in scored) / total if total else None
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a float when it is a finite int or float (not a bool); None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _latest_client_accuracy(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -464,8 +479,9 @@ def _latest_client_accuracy(history: list[dict[str, Any]]) -> dict[str, float]:
     latest: dict[str, float] = {}
     for record in history:
         for metrics in record.get("client_results", []):
-            if "accuracy" in metrics and "partition-id" in metrics:
-                latest[str(metrics["partition-id"])] = float(metrics["accuracy"])
+            accuracy = _finite(metrics.get("accuracy"))
+            if accuracy is not None and "partition-id" in metrics:
+                latest[str(metrics["partition-id"])] = accuracy
     return latest
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedadapt import protocol
@@ -28,6 +28,9 @@ from fedadapt.errors import EnvelopeError, ReplyError
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # how often the server asks for replies (Flower's send_and_receive waits 3 s between asks)
+# Message ids per pull: Flower builds every reply a pull returns in full (all its arrays) before handing any
+# over, so one pull for every pending id could hold a whole round's replies at once.
+PULL_BATCH = 4
 MAX_METRICS = 64  # scalar metrics a reply may carry; each name at most MAX_METRIC_NAME characters
 MAX_METRIC_NAME = 64
 _NPY_HEADER = 4096  # bytes an .npy header of a 1-D uint8 array takes at most (numpy pads it to 64 bytes)
@@ -37,10 +40,6 @@ _SHOWN = 60  # characters of a client-chosen name quoted in a reason
 def bytes_to_array(blob: bytes) -> Array:
     """Bytes as a uint8 Array (Flower chunks large arrays on the wire; np.save format, no pickle)."""
     return Array(np.frombuffer(blob, dtype=np.uint8))
-
-
-def array_to_bytes(array: Array) -> bytes:
-    return array.numpy().tobytes()
 
 
 def destinations(messages: list[Message]) -> dict[str, int]:
@@ -72,11 +71,6 @@ def envelope_reason(err: EnvelopeError) -> str:
     return f"envelope rejected ({err.reason}): {err}"[:REASON_LIMIT]
 
 
-def malformed_reason(err: Exception) -> str:
-    """The rejection reason of a reply that lacks a record or holds a wrong one."""
-    return f"malformed reply: missing or bad {err}"[:REASON_LIMIT]
-
-
 # --- the round's replies, one at a time -------------------------------------------------------------------------
 
 
@@ -86,8 +80,9 @@ def reply_stream(
     """Push ``messages``, then yield ``(node, reply)`` as each reply arrives, and ``(node, None)`` for each
     message without a reply when ``timeout`` seconds have passed (or that could not be pushed).
 
-    Only the first reply to each message counts; anything else the grid returns is ignored. The caller
-    handles each reply before asking for the next, so no more replies are held than one poll brings.
+    Only the first reply to each message counts; anything else the grid returns is ignored. Replies are
+    pulled at most ``PULL_BATCH`` message ids at a time and the caller handles each reply before the next
+    pull, so no more than ``PULL_BATCH`` replies are held at once.
     """
     pushed = list(grid.push_messages(messages))
     pending: dict[str, int] = {}
@@ -98,10 +93,16 @@ def reply_stream(
     unpushed += [m.metadata.dst_node_id for m, i in zip(messages, pushed, strict=False) if not i]
     deadline = time.monotonic() + timeout
     while pending:
-        for reply in grid.pull_messages(list(pending)):
-            node = pending.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None:
-                yield node, reply
+        waiting = list(pending)
+        for start in range(0, len(waiting), PULL_BATCH):
+            replies = list(grid.pull_messages(waiting[start : start + PULL_BATCH]))
+            replies.reverse()
+            while replies:  # popped, not iterated: no reply of this batch is kept past its turn
+                node = pending.pop(replies[-1].metadata.reply_to_message_id, None)
+                if node is None:
+                    replies.pop()
+                    continue
+                yield node, replies.pop()
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())))
@@ -133,19 +134,67 @@ def read_delta_reply(reply: Message, node: int, max_bytes: int) -> DeltaReply:
     arrays = content.get(protocol.ARRAYS)
     if not isinstance(arrays, ArrayRecord) or protocol.ADAPTER_DELTA not in arrays:
         raise ReplyError(f"malformed reply: no {protocol.ARRAYS}/{protocol.ADAPTER_DELTA} array")
+    only_expected(content, arrays, protocol.ADAPTER_DELTA)
     payload = payload_bytes(arrays[protocol.ADAPTER_DELTA], max_bytes)
     record = content.get(protocol.METRICS)
     if not isinstance(record, MetricRecord):
         raise ReplyError(f"malformed reply: no {protocol.METRICS} record")
     metrics = checked_metrics(dict(record))
     num_examples = metrics.pop(protocol.NUM_EXAMPLES, None)  # sealed modes: inside the envelope
-    client = f"node {node}"
-    if "partition-id" in metrics:
-        partition = metrics["partition-id"]
-        if isinstance(partition, float) or partition < 0:
-            raise ReplyError(f"malformed reply: partition-id must be a non-negative int, got {partition!r}")
-        client = f"client {partition} (node {node})"
-    return DeltaReply(client, payload, num_examples, metrics)
+    return DeltaReply(client_label(node, metrics), payload, num_examples, metrics)
+
+
+@dataclass(frozen=True)
+class StageReply:
+    """One client's SecAgg+ stage reply, read within bounds: its sealed payload and its (checked) metrics."""
+
+    client: str
+    payload: bytes
+    metrics: dict[str, int | float]
+
+
+def read_stage_reply(reply: Message, node: int, max_bytes: int) -> StageReply:
+    """The sealed payload and metrics of a SecAgg+ stage reply; ReplyError naming what is wrong otherwise.
+
+    Read as ``read_delta_reply`` reads a plain round's reply: ``max_bytes`` is the stage's cap, the
+    metrics record is optional (only the masked stage sends one) and checked when present.
+    """
+    if reply.has_error():
+        raise ReplyError(f"client error: {client_error_reason(reply.error.reason)}")
+    content = reply.content
+    arrays = content.get(protocol.ARRAYS)
+    if not isinstance(arrays, ArrayRecord) or protocol.SECAGG_PAYLOAD not in arrays:
+        raise ReplyError(f"malformed reply: no {protocol.ARRAYS}/{protocol.SECAGG_PAYLOAD} array")
+    only_expected(content, arrays, protocol.SECAGG_PAYLOAD)
+    payload = payload_bytes(arrays[protocol.SECAGG_PAYLOAD], max_bytes)
+    metrics: dict[str, int | float] = {}
+    if protocol.METRICS in content:
+        record = content.get(protocol.METRICS)
+        if not isinstance(record, MetricRecord):
+            raise ReplyError(f"malformed reply: {protocol.METRICS} is a {type(record).__name__}, not a MetricRecord")
+        metrics = checked_metrics(dict(record))
+    return StageReply(client_label(node, metrics), payload, metrics)
+
+
+def only_expected(content: RecordDict, arrays: ArrayRecord, payload: str) -> None:
+    """ReplyError unless the reply holds no record but ``arrays`` and ``metrics`` and no array but ``payload``:
+    the payload's cap bounds the reply only when nothing rides beside it."""
+    extra = [name for name in content if name not in (protocol.ARRAYS, protocol.METRICS)]
+    if extra:
+        raise ReplyError(f"malformed reply: unexpected record {str(extra[0])[:_SHOWN]!r} beside arrays and metrics")
+    extra = [name for name in arrays if name != payload]
+    if extra:
+        raise ReplyError(f"malformed reply: unexpected array {str(extra[0])[:_SHOWN]!r} beside {payload}")
+
+
+def client_label(node: int, metrics: dict[str, int | float]) -> str:
+    """How reasons and metrics.json name the client: by its partition id when it sends one (checked here)."""
+    if "partition-id" not in metrics:
+        return f"node {node}"
+    partition = metrics["partition-id"]
+    if isinstance(partition, float) or partition < 0:
+        raise ReplyError(f"malformed reply: partition-id must be a non-negative int, got {partition!r}")
+    return f"client {partition} (node {node})"
 
 
 def payload_bytes(array: Array, max_bytes: int) -> bytes:
@@ -163,6 +212,8 @@ def payload_bytes(array: Array, max_bytes: int) -> bytes:
         decoded = array.numpy()
     except (ValueError, TypeError, EOFError, OSError) as err:  # what np.load raises on a bad .npy
         raise ReplyError(f"malformed reply: the payload array does not decode ({str(err)[:_SHOWN]})") from None
+    if not isinstance(decoded, np.ndarray):  # np.load reads an .npz as an NpzFile
+        raise ReplyError(f"malformed reply: the payload array's data is a {type(decoded).__name__}, not an .npy array")
     if decoded.dtype != np.uint8 or decoded.ndim != 1 or decoded.size > max_bytes:
         raise ReplyError("malformed reply: the payload array's data is not the 1-D uint8 array its metadata says")
     return decoded.tobytes()

@@ -563,7 +563,8 @@ def test_secagg_dropouts_are_survived_recovered_or_fail_the_round_safely(tiny_be
     round 3 loses one unmask reply (its contribution is recovered); each update equals plain FedAvg of the
     deltas that arrived, within the quantization bound."""
     keys = generate_server_keys(tmp_path / "keys")
-    extra = {"rounds": 3, "min-clients": 2}
+    # The server waits the round timeout for a lost reply (it pulls replies as they arrive): keep it short.
+    extra = {"rounds": 3, "min-clients": 2, "round-timeout": 1}
     secure = _scenario_file(tmp_path / "secure", tiny_bert, PRIVACY_SECAGG, **extra)
     tamper = {
         (101, stages.MASKED): _lost_in(1),
@@ -590,10 +591,10 @@ def test_secagg_dropouts_are_survived_recovered_or_fail_the_round_safely(tiny_be
 
     assert survived["accepted"] == 2 and "error" not in survived and survived["recovered"] == []
     assert survived["dropped"] == [
-        {"client": "node 103", "stage": stages.MASKED, "reason": "no reply within the round timeout (600 s)"}
+        {"client": "node 103", "stage": stages.MASKED, "reason": "no reply within the round timeout (1 s)"}
     ]
     assert survived["rejected"] == [
-        {"client": "node 103", "reason": "secagg-masked: no reply within the round timeout (600 s)"}
+        {"client": "node 103", "reason": "secagg-masked: no reply within the round timeout (1 s)"}
     ]
     assert survived["stages"][stages.UNMASK]["replies"] == 2
 
@@ -755,6 +756,45 @@ def test_a_device_finds_its_identity_in_node_config_or_the_device_root(tmp_path:
     assert (device.identity_key, device.roster) == (Path("/abs/id.key"), Path("/abs/roster.pub"))
     with pytest.raises(ConfigError, match="identity-key .* roster .* FEDADAPT_DEVICE_ROOT"):
         device_identity(Device(2, tmp_path), context)
+
+
+def test_the_client_app_answers_one_setup_per_round(device_root: Path) -> None:
+    """A server that re-sends a round's setup would wipe the device's session and get a second survivor-set
+    signature for the round: the ClientApp refuses it (the session of a later round or another run is new)."""
+    from types import SimpleNamespace
+
+    from clients.client_app import _device
+    from clients.secure import run_stage
+    from fedadapt.errors import SecAggError
+
+    privacy = PrivacyConfig(mode="secagg+", num_shares=3, reconstruction_threshold=2)
+    run = SimpleNamespace(scenario=SimpleNamespace(privacy=privacy))
+    sealer = ClientSealer(privacy, run_id=1, node_id=7)  # no server key: payloads pass through
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
+    device = _device(context)
+
+    def setup(server_round: int) -> Message:
+        request = wire.pack({stages.NEIGHBOURS: wire.pack_ids([8, 9])})
+        config = {protocol.SERVER_ROUND: server_round, protocol.SCHEMA_ID: "s", protocol.SECAGG_STAGE: stages.SETUP}
+        content = RecordDict(
+            {
+                protocol.ARRAYS: ArrayRecord({protocol.SECAGG_PAYLOAD: Array(np.frombuffer(request, np.uint8))}),
+                protocol.CONFIG: ConfigRecord(config),  # type: ignore[arg-type]
+            }
+        )
+        message = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=7)
+        return run_stage(message, context, run, sealer, device)  # type: ignore[arg-type]
+
+    first = setup(3)
+    saved = context.state.config_records[protocol.SECAGG_SESSION]["session"]
+    for server_round in (3, 2):
+        refused = f"setup for round {server_round}, but this device already set up round 3"
+        with pytest.raises(SecAggError, match=refused):
+            setup(server_round)
+    assert context.state.config_records[protocol.SECAGG_SESSION]["session"] == saved  # the signed-for session stays
+    assert not first.has_error() and not setup(4).has_error()  # the next round sets up as usual
+    context.state = RecordDict()  # a device that lost its context state simply has no session
+    assert not setup(3).has_error()
 
 
 # --- a real Flower simulation -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import re
 import struct
 import sys
@@ -250,6 +251,27 @@ def test_an_oversize_payload_is_rejected_before_it_is_decoded(
     assert reasons(fields) == {"node 102": f"payload of {cap + 1} bytes exceeds the {cap} the largest legal one takes"}
 
 
+def _beside(array: Array | None = None, record: Any = None) -> Message:
+    """An honest reply of node 102 with an array or a record the server did not ask for beside it."""
+    message = honest_reply_102()
+    if array is not None:
+        message.content[protocol.ARRAYS]["junk"] = array
+    if record is not None:
+        message.content["junk"] = record
+    return message
+
+
+def honest_reply_102() -> Message:
+    return reply(102, blob_of(2), {"partition-id": 2, protocol.NUM_EXAMPLES: 3})
+
+
+def _npz() -> bytes:
+    """An .npz archive: np.load reads it as an NpzFile, not an array."""
+    buffer = io.BytesIO()
+    np.savez(buffer, a=np.zeros(3, np.uint8))
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
@@ -257,7 +279,17 @@ def test_an_oversize_payload_is_rejected_before_it_is_decoded(
         (lambda: reply(102, b"x", None), "malformed reply: no metrics record"),
         (lambda: reply(102, Array(np.zeros(8, np.float32)), {}), "malformed reply: the payload must be a 1-D uint8"),
         (lambda: reply(102, Array(np.zeros((2, 2), np.uint8)), {}), "malformed reply: the payload must be a 1-D uint8"),
+        (
+            lambda: reply(102, Array(dtype="uint8", shape=(3,), stype="numpy.ndarray", data=_npz()), {}),
+            "malformed reply: the payload array's",
+        ),
         (lambda: reply(102, b"x", {"accuracy": [0.5, 0.7]}), "malformed reply: metric 'accuracy' is a list"),
+        (lambda: _beside(array=Array(np.zeros(2**20, np.uint8))), "malformed reply: unexpected array 'junk' beside"),
+        (
+            lambda: _beside(record=ArrayRecord({"x": Array(np.zeros(2**20, np.uint8))})),
+            "malformed reply: unexpected record",
+        ),
+        (lambda: _beside(record=MetricRecord({"x": 1})), "malformed reply: unexpected record 'junk' beside arrays"),
         (lambda: reply(102, b"x", {"accuracy": float("nan")}), "malformed reply: metric 'accuracy' is nan"),
         (lambda: reply(102, b"x", {"partition-id": -4}), "malformed reply: partition-id must be a non-negative int"),
         (lambda: reply(102, b"x", {f"m{i}": 1 for i in range(65)}), "malformed reply: 65 metrics, at most 64"),
@@ -390,6 +422,7 @@ class TimedGrid(StubGrid):
     ready_at: dict[int, int]
     pulls: int = 0
     held: int = 0  # the most replies handed out by one pull
+    asked: int = 0  # the most message ids asked for in one pull
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.ready_at)
@@ -401,6 +434,7 @@ class TimedGrid(StubGrid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         self.pulls += 1
         wanted = set(message_ids)
+        self.asked = max(self.asked, len(wanted))
         out = []
         for node, at in self.ready_at.items():
             if at <= self.pulls and self.sent[node] in wanted:
@@ -422,6 +456,17 @@ def test_the_reply_stream_yields_replies_as_they_arrive_then_the_missing_ones_at
     order = [(node, reply is not None) for node, reply in reply_stream(grid, messages, 0.5, poll_seconds=0.01)]
     assert order == [(102, True), (103, True), (101, True), (104, False)]
     assert 4 <= grid.pulls <= 60  # polled until the 0.5 s deadline, at 10 ms intervals
+
+
+def test_the_reply_stream_pulls_a_few_replies_at_a_time_even_when_all_are_ready() -> None:
+    """Flower builds every reply a pull returns before handing any over: one pull for 100 ready replies held
+    them all at once (review of issue 16). At most 4 message ids per pull keep the server at a few replies."""
+    grid = TimedGrid({n: 1 for n in range(100, 200)})
+    messages = [Message(RecordDict(), message_type=MessageType.TRAIN, dst_node_id=n) for n in grid.ready_at]
+    answered = [node for node, reply in reply_stream(grid, messages, 5.0, poll_seconds=0.01) if reply is not None]
+    assert sorted(answered) == list(range(100, 200))
+    assert grid.asked == 4 and grid.held <= 2 * 4 + 1  # 4 replies, their duplicates and one stray reply
+    assert grid.pulls == 25
 
 
 def test_the_reply_stream_stops_polling_once_every_message_is_answered() -> None:

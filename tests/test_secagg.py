@@ -564,7 +564,7 @@ def test_unmask_answers_once(before_unmask: Trace) -> None:
     request = before_unmask.requests[stages.UNMASK][node]
     config = before_unmask.config
     closed = client.unmask(config, ROUND, before_unmask.sessions[node], request).session
-    assert set(wire.unpack(closed)) == {"round", "node", "done"}  # no secret is kept after the round
+    assert set(wire.unpack(closed)) == {"round", "node", "run", "done"}  # no secret is kept after the round
     expect_refusal(lambda: client.unmask(config, ROUND, closed, request), "must follow", stages.CONSISTENCY)
 
 

@@ -541,3 +541,52 @@ def test_fuzz_hostile_consistency_requests_end_as_refusals(blob: bytes, survivor
             continue
         signed = wire.unpack_ids(wire.unpack(step.session)["signed"])
         assert node in signed and signed == sorted(signed)
+
+
+# --- one setup per round (review of issue 16: a repeated setup made a device sign two survivor sets) -----------
+
+
+@pytest.mark.parametrize("stop_before", [stages.SHARE_KEYS, stages.MASKED, stages.CONSISTENCY, stages.UNMASK, None])
+def test_a_repeated_setup_of_a_round_is_refused_whatever_stage_the_device_reached(stop_before: str | None) -> None:
+    trace = run_round(5, 16, secagg(3, 2), stop_before=stop_before, seed=5)
+    node = trace.nodes[0]
+    request = trace.requests[stages.SETUP][node]
+    saved = trace.sessions[node]
+    for server_round in (ROUND, ROUND - 1):  # the same round again, or an earlier one
+        expect_refusal(
+            lambda r=server_round: client.setup(trace.config, r, node, request, trace.devices[node], saved=saved),
+            f"round {server_round}",
+            f"already set up round {ROUND}",
+        )
+
+
+def test_the_second_setup_cannot_yield_a_second_survivor_set_signature() -> None:
+    """The reviewer's attack: a re-sent setup wiped the session and the device signed a second set for the round."""
+    trace = run_round(7, 16, secagg(3, 2), stop_before=stages.CONSISTENCY, seed=5)
+    node = trace.nodes[1]
+    first = client.consistency(
+        ROUND, trace.sessions[node], wire.pack({stages.SURVIVORS: wire.pack_ids(sorted(trace.nodes))}), device(node)
+    )
+    with pytest.raises(SecAggError, match="already set up round"):
+        client.setup(
+            trace.config, ROUND, node, trace.requests[stages.SETUP][node], trace.devices[node], saved=first.session
+        )
+
+
+def test_setup_goes_on_for_a_later_round_another_run_or_a_device_without_a_session() -> None:
+    trace = run_round(5, 16, secagg(3, 2), seed=5)  # a whole round: every session is closed
+    assert trace.result is not None
+    node = trace.nodes[0]
+    request, closed = trace.requests[stages.SETUP][node], trace.sessions[node]
+    later = client.setup(trace.config, ROUND + 1, node, request, trace.devices[node], saved=closed)
+    assert client._int(wire.unpack(later.session)["round"]) == ROUND + 1
+    other_run = identity.Identity(RUN_ID + 1, identity_key(node), trace.devices[node].roster)
+    again = client.setup(trace.config, ROUND, node, request, other_run, saved=closed)
+    assert client._int(wire.unpack(again.session)["run"]) == RUN_ID + 1
+    fresh = client.setup(trace.config, ROUND, node, request, trace.devices[node], saved=b"")  # context state lost
+    keys = {stages.ENCRYPTION_KEY, stages.MASK_KEY, stages.IDENTITY_KEY, stages.SETUP_SIGNATURE}
+    assert set(wire.unpack(fresh.reply)) == keys
+    expect_refusal(
+        lambda: client.setup(trace.config, ROUND + 1, node, request, trace.devices[node], saved=b"garbage"),
+        "unreadable",
+    )

@@ -61,9 +61,17 @@ class Step:
     reply: bytes
 
 
-def setup(config: PrivacyConfig, server_round: int, node_id: int, request: bytes, device: Identity) -> Step:
-    """Stage 1: check the neighbour list, make this round's two key pairs, return their public halves, signed."""
+def setup(
+    config: PrivacyConfig, server_round: int, node_id: int, request: bytes, device: Identity, saved: bytes = b""
+) -> Step:
+    """Stage 1: check the neighbour list, make this round's two key pairs, return their public halves, signed.
+
+    ``saved`` is the session the device kept (empty when it has none): a setup for a round this device
+    has already set up, or for an earlier one, is refused, so a device answers each round's setup once
+    and signs at most one survivor set per (run, round).
+    """
     round_bytes, node_bytes = _int_bytes(server_round, "round"), _int_bytes(node_id, "node id")
+    _check_new_round(saved, server_round, device.run_id)
     fields = wire.unpack(request, "setup request")
     wire.require(fields, [stages.NEIGHBOURS], "setup request")
     neighbours = wire.unpack_ids(fields[stages.NEIGHBOURS], "neighbour list")
@@ -242,13 +250,40 @@ def unmask(config: PrivacyConfig, server_round: int, saved: bytes, request: byte
     reply = {stages.SEED_SHARE + str(n): session[_B_SHARE + str(n)] for n in sorted(survivors)}
     reply |= {stages.KEY_SHARE + str(n): session[_SK_SHARE + str(n)] for n in sorted(dropped)}
     # The round is over for this client: keep nothing but the fact that it answered.
-    closed = {_ROUND: session[_ROUND], _NODE: session[_NODE], _DONE: stages.UNMASK.encode()}
+    closed = {_ROUND: session[_ROUND], _NODE: session[_NODE], _RUN: session[_RUN], _DONE: stages.UNMASK.encode()}
     return Step(wire.pack(closed), wire.pack(reply))
 
 
 def pair_seed(private_key: ec.EllipticCurvePrivateKey, public_key: ec.EllipticCurvePublicKey) -> bytes:
     """The 32-byte seed two clients share: ECDH on P-384, then HKDF-SHA256 (Flower's ``generate_shared_key``)."""
     return base64.urlsafe_b64decode(generate_shared_key(private_key, public_key))
+
+
+def _check_new_round(saved: bytes, server_round: int, run_id: int) -> None:
+    """SecAggError unless ``saved`` (the device's kept session) leaves room for a new setup of ``server_round``.
+
+    A second setup of one round would wipe the session that holds the survivor set already signed, and
+    the device would sign another: the server could then tell neighbours different stories again. A
+    session of another run does not count (rounds restart there); an empty one is a device with no
+    session (new, or its context state lost: it can only sign for rounds it has not kept a record of).
+    """
+    if not saved:
+        return
+    try:
+        session = wire.unpack(saved, "saved session")
+    except PayloadError as err:
+        # Only this device writes its session: unreadable means damaged, and which round it signed is unknown.
+        raise SecAggError(
+            f"the saved session is unreadable ({err}); this device cannot tell which rounds it set up"
+        ) from None
+    if _RUN in session and _int(session[_RUN]) != run_id:
+        return
+    kept = _int(session.get(_ROUND, b""))
+    if kept >= server_round:
+        raise SecAggError(
+            f"a setup for round {server_round}, but this device already set up round {kept} of this run: "
+            "each round's setup is answered once, so the device signs one survivor set per round"
+        )
 
 
 def _load(saved: bytes | None, server_round: int, after: str) -> dict[str, bytes]:
