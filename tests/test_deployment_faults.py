@@ -136,6 +136,8 @@ class _Serve:
         key = certs / "demo-device-keys" / f"device-{partition}.key"
         command += ["--root-certificates", str(certs / "ca.crt"), "--auth-key", str(key)]
         command += ["--trusted-entities", str(certs / "trusted-entities.yaml"), "--roster", str(certs / "roster.pub")]
+        # The device names its own state folder (the run config no longer can): the one the demo nodes use.
+        command += ["--state-dir", str(self.out / "clients")]
         env = _flower_env(self.tmp / "node-home")
         self.extra.append(_popen(command, self.tmp / f"node-{partition}.out", env, self.tmp))
 
