@@ -120,11 +120,11 @@ class DeltaReply:
     metrics: dict[str, int | float]
 
 
-def read_delta_reply(reply: Message, node: int, max_bytes: int) -> DeltaReply:
-    """The delta payload and metrics of ``reply``; ReplyError naming what is wrong otherwise.
+def _checked_payload(reply: Message, key: str, max_bytes: int) -> tuple[RecordDict, bytes]:
+    """The reply's content and its one payload array ``key`` as bytes, within ``max_bytes``; ReplyError otherwise.
 
-    ``max_bytes`` bounds the payload (the largest legal one for the round's schema, compression and
-    privacy mode), checked on the array's metadata and its size before the array is decoded.
+    Shared by the plain round's and the SecAgg+ stages' readers: a client error, a missing or extra array or
+    record, and an oversize or malformed payload are refused the same way in both.
     """
     if reply.has_error():
         raise ReplyError(f"client error: {client_error_reason(reply.error.reason)}")
@@ -132,10 +132,19 @@ def read_delta_reply(reply: Message, node: int, max_bytes: int) -> DeltaReply:
     # so every reply they touched would wait for the garbage collector instead of being freed at once.
     content = reply.content
     arrays = content.get(protocol.ARRAYS)
-    if not isinstance(arrays, ArrayRecord) or protocol.ADAPTER_DELTA not in arrays:
-        raise ReplyError(f"malformed reply: no {protocol.ARRAYS}/{protocol.ADAPTER_DELTA} array")
-    only_expected(content, arrays, protocol.ADAPTER_DELTA)
-    payload = payload_bytes(arrays[protocol.ADAPTER_DELTA], max_bytes)
+    if not isinstance(arrays, ArrayRecord) or key not in arrays:
+        raise ReplyError(f"malformed reply: no {protocol.ARRAYS}/{key} array")
+    only_expected(content, arrays, key)
+    return content, payload_bytes(arrays[key], max_bytes)
+
+
+def read_delta_reply(reply: Message, node: int, max_bytes: int) -> DeltaReply:
+    """The delta payload and metrics of ``reply``; ReplyError naming what is wrong otherwise.
+
+    ``max_bytes`` bounds the payload (the largest legal one for the round's schema, compression and
+    privacy mode), checked on the array's metadata and its size before the array is decoded.
+    """
+    content, payload = _checked_payload(reply, protocol.ADAPTER_DELTA, max_bytes)
     record = content.get(protocol.METRICS)
     if not isinstance(record, MetricRecord):
         raise ReplyError(f"malformed reply: no {protocol.METRICS} record")
@@ -159,14 +168,7 @@ def read_stage_reply(reply: Message, node: int, max_bytes: int) -> StageReply:
     Read as ``read_delta_reply`` reads a plain round's reply: ``max_bytes`` is the stage's cap, the
     metrics record is optional (only the masked stage sends one) and checked when present.
     """
-    if reply.has_error():
-        raise ReplyError(f"client error: {client_error_reason(reply.error.reason)}")
-    content = reply.content
-    arrays = content.get(protocol.ARRAYS)
-    if not isinstance(arrays, ArrayRecord) or protocol.SECAGG_PAYLOAD not in arrays:
-        raise ReplyError(f"malformed reply: no {protocol.ARRAYS}/{protocol.SECAGG_PAYLOAD} array")
-    only_expected(content, arrays, protocol.SECAGG_PAYLOAD)
-    payload = payload_bytes(arrays[protocol.SECAGG_PAYLOAD], max_bytes)
+    content, payload = _checked_payload(reply, protocol.SECAGG_PAYLOAD, max_bytes)
     metrics: dict[str, int | float] = {}
     if protocol.METRICS in content:
         record = content.get(protocol.METRICS)
