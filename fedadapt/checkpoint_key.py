@@ -6,12 +6,12 @@ overwritten. Only the server reads it; nothing derived from it is logged.
 
 from __future__ import annotations
 
-import os
 import secrets
 import stat
 from pathlib import Path
 
 from fedadapt.errors import ConfigError
+from fedadapt.keys import _write_new
 
 KEY_NAME = "checkpoint.key"
 KEY_BYTES = 32
@@ -26,12 +26,7 @@ def create_checkpoint_key(keys_dir: Path) -> bytes:
     path = checkpoint_key_path(keys_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(KEY_BYTES)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    except FileExistsError:
-        raise ConfigError(f"{path} already exists: a checkpoint key is never overwritten") from None
-    with os.fdopen(fd, "w") as out:
-        out.write(key.hex() + "\n")
+    _write_new(path, (key.hex() + "\n").encode(), 0o600)  # O_EXCL, fsynced, removed if the write fails
     return key
 
 
