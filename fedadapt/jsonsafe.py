@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ DEFAULT_MAX_DEPTH = 32
 # then invalid JSON anyway): every quote starts a match that succeeds, so the scan is linear in the input.
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _BRACKETS = bytes(range(256)).translate(None, b"[]{}")  # every byte that is not a bracket, to delete
+_BOM = b"\xef\xbb\xbf"
 _STEP = np.zeros(256, dtype=np.int8)
 _STEP[[ord("["), ord("{")]] = 1
 _STEP[[ord("]"), ord("}")]] = -1
@@ -59,6 +61,31 @@ def loads(
         return json.loads(text)
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise JsonInputError(what, f"not valid JSON ({str(err)[:200]})") from None
+
+
+def load_file(
+    path: str | Path,
+    *,
+    what: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> Any:
+    """The value of the JSON file ``path``, read through ``loads``; every failure is a JsonInputError.
+
+    At most ``max_bytes`` + 1 bytes are read, so a huge (or endless, e.g. /dev/zero) file costs no more
+    than the limit. A leading UTF-8 byte-order mark, which Windows editors write, is skipped. ``what``
+    names the file in errors (default: its path); a file that cannot be read is a JsonInputError too.
+    """
+    what = what or str(path)
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(max_bytes + len(_BOM) + 1)
+    except OSError as err:
+        raise JsonInputError(what, f"cannot be read ({err.strerror or err})") from None
+    raw = raw.removeprefix(_BOM)
+    if len(raw) > max_bytes:
+        raise JsonInputError(what, f"more than the {max_bytes} bytes of JSON allowed")
+    return loads(raw, what=what, max_bytes=max_bytes, max_depth=max_depth)
 
 
 def nesting_depth(raw: bytes) -> int:

@@ -88,3 +88,21 @@ def test_only_utf8_is_read_so_no_encoding_hides_brackets_from_the_depth_scan(enc
     # Refused either way: not UTF-8 at all, or UTF-8 (NUL bytes are) that is no JSON document.
     with pytest.raises(JsonInputError, match="header: not (UTF-8|valid JSON)"):
         loads(raw, what="header", max_depth=32, max_bytes=len(raw))
+
+
+def test_load_file_reads_a_file_skips_a_bom_and_names_the_file_in_every_failure(tmp_path: Any) -> None:
+    from fedadapt.jsonsafe import load_file
+
+    good = tmp_path / "labels.json"
+    good.write_bytes(b'\xef\xbb\xbf["a", "b"]')
+    assert load_file(good) == ["a", "b"]
+    deep = tmp_path / "deep.json"
+    deep.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(JsonInputError, match="deep.json: JSON nested 100000 levels"):
+        load_file(deep)
+    with pytest.raises(JsonInputError, match="labels: more than the 5 bytes"):
+        load_file(good, what="labels", max_bytes=5)
+    with pytest.raises(JsonInputError, match="missing.json: cannot be read"):
+        load_file(tmp_path / "missing.json")
+    with pytest.raises(JsonInputError, match="cannot be read"):
+        load_file(tmp_path)  # a folder
