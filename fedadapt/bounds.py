@@ -34,7 +34,7 @@ class Bound:
         """Whether ``value`` has the right type and lies in the range (never true for NaN or infinity)."""
         if isinstance(value, bool) or not isinstance(value, int if self.kind == "int" else int | float):
             return False
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # ints are exact, however large
             return False
         above_low = value > self.low if self.low_open else value >= self.low
         below_high = value < self.high if self.high_open else value <= self.high

@@ -334,8 +334,8 @@ def _read_toml(file: Path) -> dict[str, Any]:
         raise ConfigError(f"scenario file {file} is larger than the {MAX_SCENARIO_BYTES} bytes a scenario may have")
     try:
         return tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"scenario file {file} is not valid TOML: {err}") from None
+    except ValueError as err:  # TOMLDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise ConfigError(f"scenario file {file} is not valid TOML: {str(err)[:200]}") from None
     except RecursionError:
         raise ConfigError(f"scenario file {file} nests arrays or tables too deeply to be a scenario") from None
 

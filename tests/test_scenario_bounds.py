@@ -185,6 +185,16 @@ def test_ints_refuse_bools_floats_and_strings_even_when_built_directly(key: str,
     assert not ALL_BOUNDS[key].contains(value)
 
 
+def test_integers_too_large_for_a_float_are_refused_not_overflowed(tmp_path: Path) -> None:
+    huge = 10**400
+    with pytest.raises(ConfigError, match=r"'num-clients' must be an integer in \[1, 100000\], got 1000"):
+        load_scenario(_toml(tmp_path, f"num-clients = {huge}"))
+    with pytest.raises(ConfigError, match="'client-gpus' must be a finite number"):
+        ScenarioConfig(client_gpus=huge)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="not valid TOML: Exceeds the limit"):  # tomllib's int() gives a ValueError
+        load_scenario(_toml(tmp_path, "num-clients = " + "9" * 5000))
+
+
 def test_every_numeric_field_has_a_range() -> None:
     """A new numeric key without a range would be unbounded again: the table must name every one."""
     numeric = re.compile(r"\b(int|float)\b")
