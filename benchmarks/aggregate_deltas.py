@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fedadapt import jsonsafe
 from fedadapt.aggregate import ClientReply, DeltaValidator, FedAvgConfig, ServerOptimizer, StreamingFedAvg
 from fedadapt.aggregate import aggregate_round as run_round
 from fedadapt.serialize import Compression, serialize_state
@@ -123,7 +124,7 @@ def probe_memory(clients: int, compression: Compression, strategy: str, threads:
 def memory_row(clients: int, compression: Compression, strategy: str, threads: int) -> dict[str, float]:
     args = ["--probe", str(clients), compression, strategy, "--threads", str(threads)]
     out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    return dict(jsonsafe.loads(out.stdout.strip().splitlines()[-1], what="the memory probe's last line"))
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from fedadapt import jsonsafe  # noqa: E402
 from fedadapt.fleet import build_model, encode_split, load_fleet_data  # noqa: E402
 from fedadapt.folder import load_adapter  # noqa: E402
 from fedadapt.scenario import ScenarioConfig, load_scenario, with_overrides  # noqa: E402
@@ -40,7 +40,7 @@ CENTRALIZED_ACCURACY = 0.9172  # docs/local-training.md: fedadapt train, LoRA r=
 
 def run_or_read(scenario: Path, out: Path, from_run: Path | None) -> dict[str, Any]:
     if from_run is not None:
-        return dict(json.loads((from_run / "metrics.json").read_text()))
+        return dict(jsonsafe.load_file(from_run / "metrics.json", max_bytes=1024**3))
     from simulations.runner import simulate
 
     return simulate(scenario, out=out, show=True)

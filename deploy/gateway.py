@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping
@@ -35,6 +34,8 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from fedadapt import jsonsafe
 
 logger = logging.getLogger("fedadapt.gateway")
 
@@ -64,6 +65,7 @@ _DROP_HEADERS = frozenset(
 )
 _UPSTREAM_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
 _MAX_FAB_REPLY = 64 * 1024 * 1024  # Flower caps a FAB at 10 MB; its reply is read whole to attach the signature
+_MAX_VERIFICATIONS_BYTES = 16 * 1024 * 1024  # a few hundred bytes per FAB the server signed
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,8 @@ def load_verifications(path: Path | None) -> dict[str, dict[str, str]]:
     """The FAB signatures ``fedadapt serve`` wrote: {FAB sha256: {key id: signature record}}."""
     if path is None:
         return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
+    # {FAB hash: {key id: record}} is 2 levels deep: deeper or larger is not a file `fedadapt serve` wrote.
+    data = jsonsafe.load_file(path, max_bytes=_MAX_VERIFICATIONS_BYTES, max_depth=4)  # JsonInputError: a ValueError
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ValueError(f"{path} must map FAB hashes to verification records")
     return {str(k): {str(i): str(r) for i, r in v.items()} for k, v in data.items()}

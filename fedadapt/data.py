@@ -1,10 +1,16 @@
-"""Text-classification data: loading CSV, JSON, JSON lines and Hugging Face data sets, and the label map."""
+"""Text-classification data: loading CSV, JSON, JSON lines and Hugging Face data sets, and the label map.
+
+Files are read with bounds, so a wrong or hostile file fails as a DataError naming it instead of filling
+memory or the stack: a data file holds at most MAX_DATA_FILE_BYTES (Banking77's train.csv is 0.8 MB;
+larger sets load from a ``save_to_disk`` folder, which is memory-mapped), a JSON lines row at most
+MAX_RECORD_BYTES, JSON nests at most RECORD_DEPTH levels (a file's array of objects is 2), and a label
+file holds at most MAX_LABELS names in MAX_LABEL_FILE_BYTES.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -12,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedadapt.errors import DataError
+from fedadapt import jsonsafe
+from fedadapt.errors import DataError, JsonInputError
 
 if TYPE_CHECKING:
     import datasets
@@ -24,6 +31,13 @@ FILE_SUFFIXES = (".csv", ".jsonl", ".json")
 SPLITS = ("train", "test")
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+MAX_DATA_FILE_BYTES = 512 * 1024 * 1024  # one CSV/JSON/JSONL file, read whole: 600x Banking77's train.csv
+MAX_RECORD_BYTES = 1024 * 1024  # one JSON lines row: an example's text, label and user id
+RECORD_DEPTH = 8  # a JSON data file's array of row objects is 2 levels; values get 6 more
+MAX_LABELS = 100_000  # a label map's names: the head has one row per label (100k x 384 floats is 150 MB)
+MAX_LABEL_FILE_BYTES = 8 * 1024 * 1024  # MAX_LABELS names of up to ~80 bytes each
+LABEL_FILE_DEPTH = 2  # a list of strings is 1 level; a nested one is refused by the list check with its type
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,8 @@ class LabelMap:
         where = f" (from {self.source})" if self.source else ""
         if not self.names:
             raise DataError(f"a label map needs at least one label{where}")
+        if len(self.names) > MAX_LABELS:
+            raise DataError(f"a label map may hold at most {MAX_LABELS} labels{where}, got {len(self.names)}")
         bad = [name for name in self.names if not isinstance(name, str) or not name.strip()]
         if bad:
             raise DataError(f"label names must be non-empty strings{where}, got {bad[:5]!r}")
@@ -105,9 +121,11 @@ class LabelMap:
         if not file.is_file():
             raise DataError(f"label file {file} does not exist: pass a JSON file holding a list of label names")
         try:
-            names = json.loads(file.read_text(encoding="utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DataError(f"label file {file} is not valid JSON: {err}") from err
+            names = jsonsafe.load_file(
+                file, what=f"label file {file}", max_bytes=MAX_LABEL_FILE_BYTES, max_depth=LABEL_FILE_DEPTH
+            )
+        except JsonInputError as err:
+            raise DataError(f"{err}: it must hold a JSON list of label names") from None
         if not isinstance(names, list):
             raise DataError(f"label file {file} must hold a JSON list of label names, got a {type(names).__name__}")
         return cls(names=tuple(names), source=str(file))
@@ -212,10 +230,20 @@ def _read_file(file: Path) -> _Table:
     if suffix not in FILE_SUFFIXES:
         raise DataError(f"{file} has the unsupported extension {file.suffix!r}: use one of {FILE_SUFFIXES}")
     try:
-        with file.open(encoding="utf-8-sig", newline="") as stream:  # keeps line breaks inside quoted fields
-            text = stream.read()
+        with file.open("rb") as stream:  # bytes, so line breaks inside quoted CSV fields stay as they are
+            raw = stream.read(MAX_DATA_FILE_BYTES + 1)
+    except OSError as err:
+        raise DataError(f"{file} cannot be read: {err.strerror or err}") from None
+    if len(raw) > MAX_DATA_FILE_BYTES:
+        raise DataError(
+            f"{file} is larger than the {MAX_DATA_FILE_BYTES} bytes a CSV/JSON/JSONL data file may have: "
+            "save larger data with datasets' save_to_disk and pass that folder (it is memory-mapped)"
+        )
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(f"{file} is not UTF-8 text: {err}") from err
+        raise DataError(f"{file} is not UTF-8 text: {err}") from None
+    del raw
     if not text.strip():
         raise DataError(f"{file} is empty: it has no header and no rows")
     table = _parse_csv(text, file) if suffix == ".csv" else _parse_json(text, file, lines=suffix == ".jsonl")
@@ -255,21 +283,23 @@ def _check_header(header: list[str], file: Path) -> None:
 def _parse_json(text: str, file: Path, *, lines: bool) -> _Table:
     if not lines and text.lstrip().startswith("["):
         try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{file} is not valid JSON: {err}") from err
+            records = jsonsafe.loads(text, what=str(file), max_bytes=MAX_DATA_FILE_BYTES, max_depth=RECORD_DEPTH)
+        except JsonInputError as err:
+            raise DataError(f"{err}: a JSON data file must hold a list of row objects") from None
     else:
         records = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
+                what = f"{file} line {number}"
+                records.append(jsonsafe.loads(line, what=what, max_bytes=MAX_RECORD_BYTES, max_depth=RECORD_DEPTH))
+            except JsonInputError as err:
+                reason = str(err).removeprefix(f"{what}: ")
                 raise DataError(
-                    f"{file} line {number} is not a JSON object ({err.msg}): "
+                    f"{file} line {number} is not a JSON object ({reason}): "
                     "a JSON file must hold a list of objects or one object per line"
-                ) from err
+                ) from None
     return _Table(columns=_records_to_columns(records, file), source=str(file))
 
 

@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedadapt.data import LabelMap, TextDataset
+from fedadapt import jsonsafe
+from fedadapt.data import MAX_DATA_FILE_BYTES, LabelMap, TextDataset
 from fedadapt.errors import FedAdaptError
 from fedadapt.partition import ClientSplit
 
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 DATA_FILE = "data-{partition_id}.json"
 FORMAT = 1  # bump when the file's layout changes: older files are then recomputed
 FILE_KEYS = ("data", "labels")  # scenario fields that name files whose contents the split depends on
+# The file holds a share of one data file (at most MAX_DATA_FILE_BYTES) and its indices: the same cap fits it.
+# {"train": {"texts": [...]}} is 3 levels deep; anything deeper is not a file this module wrote.
+_FILE_DEPTH = 4
 
 
 def device_data_path(state_dir: Path, partition_id: int) -> Path:
@@ -86,7 +90,9 @@ def _read(path: Path, key: str, partition_id: int) -> tuple[LabelMap, ClientSpli
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = jsonsafe.load_file(path, max_bytes=MAX_DATA_FILE_BYTES, max_depth=_FILE_DEPTH)
+        if not isinstance(record, dict):
+            raise ValueError(f"a {type(record).__name__}, not the JSON object this module writes")
         if record.get("format") != FORMAT or record.get("key") != key:
             logger.info("%s was made for other data or settings: splitting the data again", path)
             return None

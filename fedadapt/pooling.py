@@ -8,18 +8,22 @@ linear probe on mean-pooled embeddings, 85% with LoRA on the stock CLS pooler).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from fedadapt.errors import ConfigError
+from fedadapt import jsonsafe
+from fedadapt.errors import ConfigError, JsonInputError
 
 PoolingMode = Literal["mean", "cls", "max", "pooler"]
 POOLING_MODES: tuple[str, ...] = ("mean", "cls", "max", "pooler")
+# sentence-transformers writes a flat object (1_Pooling/config.json) and a list of flat objects (modules.json),
+# each a few hundred bytes: these caps leave room for added keys, not for a file that is something else.
+_SETTINGS_BYTES = 1024 * 1024
+_SETTINGS_DEPTH = 8
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,9 @@ def read_sentence_transformers_pooling(model_dir: Path) -> PoolingConfig | None:
     pooling_file = model_dir / "1_Pooling" / "config.json"
     if not pooling_file.is_file():
         return None
-    settings = json.loads(pooling_file.read_text())
+    settings = _read_json(pooling_file)
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{pooling_file} must hold a JSON object of settings, got a {type(settings).__name__}")
     if settings.get("pooling_mode_mean_tokens"):
         mode: PoolingMode = "mean"
     elif settings.get("pooling_mode_cls_token"):
@@ -54,9 +60,19 @@ def read_sentence_transformers_pooling(model_dir: Path) -> PoolingConfig | None:
     modules_file = model_dir / "modules.json"
     normalize = False
     if modules_file.is_file():
-        modules = json.loads(modules_file.read_text())
+        modules = _read_json(modules_file)
+        if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+            raise ConfigError(f"{modules_file} must hold a JSON list of module objects")
         normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
     return PoolingConfig(mode=mode, normalize=normalize)
+
+
+def _read_json(file: Path) -> Any:
+    """A backbone folder's settings file; a file that is too large, too deep or not JSON is a ConfigError."""
+    try:
+        return jsonsafe.load_file(file, max_bytes=_SETTINGS_BYTES, max_depth=_SETTINGS_DEPTH)
+    except JsonInputError as err:
+        raise ConfigError(f"{err}: the backbone folder's sentence-transformers settings are damaged") from None
 
 
 class Pooler(nn.Module):

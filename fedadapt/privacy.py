@@ -12,16 +12,24 @@ The SecAgg+ parameters trade privacy against dropout tolerance and precision; se
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Literal
 
+from fedadapt.bounds import Bound
 from fedadapt.errors import ConfigError
 
 PrivacyMode = Literal["none", "aead", "secagg+"]
 MODES: tuple[PrivacyMode, ...] = ("none", "aead", "secagg+")
 MODULUS_BITS = (32, 64)  # masked vectors are uint32 or uint64: the modulus is 2**bits, reductions are free
 MAX_QUANTIZATION_RANGE = 2**31 - 1  # Flower's quantize produces int32
+# The range of every numeric [privacy] key (modulus-bits is one of MODULUS_BITS). Each share costs a key
+# agreement per pair, so num-shares ends at 1000; a clipping range outside [1e-6, 1e6] is a typo, not a choice.
+PRIVACY_BOUNDS: dict[str, Bound] = {
+    "num-shares": Bound("int", 2, 1000),
+    "reconstruction-threshold": Bound("int", 2, 1000),
+    "clipping-range": Bound("float", 1e-6, 1e6),
+    "quantization-range": Bound("int", 2, MAX_QUANTIZATION_RANGE),
+}
 
 
 @dataclass(frozen=True)
@@ -55,14 +63,8 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"privacy mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("num_shares", "reconstruction_threshold", "quantization_range"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"privacy {_key(name)} must be a positive integer, got {value!r}")
-        if self.num_shares < 2:
-            raise ConfigError(
-                f"privacy num-shares must be at least 2 (a client and a neighbour), got {self.num_shares}"
-            )
+        for key, bound in PRIVACY_BOUNDS.items():
+            bound.check(f"privacy.{key}", getattr(self, key.replace("-", "_")))
         if self.reconstruction_threshold > self.num_shares:
             raise ConfigError(
                 f"privacy reconstruction-threshold ({self.reconstruction_threshold}) cannot exceed num-shares "
@@ -73,13 +75,6 @@ class PrivacyConfig:
                 f"privacy reconstruction-threshold ({self.reconstruction_threshold}) must be more than half of "
                 f"num-shares ({self.num_shares}), or a server that tells two halves of a neighbourhood different "
                 f"stories could rebuild both secrets of a client; use at least {self.num_shares // 2 + 1}"
-            )
-        clip = self.clipping_range
-        if isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 < clip < math.inf:
-            raise ConfigError(f"privacy clipping-range must be a positive number, got {clip!r}")
-        if not 2 <= self.quantization_range <= MAX_QUANTIZATION_RANGE:
-            raise ConfigError(
-                f"privacy quantization-range must be in [2, {MAX_QUANTIZATION_RANGE}], got {self.quantization_range}"
             )
         if self.modulus_bits not in MODULUS_BITS or isinstance(self.modulus_bits, bool):
             raise ConfigError(f"privacy modulus-bits must be one of {MODULUS_BITS}, got {self.modulus_bits!r}")

@@ -5,19 +5,20 @@ schedule and the faults to simulate (crashing and straggling devices, device tie
 different step budgets, and ``scripted-faults`` at set rounds for fault drills). Keys are flat,
 but for the ``[privacy]`` table (``fedadapt.privacy``) and the list of scripted faults.
 Unknown keys and values of the wrong type are refused with the list of allowed keys, before
-anything starts.
+anything starts; every number must lie in its range in ``SCENARIO_BOUNDS`` (documented in
+simulations/README.md), so no value sizes an absurd allocation, loop or sleep.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedadapt.bounds import Bound
 from fedadapt.errors import ConfigError
 from fedadapt.privacy import PRIVACY_KEYS, PrivacyConfig
 
@@ -25,6 +26,55 @@ SCHEMES = ("iid", "dirichlet", "natural")
 FAULT_KINDS = ("crash", "stall")
 COMPRESSIONS = ("none", "fp16", "int8")
 SYNTHETIC = "synthetic"
+
+MAX_CLIENTS = 100_000
+MAX_ROUNDS = 100_000
+DAY_SECONDS = 86_400.0
+# The range of every numeric scenario key (kebab-case, as in TOML). Upper ends are generous for real fleets
+# (fleet-1000.toml is a hundredth of MAX_CLIENTS) but keep every allocation, loop and sleep they size sane:
+# timeouts end at a day, so round-timeout + the straggler margin is a valid time.sleep and deadline.
+# ``tier-steps`` bounds each entry; ``scripted-faults.round`` and ``.client`` each fault's fields.
+SCENARIO_BOUNDS: dict[str, Bound] = {
+    "max-examples": Bound("int", 1, 100_000_000),
+    "examples-per-user": Bound("int", 1, 100_000),
+    "server-test-examples": Bound("int", 1, 100_000_000),
+    "num-clients": Bound("int", 1, MAX_CLIENTS),
+    "alpha": Bound("float", 0, 1e6, low_open=True),
+    "test-fraction": Bound("float", 0, 1, high_open=True),
+    "rank": Bound("int", 1, 4096),
+    "rounds": Bound("int", 1, MAX_ROUNDS),
+    "clients-per-round": Bound("int", 1, MAX_CLIENTS),
+    "min-clients": Bound("int", 1, MAX_CLIENTS),
+    "local-epochs": Bound("int", 1, 1000),
+    "local-max-steps": Bound("int", 1, 1_000_000),
+    "tier-steps": Bound("int", 1, 1_000_000),
+    "batch-size": Bound("int", 1, 4096),
+    "learning-rate": Bound("float", 0, 10, low_open=True),
+    "head-learning-rate": Bound("float", 0, 10, low_open=True),
+    "max-length": Bound("int", 1, 8192),
+    "server-lr": Bound("float", 0, 100, low_open=True),
+    "max-delta-norm": Bound("float", 0, 1e9, low_open=True),
+    "max-examples-per-client": Bound("int", 1, 1_000_000_000),
+    "full-model-learning-rate": Bound("float", 0, 10, low_open=True),
+    "target-accuracy": Bound("float", 0, 1),
+    "seed": Bound("int", 0, 2**32 - 1),
+    "client-cpus": Bound("int", 1, 1024),
+    "client-gpus": Bound("float", 0, 64),
+    "round-timeout": Bound("float", 0, DAY_SECONDS, low_open=True),
+    "node-timeout": Bound("float", 0, DAY_SECONDS, low_open=True),
+    "rejoin-timeout": Bound("float", 0, DAY_SECONDS, low_open=True),
+    "dropout-fraction": Bound("float", 0, 1),
+    "straggler-fraction": Bound("float", 0, 1),
+    "server-warmup-epochs": Bound("int", 0, 1000),
+    "server-finetune-epochs": Bound("int", 0, 1000),
+    "scripted-faults.round": Bound("int", 1, MAX_ROUNDS),
+    "scripted-faults.client": Bound("int", 0, MAX_CLIENTS - 1),
+}
+MAX_TIERS = 1000  # entries of tier-steps
+MAX_SCRIPTED_FAULTS = 10_000  # entries of scripted-faults
+# Synthetic data builds num-clients x examples-per-user messages (about 5 s and 200 MB per million).
+MAX_SYNTHETIC_MESSAGES = 1_000_000
+MAX_SCENARIO_BYTES = 1024 * 1024  # a scenario file; shipped ones are under 3 KB
 
 
 @dataclass(frozen=True)
@@ -40,9 +90,9 @@ class ScriptedFault:
     fault: str
 
     def __post_init__(self) -> None:
-        _check_positive_int("a scripted fault's round", self.round)
-        if isinstance(self.client, bool) or not isinstance(self.client, int) or self.client < 0:
-            raise ConfigError(f"a scripted fault's client must be a partition id >= 0, got {self.client!r}")
+        for name in ("round", "client"):
+            key = f"scripted-faults.{name}"
+            SCENARIO_BOUNDS[key].check(key, getattr(self, name))
         _check_choice("a scripted fault's fault", self.fault, FAULT_KINDS)
 
 
@@ -111,55 +161,32 @@ class ScenarioConfig:
             raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
         _check_choice("partition", self.partition, SCHEMES)
         _check_choice("compression", self.compression, COMPRESSIONS)
-        positive = (
-            *("num_clients", "rounds", "local_epochs", "batch_size", "max_length", "client_cpus", "min_clients"),
-            "max_examples_per_client",
-        )
-        for name in (*positive, "examples_per_user"):
-            _check_positive_int(name, getattr(self, name))
-        for name in ("max_examples", "server_test_examples", "clients_per_round", "local_max_steps", "rank"):
-            if getattr(self, name) is not None:
-                _check_positive_int(name, getattr(self, name))
+        self._check_bounds()
         if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
             raise ConfigError(
-                f"clients_per_round ({self.clients_per_round}) cannot exceed num_clients ({self.num_clients})"
+                f"clients-per-round ({self.clients_per_round}) cannot exceed num-clients ({self.num_clients})"
             )
         if self.min_clients > self.sample_size:
             raise ConfigError(
-                f"min_clients ({self.min_clients}) cannot exceed the clients sampled per round ({self.sample_size})"
+                f"min-clients ({self.min_clients}) cannot exceed the clients sampled per round ({self.sample_size})"
             )
-        for steps in self.tier_steps:
-            _check_positive_int("every tier_steps entry", steps)
-        rates = ("alpha", "learning_rate", "head_learning_rate", "full_model_learning_rate", "server_lr")
-        for name in (*rates, "round_timeout", "node_timeout", "rejoin_timeout"):
-            _check_positive_float(name, getattr(self, name))
-        if self.target_accuracy is not None:
-            _check_fraction("target_accuracy", self.target_accuracy)
-        for name in ("dropout_fraction", "straggler_fraction"):
-            _check_fraction(name, getattr(self, name))
         if self.dropout_fraction + self.straggler_fraction > 1.0:
             raise ConfigError(
-                f"dropout_fraction + straggler_fraction must be at most 1, got "
+                f"dropout-fraction + straggler-fraction must be at most 1, got "
                 f"{self.dropout_fraction} + {self.straggler_fraction}"
             )
         for fault in self.scripted_faults:
-            if not isinstance(fault, ScriptedFault):
-                raise ConfigError(f"scripted_faults must hold ScriptedFault entries, got {fault!r}")
             if fault.client >= self.num_clients:
                 raise ConfigError(
                     f"a scripted fault names client {fault.client}, but the scenario has {self.num_clients} "
                     f"clients (partition ids 0..{self.num_clients - 1})"
                 )
-        if self.max_delta_norm is not None:
-            _check_positive_float("max_delta_norm", self.max_delta_norm)
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
-        if isinstance(self.client_gpus, bool) or not isinstance(self.client_gpus, int | float) or self.client_gpus < 0:
-            raise ConfigError(f"client_gpus must be a number >= 0, got {self.client_gpus!r}")
-        for name in ("server_warmup_epochs", "server_finetune_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.data == SYNTHETIC and self.num_clients * self.examples_per_user > MAX_SYNTHETIC_MESSAGES:
+            raise ConfigError(
+                f"synthetic data would build num-clients x examples-per-user = {self.num_clients} x "
+                f"{self.examples_per_user} = {self.num_clients * self.examples_per_user} messages, more than the "
+                f"{MAX_SYNTHETIC_MESSAGES} allowed: lower one of them"
+            )
         if (self.server_warmup_epochs or self.server_finetune_epochs) and not self.server_proxy_data:
             raise ConfigError(
                 "server-warmup-epochs and server-finetune-epochs train on server-proxy-data: name a labelled "
@@ -174,25 +201,35 @@ class ScenarioConfig:
         """Clients sampled per round."""
         return self.clients_per_round or self.num_clients
 
+    def _check_bounds(self) -> None:
+        """Every numeric field in its SCENARIO_BOUNDS range (None means unset where the field allows it)."""
+        for field in dataclasses.fields(self):
+            key = field.name.replace("_", "-")
+            value = getattr(self, field.name)
+            if key not in SCENARIO_BOUNDS or value is None:
+                continue
+            if key == "tier-steps":
+                _check_list_length(key, value, MAX_TIERS)
+                for index, steps in enumerate(value):
+                    SCENARIO_BOUNDS[key].check(f"{key}[{index}]", steps)
+            else:
+                SCENARIO_BOUNDS[key].check(key, value)
+        _check_list_length("scripted-faults", self.scripted_faults, MAX_SCRIPTED_FAULTS)
+        for fault in self.scripted_faults:
+            if not isinstance(fault, ScriptedFault):
+                raise ConfigError(f"scripted_faults must hold ScriptedFault entries, got {fault!r}")
+
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_fraction(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-def _check_positive_float(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+def _check_list_length(key: str, value: object, most: int) -> None:
+    if not isinstance(value, tuple | list):
+        raise ConfigError(f"scenario key {key!r} must be a list, got {value!r}")
+    if len(value) > most:
+        raise ConfigError(f"scenario key {key!r} may hold at most {most} entries, got {len(value)}")
 
 
 SCENARIO_KEYS: tuple[str, ...] = tuple(f.name.replace("_", "-") for f in dataclasses.fields(ScenarioConfig))
@@ -277,11 +314,30 @@ def load_scenario(path: str | Path) -> ScenarioConfig:
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"scenario file {file} does not exist")
+    return scenario_from_dict(_relative_to(_read_toml(file), file.resolve().parent), where=f"scenario file {file}")
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    """The TOML file's table: at most MAX_SCENARIO_BYTES read, every failure a ConfigError naming the file.
+
+    tomllib recurses once per nested array or inline table, so ``x = [[[[...]]]]`` a thousand deep raises
+    RecursionError. A bracket count before parsing cannot be trusted here (TOML has four string quotings,
+    and comments, that may hold brackets), but tomllib is pure Python: its RecursionError unwinds cleanly
+    after at most the interpreter's recursion limit of frames, on at most MAX_SCENARIO_BYTES of input.
+    """
     try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"scenario file {file} is not valid TOML: {err}") from err
-    return scenario_from_dict(_relative_to(data, file.resolve().parent), where=f"scenario file {file}")
+        with file.open("rb") as handle:
+            raw = handle.read(MAX_SCENARIO_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"scenario file {file} cannot be read: {err.strerror or err}") from None
+    if len(raw) > MAX_SCENARIO_BYTES:
+        raise ConfigError(f"scenario file {file} is larger than the {MAX_SCENARIO_BYTES} bytes a scenario may have")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except ValueError as err:  # TOMLDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise ConfigError(f"scenario file {file} is not valid TOML: {str(err)[:200]}") from None
+    except RecursionError:
+        raise ConfigError(f"scenario file {file} nests arrays or tables too deeply to be a scenario") from None
 
 
 def _relative_to(data: dict[str, Any], folder: Path) -> dict[str, Any]:

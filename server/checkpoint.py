@@ -92,8 +92,10 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint, key: bytes, keep: int
     }
     if checkpoint.run_secret is not None:
         header[_RUN_SECRET] = checkpoint.run_secret.hex()
-    # Hash what a reader will parse back (tuples become lists, keys become strings, ...).
-    header = json.loads(json.dumps(header))
+    # Hash what a reader will parse back (tuples become lists, keys become strings, ...), through the reader's own
+    # limits: a header it would refuse fails here, before a checkpoint no resume could read is written.
+    text = json.dumps(header)
+    header = jsonsafe.loads(text, what="the checkpoint header", max_bytes=len(text.encode()), max_depth=_HEADER_DEPTH)
     header[_MAC_KEY] = content_hmac(key, tensors, header)
     header[_HASH_KEY] = content_sha256(tensors, header)  # over the header with its HMAC
     path = checkpoint_path(out_dir, checkpoint.round)

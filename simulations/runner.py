@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from clients.device import DEVICE_ROOT_ENV
-from fedadapt.errors import ConfigError, FedAdaptError
+from fedadapt import jsonsafe
+from fedadapt.errors import ConfigError, FedAdaptError, JsonInputError
 from fedadapt.fleet import (
     CLIENT_STATE_FOLDER,
     PERSONAL_FILE,
@@ -381,12 +382,17 @@ def _show_rounds(progress: Any, task: Any, metrics_file: Path) -> None:
     )
 
 
+# metrics.json is the server's own record: a few KB per round, so even 100000 rounds of a large fleet fit.
+MAX_METRICS_BYTES = 1024 * 1024 * 1024
+
+
 def read_metrics(path: Path) -> dict[str, Any]:
+    """metrics.json's object; {} while it is not written yet (it is replaced atomically, never half-written)."""
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):  # not written yet (it is replaced atomically, never half-written)
+        data = jsonsafe.load_file(path, max_bytes=MAX_METRICS_BYTES)
+    except JsonInputError:  # also a missing or unreadable file
         return {}
-    return data
+    return data if isinstance(data, dict) else {}
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

@@ -64,7 +64,7 @@ def test_proxy_data_with_unknown_labels_is_refused(tiny_bert: Path, tmp_path: Pa
 def test_server_training_needs_proxy_data_and_sane_epochs() -> None:
     with pytest.raises(ConfigError, match="server-proxy-data"):
         scenario_from_dict({"server-warmup-epochs": 1})
-    with pytest.raises(ConfigError, match="server_finetune_epochs must be a non-negative integer"):
+    with pytest.raises(ConfigError, match=r"'server-finetune-epochs' must be an integer in \[0, 1000\], got -1"):
         scenario_from_dict({"server-finetune-epochs": -1, "server-proxy-data": "x.csv"})
 
 
