@@ -26,6 +26,7 @@ DEFAULT_MAX_DEPTH = 32
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _BRACKETS = bytes(range(256)).translate(None, b"[]{}")  # every byte that is not a bracket, to delete
 _BOM = b"\xef\xbb\xbf"
+_CHUNK = 64 * 1024
 _STEP = np.zeros(256, dtype=np.int8)
 _STEP[[ord("["), ord("{")]] = 1
 _STEP[[ord("]"), ord("}")]] = -1
@@ -77,12 +78,18 @@ def load_file(
     names the file in errors (default: its path); a file that cannot be read is a JsonInputError too.
     """
     what = what or str(path)
+    limit = max_bytes + len(_BOM)
+    chunks: list[bytes] = []
+    size = 0
     try:
         with open(path, "rb") as handle:
-            raw = handle.read(max_bytes + len(_BOM) + 1)
+            # In chunks: read(limit) would allocate the whole limit up front, whatever the file's size.
+            while size <= limit and (chunk := handle.read(min(_CHUNK, limit + 1 - size))):
+                chunks.append(chunk)
+                size += len(chunk)
     except OSError as err:
         raise JsonInputError(what, f"cannot be read ({err.strerror or err})") from None
-    raw = raw.removeprefix(_BOM)
+    raw = b"".join(chunks).removeprefix(_BOM)
     if len(raw) > max_bytes:
         raise JsonInputError(what, f"more than the {max_bytes} bytes of JSON allowed")
     return loads(raw, what=what, max_bytes=max_bytes, max_depth=max_depth)

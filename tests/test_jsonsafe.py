@@ -106,3 +106,21 @@ def test_load_file_reads_a_file_skips_a_bom_and_names_the_file_in_every_failure(
         load_file(tmp_path / "missing.json")
     with pytest.raises(JsonInputError, match="cannot be read"):
         load_file(tmp_path)  # a folder
+
+
+def test_load_file_allocates_about_the_file_not_the_limit_and_stops_reading_an_endless_file(tmp_path: Any) -> None:
+    import tracemalloc
+
+    from fedadapt.jsonsafe import load_file
+
+    small = tmp_path / "small.json"
+    small.write_text('{"a": 1}')
+    tracemalloc.start()
+    try:
+        assert load_file(small, max_bytes=64 * 1024 * 1024) == {"a": 1}
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024  # a read(max_bytes) would allocate 64 MiB here
+    with pytest.raises(JsonInputError, match="more than the 100000 bytes"):
+        load_file("/dev/zero", max_bytes=100_000)
