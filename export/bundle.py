@@ -20,14 +20,18 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from export.errors import ExportError
+from export.bundle_verify import (
+    BUNDLE_FORMAT,
+    LABELS_FILE,
+    MANIFEST_FILE,
+    load_manifest,
+    read_manifest,
+    write_target,
+)
+from export.bundle_verify import MODEL_FILE as MODEL_FILE  # re-exported: the exporter names the files from here
+from export.bundle_verify import REPORT_FILE as REPORT_FILE
+from export.errors import BundleError, ExportError
 from fedadapt.errors import ConfigError
-
-MODEL_FILE = "model.onnx"
-LABELS_FILE = "labels.json"
-MANIFEST_FILE = "manifest.json"
-REPORT_FILE = "report.json"
-BUNDLE_FORMAT = "fedadapt.export.v1"
 
 
 def check_out_folder(out: Path, adapter: Path, force: bool) -> None:
@@ -51,11 +55,17 @@ def check_out_folder(out: Path, adapter: Path, force: bool) -> None:
 
 
 def is_export_bundle(folder: Path) -> bool:
-    """Whether ``folder`` holds a manifest this exporter wrote."""
+    """Whether ``folder`` holds a manifest this exporter wrote (read with size and depth limits)."""
+    return _format_and_mode(folder)[0] == BUNDLE_FORMAT
+
+
+def _format_and_mode(folder: Path) -> tuple[Any, Any]:
+    """The manifest's format and mode, or (None, None) when ``folder`` has no readable manifest."""
     try:
-        return bool(json.loads((folder / MANIFEST_FILE).read_text()).get("format") == BUNDLE_FORMAT)
-    except (OSError, ValueError, AttributeError):
-        return False
+        manifest = load_manifest(folder)
+    except BundleError:
+        return None, None
+    return (manifest.get("format"), manifest.get("mode")) if isinstance(manifest, dict) else (None, None)
 
 
 @contextlib.contextmanager
@@ -86,32 +96,13 @@ def _replace_dir(staging: Path, out: Path, force: bool) -> None:
 
 
 def read_bundle_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of an export bundle; ExportError if it is missing or was not written by this exporter."""
-    try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{folder} has no readable {MANIFEST_FILE} ({err}); it is not an export bundle") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise ExportError(f"{folder / MANIFEST_FILE} is not of format {BUNDLE_FORMAT}; it is not an export bundle")
-    return manifest
+    """The checked manifest of an export bundle (export/bundle_verify.py); BundleError if it is missing or bad."""
+    return read_manifest(folder)
 
 
 def is_swappable_bundle(folder: Path) -> bool:
-    """Whether ``folder`` holds a swappable export (which another user's adapter may join)."""
-    return is_export_bundle(folder) and read_bundle_manifest(folder).get("mode") == "swappable"
-
-
-def check_files(folder: Path, manifest: dict[str, Any]) -> None:
-    """ExportError unless every file the manifest lists is in ``folder`` with its recorded size and sha256."""
-    bad = []
-    for name, entry in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            bad.append(f"{name} is missing")
-        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            bad.append(f"{name} differs from the manifest")
-    if bad:
-        raise ExportError(f"the bundle {folder} was changed after export ({'; '.join(bad)}); export it again")
+    """Whether ``folder`` holds a swappable export (which another user's adapter may join; checked when it does)."""
+    return _format_and_mode(folder) == (BUNDLE_FORMAT, "swappable")
 
 
 @contextlib.contextmanager
@@ -120,21 +111,23 @@ def committed_files(folder: Path) -> Iterator[Callable[[str], Path]]:
 
     On success each temporary file is renamed over its final path in the order ``temp`` was
     called (so call it for manifest.json last: its rename commits the update); on any error
-    all of them are removed and ``folder`` is as it was.
+    all of them are removed and ``folder`` is as it was. A ``name`` whose folders or file are
+    symlinks, or that leads outside ``folder``, is refused (BundleError), at ``temp`` and again
+    just before the rename.
     """
-    pending: dict[Path, Path] = {}
+    pending: dict[str, Path] = {}
 
     def temp(name: str) -> Path:
-        final = folder / name
-        final.parent.mkdir(parents=True, exist_ok=True)
+        final = write_target(folder, name)
         handle, path = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(handle)
-        pending[final] = Path(path)
+        pending[name] = Path(path)
         return Path(path)
 
     try:
         yield temp
-        for final, path in pending.items():
+        for name, path in pending.items():
+            final = write_target(folder, name)  # again: a symlink swapped in since ``temp`` is refused too
             path.chmod(0o644)  # mkstemp's 0600 would hide the file from the app's build tools
             os.replace(path, final)
     except BaseException:

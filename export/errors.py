@@ -1,4 +1,4 @@
-"""Errors of the exporter: the graph could not be built, or it does not compute what PyTorch does."""
+"""Errors of the exporter: the graph could not be built, does not compute what PyTorch does, or a bundle is bad."""
 
 from __future__ import annotations
 
@@ -17,3 +17,10 @@ class ExportParityError(ExportError):
     def __init__(self, message: str, mismatches: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.mismatches = list(mismatches)
+
+
+class BundleError(ExportError):
+    """An export bundle is malformed or was changed after export (manifest, paths, sizes, sha256, adapter fit).
+
+    Raised before anything in the bundle is used; the message names the file and the field.
+    """

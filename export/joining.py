@@ -8,7 +8,6 @@ and manifest.json (last): a failure at any step leaves the bundle as it was.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -17,15 +16,15 @@ from typing import Any
 from export.bundle import (
     MANIFEST_FILE,
     REPORT_FILE,
-    check_files,
     committed_files,
     file_entry,
     read_bundle_manifest,
     write_json,
     write_manifest,
 )
+from export.bundle_verify import bundle_path, check_files, read_json, show
 from export.config import ExportConfig
-from export.errors import ExportError
+from export.errors import BundleError
 from export.layout import layout_differences, layout_of
 from export.loading import check_against_fresh_model, load_for_export
 from export.ort_adapters import adapter_runner, write_adapter_file
@@ -39,20 +38,22 @@ logger = logging.getLogger(__name__)
 def join_bundle(config: ExportConfig, adapter_manifest: dict[str, Any], started: float) -> ExportReport:
     """Add ``config.adapter`` as ``config.user_name`` to the swappable bundle ``config.out``; return the report."""
     bundle, name = config.out, config.user_name
-    manifest = read_bundle_manifest(bundle)
+    manifest = read_bundle_manifest(bundle)  # checked: fields, and every path it names stays inside the bundle
     _check_can_join(config, manifest, adapter_manifest)
-    earlier_report = _read_report(bundle)
+    earlier_report = _read_report(bundle, manifest)
     earlier = earlier_report.get("adapters", {})
     # The graphs do not change: their int8 and .ort sections (measured with the first adapter) carry over.
     variants: dict[str, Any] = {key: earlier_report[key] for key in ("int8", "ort") if key in earlier_report}
     graph_file = manifest.get("graph", BACKBONE_FILE)
-    with committed_files(bundle) as temp:
+    where = str(bundle / MANIFEST_FILE)
+    with committed_files(bundle) as temp:  # refuses adapters/ (or any target) that is a symlink
         adapter_path = temp(adapter_file(name))
         seconds = _write_adapter(config, adapter_path)
-        parity = check_against_fresh_model(adapter_runner(bundle / graph_file, adapter_path), config, bundle)
+        graph = adapter_runner(bundle_path(bundle, graph_file, where), adapter_path)
+        parity = check_against_fresh_model(graph, config, bundle)
         for other in manifest.get("graphs", {}):
             if other != graph_file:  # the int8 and .ort copies take the same adapter files: check it fits them
-                adapter_runner(bundle / other, adapter_path)
+                adapter_runner(bundle_path(bundle, other, where), adapter_path)
         files = {**manifest["files"], adapter_file(name): file_entry(adapter_path)}
         method = adapter_manifest["method"]["name"]
         report = ExportReport(
@@ -96,7 +97,9 @@ def _check_can_join(config: ExportConfig, manifest: dict[str, Any], adapter_mani
             "method settings, backbone and number of labels."
         )
     _check_graphs_requested(config, manifest)
-    check_files(bundle, manifest)
+    check_files(bundle, manifest)  # every file: sizes first, then sha256
+    if manifest.get("opset") is None:
+        raise BundleError(f"{bundle / MANIFEST_FILE} records no opset; export the bundle again")
 
 
 def _check_graphs_requested(config: ExportConfig, manifest: dict[str, Any]) -> None:
@@ -121,12 +124,11 @@ def _check_graphs_requested(config: ExportConfig, manifest: dict[str, Any]) -> N
         raise ConfigError(f"--eval-data is not supported when adding an adapter to {where}; leave it out")
 
 
-def _read_report(bundle: Path) -> dict[str, Any]:
-    """The bundle's report.json (check_files has verified it is the one the manifest records)."""
-    try:
-        report: dict[str, Any] = json.loads((bundle / REPORT_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{bundle / REPORT_FILE} is unreadable ({err}); export the bundle again") from err
+def _read_report(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's report.json, verified against the manifest and read with size and depth limits."""
+    report = read_json(bundle, manifest, REPORT_FILE)
+    if not isinstance(report, dict) or not isinstance(report.get("adapters", {}), dict):
+        raise BundleError(f"{bundle / REPORT_FILE} must be an object whose adapters is an object, got {show(report)}")
     return report
 
 

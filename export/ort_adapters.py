@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.errors import ExportError
+from export.bundle_verify import check_adapter_fits
 from export.parity import Feeds, RunGraph
 
 TOKEN_INPUTS = ("input_ids", "attention_mask")
@@ -47,35 +47,12 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
-def check_adapter_fits(session: ort.InferenceSession, adapter_path: Path) -> None:
-    """Raise ExportError unless the adapter file sets exactly the graph's per-user inputs, shapes and dtypes."""
-    # ONNX Runtime lists inputs that have an initializer apart from the required ones.
-    expected = {i.name: i for i in session.get_overridable_initializers()}
-    tensors = read_adapter_file(adapter_path)
-    problems = [f"missing {name}" for name in sorted(set(expected) - set(tensors))]
-    problems += [f"unknown {name}" for name in sorted(set(tensors) - set(expected))]
-    for name in sorted(set(expected) & set(tensors)):
-        shape, dtype = list(tensors[name].shape), f"tensor({_onnx_type(tensors[name].dtype)})"
-        if shape != list(expected[name].shape) or dtype != expected[name].type:
-            problems.append(f"{name}: {dtype}{shape}, graph wants {expected[name].type}{expected[name].shape}")
-    if problems:
-        raise ExportError(
-            f"{adapter_path.name} does not fit the graph's per-user inputs: "
-            + "; ".join(problems[:5])
-            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-        )
-
-
-def _onnx_type(dtype: np.dtype) -> str:
-    return {"float32": "float", "float64": "double"}.get(dtype.name, dtype.name)
-
-
 class AdapterRunner:
     """Runs ``graph_path`` in ONNX Runtime (CPU) with exactly the adapter at ``adapter_path`` active."""
 
     def __init__(self, graph_path: Path, adapter_path: Path) -> None:
         self.session = ort.InferenceSession(str(graph_path), session_options(), providers=["CPUExecutionProvider"])
-        check_adapter_fits(self.session, adapter_path)
+        check_adapter_fits(self.session, adapter_path)  # the phone runs the same check (export/bundle_verify.py)
         self.adapter = ort.LoraAdapter()  # kept here: the run options must not outlive it
         self.adapter.Load(str(adapter_path))
         self.run_options = ort.RunOptions()

@@ -4,7 +4,12 @@
 
 It does in Python what an app does on a phone: load the graph once, tokenize with the bundle's
 tokenizer.json, and for a swappable bundle switch users by activating another adapter file in
-the same session. It imports no torch, transformers or fedadapt: a phone has none of them.
+the same session. It imports no torch or transformers (a phone has neither); of fedadapt, only its
+errors and bounded JSON reader, through export/bundle_verify.py.
+
+Nothing in the bundle is trusted: the manifest is checked, every file is used only after its size
+and sha256 match the manifest, no path may leave the bundle, every adapter must set exactly the
+graph's per-user inputs, and every labels list must be as long as the logits are wide.
 
 A swappable bundle's backbone.onnx is not a valid model on its own (its per-user inputs default
 to zeros): exactly one adapter must be active for every run. A merged bundle's model.onnx has
@@ -17,6 +22,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +30,90 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-FORBIDDEN_MODULES = ("torch", "transformers", "fedadapt")
+if not __package__:  # run as a script (python export/phone_demo.py): make the export package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from export.bundle_verify import (  # noqa: E402
+    LABELS_FILE,
+    MANIFEST_FILE,
+    MAX_GRAPH_BYTES,
+    MAX_TOKENIZER_BYTES,
+    ORT_ERRORS,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    bundle_path,
+    check_adapter_fits,
+    check_files,
+    check_labels,
+    graph_file,
+    read_json,
+    read_manifest,
+    read_verified,
+)
+from export.errors import BundleError  # noqa: E402
+from fedadapt.errors import FedAdaptError  # noqa: E402
+
+FORBIDDEN_MODULES = ("torch", "transformers")
+ALLOWED_FEDADAPT_MODULES = ("fedadapt", "fedadapt.errors", "fedadapt.jsonsafe")  # none of them imports torch
+OUTPUT_NAME = "logits"
+REFUSED: tuple[type[BaseException], ...] = (FedAdaptError, OSError, ValueError, *ORT_ERRORS)  # main() exits 2
+
+
+def forbidden_modules() -> list[str]:
+    """Loaded modules a phone would not have: torch, transformers, and fedadapt beyond its errors and JSON reader."""
+    return sorted(
+        name
+        for name in sys.modules
+        if name.split(".")[0] in FORBIDDEN_MODULES
+        or (name.split(".")[0] == "fedadapt" and name not in ALLOWED_FEDADAPT_MODULES)
+    )
+
+
+@dataclass(frozen=True)
+class PhoneBundle:
+    """What the phone loads from a bundle, each file verified against the checked manifest."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    graph: bytes  # the bytes that were hashed are the bytes ONNX Runtime parses
+    tokenizer: Tokenizer
+    labels: list[str]
+
+
+def open_phone_bundle(folder: str | Path) -> PhoneBundle:
+    """Check ``folder``'s manifest and read the graph, tokenizer and labels it lists; BundleError if anything is off."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    graph = read_verified(folder, manifest, graph_file(manifest), MAX_GRAPH_BYTES)
+    tokenizer = _load_tokenizer(folder, manifest)
+    width, width_from = manifest.get("num_labels"), "the manifest's num_labels has"
+    labels = check_labels(read_json(folder, manifest, LABELS_FILE), width, str(folder / LABELS_FILE), width_from)
+    for name, entry in manifest.get("adapters", {}).items():
+        where = f"{folder / MANIFEST_FILE}: adapters[{name!r}].labels"
+        check_labels(entry.get("labels", labels), width, where, width_from)
+    return PhoneBundle(folder, manifest, graph, tokenizer, labels)
 
 
 class PhoneClassifier:
-    """One InferenceSession over a bundle; ``use`` switches the active adapter, ``classify`` predicts."""
+    """One InferenceSession over a verified bundle; ``use`` switches the active adapter, ``classify`` predicts."""
 
     def __init__(self, bundle: str | Path) -> None:
-        self.bundle = Path(bundle)
-        self.manifest: dict[str, Any] = json.loads((self.bundle / "manifest.json").read_text())
-        self.swappable = self.manifest.get("mode") == "swappable"
-        default_graph = "backbone.onnx" if self.swappable else "model.onnx"  # bundles written before "graph"
+        verified = open_phone_bundle(bundle)
+        self.bundle, self.manifest = verified.folder, verified.manifest
+        self.swappable = self.manifest["mode"] == "swappable"
         options = ort.SessionOptions()
         options.log_severity_level = 3  # one "initializer appears in graph inputs" warning per per-user tensor
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning drains the battery
-        graph = self.bundle / self.manifest.get("graph", default_graph)
-        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        self.tokenizer = self._load_tokenizer()
-        self.labels: list[str] = json.loads((self.bundle / "labels.json").read_text())
+        try:
+            self.session = ort.InferenceSession(verified.graph, options, providers=["CPUExecutionProvider"])
+        except ORT_ERRORS as err:
+            raise BundleError(f"ONNX Runtime cannot load {self.bundle / graph_file(self.manifest)}: {err}") from None
+        self.tokenizer = verified.tokenizer
+        self.labels = verified.labels
+        self.width = _logits_width(self.session, self.bundle / graph_file(self.manifest))
+        check_labels(self.labels, self.width, str(self.bundle / LABELS_FILE))  # every labels list fits the logits
+        for name in self.adapter_names:
+            check_labels(self._labels_of(name), self.width, f"{self.bundle / MANIFEST_FILE}: adapters[{name!r}].labels")
         self.adapters: dict[str, ort.LoraAdapter] = {}  # loaded on first use, then kept (memory-mapped)
         self.active: str | None = None
         self._run_options: ort.RunOptions | None = None
@@ -52,16 +124,24 @@ class PhoneClassifier:
         return sorted(self.manifest.get("adapters", {}))
 
     def use(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the one active adapter, in the same session (nothing is rebuilt)."""
+        """Make ``adapter_name`` the one active adapter, in the same session (nothing is rebuilt).
+
+        Each call checks the adapter file's size and sha256 and that it sets exactly the graph's
+        per-user inputs (a missing one would silently run on its zero default).
+        """
         if not isinstance(adapter_name, str):
             raise TypeError(f"use() activates exactly one adapter: pass one name, got {adapter_name!r}")
         if not self.swappable:
             raise ValueError(f"{self.bundle} is a merged bundle: its adapter is built into the graph; nothing to use")
         if adapter_name not in self.manifest["adapters"]:
             raise ValueError(f"no adapter {adapter_name!r} in {self.bundle}; it has {self.adapter_names}")
+        path = self._verified_adapter(adapter_name)
         if adapter_name not in self.adapters:
             adapter = ort.LoraAdapter()
-            adapter.Load(str(self.bundle / self.manifest["adapters"][adapter_name]["file"]))
+            try:
+                adapter.Load(str(path))
+            except ORT_ERRORS as err:
+                raise BundleError(f"ONNX Runtime cannot load {path}: {err}") from None
             self.adapters[adapter_name] = adapter
         # A fresh RunOptions per switch: adding to the old one would make two adapters active at once,
         # which ONNX Runtime accepts without an error.
@@ -76,22 +156,35 @@ class PhoneClassifier:
                 f"activate an adapter first with use(name), one of {self.adapter_names}: "
                 "backbone.onnx alone is not a valid model"
             )
-        logits: np.ndarray = self.session.run(["logits"], self._encode(texts), self._run_options)[0]
+        logits: np.ndarray = self.session.run([OUTPUT_NAME], self._encode(texts), self._run_options)[0]
         return logits
 
     def classify(self, texts: Sequence[str]) -> list[tuple[str, float]]:
         """(label, probability) of the most likely class of each text, with the active adapter."""
         logits = self.logits(texts)  # (B, num_labels)
+        labels = self._active_labels()
+        if logits.ndim != 2 or logits.shape[1] != len(labels):  # a graph whose width is symbolic is checked here
+            raise BundleError(
+                f"{self.bundle}: the graph's logits have shape {logits.shape}, but there are {len(labels)} labels"
+            )
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
-        labels = self._active_labels()
         return [(labels[int(row.argmax())], float(row.max())) for row in probabilities]
+
+    def _verified_adapter(self, name: str) -> Path:
+        """The path of adapter ``name``'s file, after its size, sha256 and fit to the graph were checked."""
+        file = self.manifest["adapters"][name]["file"]
+        check_files(self.bundle, self.manifest, [file])
+        path = bundle_path(self.bundle, file, str(self.bundle / MANIFEST_FILE))
+        check_adapter_fits(self.session, path)
+        return path
 
     def _active_labels(self) -> list[str]:
         """The active adapter's label names (users may name classes differently), else labels.json."""
-        if self.active is None:
-            return self.labels
-        return list(self.manifest["adapters"][self.active].get("labels", self.labels))
+        return self.labels if self.active is None else self._labels_of(self.active)
+
+    def _labels_of(self, name: str) -> list[str]:
+        return list(self.manifest["adapters"][name].get("labels", self.labels))
 
     def _encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """input_ids and attention_mask (B, T), padded to the longest text."""
@@ -101,25 +194,44 @@ class PhoneClassifier:
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
         }
 
-    def _load_tokenizer(self) -> Tokenizer:
-        """tokenizer.json, truncating to the positions the graph has and padding with the pad token."""
-        tokenizer = Tokenizer.from_file(str(self.bundle / "tokenizer.json"))
-        tokenizer.enable_truncation(max_length=int(self.manifest["max_sequence_length"]))
-        pad_token, pad_id = self._pad_token(tokenizer)
-        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
-        return tokenizer
 
-    def _pad_token(self, tokenizer: Tokenizer) -> tuple[str, int]:
-        """The pad token and id the manifest records, else tokenizer_config.json's (older bundles)."""
-        recorded = self.manifest.get("tokenizer", {})
-        if recorded.get("pad_token") is not None and recorded.get("pad_token_id") is not None:
-            return str(recorded["pad_token"]), int(recorded["pad_token_id"])
-        config = json.loads((self.bundle / "tokenizer_config.json").read_text())
-        pad_token = config.get("pad_token")
+def _logits_width(session: ort.InferenceSession, graph: Path) -> int | None:
+    """The number of classes the graph's (B, num_labels) logits have; None if the graph leaves it symbolic."""
+    outputs = {output.name: output.shape for output in session.get_outputs()}
+    shape = outputs.get(OUTPUT_NAME)
+    if shape is None or len(shape) != 2:
+        raise BundleError(f"{graph} has no (batch, num_labels) output named {OUTPUT_NAME!r}; its outputs: {outputs}")
+    return shape[1] if isinstance(shape[1], int) else None
+
+
+def _load_tokenizer(folder: Path, manifest: dict[str, Any]) -> Tokenizer:
+    """tokenizer.json (verified), truncating to the positions the graph has and padding with the pad token."""
+    text = read_verified(folder, manifest, TOKENIZER_FILE, MAX_TOKENIZER_BYTES)
+    try:
+        tokenizer = Tokenizer.from_str(text.decode("utf-8"))
+    except Exception as err:  # tokenizers raises plain Exception for a file it cannot parse
+        raise BundleError(f"{folder / TOKENIZER_FILE} is not a tokenizers file: {str(err)[:200]}") from None
+    tokenizer.enable_truncation(max_length=manifest["max_sequence_length"])
+    pad_token, pad_id = _pad_token(folder, manifest, tokenizer)
+    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    return tokenizer
+
+
+def _pad_token(folder: Path, manifest: dict[str, Any], tokenizer: Tokenizer) -> tuple[str, int]:
+    """The pad token and id the manifest records, else tokenizer_config.json's (older bundles)."""
+    recorded = manifest.get("tokenizer", {})
+    pad_token, pad_id = recorded.get("pad_token"), recorded.get("pad_token_id")
+    if pad_token is None or pad_id is None:
+        config = read_json(folder, manifest, TOKENIZER_CONFIG_FILE)
+        pad_token = config.get("pad_token") if isinstance(config, dict) else None
         pad_id = tokenizer.token_to_id(pad_token) if isinstance(pad_token, str) else None
-        if pad_id is None:
-            raise ValueError(f"{self.bundle} names no pad token: batches of several texts cannot be padded")
-        return pad_token, pad_id
+    if pad_token is None or pad_id is None:
+        raise BundleError(f"{folder} names no pad token: batches of several texts cannot be padded")
+    if pad_id >= tokenizer.get_vocab_size(with_added_tokens=True):
+        raise BundleError(
+            f"{folder / MANIFEST_FILE}: tokenizer.pad_token_id {pad_id} is not in the tokenizer's vocabulary"
+        )
+    return pad_token, pad_id
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -130,7 +242,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--adapter", action="append", help="swappable bundles: adapter to use (repeatable; default: every adapter)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    # Tests: report which of torch/transformers/fedadapt got imported (the answer must be none).
+    # Tests: report which modules a phone would not have got imported (the answer must be none).
     parser.add_argument("--check-imports", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -141,12 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         classifier = PhoneClassifier(args.bundle)
         results = _classify_each(classifier, args.text, args.adapter)
-    except (OSError, ValueError, KeyError) as err:
+    except REFUSED as err:  # a bad bundle or request: say so, exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2
-    output: dict[str, Any] = {"bundle": str(args.bundle), "mode": classifier.manifest.get("mode"), "results": results}
+    output: dict[str, Any] = {"bundle": str(args.bundle), "mode": classifier.manifest["mode"], "results": results}
     if args.check_imports:
-        output["forbidden_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN_MODULES)
+        output["forbidden_modules"] = forbidden_modules()
     if args.json:
         print(json.dumps(output))
         return 0

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.bundle_verify import BACKBONE_FILE as BACKBONE_FILE  # re-exported: the phone names it there, torch-free
 from export.graph import make_overridable, write_onnx
 from export.merged import OUTPUT_NAME, dummy_inputs
 from fedadapt.errors import ConfigError
@@ -31,7 +32,6 @@ from fedadapt.model import AdapterModel
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_FILE = "backbone.onnx"
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
 USAGE = (
