@@ -158,7 +158,9 @@ def _check_schema(
         where = f"schema.tensors[{index}]"
         values += _check_tensor(tensor, path, where, limits)
         if values > limits.max_params:
-            raise AdapterFolderError(f"{path}: schema.tensors list more than the {limits.max_params} values allowed")
+            raise AdapterFolderError(
+                f"{path}: {where} brings the schema to {values} values, more than the {limits.max_params} allowed"
+            )
         if tensor["name"] in names:
             raise AdapterFolderError(f"{path}: {where}.name {tensor['name']!r} appears twice")
         names.add(tensor["name"])

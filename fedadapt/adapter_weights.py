@@ -79,7 +79,9 @@ def read_weight_file(path: Path, specs: Iterable[TensorSpec]) -> State:
     except StateError as err:
         raise AdapterFolderError(f"{err}; save the adapter again") from err
     except (SafetensorError, OSError) as err:
-        raise AdapterFolderError(f"{path} is not a readable safetensors file ({err}); save the adapter again") from err
+        raise AdapterFolderError(
+            f"{path} is corrupt or truncated and cannot be loaded (not safetensors: {err}); save the adapter again"
+        ) from err
     return {s.name: state[s.name] for s in specs}
 
 
