@@ -25,12 +25,18 @@ def read_adapter_manifest(adapter: Path) -> dict[str, Any]:
         )
     try:
         return read_manifest(adapter)
+    except FedAdaptError:
+        raise  # already names the file and the field
     except (ValueError, UnicodeDecodeError) as err:
         raise AdapterFolderError(f"{adapter} has an unreadable manifest ({err}); save the adapter again") from err
 
 
 def load_for_export(adapter: Path, backbone: str | None) -> AdapterModel:
-    """Load the adapter folder in eval mode, turning a corrupt folder's low-level errors into a clear one."""
+    """Load the adapter folder in eval mode, turning a corrupt folder's low-level errors into a clear one.
+
+    ``load_adapter`` checks the manifest and the weights before building anything, so a hostile folder
+    ends in its AdapterFolderError naming the field; the catch below is for what no check foresaw.
+    """
     try:
         return load_adapter(adapter, backbone=backbone).eval()
     except FedAdaptError:

@@ -9,7 +9,9 @@ Layout::
     adapter.safetensors          fedadapt's methods: the full trainable state by schema name
 
 A folder is written to a temporary sibling and renamed into place, so a crash never
-leaves a half-written adapter behind.
+leaves a half-written adapter behind. A folder read may come from anyone: its manifest is
+checked field by field and against ``AdapterLimits`` before anything is built, and its weights
+against the model built before they are copied in (docs/adapter-folders.md).
 """
 
 from __future__ import annotations
@@ -22,18 +24,17 @@ from pathlib import Path
 from typing import Any, cast
 
 import peft
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from fedadapt import jsonsafe
+from fedadapt.adapter_limits import DEFAULT_LIMITS, AdapterLimits, backbone_dims, check_fits_backbone
+from fedadapt.adapter_manifest import FOLDER_FORMAT, MANIFEST, OWN_WEIGHTS, PEFT_WEIGHTS, check_manifest
+from fedadapt.adapter_weights import read_weight_file, specs_of
 from fedadapt.backbone import BackboneConfig, load_backbone
 from fedadapt.errors import AdapterFolderError, SchemaMismatch
 from fedadapt.methods import config_to_dict, method_config_from_dict
 from fedadapt.model import AdapterModel, StateSplit
 from fedadapt.pooling import PoolingConfig
-
-MANIFEST = "fedadapt_adapter.json"
-OWN_WEIGHTS = "adapter.safetensors"
-PEFT_WEIGHTS = ("adapter_config.json", "adapter_model.safetensors")
-FOLDER_FORMAT = "fedadapt.adapter.v1"
 
 
 def weight_files(model: AdapterModel) -> tuple[str, ...]:
@@ -64,25 +65,37 @@ def save_adapter(model: AdapterModel, out_dir: str | Path) -> Path:
     return out
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The folder's manifest; AdapterFolderError if it is missing or of another format."""
+def read_manifest(folder: str | Path, limits: AdapterLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """The folder's manifest, every field checked (``fedadapt.adapter_manifest``) before anything is built from it.
+
+    AdapterFolderError if it is missing, of another format, malformed or asks for more than ``limits``
+    allow; JsonInputError if it is not JSON, too large or too deeply nested.
+    """
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise AdapterFolderError(f"{folder} is not a fedadapt adapter folder: {MANIFEST} is missing")
-    manifest: dict[str, Any] = json.loads(path.read_text())
-    if manifest.get("format") != FOLDER_FORMAT:
-        raise AdapterFolderError(f"{path} has format {manifest.get('format')!r}; this fedadapt reads {FOLDER_FORMAT!r}")
-    return manifest
+    data = jsonsafe.load_file(path, max_bytes=limits.max_manifest_bytes)
+    return check_manifest(data, path, limits)
 
 
-def load_adapter(folder: str | Path, backbone: str | None = None) -> AdapterModel:
-    """Load an adapter folder onto its backbone (or onto ``backbone``, which must match it)."""
+def load_adapter(
+    folder: str | Path, backbone: str | None = None, limits: AdapterLimits = DEFAULT_LIMITS
+) -> AdapterModel:
+    """Load an adapter folder onto its backbone (or onto ``backbone``, which must match it).
+
+    Nothing is built before the manifest has passed its checks and its sizes have been compared
+    with the backbone's dimensions (read from its config alone); the weights are checked against
+    the model built (``fedadapt.adapter_weights``) before they are copied in.
+    """
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, limits)
     recorded = manifest["backbone"]
+    name_or_path = backbone or recorded["name_or_path"]
+    method = method_config_from_dict(manifest["method"])
+    check_fits_backbone(method, recorded["num_labels"], backbone_dims(name_or_path), folder / MANIFEST, limits)
     loaded = load_backbone(
         BackboneConfig(
-            name_or_path=backbone or recorded["name_or_path"],
+            name_or_path=name_or_path,
             num_labels=recorded["num_labels"],
             pooling=PoolingConfig(**recorded["pooling"]),
             head_dropout=recorded["head_dropout"],
@@ -96,7 +109,7 @@ def load_adapter(folder: str | Path, backbone: str | None = None) -> AdapterMode
             "load it onto the same backbone weights"
         )
     split = StateSplit(personal=tuple(manifest["split"]["personal"]))
-    model = AdapterModel(loaded, method_config_from_dict(manifest["method"]), split, tuple(manifest["labels"]))
+    model = AdapterModel(loaded, method, split, tuple(manifest["labels"]))
     if model.schema_id != manifest["schema_id"]:
         raise SchemaMismatch(
             f"{folder} has schema {manifest['schema_id']}, but its method config builds schema {model.schema_id}; "
@@ -111,16 +124,11 @@ def _load_weights(model: AdapterModel, folder: Path) -> None:
     if missing:
         raise AdapterFolderError(f"{folder} lacks weight files {missing}")
     if not model.method.saves_peft_format:
-        model.load_state(load_file(str(folder / OWN_WEIGHTS)))
+        model.load_state(read_weight_file(folder / OWN_WEIGHTS, model.schema.specs()))
         return
-    saved = load_file(str(folder / PEFT_WEIGHTS[1]))
-    expected = set(peft.get_peft_model_state_dict(model.module))
-    if set(saved) != expected:
-        raise AdapterFolderError(
-            f"{folder / PEFT_WEIGHTS[1]} holds tensors {sorted(set(saved) ^ expected)[:3]} that do not match the "
-            "method config in the manifest"
-        )
-    peft.set_peft_model_state_dict(model.module, saved)
+    # PEFT names the tensors of its files its own way; the model built says which it needs.
+    expected = specs_of(peft.get_peft_model_state_dict(model.module))
+    peft.set_peft_model_state_dict(model.module, read_weight_file(folder / PEFT_WEIGHTS[1], expected))
 
 
 def _manifest(model: AdapterModel) -> dict[str, Any]:

@@ -398,7 +398,8 @@ def test_switching_never_reloads_the_backbone(
     monkeypatch.setattr(fedadapt.backbone, "load_backbone", forbidden)
     monkeypatch.setattr(fedadapt.folder, "load_backbone", forbidden)
     monkeypatch.setattr(AutoModel, "from_pretrained", forbidden)
-    monkeypatch.setattr("fedadapt.adapters.hotswap.load_file", forbidden)
+    monkeypatch.setattr("fedadapt.adapter_weights.read_weight_file", forbidden)
+    monkeypatch.setattr("fedadapt.adapter_weights.load_file", forbidden)
     monkeypatch.setattr("safetensors.torch.load_file", forbidden)
 
     for active in ["u1", "u0", None, "u2", "u0", "u1", "u2"]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedadapt.errors import AdapterFolderError, ConfigError
 from fedadapt.methods.base import AppliedMethod
 
 if TYPE_CHECKING:
     from fedadapt.backbone import SequenceClassifier
+    from fedadapt.state import State
 
 BOTTLENECK_METHODS = ("houlsby", "pfeiffer", "parallel")
 FUSION = "fusion"
@@ -26,13 +27,30 @@ FUSION = "fusion"
 
 def load_frozen_adapter(model: SequenceClassifier, name: str, folder: str | Path) -> str:
     """Insert the bottleneck adapter saved in ``folder`` as adapter ``name``, frozen; return its schema id."""
-    from safetensors.torch import load_file
-
-    from fedadapt.adapters.bottleneck import DEFAULT_ADAPTER, add_bottleneck
-    from fedadapt.folder import OWN_WEIGHTS, read_manifest
-    from fedadapt.methods import method_config_from_dict
+    from fedadapt.folder import read_manifest
 
     manifest = read_manifest(folder)
+    insert_frozen_adapter(model, name, Path(folder), manifest)
+    schema_id: str = manifest["schema_id"]
+    return schema_id
+
+
+def insert_frozen_adapter(model: SequenceClassifier, name: str, folder: Path, manifest: dict[str, Any]) -> State:
+    """Insert the bottleneck adapter of ``folder`` (whose checked ``manifest`` is given) as ``name``, frozen.
+
+    Returns the folder's head tensors (hot-swapping serves them). The sizes are checked against the
+    backbone before the adapter is built, and every tensor of the weight file against the adapter
+    built (``read_weight_file``) before it is copied; on any failure the adapter is taken out again.
+    """
+    import torch
+
+    from fedadapt.adapter_limits import BackboneDims, check_fits_backbone
+    from fedadapt.adapter_weights import read_weight_file
+    from fedadapt.adapters.bottleneck import DEFAULT_ADAPTER, add_bottleneck
+    from fedadapt.folder import MANIFEST, OWN_WEIGHTS
+    from fedadapt.methods import method_config_from_dict
+    from fedadapt.state import TensorSpec, dtype_name
+
     method = manifest["method"]["name"]
     if method not in BOTTLENECK_METHODS:
         raise AdapterFolderError(f"{folder} holds a {method!r} adapter; only {BOTTLENECK_METHODS} can be composed")
@@ -43,22 +61,39 @@ def load_frozen_adapter(model: SequenceClassifier, name: str, folder: str | Path
             f"this one {model.backbone_fingerprint[:12]}…)"
         )
     config = method_config_from_dict(manifest["method"])
+    num_labels = manifest["backbone"]["num_labels"]
+    check_fits_backbone(config, num_labels, BackboneDims.of(model.config), folder / MANIFEST)
     add_bottleneck(model.backbone, name, config)  # type: ignore[arg-type]
-    saved = load_file(str(Path(folder) / OWN_WEIGHTS))
-    marker = f".adapters.{DEFAULT_ADAPTER}."
-    params = dict(model.named_parameters())
-    loaded = 0
-    for saved_name, tensor in saved.items():
-        if marker not in saved_name:
-            continue  # the folder's head: composition trains its own
-        target = params[saved_name.replace(marker, f".adapters.{name}.")]
-        target.data.copy_(tensor)
-        target.requires_grad_(False)
-        loaded += 1
-    if loaded == 0:
-        raise AdapterFolderError(f"{Path(folder) / OWN_WEIGHTS} holds no adapter tensors")
-    schema_id: str = manifest["schema_id"]
-    return schema_id
+    try:
+        inserted = {n: p for n, p in model.named_parameters() if f".adapters.{name}." in n}
+        saved_as = {n: n.replace(f".adapters.{name}.", f".adapters.{DEFAULT_ADAPTER}.") for n in inserted}
+        head = model.classifier.weight
+        expected = (
+            *(
+                TensorSpec(saved_as[n], tuple(p.shape), dtype_name(p.dtype), "shared", "adapter")
+                for n, p in inserted.items()
+            ),
+            TensorSpec("classifier.weight", (num_labels, head.shape[1]), dtype_name(head.dtype), "shared", "head"),
+            TensorSpec("classifier.bias", (num_labels,), dtype_name(head.dtype), "shared", "head"),
+        )
+        saved = read_weight_file(folder / OWN_WEIGHTS, expected)
+        with torch.no_grad():
+            for target_name, target in inserted.items():
+                target.copy_(saved[saved_as[target_name]])  # shapes are equal: read_weight_file checked them
+                target.requires_grad_(False)
+    except BaseException:
+        _remove_adapter(model, name)
+        raise
+    return {n: t for n, t in saved.items() if n.startswith("classifier.")}
+
+
+def _remove_adapter(model: SequenceClassifier, name: str) -> None:
+    from fedadapt.adapters.slots import find_slots
+
+    for slot in find_slots(model.backbone):
+        if name in slot.adapters:
+            del slot.adapters[name]
+            slot.parallel.pop(name, None)
 
 
 @dataclass(frozen=True)

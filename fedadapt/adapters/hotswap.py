@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from fedadapt.adapters.compose import load_frozen_adapter
+from fedadapt.adapters.compose import insert_frozen_adapter
 from fedadapt.adapters.slots import set_setup
 from fedadapt.backbone import LoadedBackbone
 from fedadapt.errors import AdapterFolderError, ConfigError
-from fedadapt.folder import OWN_WEIGHTS, read_manifest
+from fedadapt.folder import read_manifest
+from fedadapt.state import State
 
 
 class AdapterSwitch:
@@ -36,12 +36,13 @@ class AdapterSwitch:
         """Load the adapter and head saved in ``folder`` under ``name`` (frozen, inactive)."""
         if name in self.heads:
             raise ConfigError(f"an adapter named {name!r} is already loaded; remove it or pick another name")
-        labels = read_manifest(folder)["backbone"]["num_labels"]
+        manifest = read_manifest(folder)
+        labels = manifest["backbone"]["num_labels"]
         if labels != self.loaded.config.num_labels:
             served = self.loaded.config.num_labels
             raise AdapterFolderError(f"{folder} has a {labels}-class head; this backbone serves {served}")
-        load_frozen_adapter(self.loaded.model, name, folder)
-        self.heads[name] = self._load_head(Path(folder))
+        head = insert_frozen_adapter(self.loaded.model, name, Path(folder), manifest)
+        self.heads[name] = self._head(head)
 
     def activate(self, name: str | None) -> None:
         """Route every forward pass through adapter ``name`` and its head (None: bare backbone)."""
@@ -59,13 +60,10 @@ class AdapterSwitch:
         self.loaded.model.eval()  # serving: load_backbone leaves the head's dropout in training mode
         return self.loaded.model(**inputs)
 
-    def _load_head(self, folder: Path) -> nn.Linear:
-        saved = load_file(str(folder / OWN_WEIGHTS))
+    def _head(self, saved: State) -> nn.Linear:
+        """A frozen head holding ``saved`` (classifier.weight and .bias, checked by insert_frozen_adapter)."""
         template = self.loaded.model.classifier
         head = nn.Linear(template.in_features, template.out_features).to(template.weight.device)
-        weights = {n.rsplit(".", 1)[-1]: t for n, t in saved.items() if n.startswith("classifier.")}
-        if set(weights) != {"weight", "bias"}:
-            raise AdapterFolderError(f"{folder / OWN_WEIGHTS} has no classifier head")
-        head.load_state_dict(weights)
+        head.load_state_dict({n.removeprefix("classifier."): t for n, t in saved.items()})
         head.requires_grad_(False)
         return head
