@@ -18,7 +18,7 @@ from fedadapt import protocol
 from fedadapt.errors import ConfigError, SecAggError
 from fedadapt.fleet import FleetRun, LocalUpdate
 from fedadapt.secagg import client as secagg_client
-from fedadapt.secagg import stages
+from fedadapt.secagg import stages, wire
 from fedadapt.secagg.identity import Identity, load_identity
 from fedadapt.transport import ClientSealer
 
@@ -30,9 +30,9 @@ COUNT_METRICS = ("train-steps", "train-seconds", "test-examples")
 def run_stage(msg: Message, context: Context, run: FleetRun, sealer: ClientSealer, device: Device) -> Message:
     """Answer one SecAgg+ stage message; the round's secrets stay in ``context.state``."""
     config = msg.content.config_records[protocol.CONFIG]
-    stage = str(config[protocol.SECAGG_STAGE])
-    server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[arg-type]
-    schema_id = str(config[protocol.SCHEMA_ID])
+    stage = config.get(protocol.SECAGG_STAGE)
+    server_round = wire.uint64(config.get(protocol.SERVER_ROUND), f"the message's {protocol.SERVER_ROUND}", SecAggError)
+    schema_id = str(config.get(protocol.SCHEMA_ID))
     request = payload_bytes(msg, protocol.SECAGG_PAYLOAD)
     saved = _saved_session(context)
     privacy = run.scenario.privacy
@@ -58,7 +58,7 @@ def run_stage(msg: Message, context: Context, run: FleetRun, sealer: ClientSeale
     elif stage == stages.UNMASK:
         step = secagg_client.unmask(privacy, server_round, saved, request)
     else:
-        raise SecAggError(f"unknown secure-aggregation stage {stage[:40]!r}: client and server versions differ")
+        raise SecAggError(f"unknown secure-aggregation stage {stage!r:.60}: client and server versions differ")
     context.state[protocol.SECAGG_SESSION] = ConfigRecord({_SESSION_FIELD: step.session})
     sealed = sealer.seal(step.reply, server_round, schema_id, stage)
     content = RecordDict({protocol.ARRAYS: ArrayRecord({protocol.SECAGG_PAYLOAD: bytes_array(sealed)})})

@@ -2,16 +2,18 @@
 
 No pickle: the format is safetensors, whose header is JSON. Every blob carries the
 schema id and its compression; ``deserialize_state`` checks both, then names, shapes,
-dtypes and values against the schema, and raises one clear StateError per problem.
+dtypes and byte ranges against the schema from the header alone (``safetensors_header``),
+before any tensor exists, then the values, and raises one clear StateError per problem.
 int8 is per-tensor symmetric: q = round(x / s), s = max|x| / 127, so |x − q·s| ≤ s / 2.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import struct
 from collections.abc import Mapping
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, cast
 
 import torch
 from safetensors import SafetensorError
@@ -20,16 +22,17 @@ from safetensors.torch import save as safetensors_save
 
 from fedadapt import jsonsafe
 from fedadapt.errors import JsonInputError, SchemaMismatch, StateError
-from fedadapt.state import AdapterSchema, Part, State, TensorSpec, check_names_and_shapes, check_state, dtype_name
+from fedadapt.safetensors_header import TensorEntry, read_header
+from fedadapt.state import AdapterSchema, Part, State, TensorSpec, check_names_and_shapes, check_state
 
 Compression = Literal["none", "fp16", "int8"]
 COMPRESSIONS: tuple[Compression, ...] = ("none", "fp16", "int8")
 FORMAT = "fedadapt.state.v1"
-_HEADER_LIMIT = 16 * 1024 * 1024  # a state header is a few KB; refuse absurd lengths before parsing
-_HEADER_DEPTH = 4  # {name: {"shape": [...]}} is 3 deep; anything deeper is not a state header
 _SCALES_DEPTH = 1  # int8 scales are one flat object of numbers
 _WIRE_DTYPE = {"fp16": "float16", "int8": "int8"}
 _SCALE_TEXT = 24  # the longest repr of a float ("-2.2250738585072014e-308")
+_ENTRY_TEXT = 128  # an entry's text but name and dims ({"dtype":…,"data_offsets":[…]}, 20-digit offsets), a scale
+_METADATA_TEXT = 1024  # the metadata's keys and values but the scales, and the header's padding
 
 
 def serialize_state(
@@ -72,10 +75,14 @@ def deserialize_state(
 ) -> State:
     """Inverse of ``serialize_state``: validated tensors in the schema's dtypes and order.
 
+    Everything but the values is checked from the header, before a tensor is built: its length against
+    what this schema's header can take, format, schema id, part, compression, each tensor's name, wire
+    dtype, shape and byte range, and the blob's size against ``max_blob_size``.
     ``check_values=False`` skips only the finite-values check, for callers that check values
     themselves in the same pass as something else (the server's validator, with the norm).
     """
-    metadata = read_metadata(data)
+    header = read_header(data, max_length=_header_limit(schema, part))
+    metadata = header.metadata
     if metadata.get("format") != FORMAT:
         raise StateError(f"blob format is {metadata.get('format')!r}, expected {FORMAT!r}")
     if metadata.get("schema_id") != schema.schema_id:
@@ -88,10 +95,8 @@ def deserialize_state(
     compression = metadata.get("compression")
     if compression not in COMPRESSIONS:
         raise StateError(f"blob compression {compression!r} is not one of {COMPRESSIONS}")
-    try:
-        raw = safetensors_load(bytes(data))
-    except (SafetensorError, ValueError) as err:
-        raise StateError(f"blob is not valid safetensors: {err}") from err
+    specs = {s.name: s for s in schema.specs(part)}
+    _check_wire(header.tensors, specs, compression)
     try:
         scales = jsonsafe.loads(
             metadata.get("int8_scales", "{}"), what="int8 scales", max_bytes=len(data), max_depth=_SCALES_DEPTH
@@ -100,48 +105,78 @@ def deserialize_state(
         raise StateError(f"blob's {err}") from None
     if not isinstance(scales, dict):
         raise StateError(f"blob's int8 scales must be a JSON object, got {type(scales).__name__}")
-    specs = {s.name: s for s in schema.specs(part)}
-    _check_wire(raw, specs, compression)
+    limit = max_blob_size(schema, part, compression)
+    if len(data) > limit:
+        raise StateError(
+            f"blob of {len(data)} bytes exceeds the {limit} the largest {compression!r} blob of this schema takes "
+            f"(its header is {header.length} bytes)"
+        )
+    try:
+        raw = safetensors_load(bytes(data))
+    except (SafetensorError, ValueError) as err:
+        raise StateError(f"blob is not valid safetensors: {err}") from err
+    if raw.keys() != specs.keys():  # safetensors read the header we checked: the same names, or it is broken
+        raise StateError("blob's tensors as safetensors reads them differ from its header's: the blob is malformed")
     state = {name: _decode(raw[name], specs[name], compression, scales.get(name)) for name in specs}
     if check_values:
         check_state(state, schema.specs(part), what="received blob")
-    else:
-        check_names_and_shapes(state, specs, what="received blob")
-    return state
+    return state  # names, shapes and dtypes were checked from the header; _decode gives the schema's dtypes
 
 
 def read_metadata(data: bytes) -> dict[str, str]:
-    """The safetensors header's ``__metadata__``; StateError if the bytes are not safetensors."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise StateError(f"expected bytes, got {type(data).__name__}")
-    if len(data) < 8:
-        raise StateError(f"blob is truncated: {len(data)} bytes, too short for a safetensors header")
-    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
-    if header_len > _HEADER_LIMIT:
-        raise StateError(f"blob is not safetensors: header length {header_len} is implausible")
-    if 8 + header_len > len(data):
-        raise StateError(f"blob is truncated: header needs {header_len} bytes, {len(data) - 8} present")
-    try:
-        header = jsonsafe.loads(data[8 : 8 + header_len], what="header", max_bytes=header_len, max_depth=_HEADER_DEPTH)
-    except JsonInputError as err:
-        raise StateError(f"blob is not safetensors: {err}") from None
-    if not isinstance(header, dict):
-        raise StateError("blob is not safetensors: header is not a JSON object")
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict):
-        raise StateError("blob is not safetensors: its __metadata__ is not a JSON object")
-    return {str(k): str(v) for k, v in metadata.items()}
+    """The safetensors header's ``__metadata__``; StateError if the bytes are not safetensors.
+
+    The whole header is checked (``safetensors_header.read_header``), not only the metadata.
+    """
+    return read_header(data).metadata
 
 
 def max_blob_size(schema: AdapterSchema, part: Part | None = "shared", compression: Compression = "none") -> int:
     """The most bytes a blob ``serialize_state`` makes for ``part`` under ``compression`` can have.
 
     A bound to check before parsing anything a client sends. The layout fixes every byte but the int8
-    scales' text: this serializes an all-zero state once (O(model), scales "1.0") and adds, per tensor,
-    room for the longest float text (24 characters) and safetensors' header padding (up to 7 bytes).
+    scales' text: this serializes an all-zero state once per schema id, part and compression (O(model),
+    scales "1.0"; cached) and adds, per tensor, room for the longest float text (24 characters) and
+    safetensors' header padding (up to 7 bytes).
     """
-    zeros = {s.name: torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in schema.specs(part)}
-    return len(serialize_state(zeros, schema, part, compression)) + _SCALE_TEXT * len(zeros) + 8
+    if compression not in COMPRESSIONS:
+        raise StateError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    return _max_blob_size(_BySchemaId(schema, schema.schema_id), part, compression)
+
+
+@dataclass(frozen=True)
+class _BySchemaId:
+    """A schema as an ``lru_cache`` argument, compared and hashed by its id (which hashes the whole schema)."""
+
+    schema: AdapterSchema = field(compare=False)
+    schema_id: str
+
+
+@functools.lru_cache(maxsize=64)
+def _max_blob_size(key: _BySchemaId, part: Part | None, compression: Compression) -> int:
+    zeros = {s.name: torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in key.schema.specs(part)}
+    return len(serialize_state(zeros, key.schema, part, compression)) + _SCALE_TEXT * len(zeros) + 8
+
+
+def _header_limit(schema: AdapterSchema, part: Part | None) -> int:
+    """The most header bytes ``deserialize_state`` parses for ``part``, whatever the compression (O(tensors), cached).
+
+    An upper bound on this schema's headers, worked out from the names and shapes without serializing:
+    per tensor its name as a JSON string in its entry and, escaped once more, in the int8 scales (Python's
+    ASCII-only escaping is never shorter than safetensors'), up to 20 digits and a comma per dimension, and
+    the entry's fixed text with two offsets and a scale; plus the metadata. Never below jsonsafe's 1 MiB for
+    untrusted JSON, so a malformed header small enough to parse cheaply is refused for what is wrong with it.
+    """
+    return _header_limit_of(_BySchemaId(schema, schema.schema_id), part)
+
+
+@functools.lru_cache(maxsize=64)
+def _header_limit_of(key: _BySchemaId, part: Part | None) -> int:
+    total = _METADATA_TEXT
+    for spec in key.schema.specs(part):
+        quoted = json.dumps(spec.name)
+        total += len(quoted) + len(json.dumps(quoted)) + 21 * len(spec.shape) + _ENTRY_TEXT
+    return max(jsonsafe.DEFAULT_MAX_BYTES, total)
 
 
 def _wire_dtype(spec: TensorSpec, compression: str) -> str:
@@ -150,15 +185,15 @@ def _wire_dtype(spec: TensorSpec, compression: str) -> str:
     return spec.dtype
 
 
-def _check_wire(raw: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec], compression: str) -> None:
-    check_names_and_shapes(raw, specs, what="received blob")
-    for name, tensor in raw.items():
-        spec = specs[name]
-        expected = _wire_dtype(spec, compression)
-        if dtype_name(tensor.dtype) != expected:
+def _check_wire(entries: Mapping[str, TensorEntry], specs: Mapping[str, TensorSpec], compression: str) -> None:
+    """StateError unless the header's tensors are exactly ``specs``, each of its shape and wire dtype."""
+    # check_names_and_shapes reads names and ``.shape`` only, which header entries carry like tensors
+    check_names_and_shapes(cast(Mapping[str, torch.Tensor], entries), specs, what="received blob")
+    for name, entry in entries.items():
+        expected = _wire_dtype(specs[name], compression)
+        if entry.dtype != expected:
             raise StateError(
-                f"received tensor {name!r} has dtype {dtype_name(tensor.dtype)}, expected {expected} "
-                f"for compression {compression!r}"
+                f"received tensor {name!r} has dtype {entry.dtype}, expected {expected} for compression {compression!r}"
             )
 
 

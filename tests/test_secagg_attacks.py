@@ -379,8 +379,8 @@ def test_negative_or_huge_rounds_and_ids_are_refused_as_secagg_errors(value: int
         wire.pack_ids([1, value])
     trace = run_round(3, 8, stop_before=stages.MASKED)
     node = trace.nodes[0]
-    # a later stage asked for a round this session is not in
-    expect_refusal(lambda: client.receive_shares(trace.config, value, trace.sessions[node], b""), "out of order")
+    # a later stage asked for a round outside the protocol's range: refused as that, before the session is read
+    expect_refusal(lambda: client.receive_shares(trace.config, value, trace.sessions[node], b""), "[0, 2**64)")
 
 
 # --- the decoded sum ------------------------------------------------------------------------------------------------

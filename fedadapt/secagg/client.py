@@ -70,7 +70,7 @@ def setup(
     has already set up, or for an earlier one, is refused, so a device answers each round's setup once
     and signs at most one survivor set per (run, round).
     """
-    round_bytes, node_bytes = _int_bytes(server_round, "round"), _int_bytes(node_id, "node id")
+    round_bytes, node_bytes = _int_bytes(server_round, "the round"), _int_bytes(node_id, "the node id")
     _check_new_round(saved, server_round, device.run_id)
     fields = wire.unpack(request, "setup request")
     wire.require(fields, [stages.NEIGHBOURS], "setup request")
@@ -88,7 +88,7 @@ def setup(
     session = {
         _ROUND: round_bytes,
         _NODE: node_bytes,
-        _RUN: _int_bytes(device.run_id, "run id"),
+        _RUN: _int_bytes(device.run_id, "the run id"),
         _DONE: stages.SETUP.encode(),
         _NEIGHBOURS: wire.pack_ids(neighbours),
         _C_SK: private_key_to_bytes(c_sk),
@@ -288,6 +288,7 @@ def _check_new_round(saved: bytes, server_round: int, run_id: int) -> None:
 
 def _load(saved: bytes | None, server_round: int, after: str) -> dict[str, bytes]:
     """The session of ``server_round`` whose last completed step is ``after``; SecAggError otherwise."""
+    wire.uint64(server_round, "the round", SecAggError)  # what the server sent, before it is compared or signed
     if not saved:
         raise SecAggError(f"no secure-aggregation session for round {server_round}: the stages came out of order")
     try:
@@ -375,10 +376,8 @@ def _public_key(raw: bytes, node: int) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def _int_bytes(value: int, what: str = "value") -> bytes:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
-        raise SecAggError(f"the {what} must be an integer in [0, 2**64), got {value!r}")
-    return value.to_bytes(8, "little")
+def _int_bytes(value: int, what: str) -> bytes:
+    return wire.uint64(value, what, SecAggError).to_bytes(8, "little")
 
 
 def _int(raw: bytes) -> int:

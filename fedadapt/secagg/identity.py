@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedadapt.errors import ConfigError, SecAggError
+from fedadapt.secagg import wire
 
 _SETUP_DOMAIN = b"fedadapt.secagg.setup-keys.v1\0"
 _SURVIVORS_DOMAIN = b"fedadapt.secagg.survivors.v1\0"
@@ -143,10 +144,8 @@ def survivors_message(run_id: int, server_round: int, survivors: Iterable[int]) 
 
 
 def _ints(*values: int) -> bytes:
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
-            raise SecAggError(f"a signed value must be an integer in [0, 2**64), got {value!r}")
-    return struct.pack(f"<{len(values)}Q", *values)
+    checked = [wire.uint64(value, "a signed value", SecAggError) for value in values]
+    return struct.pack(f"<{len(checked)}Q", *checked)
 
 
 def _framed(data: bytes) -> bytes:

@@ -66,10 +66,18 @@ class SecAggRound:
     dropped: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        named = [("round", self.server_round), ("run id", self.run_id), *(("node id", n) for n in self.nodes)]
+        named = [
+            ("round", self.server_round),
+            ("run id", self.run_id),
+            ("seed", self.seed),
+            ("vector length", self.vector_length),
+            *(("node id", n) for n in self.nodes),
+        ]
         for name, value in named:
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
-                raise SecAggError(f"a secure round's {name} must be an integer in [0, 2**64), got {value!r}")
+            wire.uint64(value, f"a secure round's {name}", SecAggError)
+        cap = self.max_examples_per_client
+        if cap is not None and wire.uint64(cap, "a secure round's max-examples-per-client", SecAggError) < 1:
+            raise SecAggError(f"a secure round's max-examples-per-client must be at least 1 or None, got {cap}")
         if len(set(self.nodes)) != len(self.nodes):
             raise SecAggError("a secure round's sampled nodes must be distinct")
         if len(self.nodes) < 2:

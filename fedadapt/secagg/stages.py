@@ -74,8 +74,15 @@ def share_name(node: int) -> str:
 
 
 def node_of(name: str, prefix: str) -> int | None:
-    """The node id in a field name such as ``share/17``, or None when it has another form."""
+    """The node id in a field name such as ``share/17``, or None when it has another form.
+
+    Only the form ``str(node)`` writes counts: ``share/017`` would name node 17 a second time, and a
+    server could pass one neighbour's share off as two. Ids are uint64, like every node id on the wire.
+    """
     if not name.startswith(prefix):
         return None
     digits = name[len(prefix) :]
-    return int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 20 else None
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 20) or (digits[0] == "0" and digits != "0"):
+        return None
+    node = int(digits)
+    return node if node < 2**64 else None

@@ -13,11 +13,12 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from fedadapt.errors import PayloadError
+from fedadapt.errors import FedAdaptError, PayloadError
 
 MAGIC = b"FASA"
 VERSION = 1
 MAX_FIELDS = 100_000
+UINT64_LIMIT = 2**64  # node ids, rounds and run ids travel and are signed as uint64
 _HEAD = struct.Struct("<4sBI")
 _NAME = struct.Struct("<H")
 _DATA = struct.Struct("<Q")
@@ -86,12 +87,19 @@ def require(fields: Mapping[str, bytes], names: Iterable[str], what: str = "payl
         raise PayloadError(f"{what} lacks the fields {missing[:5]}")
 
 
+def uint64(value: object, what: str, error: type[FedAdaptError] = PayloadError) -> int:
+    """``value`` as an int if it is an integer in [0, 2**64) (a bool or a float is not); ``error`` naming ``what``.
+
+    The one range check for every round, node id and run id of the protocol, whichever side sent it.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value < UINT64_LIMIT:
+        raise error(f"{what} must be an integer in [0, 2**64), got {value!r:.80}")
+    return int(value)
+
+
 def pack_ids(ids: Iterable[int]) -> bytes:
     """Node ids as little-endian uint64; PayloadError for an id outside [0, 2**64)."""
-    values = list(ids)
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value < 2**64:
-            raise PayloadError(f"a node id must be an integer in [0, 2**64), got {value!r}")
+    values = [uint64(value, "a node id") for value in ids]
     return np.asarray(values, dtype="<u8").tobytes()
 
 
