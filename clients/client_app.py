@@ -10,8 +10,9 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, MetricRecordVa
 from flwr.clientapp import ClientApp
 
 from clients.device import Device, device_from_config, enforce_privacy_policy, warn_about_device_paths
-from clients.secure import bytes_array, payload_bytes, run_stage
+from clients.secure import bytes_array, message_round, payload_bytes, run_stage
 from fedadapt import protocol
+from fedadapt.errors import ConfigError
 from fedadapt.fleet import empty_client_round, evaluate_client, fleet_run_from_config, run_client_round
 from fedadapt.privacy import PrivacyConfig
 from fedadapt.resources import process_age_seconds
@@ -36,7 +37,7 @@ def train(msg: Message, context: Context) -> Message:
     sealer = _sealer(run.scenario.privacy, context.run_id, context.node_id, run.server_public_key)
     if protocol.SECAGG_STAGE in config:
         return run_stage(msg, context, run, sealer, device)
-    server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[arg-type]
+    server_round = message_round(config, ConfigError)
     if run.empty_clients:
         reply = empty_client_round(run.scenario, device.partition_id, device.data_path)
     else:

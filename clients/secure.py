@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from clients.device import Device
 from fedadapt import protocol
-from fedadapt.errors import ConfigError, SecAggError
+from fedadapt.errors import ConfigError, FedAdaptError, SecAggError
 from fedadapt.fleet import FleetRun, LocalUpdate
 from fedadapt.secagg import client as secagg_client
 from fedadapt.secagg import stages, wire
@@ -27,11 +27,16 @@ _SESSION_FIELD = "session"
 COUNT_METRICS = ("train-steps", "train-seconds", "test-examples")
 
 
+def message_round(config: ConfigRecord, error: type[FedAdaptError]) -> int:
+    """The round a server message names: an integer in [0, 2**64), else ``error`` (never OverflowError)."""
+    return wire.uint64(config.get(protocol.SERVER_ROUND), f"the message's {protocol.SERVER_ROUND}", error)
+
+
 def run_stage(msg: Message, context: Context, run: FleetRun, sealer: ClientSealer, device: Device) -> Message:
     """Answer one SecAgg+ stage message; the round's secrets stay in ``context.state``."""
     config = msg.content.config_records[protocol.CONFIG]
     stage = config.get(protocol.SECAGG_STAGE)
-    server_round = wire.uint64(config.get(protocol.SERVER_ROUND), f"the message's {protocol.SERVER_ROUND}", SecAggError)
+    server_round = message_round(config, SecAggError)
     schema_id = str(config.get(protocol.SCHEMA_ID))
     request = payload_bytes(msg, protocol.SECAGG_PAYLOAD)
     saved = _saved_session(context)

@@ -6,6 +6,7 @@ value is a SecAggError that names the field, never an OverflowError, a ValueErro
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -169,3 +170,17 @@ def test_uint64_is_the_one_range_check(before_masked: Trace) -> None:
     assert wire.uint64(np.uint64(2**64 - 1), "x") == 2**64 - 1
     with pytest.raises(SecAggError, match=r"the run must be an integer in \[0, 2\*\*64\), got 'xxxxx"):
         wire.uint64("x" * 500, "the run", SecAggError)
+
+
+@pytest.mark.parametrize("value", APP_ROUNDS, ids=lambda v: "missing" if v is MISSING else repr(v))
+def test_a_plain_round_message_names_its_round_as_an_integer_in_uint64(value: object) -> None:
+    """Was: the plain train path read int(config["server-round"]) too (OverflowError for inf, 3.5 as round 3)."""
+    from clients.client_app import train
+    from clients.secure import message_round
+    from fedadapt.errors import ConfigError
+
+    assert "message_round(config, ConfigError)" in inspect.getsource(train)  # the plain path reads it this way
+    config = ConfigRecord({} if value is MISSING else {protocol.SERVER_ROUND: value})  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match=r"the message's server-round must be an integer in \[0, 2\*\*64\)"):
+        message_round(config, ConfigError)
+    assert message_round(ConfigRecord({protocol.SERVER_ROUND: 7}), ConfigError) == 7
