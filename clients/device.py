@@ -21,6 +21,7 @@ from typing import Any
 from fedadapt.errors import ConfigError
 from fedadapt.fleet import RUN_CLIENT_STATE_DIR
 from fedadapt.privacy import MODES, PrivacyConfig
+from fedadapt.user_paths import expand_user
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def _path(node_config: Mapping[str, Any], key: str) -> Path | None:
     value = node_config.get(key)
     if value in (None, ""):
         return None
-    path = Path(str(value)).expanduser()
+    path = expand_user(str(value), f"node config {key!r}")
     if not path.is_absolute():
         raise ConfigError(f"node config {key!r} must be an absolute path, got {str(value)!r}")
     return path

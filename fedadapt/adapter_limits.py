@@ -27,7 +27,7 @@ class AdapterLimits:
     max_rank: int = 4096  # LoRA / FFA-LoRA rank and bottleneck size ``r``; also at most the hidden size
     max_virtual_tokens: int = 4096  # prompt / prefix tuning tokens; also at most the backbone's positions
     max_composed: int = 16  # adapter folders a stack or a fusion names
-    max_params: int = 1 << 30  # values in the tensors the recorded schema lists, and in the head
+    max_params: int = 1 << 30  # values in the recorded schema, and all the method builds (adapter_plan)
     max_manifest_bytes: int = 8 * 1024 * 1024  # fedadapt_adapter.json (100,000 labels need a few MB)
 
     def __post_init__(self) -> None:
@@ -68,18 +68,22 @@ class BackboneDims:
 
 def backbone_dims(name_or_path: str) -> BackboneDims:
     """The dimensions of backbone ``name_or_path`` from its config.json alone: no weights are loaded."""
+    return BackboneDims.of(read_backbone_config(name_or_path))
+
+
+def read_backbone_config(name_or_path: str) -> Any:
+    """The transformers config of backbone ``name_or_path`` (its config.json alone: no weights are loaded)."""
     from transformers import AutoConfig
 
     from fedadapt.backbone import resolve_backbone_path
 
     try:
-        config = AutoConfig.from_pretrained(resolve_backbone_path(name_or_path))
+        return AutoConfig.from_pretrained(resolve_backbone_path(name_or_path))
     except (OSError, ValueError) as err:
         raise BackboneError(
             f"could not load backbone {name_or_path!r}: {err}. "
             "Pass a Hugging Face model folder or, when online, a hub id."
         ) from err
-    return BackboneDims.of(config)
 
 
 def check_fits_backbone(

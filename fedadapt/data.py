@@ -1,10 +1,14 @@
 """Text-classification data: loading CSV, JSON, JSON lines and Hugging Face data sets, and the label map.
 
 Files are read with bounds, so a wrong or hostile file fails as a DataError naming it instead of filling
-memory or the stack: a data file holds at most MAX_DATA_FILE_BYTES (Banking77's train.csv is 0.8 MB;
-larger sets load from a ``save_to_disk`` folder, which is memory-mapped), a JSON lines row at most
-MAX_RECORD_BYTES, JSON nests at most RECORD_DEPTH levels (a file's array of objects is 2), and a label
-file holds at most MAX_LABELS names in MAX_LABEL_FILE_BYTES.
+memory or the stack: a data file holds at most MAX_DATA_FILE_BYTES (Banking77's train.csv is 0.8 MB),
+a JSON lines row at most MAX_RECORD_BYTES, JSON nests at most RECORD_DEPTH levels (a file's array of
+objects is 2), and a label file holds at most MAX_LABELS names in MAX_LABEL_FILE_BYTES.
+
+The bound is on bytes, not rows: a file of MAX_DATA_FILE_BYTES of one-word rows becomes tens of millions
+of Python strings (several GB). A ``save_to_disk`` folder or a hub data set is not capped at all: datasets
+memory-maps its Arrow files, but every column is then read into Python lists (``to_dict``), so the whole
+set must fit in memory. Data is the operator's own (a scenario's, a device's), not sent by a peer.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedadapt import jsonsafe
 from fedadapt.errors import DataError, JsonInputError
+from fedadapt.user_paths import expand_user
 
 if TYPE_CHECKING:
     import datasets
@@ -117,7 +122,7 @@ class LabelMap:
     @classmethod
     def from_file(cls, path: str | Path) -> LabelMap:
         """A JSON list of label names, in the file's order (e.g. Banking77's ``categories.json``)."""
-        file = Path(path).expanduser()
+        file = expand_user(path, "the label file", DataError)
         if not file.is_file():
             raise DataError(f"label file {file} does not exist: pass a JSON file holding a list of label names")
         try:
@@ -190,7 +195,7 @@ def load_text_dataset(
 
 
 def _read_table(path: str | Path, split: str | None) -> _Table:
-    local = Path(path).expanduser()
+    local = expand_user(path, "the data path", DataError)
     if local.is_file():
         if split is not None:
             raise DataError(
@@ -237,7 +242,8 @@ def _read_file(file: Path) -> _Table:
     if len(raw) > MAX_DATA_FILE_BYTES:
         raise DataError(
             f"{file} is larger than the {MAX_DATA_FILE_BYTES} bytes a CSV/JSON/JSONL data file may have: "
-            "save larger data with datasets' save_to_disk and pass that folder (it is memory-mapped)"
+            "save larger data with datasets' save_to_disk and pass that folder (not capped, but read whole: "
+            "it must fit in memory)"
         )
     try:
         text = raw.decode("utf-8-sig")

@@ -20,8 +20,9 @@ from typing import Any
 
 from fedadapt import jsonsafe
 from fedadapt.data import MAX_DATA_FILE_BYTES, LabelMap, TextDataset
-from fedadapt.errors import FedAdaptError
+from fedadapt.errors import DataError, FedAdaptError
 from fedadapt.partition import ClientSplit
+from fedadapt.user_paths import expand_user
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _fingerprint(location: Any) -> list[tuple[str, int, int]] | None:
     """(name, size, mtime_ns) of a data file, or of every file below a data folder; None for no file."""
     if not isinstance(location, str):
         return None
-    path = Path(location).expanduser()
+    path = expand_user(location, "the data path", DataError)
     if path.is_file():
         stat = path.stat()
         return [(path.name, stat.st_size, stat.st_mtime_ns)]

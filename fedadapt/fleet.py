@@ -27,6 +27,7 @@ from fedadapt.scenario import (
     load_scenario,
     with_overrides,
 )
+from fedadapt.user_paths import expand_user
 
 if TYPE_CHECKING:
     from fedadapt.baseline import Splits
@@ -517,5 +518,5 @@ def _flag(run_config: Mapping[str, Any], key: str) -> bool:
 def _resolve(value: str, base: Path, key: str) -> Path:
     if not value:
         raise ConfigError(f"run config needs {key!r}")
-    path = Path(value).expanduser()
+    path = expand_user(value, f"run config {key!r}")
     return path if path.is_absolute() else (base / path).resolve()

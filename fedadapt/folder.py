@@ -10,8 +10,9 @@ Layout::
 
 A folder is written to a temporary sibling and renamed into place, so a crash never
 leaves a half-written adapter behind. A folder read may come from anyone: its manifest is
-checked field by field and against ``AdapterLimits`` before anything is built, and its weights
-against the model built before they are copied in (docs/adapter-folders.md).
+checked field by field and against ``AdapterLimits``, and what it builds is worked out on the meta
+device, before anything is built; its weights are checked against the model built before they are
+copied in (docs/adapter-folders.md).
 """
 
 from __future__ import annotations
@@ -27,14 +28,20 @@ import peft
 from safetensors.torch import save_file
 
 from fedadapt import jsonsafe
-from fedadapt.adapter_limits import DEFAULT_LIMITS, AdapterLimits, backbone_dims, check_fits_backbone
+from fedadapt.adapter_limits import (
+    DEFAULT_LIMITS,
+    AdapterLimits,
+    BackboneDims,
+    check_fits_backbone,
+    read_backbone_config,
+)
 from fedadapt.adapter_manifest import FOLDER_FORMAT, MANIFEST, OWN_WEIGHTS, PEFT_WEIGHTS, check_manifest
+from fedadapt.adapter_plan import check_planned_build, recorded_backbone
 from fedadapt.adapter_weights import read_weight_file, specs_of
-from fedadapt.backbone import BackboneConfig, load_backbone
+from fedadapt.backbone import load_backbone
 from fedadapt.errors import AdapterFolderError, SchemaMismatch
 from fedadapt.methods import config_to_dict, method_config_from_dict
 from fedadapt.model import AdapterModel, StateSplit
-from fedadapt.pooling import PoolingConfig
 
 
 def weight_files(model: AdapterModel) -> tuple[str, ...]:
@@ -83,25 +90,20 @@ def load_adapter(
 ) -> AdapterModel:
     """Load an adapter folder onto its backbone (or onto ``backbone``, which must match it).
 
-    Nothing is built before the manifest has passed its checks and its sizes have been compared
-    with the backbone's dimensions (read from its config alone); the weights are checked against
-    the model built (``fedadapt.adapter_weights``) before they are copied in.
+    Nothing is built before the manifest has passed its checks, its sizes have been compared with the
+    backbone's dimensions (read from its config alone) and what its method builds has been worked out
+    on the meta device and compared with ``limits`` and the recorded schema (``fedadapt.adapter_plan``);
+    the weights are checked against the model built (``fedadapt.adapter_weights``) before they are copied in.
     """
     folder = Path(folder)
     manifest = read_manifest(folder, limits)
     recorded = manifest["backbone"]
-    name_or_path = backbone or recorded["name_or_path"]
+    config = recorded_backbone(manifest, backbone)
     method = method_config_from_dict(manifest["method"])
-    check_fits_backbone(method, recorded["num_labels"], backbone_dims(name_or_path), folder / MANIFEST, limits)
-    loaded = load_backbone(
-        BackboneConfig(
-            name_or_path=name_or_path,
-            num_labels=recorded["num_labels"],
-            pooling=PoolingConfig(**recorded["pooling"]),
-            head_dropout=recorded["head_dropout"],
-            seed=recorded["seed"],
-        )
-    )
+    model_config = read_backbone_config(config.name_or_path)
+    check_fits_backbone(method, config.num_labels, BackboneDims.of(model_config), folder / MANIFEST, limits)
+    check_planned_build(manifest, model_config, folder / MANIFEST, limits, config.name_or_path)
+    loaded = load_backbone(config)
     if loaded.fingerprint != recorded["fingerprint"]:
         raise AdapterFolderError(
             f"{folder} was trained on backbone {recorded['name_or_path']!r} (fingerprint "

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from fedadapt.envelope import public_fingerprint
 from fedadapt.errors import ConfigError
+from fedadapt.user_paths import expand_user
 
 PRIVATE_NAME = "server.key"
 PUBLIC_NAME = "server.pub"
@@ -110,7 +111,7 @@ def parse_public_key(value: str) -> X25519PublicKey:
         return X25519PublicKey.from_public_bytes(bytes.fromhex(text))
     if not text:
         raise ConfigError("the server public key is empty: give 64 hex characters or the path of server.pub")
-    return load_public_key(Path(text).expanduser())
+    return load_public_key(expand_user(text, "the server public key"))
 
 
 def public_key_hex(key: X25519PublicKey) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from fedadapt.bounds import Bound
 from fedadapt.errors import ConfigError
 from fedadapt.privacy import PRIVACY_KEYS, PrivacyConfig
+from fedadapt.user_paths import expand_user
 
 SCHEMES = ("iid", "dirichlet", "natural")
 FAULT_KINDS = ("crash", "stall")
@@ -311,10 +312,11 @@ def _check_method(scenario: ScenarioConfig) -> None:
 
 def load_scenario(path: str | Path) -> ScenarioConfig:
     """Read a scenario TOML file (flat kebab-case keys)."""
-    file = Path(path).expanduser()
+    file = expand_user(path, "the scenario file")
     if not file.is_file():
         raise ConfigError(f"scenario file {file} does not exist")
-    return scenario_from_dict(_relative_to(_read_toml(file), file.resolve().parent), where=f"scenario file {file}")
+    where = f"scenario file {file}"
+    return scenario_from_dict(_relative_to(_read_toml(file), file.resolve().parent, where), where=where)
 
 
 def _read_toml(file: Path) -> dict[str, Any]:
@@ -340,12 +342,12 @@ def _read_toml(file: Path) -> dict[str, Any]:
         raise ConfigError(f"scenario file {file} nests arrays or tables too deeply to be a scenario") from None
 
 
-def _relative_to(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+def _relative_to(data: dict[str, Any], folder: Path, where: str) -> dict[str, Any]:
     """Relative ``data`` and ``backbone`` paths are the scenario file's; the apps run in other folders."""
     resolved = dict(data)
     for key in ("data", "backbone", "labels", "server-proxy-data"):
         value = resolved.get(key)
-        if isinstance(value, str) and value != SYNTHETIC and not Path(value).expanduser().is_absolute():
+        if isinstance(value, str) and value != SYNTHETIC and not expand_user(value, f"{where}: {key}").is_absolute():
             candidate = folder / value
             if candidate.exists():
                 resolved[key] = str(candidate.resolve())

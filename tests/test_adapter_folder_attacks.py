@@ -33,10 +33,10 @@ import fedadapt.backbone
 import fedadapt.folder
 from export.loading import load_for_export, read_adapter_manifest
 from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_config
-from fedadapt.adapter_limits import DEFAULT_LIMITS, BackboneDims, backbone_dims, check_fits_backbone
+from fedadapt.adapter_limits import DEFAULT_LIMITS, AdapterLimits, BackboneDims, backbone_dims, check_fits_backbone
 from fedadapt.adapters import AdapterSwitch
 from fedadapt.adapters.slots import find_slots
-from fedadapt.errors import AdapterFolderError, FedAdaptError, JsonInputError
+from fedadapt.errors import AdapterFolderError, FedAdaptError, JsonInputError, SchemaMismatch
 from fedadapt.folder import (
     FOLDER_FORMAT,
     MANIFEST,
@@ -364,6 +364,91 @@ def test_a_deeply_nested_manifest_is_a_named_error_not_a_recursion_error(
         switch.add("u0", hostile)
     with pytest.raises(JsonInputError, match=nested):
         _build(tiny_bert, "stack", below=(str(hostile),))
+
+
+# ------------------------------------------------ (e) max_params bounds what the method builds, not the schema
+
+
+def _built_values(model: AdapterModel) -> int:
+    """Values of what a real build allocated: every parameter that trains or is not the backbone's own."""
+    backbone = {id(p) for p in model.backbone.frozen.params.values()}
+    return sum(p.numel() for p in model.module.parameters() if p.requires_grad or id(p) not in backbone)
+
+
+@pytest.mark.parametrize("method", ["lora", "ffa-lora", "prefix", "prompt", "ia3"])
+def test_max_params_is_exactly_what_the_method_builds(tiny_bert: Path, tmp_path: Path, method: str) -> None:
+    """Adapter, frozen parts (FFA-LoRA's A), the head and PEFT's copy of it: one value fewer is refused.
+
+    Before the review's fix only the recorded schema's tensors (the trainable ones) were counted: PEFT
+    methods (a second head inside PEFT, FFA-LoRA's frozen A) loaded with max_params below what they build.
+    """
+    model = _build(tiny_bert, method)
+    folder = save_adapter(model, tmp_path / method)
+    values = _built_values(model)
+    assert load_adapter(folder, limits=AdapterLimits(max_params=values)).schema_id == model.schema_id
+    with pytest.raises(AdapterFolderError, match=rf" {values} values.* more than the {values - 1} allowed"):
+        load_adapter(folder, limits=AdapterLimits(max_params=values - 1))
+
+
+def test_a_stack_counts_its_frozen_adapters_before_anything_is_built(
+    tiny_bert: Path, folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stack's schema lists its top adapter and head; the two frozen adapters below it are built too."""
+    model = _build(tiny_bert, "stack", below=(str(folders["a"]), str(folders["b"])))
+    folder = save_adapter(model, tmp_path / "stack")
+    recorded = sum(math.prod(t.shape) for t in model.schema.tensors)
+    values = _built_values(model)
+    assert values > recorded + 1
+    _forbid_building(monkeypatch)
+    with pytest.raises(AdapterFolderError, match=rf"'stack' builds {values} values .* more than the {recorded + 1}"):
+        load_adapter(folder, limits=AdapterLimits(max_params=recorded + 1))
+
+
+def test_hot_swap_compares_the_schema_with_what_the_folder_builds_before_building_it(
+    tiny_bert: Path, folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """A folder whose schema records no tensors (schema_id rehashed) was inserted: hot-swap never compared them."""
+
+    def no_tensors(manifest: dict[str, Any]) -> None:
+        manifest["schema"]["tensors"] = []
+        _rehash(manifest)
+
+    hostile = _hostile_copy(folders["a"], tmp_path / "hostile", no_tensors)
+    switch = AdapterSwitch(load_backbone(BackboneConfig(name_or_path=str(tiny_bert), num_labels=LABELS)))
+    with pytest.raises(SchemaMismatch, match=r"builds 10 trainable tensors but schema\.tensors records 0"):
+        switch.add("u0", hostile)
+    with pytest.raises(AdapterFolderError, match=r" 423 values.* more than the 422 allowed"):
+        switch.add("u0", folders["a"], limits=AdapterLimits(max_params=422))
+    assert switch.names == ()
+    assert not [s for s in find_slots(switch.loaded.model.backbone) if "u0" in s.adapters]
+
+
+def test_a_40_gb_lora_from_a_small_manifest_allocates_nothing(folders: dict[str, Path], tmp_path: Path) -> None:
+    """LoRA of rank = hidden on every linear of a BERT-large-like backbone of hidden 4096 (7 x 10^9 values).
+
+    r passes max_rank and the hidden size, the recorded schema is empty (consistent, rehashed) and passes
+    max_params. The backbone folder holds only its config.json: before the fix the backbone was loaded
+    (here: BackboneError, no weights), on real weights the 28 GB of LoRA were allocated next.
+    """
+    big = tmp_path / "big-backbone"
+    big.mkdir()
+    config = {"model_type": "bert", "hidden_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 32}
+    (big / "config.json").write_text(json.dumps({**config, "intermediate_size": 16384, "vocab_size": 30522}))
+
+    def huge(manifest: dict[str, Any]) -> None:
+        big_lora = {"r": 4096, "target_modules": ["query", "key", "value", "dense"]}
+        manifest["method"].update(big_lora)
+        manifest["schema"]["method"].update(big_lora)
+        manifest["schema"]["tensors"] = []
+        _rehash(manifest)
+
+    hostile = _hostile_copy(folders["lora"], tmp_path / "hostile", huge)
+    assert (hostile / MANIFEST).stat().st_size < 4096
+    started = time.perf_counter()
+    with peak_rss_growth() as growth, pytest.raises(AdapterFolderError, match=r"'lora' builds \d{10} values"):
+        load_adapter(hostile, backbone=str(big))
+    assert time.perf_counter() - started < 10.0
+    assert growth[0] < 64 * MiB, f"peak resident memory rose by {growth[0] / MiB:.0f} MiB"
 
 
 # -------------------------------------------------------------------------------- fuzz

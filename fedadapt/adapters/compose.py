@@ -18,6 +18,7 @@ from fedadapt.errors import AdapterFolderError, ConfigError
 from fedadapt.methods.base import AppliedMethod
 
 if TYPE_CHECKING:
+    from fedadapt.adapter_limits import AdapterLimits
     from fedadapt.backbone import SequenceClassifier
     from fedadapt.state import State
 
@@ -26,7 +27,10 @@ FUSION = "fusion"
 
 
 def load_frozen_adapter(model: SequenceClassifier, name: str, folder: str | Path) -> str:
-    """Insert the bottleneck adapter saved in ``folder`` as adapter ``name``, frozen; return its schema id."""
+    """Insert the bottleneck adapter saved in ``folder`` as adapter ``name``, frozen; return its schema id.
+
+    ``folder`` is read from wherever it points (relative to the current directory), like any folder.
+    """
     from fedadapt.folder import read_manifest
 
     manifest = read_manifest(folder)
@@ -35,16 +39,25 @@ def load_frozen_adapter(model: SequenceClassifier, name: str, folder: str | Path
     return schema_id
 
 
-def insert_frozen_adapter(model: SequenceClassifier, name: str, folder: Path, manifest: dict[str, Any]) -> State:
+def insert_frozen_adapter(
+    model: SequenceClassifier,
+    name: str,
+    folder: Path,
+    manifest: dict[str, Any],
+    limits: AdapterLimits | None = None,
+) -> State:
     """Insert the bottleneck adapter of ``folder`` (whose checked ``manifest`` is given) as ``name``, frozen.
 
     Returns the folder's head tensors (hot-swapping serves them). The sizes are checked against the
-    backbone before the adapter is built, and every tensor of the weight file against the adapter
-    built (``read_weight_file``) before it is copied; on any failure the adapter is taken out again.
+    backbone, and what the folder builds against ``limits`` and its schema on the meta device
+    (``fedadapt.adapter_plan``), before the adapter is built; every tensor of the weight file is checked
+    against the adapter built (``read_weight_file``) before it is copied; on any failure the adapter is
+    taken out again. On a meta ``model`` (a planned build of a stack or fusion) only the shapes are made.
     """
     import torch
 
-    from fedadapt.adapter_limits import BackboneDims, check_fits_backbone
+    from fedadapt.adapter_limits import DEFAULT_LIMITS, BackboneDims, check_fits_backbone
+    from fedadapt.adapter_plan import check_planned_build
     from fedadapt.adapter_weights import read_weight_file
     from fedadapt.adapters.bottleneck import DEFAULT_ADAPTER, add_bottleneck
     from fedadapt.folder import MANIFEST, OWN_WEIGHTS
@@ -62,10 +75,16 @@ def insert_frozen_adapter(model: SequenceClassifier, name: str, folder: Path, ma
         )
     config = method_config_from_dict(manifest["method"])
     num_labels = manifest["backbone"]["num_labels"]
-    check_fits_backbone(config, num_labels, BackboneDims.of(model.config), folder / MANIFEST)
+    limits = limits or DEFAULT_LIMITS
+    check_fits_backbone(config, num_labels, BackboneDims.of(model.config), folder / MANIFEST, limits)
+    planned = _planned(model)
+    if not planned:  # a stack's or fusion's own plan counts this adapter among all it builds
+        check_planned_build(manifest, model.config, folder / MANIFEST, limits)
     add_bottleneck(model.backbone, name, config)  # type: ignore[arg-type]
     try:
-        inserted = {n: p for n, p in model.named_parameters() if f".adapters.{name}." in n}
+        inserted = {n: p.requires_grad_(False) for n, p in model.named_parameters() if f".adapters.{name}." in n}
+        if planned:
+            return {}
         saved_as = {n: n.replace(f".adapters.{name}.", f".adapters.{DEFAULT_ADAPTER}.") for n in inserted}
         head = model.classifier.weight
         expected = (
@@ -80,11 +99,15 @@ def insert_frozen_adapter(model: SequenceClassifier, name: str, folder: Path, ma
         with torch.no_grad():
             for target_name, target in inserted.items():
                 target.copy_(saved[saved_as[target_name]])  # shapes are equal: read_weight_file checked them
-                target.requires_grad_(False)
     except BaseException:
         _remove_adapter(model, name)
         raise
     return {n: t for n, t in saved.items() if n.startswith("classifier.")}
+
+
+def _planned(model: SequenceClassifier) -> bool:
+    """Whether ``model`` is a meta-device plan (``fedadapt.adapter_plan``): shapes only, no weights to read or hash."""
+    return model.classifier.weight.is_meta
 
 
 def _remove_adapter(model: SequenceClassifier, name: str) -> None:
@@ -167,6 +190,9 @@ def _load_all(
     names = [f"{prefix}{index}" for index in range(len(folders))]
     schema_ids = [load_frozen_adapter(model, name, folder) for name, folder in zip(names, folders, strict=True)]
     hashes = [
-        fingerprint_tensors((n, p) for n, p in model.named_parameters() if f".adapters.{name}." in n) for name in names
+        ""
+        if _planned(model)
+        else fingerprint_tensors((n, p) for n, p in model.named_parameters() if f".adapters.{name}." in n)
+        for name in names
     ]
     return names, schema_ids, hashes

@@ -12,6 +12,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from fedadapt.adapter_limits import DEFAULT_LIMITS, AdapterLimits
 from fedadapt.adapters.compose import insert_frozen_adapter
 from fedadapt.adapters.slots import set_setup
 from fedadapt.backbone import LoadedBackbone
@@ -32,16 +33,19 @@ class AdapterSwitch:
     def names(self) -> tuple[str, ...]:
         return tuple(self.heads)
 
-    def add(self, name: str, folder: str | Path) -> None:
-        """Load the adapter and head saved in ``folder`` under ``name`` (frozen, inactive)."""
+    def add(self, name: str, folder: str | Path, limits: AdapterLimits = DEFAULT_LIMITS) -> None:
+        """Load the adapter and head saved in ``folder`` under ``name`` (frozen, inactive).
+
+        The folder is checked like any (``insert_frozen_adapter``): nothing is built beyond ``limits``.
+        """
         if name in self.heads:
             raise ConfigError(f"an adapter named {name!r} is already loaded; remove it or pick another name")
-        manifest = read_manifest(folder)
+        manifest = read_manifest(folder, limits)
         labels = manifest["backbone"]["num_labels"]
         if labels != self.loaded.config.num_labels:
             served = self.loaded.config.num_labels
             raise AdapterFolderError(f"{folder} has a {labels}-class head; this backbone serves {served}")
-        head = insert_frozen_adapter(self.loaded.model, name, Path(folder), manifest)
+        head = insert_frozen_adapter(self.loaded.model, name, Path(folder), manifest, limits)
         self.heads[name] = self._head(head)
 
     def activate(self, name: str | None) -> None:

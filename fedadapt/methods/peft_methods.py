@@ -102,20 +102,21 @@ def _reinit_lora_a(module: nn.Module, seed: int) -> str:
 
     from fedadapt.freeze import fingerprint_tensors
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     a_weights: list[tuple[str, torch.Tensor]] = []
     for name, layer in module.named_modules():
         if isinstance(layer, peft.tuners.lora.LoraLayer):
             for adapter_name, linear in layer.lora_A.items():
                 weight = cast("torch.Tensor", linear.weight)
                 bound = 1.0 / weight.shape[1] ** 0.5  # kaiming-uniform(a=sqrt(5)) bound, as PEFT uses
-                with torch.no_grad():
-                    weight.copy_(torch.rand(weight.shape, generator=generator) * 2 * bound - bound)
+                if not weight.is_meta:  # a planned build (fedadapt.adapter_plan) has no values to draw
+                    with torch.no_grad():
+                        weight.copy_(torch.rand(weight.shape, generator=generator) * 2 * bound - bound)
                 weight.requires_grad_(False)
                 a_weights.append((f"{name}.lora_A.{adapter_name}", weight))
     if not a_weights:
         raise BackboneError("FFA-LoRA found no LoRA layers to freeze; check target_modules")
-    return fingerprint_tensors(a_weights)
+    return "" if a_weights[0][1].is_meta else fingerprint_tensors(a_weights)
 
 
 @dataclass(frozen=True)
