@@ -66,16 +66,14 @@ _state = ort.capi.onnxruntime_pybind11_state
 ORT_ERRORS: tuple[type[BaseException], ...] = (
     RuntimeError,
     ValueError,
-    _state.Fail,
-    _state.InvalidArgument,
-    _state.InvalidGraph,
-    _state.InvalidProtobuf,
-    _state.NoSuchFile,
-    _state.NoModel,
-    _state.NotImplemented,
-    _state.RuntimeException,
+    *(kind for kind in vars(_state).values() if isinstance(kind, type) and issubclass(kind, Exception)),
 )
-"""What ONNX Runtime raises for a file it cannot load or run (its pybind errors share no base class)."""
+"""What ONNX Runtime raises for a graph or adapter it cannot load or run.
+
+Its Python layer raises RuntimeError and ValueError (a graph asking for inputs that are not fed);
+its C++ layer one class per status code (Fail, InvalidArgument, RuntimeException, EPFail, ...),
+sharing no base class, so every one its pybind module defines is taken (versions add some).
+"""
 
 
 def show(value: Any) -> str:

@@ -9,7 +9,10 @@ errors and bounded JSON reader, through export/bundle_verify.py.
 
 Nothing in the bundle is trusted: the manifest is checked, every file is used only after its size
 and sha256 match the manifest, no path may leave the bundle, every adapter must set exactly the
-graph's per-user inputs, and every labels list must be as long as the logits are wide.
+graph's per-user inputs, and every labels list must be as long as the logits are wide. At run
+time the graph's logits must be finite floats with one row per text and one column per label, and
+whatever tokenizers raises for the bundle's tokenizer.json (its Rust panics included) is a
+BundleError; texts longer than MAX_INPUT_CHARS are refused before the tokenizer sees them.
 
 A swappable bundle's backbone.onnx is not a valid model on its own (its per-user inputs default
 to zeros): exactly one adapter must be active for every run. A merged bundle's model.onnx has
@@ -21,7 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ from export.bundle_verify import (  # noqa: E402
     read_json,
     read_manifest,
     read_verified,
+    show,
 )
 from export.errors import BundleError  # noqa: E402
 from fedadapt.errors import FedAdaptError  # noqa: E402
@@ -56,6 +61,10 @@ from fedadapt.errors import FedAdaptError  # noqa: E402
 FORBIDDEN_MODULES = ("torch", "transformers")
 ALLOWED_FEDADAPT_MODULES = ("fedadapt", "fedadapt.errors", "fedadapt.jsonsafe")  # none of them imports torch
 OUTPUT_NAME = "logits"
+FLOAT_TENSORS = ("tensor(float)", "tensor(float16)", "tensor(double)")  # what the logits output may be
+# A phone classifies messages, and the graph sees at most max_sequence_length tokens of each; the cap
+# bounds how long a pre-tokenizer's regex (tokenizer.json is the bundle's) can be driven by one text.
+MAX_INPUT_CHARS = 10_000
 REFUSED: tuple[type[BaseException], ...] = (FedAdaptError, OSError, ValueError, *ORT_ERRORS)  # main() exits 2
 
 
@@ -156,17 +165,18 @@ class PhoneClassifier:
                 f"activate an adapter first with use(name), one of {self.adapter_names}: "
                 "backbone.onnx alone is not a valid model"
             )
-        logits: np.ndarray = self.session.run([OUTPUT_NAME], self._encode(texts), self._run_options)[0]
-        return logits
+        feeds = self._encode(texts)
+        graph = self.bundle / graph_file(self.manifest)
+        try:
+            outputs = self.session.run([OUTPUT_NAME], feeds, self._run_options)
+        except ORT_ERRORS as err:  # e.g. a Gather past its table, a Reshape to an impossible shape
+            raise BundleError(f"ONNX Runtime failed running {graph}: {str(err)[:300]}") from None
+        return _checked_logits(outputs[0], len(texts), len(self._active_labels()), graph)
 
     def classify(self, texts: Sequence[str]) -> list[tuple[str, float]]:
         """(label, probability) of the most likely class of each text, with the active adapter."""
-        logits = self.logits(texts)  # (B, num_labels)
+        logits = self.logits(texts).astype(np.float64)  # (B, num_labels), checked
         labels = self._active_labels()
-        if logits.ndim != 2 or logits.shape[1] != len(labels):  # a graph whose width is symbolic is checked here
-            raise BundleError(
-                f"{self.bundle}: the graph's logits have shape {logits.shape}, but there are {len(labels)} labels"
-            )
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
         return [(labels[int(row.argmax())], float(row.max())) for row in probabilities]
@@ -188,33 +198,93 @@ class PhoneClassifier:
 
     def _encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """input_ids and attention_mask (B, T), padded to the longest text."""
-        encodings = self.tokenizer.encode_batch(list(texts))
-        return {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-        }
+        texts = list(texts)
+        if not texts:
+            raise ValueError("no texts to classify")
+        for number, text in enumerate(texts, 1):
+            if not isinstance(text, str):
+                raise TypeError(f"text {number} is a {type(text).__name__}, not a str")
+            if len(text) > MAX_INPUT_CHARS:
+                raise ValueError(
+                    f"text {number} has {len(text)} characters; the phone classifies texts of at most "
+                    f"{MAX_INPUT_CHARS} (the graph sees at most {self.manifest['max_sequence_length']} tokens)"
+                )
+        with _tokenizer_failures(self.bundle / TOKENIZER_FILE, "encoding the texts"):
+            encodings = self.tokenizer.encode_batch(texts)
+            return {
+                "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            }
 
 
 def _logits_width(session: ort.InferenceSession, graph: Path) -> int | None:
-    """The number of classes the graph's (B, num_labels) logits have; None if the graph leaves it symbolic."""
-    outputs = {output.name: output.shape for output in session.get_outputs()}
-    shape = outputs.get(OUTPUT_NAME)
+    """The number of classes the graph's (B, num_labels) float logits have; None if the graph leaves it symbolic."""
+    outputs = {output.name: (output.type, output.shape) for output in session.get_outputs()}
+    kind, shape = outputs.get(OUTPUT_NAME, (None, None))
     if shape is None or len(shape) != 2:
-        raise BundleError(f"{graph} has no (batch, num_labels) output named {OUTPUT_NAME!r}; its outputs: {outputs}")
+        raise BundleError(
+            f"{graph} has no (batch, num_labels) output named {OUTPUT_NAME!r}; its outputs: {show(outputs)}"
+        )
+    if kind not in FLOAT_TENSORS:
+        raise BundleError(f"{graph}: its {OUTPUT_NAME!r} output is a {show(kind)}, not one of {FLOAT_TENSORS}")
     return shape[1] if isinstance(shape[1], int) else None
+
+
+def _checked_logits(logits: Any, rows: int, width: int, graph: Path) -> np.ndarray:
+    """``logits`` if they are finite floats of shape (rows, width), else a BundleError naming ``graph``.
+
+    The graph computes whatever it was made to: its declared output type and shape are checked when
+    it is loaded, but a symbolic batch dimension can hide fewer rows than texts, and NaN would be
+    printed as a prediction (and as invalid JSON).
+    """
+    if not isinstance(logits, np.ndarray) or not np.issubdtype(logits.dtype, np.floating):
+        found = logits.dtype if isinstance(logits, np.ndarray) else type(logits).__name__
+        raise BundleError(f"{graph}: its {OUTPUT_NAME!r} output must be a float tensor, got {found}")
+    if logits.shape != (rows, width):
+        raise BundleError(
+            f"{graph}: its {OUTPUT_NAME!r} output has shape {logits.shape}; {rows} texts and {width} labels "
+            f"need ({rows}, {width})"
+        )
+    if not np.isfinite(logits).all():
+        raise BundleError(f"{graph}: its {OUTPUT_NAME!r} output has NaN or infinite values")
+    return logits
 
 
 def _load_tokenizer(folder: Path, manifest: dict[str, Any]) -> Tokenizer:
     """tokenizer.json (verified), truncating to the positions the graph has and padding with the pad token."""
     text = read_verified(folder, manifest, TOKENIZER_FILE, MAX_TOKENIZER_BYTES)
-    try:
+    with _tokenizer_failures(folder / TOKENIZER_FILE, "loading it"):
         tokenizer = Tokenizer.from_str(text.decode("utf-8"))
-    except Exception as err:  # tokenizers raises plain Exception for a file it cannot parse
-        raise BundleError(f"{folder / TOKENIZER_FILE} is not a tokenizers file: {str(err)[:200]}") from None
-    tokenizer.enable_truncation(max_length=manifest["max_sequence_length"])
+        tokenizer.enable_truncation(max_length=manifest["max_sequence_length"])
     pad_token, pad_id = _pad_token(folder, manifest, tokenizer)
-    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    with _tokenizer_failures(folder / TOKENIZER_FILE, "setting its padding"):
+        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
     return tokenizer
+
+
+@contextmanager
+def _tokenizer_failures(file: Path, doing: str) -> Iterator[None]:
+    """Whatever tokenizers raises while ``doing`` something with ``file`` becomes a BundleError naming it.
+
+    tokenizers raises plain Exception for its errors (a file it cannot parse, a text it cannot
+    encode), and when its Rust code panics, pyo3's PanicException: a BaseException, so ``except
+    Exception`` misses it, and tokenizers does not export the class, so it is recognised by its
+    module and name. A hostile pre-tokenizer regex makes Oniguruma hit its retry limit, which panics.
+    KeyboardInterrupt, SystemExit and any other BaseException pass through.
+    """
+    try:
+        yield
+    except Exception as err:
+        raise BundleError(f"{file}: tokenizers failed {doing}: {str(err)[:200]}") from None
+    except BaseException as err:
+        if not _is_rust_panic(err):
+            raise
+        raise BundleError(f"{file}: tokenizers panicked {doing}: {str(err)[:200]}") from None
+
+
+def _is_rust_panic(err: BaseException) -> bool:
+    """Whether ``err`` is pyo3's PanicException (a Rust panic inside an extension such as tokenizers)."""
+    return type(err).__module__ == "pyo3_runtime" and type(err).__name__ == "PanicException"
 
 
 def _pad_token(folder: Path, manifest: dict[str, Any], tokenizer: Tokenizer) -> tuple[str, int]:
@@ -253,20 +323,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         classifier = PhoneClassifier(args.bundle)
         results = _classify_each(classifier, args.text, args.adapter)
+        report = _report(args, classifier.manifest["mode"], results)
     except REFUSED as err:  # a bad bundle or request: say so, exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2
-    output: dict[str, Any] = {"bundle": str(args.bundle), "mode": classifier.manifest["mode"], "results": results}
+    print(report)
+    return 0
+
+
+def _report(args: argparse.Namespace, mode: str, results: list[dict[str, Any]]) -> str:
+    """The predictions as one JSON object (--json) or one line per text and adapter."""
+    output: dict[str, Any] = {"bundle": str(args.bundle), "mode": mode, "results": results}
     if args.check_imports:
         output["forbidden_modules"] = forbidden_modules()
     if args.json:
-        print(json.dumps(output))
-        return 0
+        return json.dumps(output)
+    lines = []
     for result in results:
         user = f"[{result['adapter']}] " if result["adapter"] else ""
         for text, prediction in zip(args.text, result["predictions"], strict=True):
-            print(f"{user}{text!r} -> {prediction['label']} ({prediction['probability']:.2f})")
-    return 0
+            lines.append(f"{user}{text!r} -> {prediction['label']} ({prediction['probability']:.2f})")
+    return "\n".join(lines)
 
 
 def _classify_each(classifier: PhoneClassifier, texts: list[str], adapters: list[str] | None) -> list[dict[str, Any]]:

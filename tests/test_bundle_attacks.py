@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper
 from test_export import LABELS, PROJECT_ROOT, _lora_folder, _snapshot
+from test_review_findings import _graph, _merged_bundle, _tokenizer
 
 import export.bundle_verify
 from export.bundle import committed_files
@@ -31,7 +33,7 @@ from export.config import ExportConfig
 from export.errors import BundleError, ExportError
 from export.exporter import export_adapter
 from export.ort_adapters import read_adapter_file, write_adapter_file
-from export.phone_demo import PhoneClassifier, main, open_phone_bundle
+from export.phone_demo import MAX_INPUT_CHARS, PhoneClassifier, main, open_phone_bundle
 from fedadapt.errors import JsonInputError
 
 ADAPTER = "adapters/alice.onnx_adapter"
@@ -305,6 +307,86 @@ def test_phone_demo_runs_a_good_bundle_without_torch(real_bundle: Path) -> None:
     output = json.loads(result.stdout)
     assert output["forbidden_modules"] == []
     assert output["results"][0]["adapter"] == "alice" and output["results"][0]["predictions"][0]["label"] in LABELS
+
+
+# ------------------------------------------------------------------- phone_demo: what the graph returns
+
+
+def _gather_graph(extra_input: str | None = None) -> bytes:
+    """A merged graph whose logits are row max(input_ids) of a one-row table: ids above 0 run past it."""
+    names = ["input_ids", "attention_mask", *([extra_input] if extra_input else [])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["B", "T"]) for n in names]
+    output = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", 2])
+    table = helper.make_tensor("table", TensorProto.FLOAT, [1, 2], [0.1, 0.9])
+    nodes = [
+        helper.make_node("Constant", [], ["table"], value=table),
+        helper.make_node("ReduceMax", ["input_ids"], ["row"], axes=[1], keepdims=0),
+        helper.make_node("Gather", ["table", "row"], ["logits"], axis=0),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, [output]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("extra_input", [None, "token_type_ids"], ids=["gather-past-its-table", "an-unfed-input"])
+def test_a_graph_that_fails_at_run_time_is_a_bundle_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra_input: str | None
+) -> None:
+    """ONNX Runtime's InvalidArgument (or its ValueError for an input not fed) from session.run names the graph."""
+    bundle = _merged_bundle(tmp_path / "b", _gather_graph(extra_input))
+    with pytest.raises(BundleError, match="ONNX Runtime failed running .*model.onnx"):
+        PhoneClassifier(bundle).classify(["top up"])  # loads; "top" is id 2, past the table's one row
+    assert main([str(bundle), "--text", "top up"]) == 2
+    assert capsys.readouterr().err.startswith("error: ONNX Runtime failed running")
+
+
+@pytest.mark.parametrize(
+    "returned",
+    [
+        np.array([["a", "b"]]),
+        np.array([[np.nan, 1.0]], dtype=np.float32),
+        np.array([[np.inf, 1.0]], dtype=np.float32),
+        np.zeros((1, 2, 1), dtype=np.float32),
+        np.zeros((2, 2), dtype=np.float32),
+        [[0.1, 0.9]],
+    ],
+    ids=["strings", "nan", "inf", "rank-3", "two-rows-for-one-text", "a-list"],
+)
+def test_logits_that_are_not_finite_floats_one_row_per_text_are_refused(tmp_path: Path, returned: Any) -> None:
+    """What session.run returns is checked, not only what the graph declares (a symbolic batch hides rows)."""
+    phone = PhoneClassifier(_merged_bundle(tmp_path / "b", _graph()))
+    phone.session.run = lambda *args: [returned]  # type: ignore[method-assign]
+    with pytest.raises(BundleError, match="model.onnx: its 'logits' output"):
+        phone.classify(["top up"])
+
+
+def test_a_text_longer_than_the_cap_is_refused_before_the_tokenizer_sees_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A huge --text cannot drive the bundle's pre-tokenizer regex for long: it is refused by its length."""
+    split = {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated", "invert": False}
+    bundle = _merged_bundle(tmp_path / "b", _graph(), _tokenizer(split))
+    assert main([str(bundle), "--text", "top up", "--text", "a" * (MAX_INPUT_CHARS + 1)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: text 2 has {MAX_INPUT_CHARS + 1} characters") and "tokenizers" not in err
+
+
+def test_a_tokenizer_panic_is_a_bundle_error_but_an_interrupt_is_not(tmp_path: Path) -> None:
+    """Rust panics (pyo3's PanicException) become BundleError naming tokenizer.json; KeyboardInterrupt passes."""
+    split = {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated", "invert": False}
+    phone = PhoneClassifier(_merged_bundle(tmp_path / "b", _graph(), _tokenizer(split)))
+    with pytest.raises(BundleError, match="tokenizer.json: tokenizers panicked encoding the texts"):
+        phone.classify(["a" * 40 + "!"])
+
+    class Interrupted:
+        def encode_batch(self, texts: list[str]) -> None:
+            raise KeyboardInterrupt
+
+    phone.tokenizer = Interrupted()  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        phone.classify(["top up"])
 
 
 # -------------------------------------------------------------------------------------------- fuzz
