@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import onnxruntime as ort
 
+from export.bundle_verify import ORT_ERRORS
 from export.config import ExportConfig
 from export.errors import ExportError
 from export.evaluation import evaluate
@@ -29,16 +29,6 @@ _T = TypeVar("_T")
 
 MakeRunner = Callable[[Path], RunGraph]
 """graph path → a runner of that graph (swappable: with the exported user's adapter active)."""
-
-_ORT_ERRORS: tuple[type[BaseException], ...] = (
-    RuntimeError,
-    ValueError,
-    ort.capi.onnxruntime_pybind11_state.Fail,
-    ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-    ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-    ort.capi.onnxruntime_pybind11_state.NotImplemented,
-    ort.capi.onnxruntime_pybind11_state.RuntimeException,
-)
 
 
 @dataclass
@@ -132,7 +122,7 @@ def _loaded(make_runner: MakeRunner, path: Path) -> RunGraph:
     """``make_runner(path)``; ExportError if ONNX Runtime cannot load the graph."""
     try:
         return make_runner(path)
-    except _ORT_ERRORS as err:
+    except ORT_ERRORS as err:
         raise ExportError(f"ONNX Runtime cannot load {path.name}: {err}; nothing was written") from err
 
 
@@ -140,5 +130,5 @@ def _run_checked(name: str, run: Callable[[], _T]) -> _T:
     """``run()``; ExportError if ONNX Runtime fails while running the graph ``name``."""
     try:
         return run()
-    except _ORT_ERRORS as err:
+    except ORT_ERRORS as err:
         raise ExportError(f"ONNX Runtime cannot run {name}: {err}; nothing was written") from err
