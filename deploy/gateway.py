@@ -162,6 +162,9 @@ def with_signature(get_fab_reply: bytes, verifications: Mapping[str, Mapping[str
     sign is refused as "could not verify". Records the SuperLink itself sent are dropped: only
     the server's signatures travel.
     """
+    # Flower's generated protobuf is the Fleet API's wire format, which the gateway must speak; its field
+    # numbers are what Flower keeps stable between SuperNode and SuperLink releases. The import contracts
+    # in pyproject.toml allow this one module of flwr.proto.
     from flwr.proto.fab_pb2 import GetFabResponse  # noqa: PLC0415  (protobuf only where a FAB passes)
 
     reply = GetFabResponse()

@@ -624,7 +624,6 @@ import json, sys
 sys.path.insert(0, {root!r})
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 from flwr.supercore.task_identity import TaskIdentity
 from pathlib import Path
 import os
@@ -635,7 +634,7 @@ TaskIdentity._node_id = 0
 
 from clients.client_app import app
 from fedadapt import protocol
-from fedadapt.secagg import identity, stages, wire
+from fedadapt.secagg import crypto, identity, stages, wire
 
 
 def message(stage, payload):
@@ -656,7 +655,7 @@ replies.append(reply.content.array_records[protocol.ARRAYS][protocol.SECAGG_PAYL
 keys = {{}}
 root = Path(os.environ["FEDADAPT_DEVICE_ROOT"])
 for partition, other in ((1, 102), (2, 103)):
-    fresh = [public_key_to_bytes(generate_key_pairs()[1]) for _ in range(2)]
+    fresh = [crypto.public_bytes(crypto.generate_private_key().public_key()) for _ in range(2)]
     signer = identity.load_private_key(root / f"device-{{partition}}" / "identity.key")
     keys[f"{{stages.ENCRYPTION_KEY}}/{{other}}"], keys[f"{{stages.MASK_KEY}}/{{other}}"] = fresh
     keys[f"{{stages.IDENTITY_KEY}}/{{other}}"] = identity.openssh_public(signer.public_key())

@@ -14,14 +14,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from fedadapt.errors import ConfigError
-from fedadapt.methods.base import AppliedMethod
 
 if TYPE_CHECKING:
+    # AppliedMethod: here for annotations, in apply() at run time. The registry in fedadapt.methods
+    # imports this module's configs, so importing the methods package at the top made a fresh
+    # `import fedadapt.adapters.<this module>` fail on a partially initialized module.
     from torch import nn
 
     from fedadapt.adapters.modules import Nonlinearity
     from fedadapt.adapters.slots import Position
     from fedadapt.backbone import SequenceClassifier
+    from fedadapt.methods.base import AppliedMethod
 
 DEFAULT_ADAPTER = "default"
 
@@ -59,6 +62,7 @@ class BottleneckConfig:
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
         from fedadapt.adapters.slots import set_setup
+        from fedadapt.methods.base import AppliedMethod
 
         add_bottleneck(model.backbone, DEFAULT_ADAPTER, self)
         set_setup(model.backbone, DEFAULT_ADAPTER)

@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedadapt.errors import AdapterFolderError, ConfigError
-from fedadapt.methods.base import AppliedMethod
 
 if TYPE_CHECKING:
+    # AppliedMethod: here for annotations, in apply() at run time. The registry in fedadapt.methods
+    # imports this module's configs, so importing the methods package at the top made a fresh
+    # `import fedadapt.adapters.<this module>` fail on a partially initialized module.
     from fedadapt.adapter_limits import AdapterLimits
     from fedadapt.backbone import SequenceClassifier
+    from fedadapt.methods.base import AppliedMethod
     from fedadapt.state import State
 
 BOTTLENECK_METHODS = ("houlsby", "pfeiffer", "parallel")
@@ -141,6 +144,7 @@ class StackConfig:
         from fedadapt.adapters.bottleneck import DEFAULT_ADAPTER, add_bottleneck
         from fedadapt.adapters.slots import Stack, set_setup
         from fedadapt.methods import make_method_config
+        from fedadapt.methods.base import AppliedMethod
 
         names, schema_ids, hashes = _load_all(model, self.below, "stacked")
         add_bottleneck(model.backbone, DEFAULT_ADAPTER, make_method_config(self.top, size=self.r))  # type: ignore[arg-type]
@@ -168,6 +172,7 @@ class FusionConfig:
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
         from fedadapt.adapters.modules import FusionLayer
         from fedadapt.adapters.slots import Fuse, find_slots, set_setup
+        from fedadapt.methods.base import AppliedMethod
 
         names, schema_ids, hashes = _load_all(model, self.adapters, "fused")
         for slot in find_slots(model.backbone):

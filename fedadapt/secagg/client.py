@@ -9,37 +9,22 @@ server may be malicious. Neighbours prove who they are with device identity keys
 roster (``identity``), and the consistency stage makes every survivor commit, by signature, to one
 survivor set before any share of a secret leaves a client (see docs/privacy.md for the argument).
 
-Building blocks are Flower's (``flwr.common.secure_aggregation``): P-384 ECDH key agreement with
-HKDF-SHA256, Fernet (AES-128-CBC + HMAC-SHA256) for the shares, Shamir secret sharing.
+Building blocks are in ``crypto``: P-384 ECDH key agreement with HKDF-SHA256, AES-256-GCM for the
+shares (bound to sender and receiver), Shamir secret sharing.
 """
 
 from __future__ import annotations
 
-import base64
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.fernet import InvalidToken
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.common.secure_aggregation.crypto.shamir import create_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
-from flwr.common.secure_aggregation.secaggplus_utils import (
-    share_keys_plaintext_concat,
-    share_keys_plaintext_separate,
-)
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-    public_key_to_bytes,
-)
 
 from fedadapt.errors import PayloadError, SecAggError
 from fedadapt.privacy import PrivacyConfig
-from fedadapt.secagg import identity, masking, stages, wire
+from fedadapt.secagg import crypto, identity, masking, stages, wire
 from fedadapt.secagg.identity import Identity
 
 # Session fields
@@ -51,6 +36,12 @@ _C_SK, _S_SK, _SEED = "c-sk", "s-sk", "seed"
 _C_PK, _S_PK = "c-pk/", "s-pk/"  # + neighbour id
 _B_SHARE, _SK_SHARE = "b-share/", "sk-share/"  # + node id (own id included)
 _SHARES_RECEIVED = "secagg-shares"  # the step between the masked stage's two halves (before training)
+
+# Key-derivation purposes: one ECDH secret never serves both (and the two key pairs differ anyway)
+_SHARE_PURPOSE = b"fedadapt.secagg.share-encryption.v1\0"
+_MASK_PURPOSE = b"fedadapt.secagg.pair-mask.v1\0"
+_SHARE_DOMAIN = b"fedadapt.secagg.share.v1\0"  # + sender and receiver ids: a share's associated data
+_SEED_PART, _KEY_PART = "b", "sk"  # the two shares inside one encrypted share pair
 
 
 @dataclass(frozen=True)
@@ -82,8 +73,7 @@ def setup(
             f"the server named {len(neighbours)} neighbours, this client's num-shares ({config.num_shares}) "
             f"calls for {config.num_shares - 1}: client and server must use the same [privacy] settings"
         )
-    c_sk, c_pk = generate_key_pairs()
-    s_sk, s_pk = generate_key_pairs()
+    c_sk, s_sk = crypto.generate_private_key(), crypto.generate_private_key()
     own_identity = device.public_key
     session = {
         _ROUND: round_bytes,
@@ -91,11 +81,11 @@ def setup(
         _RUN: _int_bytes(device.run_id, "the run id"),
         _DONE: stages.SETUP.encode(),
         _NEIGHBOURS: wire.pack_ids(neighbours),
-        _C_SK: private_key_to_bytes(c_sk),
-        _S_SK: private_key_to_bytes(s_sk),
+        _C_SK: crypto.private_bytes(c_sk),
+        _S_SK: crypto.private_bytes(s_sk),
         _ID_PK + str(node_id): own_identity,
     }
-    c_raw, s_raw = public_key_to_bytes(c_pk), public_key_to_bytes(s_pk)
+    c_raw, s_raw = crypto.public_bytes(c_sk.public_key()), crypto.public_bytes(s_sk.public_key())
     signed = identity.setup_message(device.run_id, server_round, node_id, c_raw, s_raw)
     reply = {
         stages.ENCRYPTION_KEY: c_raw,
@@ -137,19 +127,20 @@ def share_keys(config: PrivacyConfig, server_round: int, saved: bytes, request: 
             f"{config.reconstruction_threshold} this client's secrets could never be rebuilt, so it stops here"
         )
     seed = os.urandom(masking.SEED_SIZE)
-    seed_shares = create_shares(seed, config.reconstruction_threshold, len(holders))
-    key_shares = create_shares(session[_S_SK], config.reconstruction_threshold, len(holders))
-    c_sk = bytes_to_private_key(session[_C_SK])
+    seed_shares = crypto.split_secret(seed, config.reconstruction_threshold, len(holders))
+    key_shares = crypto.split_secret(session[_S_SK], config.reconstruction_threshold, len(holders))
+    c_sk = crypto.load_private(session[_C_SK])
     reply: dict[str, bytes] = {}
     for holder, seed_share, key_share in zip(holders, seed_shares, key_shares, strict=True):
         if holder == node:
             session[_B_SHARE + str(node)], session[_SK_SHARE + str(node)] = seed_share, key_share
             continue
         c_pk, s_pk = (_public_key(raw, holder) for raw in keys[holder])
-        session[_C_PK + str(holder)] = public_key_to_bytes(c_pk)
-        session[_S_PK + str(holder)] = public_key_to_bytes(s_pk)
-        plaintext = share_keys_plaintext_concat(node, holder, seed_share, key_share)
-        reply[stages.share_name(holder)] = encrypt(generate_shared_key(c_sk, c_pk), plaintext)
+        session[_C_PK + str(holder)] = crypto.public_bytes(c_pk)
+        session[_S_PK + str(holder)] = crypto.public_bytes(s_pk)
+        plaintext = wire.pack({_SEED_PART: seed_share, _KEY_PART: key_share})
+        key = crypto.shared_key(c_sk, c_pk, _SHARE_PURPOSE)
+        reply[stages.share_name(holder)] = crypto.encrypt(key, plaintext, _share_data(node, holder))
     session |= {_SEED: seed, _HOLDERS: wire.pack_ids(holders), _DONE: stages.SHARE_KEYS.encode()}
     return Step(wire.pack(session), wire.pack(reply))
 
@@ -163,21 +154,23 @@ def receive_shares(config: PrivacyConfig, server_round: int, saved: bytes, reque
     session = _load(saved, server_round, after=stages.SHARE_KEYS)
     node = _int(session[_NODE])
     fields = wire.unpack(request, "forwarded shares")
-    c_sk = bytes_to_private_key(session[_C_SK])
+    c_sk = crypto.load_private(session[_C_SK])
     maskers = []
     for name, ciphertext in fields.items():
         other = stages.node_of(name, stages.SHARE)
         if other is None or _C_PK + str(other) not in session:
             raise SecAggError(f"the server forwarded {name[:40]!r}, which is not a share from a neighbour")
-        c_pk = bytes_to_public_key(session[_C_PK + str(other)])
+        key = crypto.shared_key(c_sk, crypto.load_public(session[_C_PK + str(other)]), _SHARE_PURPOSE)
         try:
-            plaintext = decrypt(generate_shared_key(c_sk, c_pk), ciphertext)
-            source, destination, seed_share, key_share = share_keys_plaintext_separate(plaintext)
-        except (InvalidToken, ValueError, TypeError, IndexError):
-            raise SecAggError(f"the share from node {other} does not decrypt: it was altered on the way") from None
-        if (source, destination) != (other, node):
-            raise SecAggError(f"the share forwarded as from node {other} was sent from {source} to {destination}")
-        session[_B_SHARE + str(other)], session[_SK_SHARE + str(other)] = seed_share, key_share
+            # The associated data names sender and receiver: a share re-addressed by the server fails here too.
+            pair = wire.unpack(crypto.decrypt(key, ciphertext, _share_data(other, node)), "share pair")
+            wire.require(pair, [_SEED_PART, _KEY_PART], "share pair")
+        except (ValueError, PayloadError):
+            raise SecAggError(
+                f"the share from node {other} does not decrypt: it was altered on the way or is not addressed "
+                "from that node to this client"
+            ) from None
+        session[_B_SHARE + str(other)], session[_SK_SHARE + str(other)] = pair[_SEED_PART], pair[_KEY_PART]
         maskers.append(other)
     if len(maskers) < config.reconstruction_threshold - 1:
         raise SecAggError(
@@ -196,9 +189,9 @@ def mask(config: PrivacyConfig, server_round: int, saved: bytes, delta: np.ndarr
     encoded = masking.encode(delta, num_examples, config)
     vector = encoded.vector
     vector += masking.mask(session[_SEED], vector.size, config)
-    s_sk = bytes_to_private_key(session[_S_SK])
+    s_sk = crypto.load_private(session[_S_SK])
     for other in wire.unpack_ids(session[_MASKERS]):
-        pair = masking.mask(pair_seed(s_sk, bytes_to_public_key(session[_S_PK + str(other)])), vector.size, config)
+        pair = masking.mask(pair_seed(s_sk, crypto.load_public(session[_S_PK + str(other)])), vector.size, config)
         if node < other:
             vector += pair
         else:
@@ -255,8 +248,13 @@ def unmask(config: PrivacyConfig, server_round: int, saved: bytes, request: byte
 
 
 def pair_seed(private_key: ec.EllipticCurvePrivateKey, public_key: ec.EllipticCurvePublicKey) -> bytes:
-    """The 32-byte seed two clients share: ECDH on P-384, then HKDF-SHA256 (Flower's ``generate_shared_key``)."""
-    return base64.urlsafe_b64decode(generate_shared_key(private_key, public_key))
+    """The 32-byte seed two clients share: ECDH on P-384, then HKDF-SHA256 bound to the mask purpose."""
+    return crypto.shared_key(private_key, public_key, _MASK_PURPOSE)
+
+
+def _share_data(sender: int, receiver: int) -> bytes:
+    """The associated data of the share pair ``sender`` encrypts for ``receiver``."""
+    return _SHARE_DOMAIN + struct.pack("<QQ", sender, receiver)
 
 
 def _check_new_round(saved: bytes, server_round: int, run_id: int) -> None:
@@ -368,12 +366,9 @@ def _signature_name(node: int) -> str:
 
 def _public_key(raw: bytes, node: int) -> ec.EllipticCurvePublicKey:
     try:
-        key = bytes_to_public_key(raw)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise SecAggError(f"the public key of node {node} is not a PEM public key") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
-        raise SecAggError(f"the public key of node {node} is not a P-384 key")
-    return key
+        return crypto.load_public(raw)
+    except ValueError as err:
+        raise SecAggError(f"the public key of node {node}: {err}") from None
 
 
 def _int_bytes(value: int, what: str) -> bytes:

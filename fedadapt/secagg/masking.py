@@ -1,7 +1,7 @@
 """Field arithmetic of SecAgg+: encode a delta as integers mod 2**bits, mask it, decode the sum.
 
 A client's vector is ``[n·q₁, …, n·q_L, n, c]``: its delta clipped to ±clipping_range and
-stochastically quantized to integers in [0, quantization_range] (Flower's ``quantize``), each
+stochastically quantized to integers in [0, quantization_range] (``quantize``), each
 multiplied by its example count ``n``, then ``n`` itself and ``c``, the number of values that hit
 the clipping range. Summed over clients, the last two entries give the FedAvg weight total and
 the clipped count without either being sent in the clear; the weighted mean is
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from fedadapt.errors import SecAggError
 from fedadapt.privacy import PrivacyConfig
@@ -64,7 +63,7 @@ def encode(delta: np.ndarray, num_examples: int, config: PrivacyConfig) -> Encod
             f"2**{config.modulus_bits}: raise modulus-bits to 64 or lower quantization-range"
         )
     clipped = int(np.count_nonzero(np.abs(values) > config.clipping_range))
-    (levels,) = quantize([values], config.clipping_range, config.quantization_range)
+    levels = quantize(values, config)
     dtype = field_dtype(config)
     vector = np.empty(values.size + EXTRA_ENTRIES, dtype=dtype)
     # levels are in [0, quantization_range]; n·level stays below the modulus (checked on the sum)
@@ -96,5 +95,24 @@ def decode_sum(total: np.ndarray, config: PrivacyConfig) -> DecodedSum:
             "lower quantization-range"
         )
     levels = total[:-EXTRA_ENTRIES].astype(np.float64) / total_examples
-    (mean,) = dequantize([levels], config.clipping_range, config.quantization_range)  # type: ignore[list-item]  # it takes the float mean of levels too
-    return DecodedSum(np.asarray(mean, dtype=np.float64), total_examples, clipped)
+    return DecodedSum(dequantize(levels, config), total_examples, clipped)
+
+
+def quantize(values: np.ndarray, config: PrivacyConfig) -> np.ndarray:
+    """Levels in [0, quantization_range] (int64): ``values`` clipped, mapped linearly, rounded stochastically.
+
+    A value between two levels rounds up with probability equal to its distance from the lower one, so
+    the expected level is exact and the mean of many clients carries no rounding bias (Flower's
+    ``quantize`` does the same). The coin flips come from NumPy's global generator, as in Flower:
+    they need no secrecy, and a test can seed it to replay a client's encoding.
+    """
+    scale = config.quantization_range / (2 * config.clipping_range)
+    scaled = (np.clip(values, -config.clipping_range, config.clipping_range) + config.clipping_range) * scale
+    floor = np.floor(scaled)
+    levels = floor.astype(np.int64) + (np.random.random_sample(scaled.shape) < scaled - floor)
+    return np.minimum(levels, config.quantization_range)  # float rounding at the top may not pass the last level
+
+
+def dequantize(levels: np.ndarray, config: PrivacyConfig) -> np.ndarray:
+    """The float64 values of (possibly fractional, e.g. averaged) ``levels``: the inverse map of ``quantize``."""
+    return np.asarray(levels, dtype=np.float64) * config.quantization_step - config.clipping_range

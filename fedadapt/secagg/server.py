@@ -27,14 +27,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fedadapt.errors import ConfigError, PayloadError, SecAggError
 from fedadapt.privacy import PrivacyConfig
-from fedadapt.secagg import identity, masking, stages, wire
+from fedadapt.secagg import crypto, identity, masking, stages, wire
 from fedadapt.secagg.client import pair_seed
 
 logger = logging.getLogger(__name__)
@@ -111,7 +108,7 @@ class SecAggRound:
                 names = [stages.ENCRYPTION_KEY, stages.MASK_KEY, stages.IDENTITY_KEY, stages.SETUP_SIGNATURE]
                 wire.require(fields, names, "public keys")
                 for name in (stages.ENCRYPTION_KEY, stages.MASK_KEY):
-                    _check_p384(fields[name])  # refuse a bad key here, or every neighbour would abort on it
+                    crypto.load_public(fields[name])  # refuse a bad key here, or every neighbour would abort on it
                 key = self._check_setup_signature(node, fields, owners)
             except (PayloadError, SecAggError, ValueError, TypeError) as err:
                 self._drop({node: f"bad public keys: {err}"}, stages.SETUP)
@@ -248,7 +245,7 @@ class SecAggRound:
                 if other in masked:
                     # ``other`` added +mask towards higher ids, −mask towards lower ones: take it off again.
                     pair = masking.mask(
-                        pair_seed(private, bytes_to_public_key(self._keys[other][1])), total.size, self.config
+                        pair_seed(private, crypto.load_public(self._keys[other][1])), total.size, self.config
                     )
                     if other < node:
                         total -= pair
@@ -335,7 +332,7 @@ class SecAggRound:
                 "the round fails rather than return a wrong sum"
             )
         try:
-            secret = combine_shares(shares[:threshold])
+            secret = crypto.combine_shares(shares[:threshold])
         except ValueError:
             raise SecAggError(f"round {self.server_round}: the shares of node {node}'s {what} do not combine") from None
         if what == "self-mask seed" and len(secret) != masking.SEED_SIZE:
@@ -345,12 +342,9 @@ class SecAggRound:
     def _rebuild_key(self, node: int, shares: list[bytes]) -> ec.EllipticCurvePrivateKey:
         secret = self._rebuild(node, shares, "mask key")
         try:
-            key = bytes_to_private_key(secret)
-        except (ValueError, TypeError):
-            key = None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise SecAggError(f"round {self.server_round}: node {node}'s rebuilt mask key is not a P-384 key")
-        return key
+            return crypto.load_private(secret)
+        except ValueError:
+            raise SecAggError(f"round {self.server_round}: node {node}'s rebuilt mask key is not a P-384 key") from None
 
     def _drop(self, failed: Mapping[int, str], stage: str) -> None:
         for node, reason in failed.items():
@@ -364,13 +358,3 @@ class SecAggRound:
                 f"only {len(remaining)} of {len(self.nodes)} clients completed {stage} in round {self.server_round}: "
                 "secure aggregation needs at least 2"
             )
-
-
-def _check_p384(raw: bytes) -> None:
-    """ValueError unless ``raw`` is a PEM P-384 public key (the curve every client agrees keys on)."""
-    try:
-        key = bytes_to_public_key(raw)
-    except UnsupportedAlgorithm as err:  # a curve this build of OpenSSL does not support: that client's fault
-        raise ValueError(f"the public key uses an unsupported algorithm ({err})") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
-        raise ValueError("the public key is not a P-384 key")
