@@ -23,19 +23,26 @@ def test_every_threshold_subset_of_shares_rebuilds_the_secret(threshold: int, co
     secret = os.urandom(size)
     shares = crypto.split_secret(secret, threshold, count)
     assert len(shares) == count
-    assert all(len(share) == crypto.INDEX_SIZE + size for share in shares)
+    assert all(len(share) == crypto.INDEX_SIZE + size + crypto.BLOCK for share in shares)  # + the check block
     for subset in itertools.combinations(shares, threshold):
         assert crypto.combine_shares(list(subset)) == secret
 
 
-def test_fewer_than_threshold_shares_do_not_rebuild_the_secret() -> None:
+def test_too_few_mixed_or_altered_shares_are_refused_not_rebuilt_into_another_secret() -> None:
+    """Shamir rebuilds some value from any shares; the check block makes every wrong rebuild a ValueError."""
     secret = os.urandom(32)
     shares = crypto.split_secret(secret, 3, 5)
     for subset in itertools.combinations(shares, 2):
-        assert crypto.combine_shares(list(subset)) != secret
-    # two splits of one secret are independent: mixing them gives another secret
+        with pytest.raises(ValueError, match="do not rebuild one secret"):
+            crypto.combine_shares(list(subset))
+    # two splits of one secret are independent: mixing them does not rebuild it
     other = crypto.split_secret(secret, 2, 3)
-    assert crypto.combine_shares([shares[0], other[1]]) != secret
+    with pytest.raises(ValueError, match="do not rebuild one secret"):
+        crypto.combine_shares([shares[0], other[1]])
+    altered = bytearray(shares[2])
+    altered[-1] ^= 1  # a dishonest neighbour's share: one bit off
+    with pytest.raises(ValueError, match="do not rebuild one secret"):
+        crypto.combine_shares([shares[0], shares[1], bytes(altered)])
 
 
 def test_shares_carry_no_block_of_the_secret_in_clear() -> None:

@@ -11,12 +11,15 @@ nothing else) for anything that is not what it expects; the callers turn that in
   so the share-encryption key and the pairwise mask seed of two nodes can never coincide.
 - ``encrypt``/``decrypt``: AES-256-GCM, a random 12-byte nonce before the ciphertext and tag;
   the associated data binds what the ciphertext is for (sender and receiver of a share).
-- ``split_secret``/``combine_shares``: a secret of whole 16-byte blocks, each block shared with
-  pycryptodome's ``Shamir``; a share is its 4-byte little-endian index, then one 16-byte share per block.
+- ``split_secret``/``combine_shares``: a secret of whole 16-byte blocks plus one check block (its SHA-256),
+  each block shared with pycryptodome's ``Shamir``; a share is its 4-byte little-endian index, then one
+  16-byte share per block. A rebuild whose check block does not match is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 
 from Crypto.Protocol.SecretSharing import Shamir
@@ -106,17 +109,19 @@ def split_secret(secret: bytes, threshold: int, count: int) -> list[bytes]:
     if not 1 <= threshold <= count < 2 ** (8 * INDEX_SIZE):
         raise ValueError(f"cannot split into {count} shares with threshold {threshold}")
     shares = [bytearray(index.to_bytes(INDEX_SIZE, "little")) for index in range(1, count + 1)]
-    for start in range(0, len(secret), BLOCK):
-        for index, share in Shamir.split(threshold, count, secret[start : start + BLOCK], ssss=False):
+    tagged = secret + _check_block(secret)
+    for start in range(0, len(tagged), BLOCK):
+        for index, share in Shamir.split(threshold, count, tagged[start : start + BLOCK], ssss=False):
             shares[index - 1] += share
     return [bytes(share) for share in shares]
 
 
 def combine_shares(shares: list[bytes]) -> bytes:
-    """The secret behind ``shares`` (exactly ``threshold`` of them); ValueError if they are not shares of one size.
+    """The secret behind ``shares`` (exactly ``threshold`` of them); ValueError if they are not shares of one size,
+    or if they do not rebuild the secret they were split from.
 
-    Shares from different secrets, or altered ones, combine into a wrong secret without an error:
-    the callers check what the secret opens (a mask seed's sum, a key's scalar range).
+    Shares from different secrets, altered ones, or too few of them combine into some other value; the last
+    block rebuilt is a SHA-256 check of the others, which such a value matches with probability 2^-128.
     """
     if not shares or any(not isinstance(share, bytes) for share in shares):
         raise ValueError("shares must be a non-empty list of bytes")
@@ -132,4 +137,17 @@ def combine_shares(shares: list[bytes]) -> bytes:
         )
         for start in range(INDEX_SIZE, size, BLOCK)
     )
-    return b"".join(blocks)
+    tagged = b"".join(blocks)
+    secret, check = tagged[:-BLOCK], tagged[-BLOCK:]
+    if not secret or not hmac.compare_digest(check, _check_block(secret)):
+        raise ValueError("the shares do not rebuild one secret (too few, altered, or from different secrets)")
+    return secret
+
+
+def _check_block(secret: bytes) -> bytes:
+    """One extra block shared with a secret: its SHA-256, cut to a block, so a wrong rebuild is detected.
+
+    Shamir alone rebuilds *some* value from any threshold shares; the receiving side has nothing else
+    to tell a dishonest neighbour's share (or the server's mix-up) from the real secret.
+    """
+    return hashlib.sha256(b"fedadapt.secagg.share-check" + secret).digest()[:BLOCK]
