@@ -29,6 +29,10 @@ class AdapterLimits:
     max_composed: int = 16  # adapter folders a stack or a fusion names
     max_params: int = 1 << 30  # values in the recorded schema, and all the method builds (adapter_plan)
     max_manifest_bytes: int = 8 * 1024 * 1024  # fedadapt_adapter.json (100,000 labels need a few MB)
+    # A method's list settings (LoRA / IA3 target_modules, a bottleneck's layers): PEFT condenses a long
+    # target_modules list in time quadratic in its length, and splits every name at each dot.
+    max_setting_items: int = 256  # entries of one list setting (a stack's or fusion's folders: max_composed)
+    max_setting_chars: int = 256  # characters of a string setting or entry (a folder path: up to 4096)
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

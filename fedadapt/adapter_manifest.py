@@ -77,6 +77,7 @@ def check_method(data: Any, path: Path, limits: AdapterLimits) -> MethodConfig:
             raise AdapterFolderError(f"{path}: method.{key} is not a setting of {name}; it has {sorted(settings)}")
         if not _json_matches(value, settings[key]):
             raise AdapterFolderError(f"{path}: method.{key} is {_show(value)}, not a valid {_type_text(settings[key])}")
+        _check_setting_length(value, key, key in getattr(config_class, "location_fields", ()), path, limits)
     size_field = config_class.size_field
     size, cap = data.get(size_field or ""), limits.size_cap(size_field)
     if isinstance(size, int) and cap is not None and size > cap:
@@ -92,6 +93,28 @@ def check_method(data: Any, path: Path, limits: AdapterLimits) -> MethodConfig:
         return method_config_from_dict(data)
     except ConfigError as err:
         raise ConfigError(f"{path}: method: {err}") from err
+
+
+def _check_setting_length(value: Any, key: str, is_location: bool, path: Path, limits: AdapterLimits) -> None:
+    """A type-checked method setting ``key`` is no longer than ``limits`` allow (folder paths: ``_MAX_NAME_CHARS``).
+
+    What PEFT and the methods do with a list setting grows with its length, and faster (PEFT's target-module
+    condensing is quadratic), so a 0.6 MB list of 30,000 names must stop here, before the meta plan.
+    """
+    items = value if isinstance(value, list) else [value]
+    if not is_location and len(items) > limits.max_setting_items:  # folder lists: max_composed, checked below
+        raise AdapterFolderError(
+            f"{path}: method.{key} lists {len(items)} entries, more than the {limits.max_setting_items} allowed "
+            "(max_setting_items)"
+        )
+    chars = _MAX_NAME_CHARS if is_location else limits.max_setting_chars
+    for index, item in enumerate(items):
+        if isinstance(item, str) and len(item) > chars:
+            where = f"method.{key}[{index}]" if isinstance(value, list) else f"method.{key}"
+            raise AdapterFolderError(
+                f"{path}: {where} is {_show(item)}, {len(item)} characters, more than the {chars} allowed"
+                + ("" if is_location else " (max_setting_chars)")
+            )
 
 
 def _check_backbone(data: Any, path: Path, limits: AdapterLimits) -> int:

@@ -7,6 +7,10 @@ and checks that it describes exactly the bytes that follow: each tensor's range 
 size times its element count and starts where the previous tensor's ended (safetensors writes them in
 header order), and the blob ends where the last one does. Callers then compare names, dtypes and shapes
 with what they expect, so a hostile blob costs one bounded JSON parse and nothing is allocated for it.
+
+A shape has at most ``MAX_DIMS`` (8) dimensions, each below 2**63 (torch's sizes are int64), and a tensor's
+bytes are fewer than 2**63: the element count is then at most eight multiplications of 64-bit numbers, and
+every integer an error message formats (a count, an offset, the bytes described) has a few dozen digits at most.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from fedadapt import jsonsafe
 from fedadapt.errors import JsonInputError, StateError
 
 MAX_HEADER = 16 * 1024 * 1024  # without a schema to bound it: a state header is a few KB, a checkpoint's more
+MAX_DIMS = 8  # dimensions of a tensor's shape (adapters' have at most 3; the manifest's schema allows 8 too)
+_DIM_END = 1 << 63  # torch's sizes are int64
 _DEPTH = 4  # {name: {"shape": [...]}} is 3 deep; anything deeper is not a safetensors header
 _LENGTH = struct.Struct("<Q")
 _FIELDS = frozenset({"dtype", "shape", "data_offsets"})
@@ -118,10 +124,15 @@ def _entry(name: str, described: object, begin: int) -> TensorEntry:
     dtype, shape, offsets = described["dtype"], described["shape"], described["data_offsets"]
     if type(dtype) is not str or dtype not in DTYPES:
         raise _bad(name, f"has dtype {_shown(dtype)}, not one of safetensors' {list(DTYPES)}")
-    if type(shape) is not list or not _are_counts(shape):
-        raise _bad(name, f"has shape {_shown(shape)}: a shape is a list of non-negative integers")
+    if type(shape) is not list or len(shape) > MAX_DIMS or not _are_counts(shape):
+        raise _bad(
+            name,
+            f"has shape {_shown(shape)}: a shape is a list of at most {MAX_DIMS} integers in [0, 2**63)",
+        )
     torch_dtype, size = DTYPES[dtype]
-    count = math.prod(shape)
+    count = math.prod(shape)  # at most 8 factors below 2**63: a few hundred bits at worst
+    if count * size >= _DIM_END:  # no blob holds that much; worded without the count, which may run to 150 digits
+        raise _bad(name, f"has shape {_shown(shape)} of {dtype}: 2**63 bytes or more, more than any blob holds")
     end = begin + count * size
     if type(offsets) is not list or len(offsets) != 2 or not _are_counts(offsets) or offsets != [begin, end]:
         raise _bad(
@@ -134,7 +145,7 @@ def _entry(name: str, described: object, begin: int) -> TensorEntry:
 
 def _are_counts(values: list[object]) -> bool:
     for value in values:  # noqa: SIM110  (a loop: all() over a generator costs twice as much here)
-        if type(value) is not int or value < 0:
+        if type(value) is not int or not 0 <= value < _DIM_END:
             return False
     return True
 

@@ -4,7 +4,10 @@ No pickle: the format is safetensors, whose header is JSON. Every blob carries t
 schema id and its compression; ``deserialize_state`` checks both, then names, shapes,
 dtypes and byte ranges against the schema from the header alone (``safetensors_header``),
 before any tensor exists, then the values, and raises one clear StateError per problem.
-int8 is per-tensor symmetric: q = round(x / s), s = max|x| / 127, so |x − q·s| ≤ s / 2.
+int8 is per-tensor symmetric: q = round(x / s), s = max|x| / 127, so |x − q·s| ≤ s / 2. A received scale
+is a JSON number, positive and finite (serialize_state writes floats; an integer is taken as a float, and
+only within int64); q·s is worked out in float32, so a scale never wraps in int8 arithmetic, and a product
+beyond float32 is the non-finite value the values check refuses.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ COMPRESSIONS: tuple[Compression, ...] = ("none", "fp16", "int8")
 FORMAT = "fedadapt.state.v1"
 _SCALES_DEPTH = 1  # int8 scales are one flat object of numbers
 _WIRE_DTYPE = {"fp16": "float16", "int8": "int8"}
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 _SCALE_TEXT = 24  # the longest repr of a float ("-2.2250738585072014e-308")
 _ENTRY_TEXT = 128  # an entry's text but name and dims ({"dtype":…,"data_offsets":[…]}, 20-digit offsets), a scale
 _METADATA_TEXT = 1024  # the metadata's keys and values but the scales, and the header's padding
@@ -197,11 +201,28 @@ def _check_wire(entries: Mapping[str, TensorEntry], specs: Mapping[str, TensorSp
             )
 
 
-def _decode(tensor: torch.Tensor, spec: TensorSpec, compression: str, scale: float | None) -> torch.Tensor:
+def _decode(tensor: torch.Tensor, spec: TensorSpec, compression: str, scale: object) -> torch.Tensor:
     target = getattr(torch, spec.dtype)
     if compression == "int8" and tensor.dtype == torch.int8 and spec.dtype != "int8":
-        if not isinstance(scale, int | float) or isinstance(scale, bool) or not 0 < scale < float("inf"):
-            raise StateError(f"received tensor {spec.name!r} has no valid int8 scale (got {scale!r})")
-        decoded = tensor * scale  # int8 × float promotes to the default float dtype in one pass
+        # Float first: int8 × a Python int stays int8 and wraps (× 1000), and one past int64 raises OverflowError.
+        decoded = tensor.to(torch.float32) * _int8_scale(scale, spec.name)
         return decoded if decoded.dtype == target else decoded.to(target)
     return tensor if tensor.dtype == target else tensor.to(target)
+
+
+def _int8_scale(scale: object, name: str) -> float:
+    """The received int8 scale of tensor ``name`` as a positive finite float; StateError otherwise.
+
+    serialize_state writes floats; an integer is taken as a float only within int64, like any number torch
+    takes (a 20-digit one is no scale anything wrote, and is worded by its size, not its digits).
+    """
+    if type(scale) is int and not _INT64[0] <= scale <= _INT64[1]:
+        raise StateError(
+            f"received tensor {name!r} has no valid int8 scale (got an integer of {scale.bit_length()} bits, "
+            "beyond int64): a positive finite number"
+        )
+    if type(scale) in (int, float) and 0 < float(cast(float, scale)) < float("inf"):
+        return float(cast(float, scale))
+    raise StateError(
+        f"received tensor {name!r} has no valid int8 scale (got {repr(scale)[:40]}): a positive finite number"
+    )

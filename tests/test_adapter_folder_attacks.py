@@ -36,7 +36,7 @@ from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_co
 from fedadapt.adapter_limits import DEFAULT_LIMITS, AdapterLimits, BackboneDims, backbone_dims, check_fits_backbone
 from fedadapt.adapters import AdapterSwitch
 from fedadapt.adapters.slots import find_slots
-from fedadapt.errors import AdapterFolderError, FedAdaptError, JsonInputError, SchemaMismatch
+from fedadapt.errors import AdapterFolderError, ConfigError, FedAdaptError, JsonInputError, SchemaMismatch
 from fedadapt.folder import (
     FOLDER_FORMAT,
     MANIFEST,
@@ -195,6 +195,23 @@ SIZE_ATTACKS = [
     ("prompt", _set("method", "num_virtual_tokens", value=3000, mirror=True), r"is 3000, more than the backbone's 64"),
     ("fusion", lambda m: m["method"].update(adapters=m["method"]["adapters"] * 500), r"names 1000 adapter folders"),
     ("a", _set("backbone", "seed", value=2**70), r"backbone\.seed is 1180591620717411303424, more than the"),
+    # PEFT condenses a long target_modules list in quadratic time, in the meta plan and again in the build.
+    (
+        "lora",
+        _set("method", "target_modules", value=[f"m{i}" for i in range(257)], mirror=True),
+        r"method\.target_modules lists 257 entries, more than the 256 allowed \(max_setting_items\)",
+    ),
+    (
+        "lora",
+        _set("method", "target_modules", value=["query", "v" * 257], mirror=True),
+        r"method\.target_modules\[1\] is 'vvv.*, 257 characters, more than the 256 allowed",
+    ),
+    ("a", _set("method", "layers", value=list(range(257)), mirror=True), r"method\.layers lists 257 entries"),
+    (
+        "fusion",
+        lambda m: m["method"].update(adapters=["x" * 5000, m["method"]["adapters"][1]]),
+        r"method\.adapters\[0\] is 'xxx.*, 5000 characters, more than the 4096 allowed",
+    ),
     (
         "a",
         _set("schema", "tensors", 0, "shape", value=[10**6, 10**6]),
@@ -222,6 +239,26 @@ def test_a_manifest_asking_for_a_huge_model_is_refused_before_anything_is_built(
     # The exporter's path names the field too, instead of calling the folder "corrupt or truncated".
     with pytest.raises(AdapterFolderError, match=message):
         load_for_export(hostile, None)
+
+
+def test_the_caps_on_list_settings_are_adapter_limits() -> None:
+    from fedadapt.adapter_manifest import check_method
+
+    method = {"name": "lora", "target_modules": ["query", "value"]}
+    assert check_method(method, Path("m.json"), DEFAULT_LIMITS).target_modules == ("query", "value")  # type: ignore[attr-defined]
+    with pytest.raises(AdapterFolderError, match=r"m\.json: method\.target_modules lists 2 entries, more than the 1"):
+        check_method(method, Path("m.json"), AdapterLimits(max_setting_items=1))
+    with pytest.raises(
+        AdapterFolderError, match=r"method\.target_modules\[0\] is 'query', 5 characters, more than the 4"
+    ):
+        check_method(method, Path("m.json"), AdapterLimits(max_setting_chars=4))
+
+
+def test_ia3_feedforward_modules_outside_target_modules_are_refused_when_the_config_is_made() -> None:
+    """Was: accepted until PEFT's IA3Config raised its ValueError in apply(), outside any named error."""
+    with pytest.raises(ConfigError, match=r"feedforward_modules must be among target_modules; \['value'\]"):
+        make_method_config("ia3", target_modules=["query"], feedforward_modules=["value"])
+    assert make_method_config("ia3", target_modules=["query", "value"], feedforward_modules=["value"])
 
 
 def test_a_rank_of_ten_million_allocates_nothing(folders: dict[str, Path], tmp_path: Path) -> None:

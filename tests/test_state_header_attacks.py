@@ -25,7 +25,7 @@ import fedadapt.serialize
 from fedadapt import AdapterModel
 from fedadapt.errors import StateError
 from fedadapt.serialize import Compression, deserialize_state, max_blob_size, read_metadata, serialize_state
-from fedadapt.state import State
+from fedadapt.state import AdapterSchema, State, TensorSpec
 
 MiB = 1024 * 1024
 Header = dict[str, Any]
@@ -306,3 +306,55 @@ def test_read_metadata_checks_the_whole_header(blob: bytes) -> None:
 def test_an_honest_blob_still_loads_through_safetensors(lora: AdapterModel, state: State, blob: bytes) -> None:
     restored = deserialize_state(blob, lora.schema, "shared")
     assert all(torch.equal(restored[n], state[n]) for n in state)
+
+
+# --- shapes whose element counts are no tensor's --------------------------------------------------------------
+
+SHAPES: dict[str, tuple[list[int], list[int], str]] = {
+    # id: (shape of an F32 tensor, its data_offsets, what the error says); each was accepted or a ValueError before
+    "nine-dimensions": ([1] * 9, [0, 4], "at most 8 integers"),
+    "a-dimension-of-2**63": ([2**63, 0], [0, 0], "in [0, 2**63)"),
+    "300-dimensions-of-10**18": ([10**18] * 300, [0, 0], "at most 8 integers"),
+    "2**65-bytes": ([2**62, 2], [0, 2**65], "2**63 bytes or more"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHAPES))
+def test_shapes_with_more_than_8_dimensions_or_2_63_bytes_are_refused(case: str) -> None:
+    shape, offsets, words = SHAPES[case]
+    data = join(
+        {"w": {"dtype": "F32", "shape": shape, "data_offsets": offsets}}, b"\0" * offsets[1] if offsets[1] < 8 else b""
+    )
+    with pytest.raises(StateError, match=r"tensor 'w' has shape .*" + re.escape(words)) as info:
+        read_metadata(data)
+    assert len(str(info.value)) < 400, str(info.value)  # no huge count worded
+
+
+# --- int8 scales are numbers, multiplied in float -------------------------------------------------------------
+
+
+def _int8_blob_with_scale(scale: object) -> tuple[bytes, AdapterSchema]:
+    schema = AdapterSchema(
+        method={"name": "x"},
+        backbone_fingerprint="f" * 64,
+        tensors=(TensorSpec("w", (4,), "float32", "shared", "adapter"),),
+    )
+    honest = serialize_state({"w": torch.ones(4)}, schema, "shared", "int8")  # q = 127 everywhere
+    header, body = split(honest)
+    header["__metadata__"]["int8_scales"] = json.dumps({"w": scale})
+    return safetensors_save({"w": torch.full((4,), 127, dtype=torch.int8)}, metadata=header["__metadata__"]), schema
+
+
+@pytest.mark.parametrize("scale", [1000, 2**63 - 1, 0.5])
+def test_an_integer_int8_scale_is_multiplied_in_float_not_wrapped_in_int8(scale: float) -> None:
+    """Was: int8 × the Python int 1000 stayed int8 and wrapped, 127 · 1000 decoding as 24."""
+    data, schema = _int8_blob_with_scale(scale)
+    assert deserialize_state(data, schema, "shared")["w"].tolist() == [float(torch.tensor(127.0) * scale)] * 4
+
+
+@pytest.mark.parametrize("scale", [2**63, -(2**64), 10**19, 0, -3])
+def test_an_integer_int8_scale_beyond_int64_or_not_positive_is_a_named_state_error(scale: int) -> None:
+    data, schema = _int8_blob_with_scale(scale)
+    with pytest.raises(StateError, match=r"tensor 'w' has no valid int8 scale") as info:
+        deserialize_state(data, schema, "shared")
+    assert len(str(info.value)) < 200, str(info.value)

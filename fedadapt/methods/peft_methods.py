@@ -34,6 +34,16 @@ def _wrap(model: SequenceClassifier, config: Any, method: str) -> nn.Module:
         ) from err
 
 
+def _peft_config(method: str, kind: str, **settings: Any) -> Any:
+    """``peft.<kind>(task_type=SEQ_CLS, **settings)``; PEFT's own checks of the settings become a ConfigError."""
+    import peft
+
+    try:
+        return getattr(peft, kind)(task_type=peft.TaskType.SEQ_CLS, **settings)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"PEFT refuses the {method} settings: {str(err)[:500]}") from err
+
+
 def _check_positive(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value!r}")
@@ -67,15 +77,9 @@ class LoraConfig:
 
     def peft_config(self) -> Any:
         """The equivalent ``peft.LoraConfig``."""
-        import peft
-
         targets = list(self.target_modules) if self.target_modules else None
-        return peft.LoraConfig(
-            task_type=peft.TaskType.SEQ_CLS,
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=targets,
+        return _peft_config(
+            self.name, "LoraConfig", r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets
         )
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
@@ -132,12 +136,17 @@ class IA3Config:
     def __post_init__(self) -> None:
         if (self.target_modules is None) != (self.feedforward_modules is None):
             raise ConfigError("set target_modules and feedforward_modules together, or neither")
+        outside = sorted(set(self.feedforward_modules or ()) - set(self.target_modules or ()))
+        if outside:  # PEFT's IA3Config refuses these too, but only when the method is applied
+            raise ConfigError(
+                f"feedforward_modules must be among target_modules; {outside[:5]} are not "
+                f"({len(outside)} in all): list them in target_modules too, or drop them"
+            )
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
-        import peft
-
-        config = peft.IA3Config(
-            task_type=peft.TaskType.SEQ_CLS,
+        config = _peft_config(
+            self.name,
+            "IA3Config",
             target_modules=list(self.target_modules) if self.target_modules else None,
             feedforward_modules=list(self.feedforward_modules) if self.feedforward_modules else None,
         )
@@ -164,9 +173,7 @@ class PromptConfig(_VirtualTokens):
     name: ClassVar[str] = "prompt"
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
-        import peft
-
-        config = peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=self.num_virtual_tokens)
+        config = _peft_config(self.name, "PromptTuningConfig", num_virtual_tokens=self.num_virtual_tokens)
         return AppliedMethod(module=_wrap(model, config, self.name))
 
 
@@ -184,7 +191,5 @@ class PrefixConfig(_VirtualTokens):
                 f"prefix tuning needs a backbone whose forward takes a key/value cache (past_key_values); "
                 f"{type(model.backbone).__name__} does not. Use prompt tuning or LoRA instead."
             )
-        import peft
-
-        config = peft.PrefixTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=self.num_virtual_tokens)
+        config = _peft_config(self.name, "PrefixTuningConfig", num_virtual_tokens=self.num_virtual_tokens)
         return AppliedMethod(module=_wrap(model, config, self.name))
