@@ -57,6 +57,16 @@ def specs_of(state: Mapping[str, torch.Tensor]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(n, tuple(t.shape), dtype_name(t.dtype), "shared", "adapter") for n, t in state.items())
 
 
+def is_file_named(path: Path) -> bool:
+    """``path.is_file()``, with the errors it raises for a path from a manifest (too long, unreadable) named."""
+    try:
+        return path.is_file()
+    except OSError as err:  # ENAMETOOLONG for a 300-character name, EACCES for a folder one may not enter
+        raise AdapterFolderError(
+            f"{str(path)[:300]!r} cannot be looked at ({err.strerror or err}); name an adapter folder that exists"
+        ) from None
+
+
 def read_weight_file(path: Path, specs: Iterable[TensorSpec]) -> State:
     """The tensors of the safetensors file ``path``, in ``specs`` order, exactly as ``specs`` describe them.
 
@@ -64,7 +74,7 @@ def read_weight_file(path: Path, specs: Iterable[TensorSpec]) -> State:
     is not safetensors, declares other names, shapes or dtypes, or holds NaN or inf.
     """
     specs = tuple(specs)
-    if not path.is_file():
+    if not is_file_named(path):
         raise AdapterFolderError(f"{path} is missing; save the adapter again")
     allowed = max_file_bytes(specs)
     size = path.stat().st_size

@@ -37,7 +37,7 @@ from fedadapt.adapter_limits import (
 )
 from fedadapt.adapter_manifest import FOLDER_FORMAT, MANIFEST, OWN_WEIGHTS, PEFT_WEIGHTS, check_manifest
 from fedadapt.adapter_plan import check_planned_build, recorded_backbone
-from fedadapt.adapter_weights import read_weight_file, specs_of
+from fedadapt.adapter_weights import is_file_named, read_weight_file, specs_of
 from fedadapt.backbone import load_backbone
 from fedadapt.errors import AdapterFolderError, SchemaMismatch
 from fedadapt.methods import config_to_dict, method_config_from_dict
@@ -79,7 +79,7 @@ def read_manifest(folder: str | Path, limits: AdapterLimits = DEFAULT_LIMITS) ->
     allow; JsonInputError if it is not JSON, too large or too deeply nested.
     """
     path = Path(folder) / MANIFEST
-    if not _is_file(path):
+    if not is_file_named(path):
         raise AdapterFolderError(f"{folder} is not a fedadapt adapter folder: {MANIFEST} is missing")
     data = jsonsafe.load_file(path, max_bytes=limits.max_manifest_bytes)
     return check_manifest(data, path, limits)
@@ -122,7 +122,7 @@ def load_adapter(
 
 
 def _load_weights(model: AdapterModel, folder: Path) -> None:
-    missing = [f for f in weight_files(model) if not _is_file(folder / f)]
+    missing = [f for f in weight_files(model) if not is_file_named(folder / f)]
     if missing:
         raise AdapterFolderError(f"{folder} lacks weight files {missing}")
     if not model.method.saves_peft_format:
@@ -131,16 +131,6 @@ def _load_weights(model: AdapterModel, folder: Path) -> None:
     # PEFT names the tensors of its files its own way; the model built says which it needs.
     expected = specs_of(peft.get_peft_model_state_dict(model.module))
     peft.set_peft_model_state_dict(model.module, read_weight_file(folder / PEFT_WEIGHTS[1], expected))
-
-
-def _is_file(path: Path) -> bool:
-    """``path.is_file()``, with the errors it raises for a path from a manifest (too long, unreadable) named."""
-    try:
-        return path.is_file()
-    except OSError as err:  # ENAMETOOLONG for a 300-character name, EACCES for a folder one may not enter
-        raise AdapterFolderError(
-            f"{str(path)[:300]!r} cannot be looked at ({err.strerror or err}); name an adapter folder that exists"
-        ) from None
 
 
 def _manifest(model: AdapterModel) -> dict[str, Any]:
