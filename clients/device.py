@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedadapt.errors import ConfigError
-from fedadapt.fleet import RUN_CLIENT_STATE_DIR
+from fedadapt.fleet.run_config import RUN_CLIENT_STATE_DIR
 from fedadapt.privacy import MODES, PrivacyConfig
 from fedadapt.user_paths import expand_user
 

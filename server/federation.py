@@ -31,7 +31,9 @@ from fedadapt import protocol
 from fedadapt.aggregate import REASON_LIMIT, ClientReply, DeltaValidator, FedAvgConfig, ServerOptimizer, aggregate_round
 from fedadapt.checkpoint_key import load_or_create_checkpoint_key, read_checkpoint_key
 from fedadapt.errors import EmptyAggregateError, EnvelopeError, ReplyError, SchemaMismatch
-from fedadapt.fleet import FleetRun, build_model, encode_split, load_fleet_data
+from fedadapt.fleet.build import build_model, encode_split
+from fedadapt.fleet.data import load_fleet_data
+from fedadapt.fleet.run_config import FleetRun
 from fedadapt.folder import save_adapter, write_bytes_atomic
 from fedadapt.resources import memory_record
 from fedadapt.serialize import max_blob_size, serialize_state

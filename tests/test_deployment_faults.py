@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from test_deployment import BIN, _flower_env, _popen, _stop, _text, _Tree, _until, no_process_left  # noqa: F401
 
-from fedadapt.fleet import personal_path
+from fedadapt.fleet.device_data import personal_path
 from fedadapt.processes import descendants, free_port
 from fedadapt.secagg.stages import MASKED
 

@@ -1,4 +1,4 @@
-"""A device's split kept in its state folder (fedadapt.device_data): reused while valid, recomputed otherwise."""
+"""A device's split kept in its state folder (fedadapt.fleet.device_data): reused while valid, recomputed otherwise."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import pytest
 import torch
 from helpers import tiny_scenario
 
-from fedadapt.device_data import cached_device_data, device_data_path
-from fedadapt.fleet import _DATA_FIELDS, build_model, client_split, device_data, load_fleet_data, run_client_round
-from fedadapt.scenario import ScenarioConfig
+from fedadapt.fleet.build import build_model
+from fedadapt.fleet.data import DATA_FIELDS, client_split, load_fleet_data
+from fedadapt.fleet.device_data import cached_device_data, device_data, device_data_path
+from fedadapt.fleet.device_round import run_client_round
+from fedadapt.fleet.scenario import ScenarioConfig
 from fedadapt.serialize import deserialize_state, serialize_state
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +27,7 @@ CSV = "text,label\n" + "".join(f"message {i} about {'cards' if i % 2 else 'loans
 
 
 def _fields(scenario: ScenarioConfig) -> dict[str, object]:
-    return {name: getattr(scenario, name) for name in _DATA_FIELDS}
+    return {name: getattr(scenario, name) for name in DATA_FIELDS}
 
 
 def _counting(scenario: ScenarioConfig, partition_id: int, calls: list[int]):  # type: ignore[no-untyped-def]
@@ -108,7 +110,8 @@ import sys
 sys.path.insert(0, {str(PROJECT_ROOT / "tests")!r})
 from pathlib import Path
 from helpers import tiny_scenario
-from fedadapt.fleet import build_model, device_data
+from fedadapt.fleet.build import build_model
+from fedadapt.fleet.device_data import device_data
 scenario = tiny_scenario(Path({str(tiny_bert)!r}))
 labels, split = device_data(scenario, 1, None, Path({str(tmp_path)!r}))
 print(len(split.train), "flwr_datasets" in sys.modules, "datasets" in sys.modules)

@@ -9,21 +9,15 @@ import pytest
 import torch
 from helpers import tiny_scenario
 
-import fedadapt.train as train_module
-from fedadapt import fleet
-from fedadapt.device_data import device_data_path
 from fedadapt.errors import ConfigError
-from fedadapt.fleet import (
-    ClientReply,
-    build_model,
-    empty_client_round,
-    fleet_run_from_config,
-    load_fleet_data,
-    personal_path,
-    run_client_round,
-)
+from fedadapt.fleet import device_round
+from fedadapt.fleet.build import build_model
+from fedadapt.fleet.data import load_fleet_data
+from fedadapt.fleet.device_data import device_data_path, personal_path
+from fedadapt.fleet.device_round import ClientReply, empty_client_round, run_client_round
+from fedadapt.fleet.run_config import fleet_run_from_config
+from fedadapt.fleet.scenario import SCENARIO_KEYS, ScenarioConfig, load_scenario, scenario_from_dict
 from fedadapt.model import AdapterModel
-from fedadapt.scenario import SCENARIO_KEYS, ScenarioConfig, load_scenario, scenario_from_dict
 from fedadapt.serialize import deserialize_state, read_metadata, serialize_state
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -163,13 +157,13 @@ def test_personal_head_is_kept_on_disk_and_restored_next_round(
     assert saved and all(spec.role == "head" for spec in model.schema.specs("personal"))
     run_client_round(scenario, 2, blob, tmp_path, server_round=1)  # the same process serves another device
     seen: list[dict[str, torch.Tensor]] = []
-    original = train_module.train_adapter
+    original = device_round.train_adapter
 
     def spy(model: AdapterModel, *args: object, **kwargs: object) -> object:
         seen.append(model.state("personal"))  # what the device starts round 2 from
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_adapter", spy)
+    monkeypatch.setattr(device_round, "train_adapter", spy)
     run_client_round(scenario, 0, blob, tmp_path, server_round=2)
     for name, tensor in saved.items():
         assert torch.equal(seen[0][name], tensor), name
@@ -223,9 +217,12 @@ def test_personal_file_of_another_scenario_is_refused(tiny_bert: Path, tmp_path:
         run_client_round(scenario, 0, blob, tmp_path)
 
 
-def test_fleet_module_does_not_import_flower() -> None:
-    source = Path(fleet.__file__).read_text()
-    assert "import flwr" not in source and "from flwr" not in source
+def test_the_fleet_stage_does_not_import_flower() -> None:
+    sources = sorted((PROJECT_ROOT / "fedadapt" / "fleet").glob("*.py"))
+    assert len(sources) >= 8  # the stage's modules, not an empty folder
+    for source in sources:
+        text = source.read_text()
+        assert "import flwr" not in text and "from flwr" not in text, source
 
 
 def test_scoring_the_received_model_before_training_is_opt_in(tiny_bert: Path, tmp_path: Path) -> None:
@@ -241,7 +238,7 @@ def test_scoring_the_received_model_before_training_is_opt_in(tiny_bert: Path, t
 def test_virtual_tokens_leave_room_for_the_text(tiny_bert: Path, method: str) -> None:
     """Prompt/prefix tuning put 20 virtual tokens before the text: a long text is cut to what still fits."""
     from fedadapt.data import LabelMap, TextDataset
-    from fedadapt.fleet import encode_split
+    from fedadapt.fleet.build import encode_split
     from fedadapt.train import evaluate
 
     scenario = tiny_scenario(tiny_bert, method=method, rank=20, max_length=64)
@@ -268,7 +265,7 @@ def _own_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 
 def test_a_device_trains_on_its_own_file_with_the_scenarios_labels(tiny_bert: Path, tmp_path: Path) -> None:
-    from fedadapt.fleet import device_split, scenario_labels
+    from fedadapt.fleet.data import device_split, scenario_labels
 
     scenario = tiny_scenario(tiny_bert)
     names = scenario_labels(scenario).names
@@ -286,7 +283,7 @@ def test_a_device_trains_on_its_own_file_with_the_scenarios_labels(tiny_bert: Pa
 
 def test_a_device_file_with_labels_the_scenario_lacks_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
     from fedadapt.errors import DataError
-    from fedadapt.fleet import device_split
+    from fedadapt.fleet.data import device_split
 
     own = _own_csv(tmp_path / "mine.csv", [("hello", "no-such-intent"), ("bye", "another-unknown")] * 3)
     with pytest.raises(DataError, match="labels the scenario does not know.*no-such-intent"):
@@ -297,7 +294,7 @@ def test_a_labels_file_fixes_the_label_map_without_the_scenarios_data(tiny_bert:
     """A device with its own data and the scenario's labels file never reads the scenario's data set."""
     import json
 
-    from fedadapt.fleet import device_split, scenario_labels
+    from fedadapt.fleet.data import device_split, scenario_labels
 
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps(["refund", "card_lost", "greeting"]))

@@ -11,10 +11,12 @@ from helpers import train_steps
 from fedadapt import AdapterModel, BackboneConfig, StateSplit, load_backbone, make_method_config
 from fedadapt.batching import encode_texts
 from fedadapt.errors import ConfigError
-from fedadapt.fleet import build_model, load_fleet_data, run_client_round
+from fedadapt.fleet.build import build_model
+from fedadapt.fleet.data import load_fleet_data
+from fedadapt.fleet.device_round import run_client_round
+from fedadapt.fleet.scenario import ScenarioConfig, full_model_variant
 from fedadapt.methods import METHODS
 from fedadapt.methods.full import FullFineTuneConfig
-from fedadapt.scenario import ScenarioConfig, full_model_variant
 from fedadapt.serialize import deserialize_state, read_metadata, serialize_state
 from fedadapt.train import TrainConfig, train_adapter
 

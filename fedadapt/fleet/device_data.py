@@ -1,4 +1,4 @@
-"""A device keeps its own split in its state folder, so later messages skip loading and partitioning.
+"""A device's data and files: its split, kept in its state folder so later messages skip loading and partitioning.
 
 In deployment Flower starts a fresh ClientApp process for every message. Without this file each
 process loads the scenario's whole dataset, imports the partitioner stack (flwr-datasets pulls in
@@ -6,7 +6,7 @@ pandas, matplotlib and seaborn: about 300 MiB and seconds of CPU) and partitions
 to find the device's own rows. The device instead keeps its label map and its train/test split in
 ``<state folder>/data-<partition id>.json``, keyed by the scenario's data settings and by the size
 and modification time of every data file: change either and the split is computed afresh. The
-file holds only the device's own examples, beside its personal part.
+file holds only the device's own examples, beside its personal part (``client-<partition id>.safetensors``).
 """
 
 from __future__ import annotations
@@ -21,17 +21,40 @@ from typing import Any
 from fedadapt import jsonsafe
 from fedadapt.data import MAX_DATA_FILE_BYTES, LabelMap, TextDataset
 from fedadapt.errors import DataError, FedAdaptError
+from fedadapt.fleet.data import DATA_FIELDS, client_split, device_split, scenario_labels
+from fedadapt.fleet.scenario import ScenarioConfig
 from fedadapt.partition import ClientSplit
 from fedadapt.user_paths import expand_user
 
 logger = logging.getLogger(__name__)
 
 DATA_FILE = "data-{partition_id}.json"
+PERSONAL_FILE = "client-{partition_id}.safetensors"
 FORMAT = 1  # bump when the file's layout changes: older files are then recomputed
 FILE_KEYS = ("data", "labels")  # scenario fields that name files whose contents the split depends on
 # The file holds a share of one data file (at most MAX_DATA_FILE_BYTES) and its indices: the same cap fits it.
 # {"train": {"texts": [...]}} is 3 levels deep; anything deeper is not a file this module wrote.
 _FILE_DEPTH = 4
+
+
+def device_data(
+    scenario: ScenarioConfig, partition_id: int, data_path: Path | None = None, state_dir: Path | None = None
+) -> tuple[LabelMap, ClientSplit]:
+    """The scenario's label map and the device's split, kept in its state folder between messages.
+
+    A device with its own file (``data_path``) reads that; without a state folder nothing is kept.
+    """
+    if data_path is not None or state_dir is None:
+        return scenario_labels(scenario), device_split(scenario, partition_id, data_path)
+    fields = {name: getattr(scenario, name) for name in DATA_FIELDS}
+    return cached_device_data(
+        fields, partition_id, state_dir, lambda: (scenario_labels(scenario), client_split(scenario, partition_id))
+    )
+
+
+def personal_path(state_dir: Path, partition_id: int) -> Path:
+    """Where device ``partition_id`` keeps its personal part."""
+    return Path(state_dir) / PERSONAL_FILE.format(partition_id=partition_id)
 
 
 def device_data_path(state_dir: Path, partition_id: int) -> Path:
