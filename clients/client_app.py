@@ -42,12 +42,10 @@ def train(msg: Message, context: Context) -> Message:
     from fedadapt.fleet.device_round import empty_client_round, run_client_round
 
     if run.empty_clients:
-        reply = empty_client_round(run.scenario, device.partition_id, device.data_path)
+        reply = empty_client_round(device.in_scenario(run.scenario))
     else:
         global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
-        reply = run_client_round(
-            run.scenario, device.partition_id, global_blob, device.state_dir, server_round, device.data_path
-        )
+        reply = run_client_round(device.in_scenario(run.scenario), global_blob, server_round)
     delta = sealer.seal_delta(reply.delta_blob, reply.num_examples, server_round, reply.schema_id)
     metrics: dict[str, MetricRecordValues] = dict(reply.metrics)
     if sealer.server_public is None:  # sealed modes carry the FedAvg weight inside the envelope instead
@@ -76,7 +74,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     run = fleet_run_from_config(context.run_config, PROJECT_ROOT)
     device = _device(context)
     global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
-    scores = evaluate_client(run.scenario, device.partition_id, global_blob, device.state_dir, device.data_path)
+    scores = evaluate_client(device.in_scenario(run.scenario), global_blob)
     metrics: dict[str, MetricRecordValues] = {**scores}
     return Message(content=RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
 

@@ -106,12 +106,10 @@ def _train(msg: Message, run: FleetRun, device: Device, server_round: int) -> Lo
     # Imported here: the round loads torch, which the other stages never need.
     from fedadapt.fleet.device_round import empty_client_update, train_client_update
 
+    fleet_device = device.in_scenario(run.scenario)
     if run.empty_clients:
-        return empty_client_update(run.scenario, device.partition_id, device.data_path)
-    global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
-    return train_client_update(
-        run.scenario, device.partition_id, global_blob, device.state_dir, server_round, device.data_path
-    )
+        return empty_client_update(fleet_device)
+    return train_client_update(fleet_device, payload_bytes(msg, protocol.ADAPTER_STATE), server_round)
 
 
 def _delta_vector(update: LocalUpdate, max_norm: float | None) -> tuple[np.ndarray, bool]:

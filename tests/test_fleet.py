@@ -13,7 +13,7 @@ from fedadapt.errors import ConfigError
 from fedadapt.fleet import device_round
 from fedadapt.fleet.build import build_model
 from fedadapt.fleet.data import load_fleet_data
-from fedadapt.fleet.device_data import device_data_path, personal_path
+from fedadapt.fleet.device_data import DeviceContext, device_data_path, personal_path
 from fedadapt.fleet.device_round import ClientReply, empty_client_round, run_client_round
 from fedadapt.fleet.run_config import fleet_run_from_config
 from fedadapt.fleet.scenario import SCENARIO_KEYS, ScenarioConfig, load_scenario, scenario_from_dict
@@ -127,7 +127,7 @@ def test_synthetic_natural_partition_gives_one_client_per_user(tiny_bert: Path) 
 def test_client_round_sends_only_the_shared_delta(tiny_bert: Path, tmp_path: Path) -> None:
     scenario = tiny_scenario(tiny_bert, personal_head=True, compression="fp16")
     model, blob = _global(scenario)
-    reply = run_client_round(scenario, 1, blob, tmp_path, server_round=1)
+    reply = run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=1)
     delta = deserialize_state(reply.delta_blob, model.schema, "shared")
     assert list(delta) == [s.name for s in model.schema.specs("shared")]
     assert not set(delta) & set(model.frozen.params)  # no backbone tensor
@@ -143,8 +143,8 @@ def test_a_device_with_more_examples_than_the_limit_reports_the_limit(tiny_bert:
     scenario = tiny_scenario(tiny_bert, max_examples_per_client=3)
     _, blob = _global(scenario)
     assert len(load_fleet_data(scenario).clients[1].train) > 3
-    assert run_client_round(scenario, 1, blob, tmp_path, server_round=1).num_examples == 3
-    assert empty_client_round(scenario, 1).num_examples == 3
+    assert run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=1).num_examples == 3
+    assert empty_client_round(DeviceContext(scenario, 1, tmp_path)).num_examples == 3
 
 
 def test_personal_head_is_kept_on_disk_and_restored_next_round(
@@ -152,10 +152,10 @@ def test_personal_head_is_kept_on_disk_and_restored_next_round(
 ) -> None:
     scenario = tiny_scenario(tiny_bert, personal_head=True)
     model, blob = _global(scenario)
-    run_client_round(scenario, 0, blob, tmp_path, server_round=1)
+    run_client_round(DeviceContext(scenario, 0, tmp_path), blob, server_round=1)
     saved = deserialize_state(personal_path(tmp_path, 0).read_bytes(), model.schema, "personal")
     assert saved and all(spec.role == "head" for spec in model.schema.specs("personal"))
-    run_client_round(scenario, 2, blob, tmp_path, server_round=1)  # the same process serves another device
+    run_client_round(DeviceContext(scenario, 2, tmp_path), blob, server_round=1)  # the process serves another device
     seen: list[dict[str, torch.Tensor]] = []
     original = device_round.train_adapter
 
@@ -164,7 +164,7 @@ def test_personal_head_is_kept_on_disk_and_restored_next_round(
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(device_round, "train_adapter", spy)
-    run_client_round(scenario, 0, blob, tmp_path, server_round=2)
+    run_client_round(DeviceContext(scenario, 0, tmp_path), blob, server_round=2)
     for name, tensor in saved.items():
         assert torch.equal(seen[0][name], tensor), name
     after = deserialize_state(personal_path(tmp_path, 0).read_bytes(), model.schema, "personal")
@@ -174,16 +174,16 @@ def test_personal_head_is_kept_on_disk_and_restored_next_round(
 def test_a_device_without_a_personal_part_starts_from_the_initial_head(tiny_bert: Path, tmp_path: Path) -> None:
     scenario = tiny_scenario(tiny_bert, personal_head=True)
     model, blob = _global(scenario)
-    run_client_round(scenario, 0, blob, tmp_path / "a", server_round=1)
-    first = run_client_round(scenario, 1, blob, tmp_path / "a", server_round=1)
-    fresh = run_client_round(scenario, 1, blob, tmp_path / "b", server_round=1)
+    run_client_round(DeviceContext(scenario, 0, tmp_path / "a"), blob, server_round=1)
+    first = run_client_round(DeviceContext(scenario, 1, tmp_path / "a"), blob, server_round=1)
+    fresh = run_client_round(DeviceContext(scenario, 1, tmp_path / "b"), blob, server_round=1)
     assert _equal(_decode(model, first), _decode(model, fresh))  # client 0's head did not leak into client 1
 
 
 def test_shared_head_travels_in_the_delta_and_nothing_is_written(tiny_bert: Path, tmp_path: Path) -> None:
     scenario = tiny_scenario(tiny_bert, personal_head=False, compression="int8")
     model, blob = _global(scenario)
-    reply = run_client_round(scenario, 2, blob, tmp_path, server_round=1)
+    reply = run_client_round(DeviceContext(scenario, 2, tmp_path), blob, server_round=1)
     delta = deserialize_state(reply.delta_blob, model.schema, "shared")
     assert any(s.role == "head" for s in model.schema.specs("shared")) and set(delta) == set(model.state("shared"))
     # No personal part is written; only the device's own split, kept for its next message.
@@ -193,7 +193,8 @@ def test_shared_head_travels_in_the_delta_and_nothing_is_written(tiny_bert: Path
 def test_same_round_same_delta_and_rounds_differ(tiny_bert: Path, tmp_path: Path) -> None:
     scenario = tiny_scenario(tiny_bert, compression="none")
     model, blob = _global(scenario)
-    one, again, other = (run_client_round(scenario, 0, blob, tmp_path, server_round=r) for r in (1, 1, 2))
+    device = DeviceContext(scenario, 0, tmp_path)
+    one, again, other = (run_client_round(device, blob, server_round=r) for r in (1, 1, 2))
     assert _equal(_decode(model, one), _decode(model, again))
     assert not _equal(_decode(model, one), _decode(model, other))
 
@@ -202,11 +203,11 @@ def test_wrong_partition_id_and_foreign_blob_are_refused(tiny_bert: Path, tmp_pa
     scenario = tiny_scenario(tiny_bert)
     _, blob = _global(scenario)
     with pytest.raises(ConfigError, match="partition id"):
-        run_client_round(scenario, 3, blob, tmp_path)
+        run_client_round(DeviceContext(scenario, 3, tmp_path), blob)
     other, _ = _global(dataclasses.replace(scenario, rank=2))
     foreign = serialize_state(other.state("shared"), other.schema, "shared", "none")
     with pytest.raises(ValueError, match="schema"):
-        run_client_round(scenario, 0, foreign, tmp_path)
+        run_client_round(DeviceContext(scenario, 0, tmp_path), foreign)
 
 
 def test_personal_file_of_another_scenario_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
@@ -214,7 +215,7 @@ def test_personal_file_of_another_scenario_is_refused(tiny_bert: Path, tmp_path:
     _, blob = _global(scenario)
     personal_path(tmp_path, 0).write_bytes(b"not safetensors at all")
     with pytest.raises(ValueError, match="another scenario"):
-        run_client_round(scenario, 0, blob, tmp_path)
+        run_client_round(DeviceContext(scenario, 0, tmp_path), blob)
 
 
 def test_the_fleet_stage_does_not_import_flower() -> None:
@@ -228,9 +229,10 @@ def test_the_fleet_stage_does_not_import_flower() -> None:
 def test_scoring_the_received_model_before_training_is_opt_in(tiny_bert: Path, tmp_path: Path) -> None:
     scenario = tiny_scenario(tiny_bert)
     _, blob = _global(scenario)
-    plain = run_client_round(scenario, 0, blob, tmp_path, server_round=1).metrics
+    plain = run_client_round(DeviceContext(scenario, 0, tmp_path), blob, server_round=1).metrics
     assert "accuracy-before" not in plain and 0.0 <= plain["accuracy"] <= 1.0
-    both = run_client_round(dataclasses.replace(scenario, eval_before_training=True), 0, blob, tmp_path, 1).metrics
+    asked = dataclasses.replace(scenario, eval_before_training=True)
+    both = run_client_round(DeviceContext(asked, 0, tmp_path), blob, server_round=1).metrics
     assert 0.0 <= both["accuracy-before"] <= 1.0 and both["accuracy"] == plain["accuracy"]
 
 
@@ -276,7 +278,7 @@ def test_a_device_trains_on_its_own_file_with_the_scenarios_labels(tiny_bert: Pa
     assert set(split.train.labels) | set(split.test.labels) <= set(names[:2])
     assert device_split(scenario, 7, own).test.texts == split.test.texts  # the same hold-out every time
     _, blob = _global(scenario)
-    reply = run_client_round(scenario, 1, blob, tmp_path / "state", server_round=1, data_path=own)
+    reply = run_client_round(DeviceContext(scenario, 1, tmp_path / "state", own), blob, server_round=1)
     assert reply.num_examples == 16 != len(load_fleet_data(scenario).clients[1].train)
     assert reply.metrics["test-examples"] == 4
 

@@ -245,6 +245,7 @@ _RETRAINED: dict[tuple[str, int, int, bytes], Any] = {}
 def _retrain(grid: PrivacyGrid, scenario_file: Path, server_round: int, node: int, folder: Path) -> Any:
     """The LocalUpdate ``node`` computed in ``server_round``, recomputed here (local training is deterministic:
     same scenario seed, round and partition, same received state)."""
+    from fedadapt.fleet.device_data import DeviceContext
     from fedadapt.fleet.device_round import train_client_update
     from fedadapt.fleet.scenario import load_scenario
 
@@ -252,7 +253,8 @@ def _retrain(grid: PrivacyGrid, scenario_file: Path, server_round: int, node: in
     key = (str(scenario_file), server_round, node, hashlib.sha256(blob).digest())
     if key not in _RETRAINED:
         scenario = load_scenario(scenario_file)
-        _RETRAINED[key] = train_client_update(scenario, grid.nodes[node], blob, folder, server_round)
+        device = DeviceContext(scenario, grid.nodes[node], folder)
+        _RETRAINED[key] = train_client_update(device, blob, server_round=server_round)
     return _RETRAINED[key]
 
 

@@ -16,7 +16,7 @@ from fedadapt.errors import ConfigError
 from fedadapt.fleet import device_round
 from fedadapt.fleet.build import build_model, train_config
 from fedadapt.fleet.data import DATA_FIELDS, load_fleet_data
-from fedadapt.fleet.device_data import device_data_path, personal_path
+from fedadapt.fleet.device_data import DeviceContext, device_data_path, personal_path
 from fedadapt.fleet.device_round import empty_client_round, run_client_round
 from fedadapt.fleet.faults import STALL_MARGIN_SECONDS, SimulatedDeviceFailure, device_fault, stall_seconds
 from fedadapt.fleet.run_config import fleet_run_from_config
@@ -281,13 +281,13 @@ def test_a_crashing_client_raises_and_saves_nothing(
     monkeypatch.setattr(device_round.time, "sleep", slept.append)
     blob = _global_blob(scenario)
     with pytest.raises(SimulatedDeviceFailure, match=f"client 1 crashed in round {server_round}"):
-        run_client_round(scenario, 1, blob, tmp_path, server_round=server_round)
+        run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=server_round)
     # Nothing of the round is saved: only the device's own split, kept from before training.
     assert not personal_path(tmp_path, 1).exists()
     assert [p.name for p in tmp_path.iterdir()] == [device_data_path(tmp_path, 1).name]
     assert slept == []
     healthy = next(r for r in range(1, 200) if device_fault(scenario, r, 1) is None)
-    run_client_round(scenario, 1, blob, tmp_path, server_round=healthy)
+    run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=healthy)
     assert personal_path(tmp_path, 1).is_file()  # the same device in a round without a fault saves its part
 
 
@@ -298,7 +298,7 @@ def test_a_straggler_sleeps_past_the_timeout_then_replies(
     server_round = _first(scenario, "stall", 2)
     slept: list[float] = []
     monkeypatch.setattr(device_round.time, "sleep", slept.append)
-    reply = run_client_round(scenario, 2, _global_blob(scenario), tmp_path, server_round=server_round)
+    reply = run_client_round(DeviceContext(scenario, 2, tmp_path), _global_blob(scenario), server_round=server_round)
     assert slept == [stall_seconds(scenario)] == [30.0 + STALL_MARGIN_SECONDS]
     assert reply.metrics["partition-id"] == 2 and reply.metrics["train-steps"] == 2
     assert reply.num_examples == len(load_fleet_data(scenario).clients[2].train)
@@ -315,33 +315,33 @@ def test_a_scripted_stall_sleeps_in_its_round_only_and_the_device_keeps_its_pers
     slept: list[float] = []
     monkeypatch.setattr(device_round.time, "sleep", slept.append)
     blob = _global_blob(scenario)
-    first = run_client_round(scenario, 1, blob, tmp_path, server_round=1)
+    first = run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=1)
     assert slept == [] and first.metrics["personal-restored"] == 0  # a new device starts its personal part
     saved = personal_path(tmp_path, 1).read_bytes()
-    second = run_client_round(scenario, 1, blob, tmp_path, server_round=2)
+    second = run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=2)
     assert slept == [20.0 + STALL_MARGIN_SECONDS]
     assert second.metrics["personal-restored"] == 1 and personal_path(tmp_path, 1).read_bytes() != saved
-    run_client_round(scenario, 1, blob, tmp_path, server_round=3)
+    run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=3)
     assert len(slept) == 1
 
 
 def test_tiers_set_each_clients_step_budget(tiny_bert: Path, tmp_path: Path) -> None:
     scenario = tiny_scenario(tiny_bert, tier_steps=(1, 3))
     blob = _global_blob(scenario)
-    first = run_client_round(scenario, 0, blob, tmp_path, server_round=1)
-    second = run_client_round(scenario, 1, blob, tmp_path, server_round=1)
-    third = run_client_round(scenario, 2, blob, tmp_path, server_round=1)
+    first = run_client_round(DeviceContext(scenario, 0, tmp_path), blob, server_round=1)
+    second = run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=1)
+    third = run_client_round(DeviceContext(scenario, 2, tmp_path), blob, server_round=1)
     assert (first.metrics["train-steps"], first.metrics["tier"]) == (1, 0)
     assert (second.metrics["train-steps"], second.metrics["tier"]) == (3, 1)
     assert (third.metrics["train-steps"], third.metrics["tier"]) == (1, 0)
-    untiered = run_client_round(tiny_scenario(tiny_bert), 1, blob, tmp_path, server_round=1)
+    untiered = run_client_round(DeviceContext(tiny_scenario(tiny_bert), 1, tmp_path), blob, server_round=1)
     assert untiered.metrics["train-steps"] == 2 and "tier" not in untiered.metrics
 
 
 @pytest.mark.parametrize("compression", ["none", "fp16", "int8"])
-def test_empty_client_round_sends_zeros_of_the_schema(tiny_bert: Path, compression: str) -> None:
+def test_empty_client_round_sends_zeros_of_the_schema(tiny_bert: Path, tmp_path: Path, compression: str) -> None:
     scenario = tiny_scenario(tiny_bert, compression=compression)
-    reply = empty_client_round(scenario, 1)
+    reply = empty_client_round(DeviceContext(scenario, 1, tmp_path))
     model = build_model(scenario, load_fleet_data(scenario).labels.names)
     delta = deserialize_state(reply.delta_blob, model.schema, "shared")
     specs = model.schema.specs("shared")

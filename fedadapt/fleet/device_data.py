@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +38,39 @@ FILE_KEYS = ("data", "labels")  # scenario fields that name files whose contents
 _FILE_DEPTH = 4
 
 
-def device_data(
-    scenario: ScenarioConfig, partition_id: int, data_path: Path | None = None, state_dir: Path | None = None
-) -> tuple[LabelMap, ClientSplit]:
+@dataclass(frozen=True)
+class DeviceContext:
+    """One device of a scenario's fleet: its partition, the folder it keeps its files in, its own data file.
+
+    Every step of a device's round takes it; what changes per message (the global state, the round
+    number) is passed beside it.
+    """
+
+    scenario: ScenarioConfig
+    partition_id: int
+    state_dir: Path  # its personal part and its kept split
+    data_path: Path | None = None  # the device's own data file; None: its partition of the scenario's data
+
+    @property
+    def personal_path(self) -> Path:
+        """Where this device keeps its personal part."""
+        return personal_path(self.state_dir, self.partition_id)
+
+
+def device_data(device: DeviceContext) -> tuple[LabelMap, ClientSplit]:
     """The scenario's label map and the device's split, kept in its state folder between messages.
 
-    A device with its own file (``data_path``) reads that; without a state folder nothing is kept.
+    A device with its own file (``data_path``) reads that each time and keeps nothing.
     """
-    if data_path is not None or state_dir is None:
-        return scenario_labels(scenario), device_split(scenario, partition_id, data_path)
+    scenario, partition_id = device.scenario, device.partition_id
+    if device.data_path is not None:
+        return scenario_labels(scenario), device_split(scenario, partition_id, device.data_path)
+
+    def compute() -> tuple[LabelMap, ClientSplit]:
+        return scenario_labels(scenario), client_split(scenario, partition_id)
+
     fields = {name: getattr(scenario, name) for name in DATA_FIELDS}
-    return cached_device_data(
-        fields, partition_id, state_dir, lambda: (scenario_labels(scenario), client_split(scenario, partition_id))
-    )
+    return cached_device_data(fields, partition_id, device.state_dir, compute)
 
 
 def personal_path(state_dir: Path, partition_id: int) -> Path:
