@@ -114,7 +114,7 @@ def _train(msg: Message, run: FleetRun, device: Device, server_round: int) -> Lo
 
 def _delta_vector(update: LocalUpdate, max_norm: float | None) -> tuple[np.ndarray, bool]:
     """The delta as one float64 vector, scaled down to ``max_norm`` here: the server cannot check it masked."""
-    from fedadapt.state import flatten_state
+    from fedadapt.state import flatten_state  # loads torch: the masked stage only
 
     vector = flatten_state(update.delta, update.schema.specs("shared")).numpy()
     norm = float(np.linalg.norm(vector))
