@@ -29,10 +29,11 @@ from flwr.serverapp import Grid
 
 from fedadapt import protocol
 from fedadapt.aggregate import REASON_LIMIT, ClientReply, DeltaValidator, FedAvgConfig, ServerOptimizer, aggregate_round
+from fedadapt.atomic_files import write_bytes_atomic
 from fedadapt.checkpoint_key import load_or_create_checkpoint_key, read_checkpoint_key
 from fedadapt.errors import EmptyAggregateError, EnvelopeError, ReplyError, SchemaMismatch
 from fedadapt.fleet import FleetRun, build_model, encode_split, load_fleet_data
-from fedadapt.folder import save_adapter, write_bytes_atomic
+from fedadapt.folder import save_adapter
 from fedadapt.resources import memory_record
 from fedadapt.serialize import max_blob_size, serialize_state
 from fedadapt.state import State, check_state
