@@ -15,10 +15,10 @@ from fedadapt.errors import ConfigError, DataError
 from fedadapt.folder import save_adapter
 from fedadapt.methods import MethodConfig
 from fedadapt.model import AdapterModel
+from fedadapt.scenario import SYNTHETIC
 from fedadapt.synthetic import SyntheticConfig, make_synthetic_dataset
 from fedadapt.train import StepCallback, TrainConfig, evaluate, train_adapter
 
-SYNTHETIC = "synthetic"
 CATEGORY_FILES = ("categories.json", "labels.json")
 
 
