@@ -422,7 +422,7 @@ def _restore_personal(model: AdapterModel, state_dir: Path, partition_id: int) -
 
 
 def _save_personal(model: AdapterModel, state_dir: Path, partition_id: int) -> None:
-    from fedadapt.folder import write_bytes_atomic
+    from fedadapt.atomic_files import write_bytes_atomic
     from fedadapt.serialize import serialize_state
 
     blob = serialize_state(model.state("personal"), model.schema, "personal", "none")
