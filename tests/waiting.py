@@ -92,6 +92,8 @@ class Watch:
             if condition():
                 return
             dead = [(name, proc.returncode) for name, proc in watched if proc.poll() is not None]
+            if dead and condition():  # the event came just before the exit
+                return
             if dead:
                 names = ", ".join(f"{name} (exit code {code})" for name, code in dead)
                 waited = time.monotonic() - started
