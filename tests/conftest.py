@@ -93,12 +93,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _scale_timeouts(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Multiply each test's pytest-timeout limit (its marker's, else the configured one) by the time scale."""
+    """Multiply each test's pytest-timeout limit (its marker's, else the configured one) by the time scale.
+
+    Only ever lengthened: these are the backstop behind the waits, and a scale below 1 (to see a wait's
+    report quickly) must not kill the test before the wait can report.
+    """
     try:
         scale = time_scale()
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
-    if scale == 1:
+    if scale <= 1:
         return
     configured = config.getoption("timeout", None) or os.environ.get("PYTEST_TIMEOUT") or config.getini("timeout")
     for item in items:
