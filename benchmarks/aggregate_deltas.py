@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fedadapt import jsonsafe
-from fedadapt.aggregate import ClientReply, DeltaValidator, FedAvgConfig, ServerOptimizer, StreamingFedAvg
+from fedadapt.aggregate import DeltaValidator, FedAvgConfig, ReceivedDelta, ServerOptimizer, StreamingFedAvg
 from fedadapt.aggregate import aggregate_round as run_round
 from fedadapt.serialize import Compression, serialize_state
 from fedadapt.state import AdapterSchema, State, TensorSpec
@@ -60,10 +60,10 @@ def make_blobs(schema: AdapterSchema, count: int, compression: Compression) -> l
     return [serialize_state(synthetic_delta(schema, seed), schema, "shared", compression) for seed in range(count)]
 
 
-def replies(blobs: list[bytes], clients: int) -> Iterator[ClientReply]:
+def replies(blobs: list[bytes], clients: int) -> Iterator[ReceivedDelta]:
     """``clients`` replies cycling over ``blobs``; example counts 1..500."""
     for i in range(clients):
-        yield ClientReply(f"client-{i}", blobs[i % len(blobs)], 1 + (i * 37) % 500)
+        yield ReceivedDelta(f"client-{i}", blobs[i % len(blobs)], 1 + (i * 37) % 500)
 
 
 def time_round(schema: AdapterSchema, blobs: list[bytes], repeats: int) -> dict[str, float]:

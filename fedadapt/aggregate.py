@@ -351,8 +351,10 @@ class ServerOptimizer:
 # --- one round -----------------------------------------------------------------------------------------------
 
 
-class ClientReply(NamedTuple):
-    """What one client sent: its id (for logs), the serialized delta and its example count."""
+class ReceivedDelta(NamedTuple):
+    """One client's delta as the server received it, not yet checked: the client's id (for logs), the serialized
+    delta and the example count the client claims. (A device builds its reply as ``fedadapt.fleet.ClientReply``.)
+    """
 
     client_id: str
     blob: bytes
@@ -373,7 +375,7 @@ class RoundResult:
 
 def aggregate_round(
     global_state: Mapping[str, torch.Tensor],
-    replies: Iterable[ClientReply | tuple[str, bytes, int]],
+    replies: Iterable[ReceivedDelta | tuple[str, bytes, int]],
     validator: DeltaValidator,
     optimizer: ServerOptimizer,
     min_clients: int = 1,

@@ -7,17 +7,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedadapt.atomic_files import write_bytes_atomic
 from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig, load_backbone
 from fedadapt.batching import encode_dataset
 from fedadapt.data import LabelMap, TextDataset, load_text_dataset
 from fedadapt.errors import ConfigError, DataError
-from fedadapt.folder import save_adapter, write_bytes_atomic
+from fedadapt.fleet.scenario import SYNTHETIC
+from fedadapt.folder import save_adapter
 from fedadapt.methods import MethodConfig
 from fedadapt.model import AdapterModel
 from fedadapt.synthetic import SyntheticConfig, make_synthetic_dataset
 from fedadapt.train import StepCallback, TrainConfig, evaluate, train_adapter
 
-SYNTHETIC = "synthetic"
 CATEGORY_FILES = ("categories.json", "labels.json")
 
 

@@ -1,18 +1,31 @@
-"""The ``fedadapt`` command line. Library commands run here; app commands import their app lazily."""
+"""The ``fedadapt`` command line.
+
+Library commands (info, train, keys, certs) call fedadapt in this process. App commands (simulate, serve,
+node, export) run an app that sits beside fedadapt in the checkout: ``APP_MODULES`` names each one.
+Every command reports a library error as one ``error: ...`` line on stderr and exit status 2 (``_reports_errors``).
+Imports of torch, transformers and cryptography wait inside the commands that need them, so that
+``fedadapt --help`` and a mistyped option answer at once.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn, ParamSpec
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
-from fedadapt.errors import FedAdaptError
+from fedadapt.errors import ConfigError, FedAdaptError
+from fedadapt.methods import make_method_config
 
 app = typer.Typer(
     help="fedadapt: federated personalization of a frozen transformer with small adapters.",
@@ -29,15 +42,62 @@ def _commands() -> None:
     """Federated personalization of a frozen transformer with small adapters."""
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(USAGE_ERROR)
 
 
-def _print_table(info: dict[str, Any], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+P = ParamSpec("P")
 
+
+def _reports_errors(writing: str | None = None) -> Callable[[Callable[P, None]], Callable[P, None]]:
+    """Make a command print a FedAdaptError as ``error: <message>`` and exit 2, never with a traceback.
+
+    ``writing`` names what the command writes into its ``out`` folder (e.g. "keys"): an OSError then reads
+    ``cannot write keys to <out>: <reason>``. Without it an OSError is a bug and keeps its traceback.
+    """
+
+    def decorate(command: Callable[P, None]) -> Callable[P, None]:
+        @functools.wraps(command)  # typer reads the options from the wrapped signature
+        def run(*args: P.args, **kwargs: P.kwargs) -> None:
+            try:
+                command(*args, **kwargs)
+            except FedAdaptError as err:
+                _fail(str(err))
+            except OSError as err:
+                if writing is None:
+                    raise
+                _fail(f"cannot write {writing} to {kwargs['out']}: {err.strerror or err}")
+
+        return run
+
+    return decorate
+
+
+# Where each app command's code lives. The apps (simulations/, deploy/, export/) are not installed: they are
+# imported from the checkout that holds this fedadapt, and only when their command runs.
+APP_MODULES: dict[str, str] = {
+    "simulate": "simulations.runner",
+    "serve": "deploy.serve",
+    "node": "deploy.node",
+    "node keygen": "deploy.devices",
+    "export options": "export.config",  # checks the options before export.exporter loads torch
+    "export": "export.exporter",
+}
+
+
+def _app(command: str) -> Any:
+    """The module that runs ``command`` (a key of APP_MODULES), imported from the checkout holding this fedadapt."""
+    name = APP_MODULES[command]
+    root = Path(__file__).resolve().parent.parent
+    if not (root / name.split(".")[0]).is_dir():
+        _fail(f"{name} is not beside this fedadapt ({root}): app commands need an editable install of the checkout")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(name)
+
+
+def _print_table(info: dict[str, Any], title: str) -> None:
     table = Table(title=title, show_header=False)
     for key, value in info.items():
         if key == "trainable_fraction":
@@ -49,6 +109,7 @@ def _print_table(info: dict[str, Any], title: str) -> None:
 
 
 @app.command()
+@_reports_errors()
 def info(
     method: Annotated[
         str,
@@ -68,19 +129,13 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Parameter counts and sizes of an adapter method on a backbone."""
-    from fedadapt.methods import make_method_config
+    extra = {} if drop_layers is None else {"drop_layers": drop_layers}
+    method_config = make_method_config(method, size=rank, **extra)  # fails fast, before torch loads
+    from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig  # torch: only once the options are valid
+    from fedadapt.info import adapter_info
 
-    try:
-        extra = {} if drop_layers is None else {"drop_layers": drop_layers}
-        method_config = make_method_config(method, size=rank, **extra)  # fails fast, before torch loads
-        from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig
-        from fedadapt.info import adapter_info
-
-        backbone_config = BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, num_labels=num_labels)
-        result = adapter_info(method_config, backbone_config)
-    except FedAdaptError as err:
-        _fail(str(err))
-        return
+    backbone_config = BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, num_labels=num_labels)
+    result = adapter_info(method_config, backbone_config)
     if as_json:
         typer.echo(json.dumps(result))
     else:
@@ -88,6 +143,7 @@ def info(
 
 
 @app.command()
+@_reports_errors()
 def train(
     data: Annotated[
         str, typer.Option(help="CSV/JSON/JSONL file, folder with train/test files, HF folder, or 'synthetic'.")
@@ -112,39 +168,33 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object (last line).")] = False,
 ) -> None:
     """Train an adapter centrally (the baseline), evaluate it on the test split and save it."""
-    from fedadapt.methods import make_method_config
+    method_config = make_method_config(method, size=rank)  # fails fast, before torch loads
+    from fedadapt.backbone import DEFAULT_BACKBONE  # torch: only once the method is valid
+    from fedadapt.baseline import DataConfig, train_baseline
+    from fedadapt.train import TrainConfig
 
-    try:
-        method_config = make_method_config(method, size=rank)
-        from fedadapt.backbone import DEFAULT_BACKBONE
-        from fedadapt.baseline import DataConfig, train_baseline
-        from fedadapt.train import TrainConfig
-
-        data_config = DataConfig(
-            path=data, text_column=text_column, label_column=label_column, max_examples=max_examples, seed=seed
+    data_config = DataConfig(
+        path=data, text_column=text_column, label_column=label_column, max_examples=max_examples, seed=seed
+    )
+    train_config = TrainConfig(
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        learning_rate=lr,
+        head_learning_rate=head_lr,
+        max_length=max_length,
+        seed=seed,
+        device=device,
+    )
+    with _step_progress(f"training {method}") as on_step:
+        metrics = train_baseline(
+            data_config,
+            method_config,
+            train_config,
+            backbone or DEFAULT_BACKBONE,
+            out or Path("runs") / f"train-{method}",
+            on_step,
         )
-        train_config = TrainConfig(
-            epochs=epochs,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            learning_rate=lr,
-            head_learning_rate=head_lr,
-            max_length=max_length,
-            seed=seed,
-            device=device,
-        )
-        with _step_progress(f"training {method}") as on_step:
-            metrics = train_baseline(
-                data_config,
-                method_config,
-                train_config,
-                backbone or DEFAULT_BACKBONE,
-                out or Path("runs") / f"train-{method}",
-                on_step,
-            )
-    except FedAdaptError as err:
-        _fail(str(err))
-        return
     if as_json:
         typer.echo(json.dumps(metrics))
     else:
@@ -158,6 +208,7 @@ ACCEPT_UNVERIFIED_HELP = (
 
 
 @app.command()
+@_reports_errors()
 def simulate(
     scenario: Annotated[Path, typer.Option(help="Scenario TOML file (see simulations/README.md).")],
     rounds: Annotated[int | None, typer.Option(help="Rounds in all (overrides the scenario's).")] = None,
@@ -166,16 +217,13 @@ def simulate(
     accept_unverified_checkpoints: Annotated[bool, typer.Option(help=ACCEPT_UNVERIFIED_HELP)] = False,
 ) -> None:
     """Run a fleet scenario in Flower's simulation engine: metrics.json and final_adapter/ in --out."""
-    try:
-        runner = _checkout_module("simulations.runner")
-        runner.simulate(
-            scenario, rounds=rounds, out=out, resume=resume, accept_unverified=accept_unverified_checkpoints
-        )
-    except FedAdaptError as err:
-        _fail(str(err))
+    _app("simulate").simulate(
+        scenario, rounds=rounds, out=out, resume=resume, accept_unverified=accept_unverified_checkpoints
+    )
 
 
 @app.command()
+@_reports_errors()
 def serve(
     scenario: Annotated[Path, typer.Option("--config", help="Scenario TOML file, as for `fedadapt simulate`.")],
     rounds: Annotated[int | None, typer.Option(help="Rounds in all (overrides the scenario's).")] = None,
@@ -201,21 +249,18 @@ def serve(
     insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication: local demos only.")] = False,
 ) -> None:
     """Run a scenario on a real Flower SuperLink (TLS + SuperNode authentication unless --insecure)."""
-    try:
-        launcher = _checkout_module("deploy.serve")
-        deployment = launcher.Deployment(
-            host=host, port=port, certs=certs, insecure=insecure, local_supernodes=local_supernodes, devices=devices
-        )
-        launcher.serve(
-            scenario,
-            deployment,
-            rounds=rounds,
-            out=out,
-            resume=resume,
-            accept_unverified=accept_unverified_checkpoints,
-        )
-    except FedAdaptError as err:
-        _fail(str(err))
+    launcher = _app("serve")
+    deployment = launcher.Deployment(
+        host=host, port=port, certs=certs, insecure=insecure, local_supernodes=local_supernodes, devices=devices
+    )
+    launcher.serve(
+        scenario,
+        deployment,
+        rounds=rounds,
+        out=out,
+        resume=resume,
+        accept_unverified=accept_unverified_checkpoints,
+    )
 
 
 node_app = typer.Typer(
@@ -226,6 +271,7 @@ app.add_typer(node_app, name="node")
 
 
 @node_app.callback()
+@_reports_errors()
 def node(
     ctx: typer.Context,
     superlink: Annotated[str | None, typer.Option(help="The server's HOST:PORT (its gateway).")] = None,
@@ -262,46 +308,38 @@ def node(
                                     ("--num-partitions", num_partitions)] if v is None]  # fmt: skip
     if missing:
         _fail(f"fedadapt node needs {', '.join(missing)} (or the subcommand `keygen`)")
-    try:
-        launcher = _checkout_module("deploy.node")
-        config = launcher.NodeConfig(
-            superlink=superlink,
-            partition_id=partition_id,
-            num_partitions=num_partitions,
-            root_certificates=root_certificates,
-            auth_key=auth_key,
-            trusted_entities=trusted_entities,
-            roster=roster,
-            insecure=insecure,
-            state_dir=state_dir,
-            data=data,
-            require_privacy=require_privacy,
-        )
-        raise typer.Exit(launcher.run_node(config))
-    except FedAdaptError as err:
-        _fail(str(err))
+    launcher = _app("node")
+    config = launcher.NodeConfig(
+        superlink=superlink,
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        root_certificates=root_certificates,
+        auth_key=auth_key,
+        trusted_entities=trusted_entities,
+        roster=roster,
+        insecure=insecure,
+        state_dir=state_dir,
+        data=data,
+        require_privacy=require_privacy,
+    )
+    raise typer.Exit(launcher.run_node(config))
 
 
 @node_app.command("keygen")
+@_reports_errors(writing="the device key")
 def node_keygen(
     out: Annotated[Path, typer.Option(help="Folder for <name>.key (mode 0600, stays here) and <name>.pub.")],
     name: Annotated[str, typer.Option(help="File name and key comment, e.g. device-3.")] = "device",
 ) -> None:
     """Make this device's authentication key on the device; never overwrites. Prints only the public key."""
-    try:
-        made = _checkout_module("deploy.devices").keygen(out, name)
-    except FedAdaptError as err:
-        _fail(str(err))
-        return
-    except OSError as err:
-        _fail(f"cannot write the device key to {out}: {err.strerror or err}")
-        return
+    made = _app("node keygen").keygen(out, name)
     typer.echo(f"private key: {made.private_path} (stays on this device; mode 0600)")
     typer.echo(f"public key:  {made.public_path} (give this file to the server operator)")
     typer.echo(made.public_line)
 
 
 @app.command("export")
+@_reports_errors()
 def export_command(
     adapter: Annotated[Path, typer.Option(help="Adapter folder to export (from `fedadapt train` or a simulation).")],
     out: Annotated[
@@ -357,26 +395,22 @@ def export_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Export an adapter with its backbone to ONNX for phones, checked against PyTorch."""
-    try:
-        config_module = _checkout_module("export.config")
-        extra = {} if texts is None else {"texts": _read_texts(texts)}
-        config = config_module.ExportConfig(
-            adapter=adapter,
-            out=out,
-            backbone=backbone,
-            mode=mode,
-            opset=opset,
-            force=force,
-            adapter_name=adapter_name,
-            quantize=quantize,
-            ort=ort_format,
-            eval_data=eval_data,
-            **extra,
-        )  # fails fast, before torch loads
-        report = _checkout_module("export.exporter").export_adapter(config)
-    except FedAdaptError as err:
-        _fail(str(err))
-        return
+    config_module = _app("export options")
+    extra = {} if texts is None else {"texts": _read_texts(texts)}
+    config = config_module.ExportConfig(
+        adapter=adapter,
+        out=out,
+        backbone=backbone,
+        mode=mode,
+        opset=opset,
+        force=force,
+        adapter_name=adapter_name,
+        quantize=quantize,
+        ort=ort_format,
+        eval_data=eval_data,
+        **extra,
+    )  # fails fast, before torch loads
+    report = _app("export").export_adapter(config)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     else:
@@ -388,26 +422,21 @@ app.add_typer(keys_app, name="keys")
 
 
 @keys_app.command("generate")
+@_reports_errors(writing="keys")
 def keys_generate(
     out: Annotated[Path, typer.Option(help="Folder for server.key (mode 0600) and server.pub (0644).")],
 ) -> None:
     """Generate the server's key pair; never overwrites. Prints the paths and the public key's fingerprint."""
-    from fedadapt.keys import generate_server_keys
+    from fedadapt.keys import generate_server_keys  # cryptography: loaded by this command only
 
-    try:
-        files = generate_server_keys(out)
-    except FedAdaptError as err:
-        _fail(str(err))
-        return
-    except OSError as err:
-        _fail(f"cannot write keys to {out}: {err.strerror or err}")
-        return
+    files = generate_server_keys(out)
     typer.echo(f"private key: {files.private_path} (keep it secret; mode 0600)")
     typer.echo(f"public key:  {files.public_path}")
     typer.echo(f"fingerprint: {files.fingerprint}")
 
 
 @app.command("certs")
+@_reports_errors(writing="certificates")
 def certs_command(
     out: Annotated[Path, typer.Option(help="Folder for ca.*, superlink.*, server-identity.* (private keys 0600).")],
     host: Annotated[
@@ -420,16 +449,9 @@ def certs_command(
 
     Device keys are made on each device (`fedadapt node keygen`); only their public keys come here.
     """
-    from fedadapt.certs import generate_deployment_certs, next_commands
+    from fedadapt.certs import generate_deployment_certs, next_commands  # cryptography: this command only
 
-    try:
-        certs = generate_deployment_certs(out, tuple(host or ("127.0.0.1", "localhost")), validity_days)
-    except FedAdaptError as err:
-        _fail(str(err))
-        return
-    except OSError as err:
-        _fail(f"cannot write certificates to {out}: {err.strerror or err}")
-        return
+    certs = generate_deployment_certs(out, tuple(host or ("127.0.0.1", "localhost")), validity_days)
     typer.echo(f"CA certificate:        {certs.ca_cert}  (SHA-256 {certs.ca_fingerprint})")
     typer.echo(f"CA private key:        {certs.ca_key}  (secret, mode 0600; keep it offline)")
     typer.echo(f"SuperLink certificate: {certs.server_cert}  (for {', '.join(certs.hosts)})")
@@ -443,8 +465,6 @@ def certs_command(
 
 def _read_texts(path: Path) -> list[str]:
     """Non-blank lines of a UTF-8 text file."""
-    from fedadapt.errors import ConfigError
-
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -452,24 +472,9 @@ def _read_texts(path: Path) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
-def _checkout_module(name: str) -> Any:
-    """Import an app module from the checkout that holds this fedadapt (the apps are not installed)."""
-    import importlib
-
-    root = Path(__file__).resolve().parent.parent
-    if not (root / name.split(".")[0]).is_dir():
-        _fail(f"{name} is not beside this fedadapt ({root}): app commands need an editable install of the checkout")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module(name)
-
-
 @contextlib.contextmanager
 def _step_progress(description: str) -> Iterator[Callable[[int, int, float], None]]:
     """A rich progress bar on stderr fed by a training step callback."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -488,7 +493,7 @@ def _step_progress(description: str) -> Iterator[Callable[[int, int, float], Non
 
 def _quiet_transformers() -> None:
     """Weight-loading progress bars are noise on a command line that prints a result."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # about a second: the console script pays it, not importers
 
     hf_logging.disable_progress_bar()
 

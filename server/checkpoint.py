@@ -35,10 +35,10 @@ from safetensors.torch import save as safetensors_save
 
 from fedadapt import jsonsafe
 from fedadapt.aggregate import OptimizerState
+from fedadapt.atomic_files import write_bytes_atomic
 from fedadapt.checkpoint_key import read_checkpoint_key
 from fedadapt.errors import CheckpointAuthError, StateError
 from fedadapt.fleet.run_config import KEYS_FOLDER
-from fedadapt.folder import write_bytes_atomic
 from fedadapt.serialize import read_metadata
 from fedadapt.state import State, dtype_name
 

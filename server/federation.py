@@ -28,13 +28,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedadapt import protocol
-from fedadapt.aggregate import REASON_LIMIT, ClientReply, DeltaValidator, FedAvgConfig, ServerOptimizer, aggregate_round
+from fedadapt.aggregate import (
+    REASON_LIMIT,
+    DeltaValidator,
+    FedAvgConfig,
+    ReceivedDelta,
+    ServerOptimizer,
+    aggregate_round,
+)
+from fedadapt.atomic_files import write_bytes_atomic
 from fedadapt.checkpoint_key import load_or_create_checkpoint_key, read_checkpoint_key
 from fedadapt.errors import EmptyAggregateError, EnvelopeError, ReplyError, SchemaMismatch
 from fedadapt.fleet.build import build_model, encode_split
 from fedadapt.fleet.data import load_fleet_data
 from fedadapt.fleet.run_config import FleetRun
-from fedadapt.folder import save_adapter, write_bytes_atomic
+from fedadapt.folder import save_adapter
 from fedadapt.resources import memory_record
 from fedadapt.serialize import max_blob_size, serialize_state
 from fedadapt.state import State, check_state
@@ -431,7 +439,7 @@ def _unpack_replies(
 
 def _opened(
     replies: Iterable[tuple[int, DeltaReply]], opener: ServerOpener, server_round: int, schema_id: str, tally: _Replies
-) -> Iterator[ClientReply]:
+) -> Iterator[ReceivedDelta]:
     """Each delta (and its sealed example count) out of its envelope in mode aead; rejected ones go to ``tally``."""
     for node, read in replies:
         try:
@@ -445,7 +453,7 @@ def _opened(
             tally.rejected.append((read.client, unexpected_reason(err)))
             continue
         count = read.num_examples if sealed_count is None else sealed_count
-        yield ClientReply(read.client, blob, cast(int, count))  # as the client sent it: aggregate_round checks it
+        yield ReceivedDelta(read.client, blob, cast(int, count))  # as the client sent it: aggregate_round checks it
 
 
 def _weighted_accuracy(client_metrics: list[dict[str, Any]], limit: int) -> float | None:

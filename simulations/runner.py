@@ -30,6 +30,7 @@ from typing import Any
 
 from clients.device import DEVICE_ROOT_ENV
 from fedadapt import jsonsafe
+from fedadapt.atomic_files import write_bytes_atomic
 from fedadapt.errors import ConfigError, FedAdaptError, JsonInputError
 from fedadapt.fleet.device_data import PERSONAL_FILE
 from fedadapt.fleet.run_config import (
@@ -215,8 +216,6 @@ def finished_metrics(plan: SimulationPlan, code: int, what: str) -> dict[str, An
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from fedadapt.folder import write_bytes_atomic
-
     write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 

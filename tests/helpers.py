@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,42 @@ def tiny_scenario(tiny_bert: Path, **changes: object) -> ScenarioConfig:
         device="cpu",
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+TINY_SCENARIO: dict[str, object] = {
+    "name": "tiny",
+    "num-clients": 3,
+    "rank": 4,
+    "rounds": 2,
+    "local-max-steps": 2,
+    "batch-size": 8,
+    "max-length": 16,
+    "device": "cpu",
+    "seed": 3,
+}
+
+
+def write_tiny_scenario(
+    folder: Path, tiny_bert: Path, privacy: Mapping[str, object] | None = None, **changes: object
+) -> Path:
+    """``folder/scenario.toml``: TINY_SCENARIO on the tiny BERT, with ``changes`` (scenario keys; ``_`` reads
+    as ``-``) and an optional ``[privacy]`` table. A list of dicts becomes a list of inline tables."""
+    values = {"backbone": str(tiny_bert), **TINY_SCENARIO} | {k.replace("_", "-"): v for k, v in changes.items()}
+    lines = [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    if privacy:
+        lines += ["[privacy]", *(f"{key} = {_toml_value(value)}" for key, value in privacy.items())]
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / "scenario.toml"
+    file.write_text("\n".join(lines) + "\n")
+    return file
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # strings, numbers and booleans are written alike in JSON and TOML
 
 
 class StubGrid(Grid):

@@ -16,13 +16,13 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedadapt.aggregate import (
-    ClientReply,
     DeltaValidator,
     EmptyAggregateError,
     FedAdamConfig,
     FedAvgConfig,
     FedAvgMConfig,
     OptimizerState,
+    ReceivedDelta,
     ServerOptConfig,
     ServerOptimizer,
     StreamingFedAvg,
@@ -324,7 +324,7 @@ def test_bad_clients_are_left_out_and_the_round_completes(caplog: pytest.LogCapt
 @pytest.mark.parametrize("compression", ["fp16", "int8"])
 def test_compressed_deltas_average_within_their_error(compression: Compression) -> None:
     deltas = [random_state(seed, 0.01) for seed in range(8)]
-    replies = [ClientReply(f"c{i}", blob_of(d, compression), i + 1) for i, d in enumerate(deltas)]
+    replies = [ReceivedDelta(f"c{i}", blob_of(d, compression), i + 1) for i, d in enumerate(deltas)]
     result = aggregate_round(filled(0.0), replies, DeltaValidator(SCHEMA), fedavg_optimizer())
     exact = StreamingFedAvg(SCHEMA)
     for i, delta in enumerate(deltas):
@@ -378,7 +378,7 @@ def test_fewer_accepted_deltas_than_min_clients_raise_and_leave_the_optimizer_al
     optimizer = fedavg_optimizer(FedAvgMConfig(server_lr=1.0, momentum=0.9))
     optimizer.step(filled(0.0), filled(0.5))  # non-zero momentum a failed round must not touch
     saved = optimizer.state_dict()
-    replies = [ClientReply("a", blob_of(filled(1.0)), 1), ClientReply("b", blob_of(filled(3.0)), 1)]
+    replies = [ReceivedDelta("a", blob_of(filled(1.0)), 1), ReceivedDelta("b", blob_of(filled(3.0)), 1)]
     with pytest.raises(EmptyAggregateError, match=r"only 2 client deltas .* fewer than min-clients \(3\)") as raised:
         aggregate_round(filled(0.0), replies, DeltaValidator(SCHEMA), optimizer, min_clients=3)
     assert isinstance(raised.value.rejected, list) and raised.value.rejected == []
@@ -389,9 +389,9 @@ def test_rejected_clients_count_against_min_clients() -> None:
     optimizer = fedavg_optimizer(FedAdamConfig())
     saved = optimizer.state_dict()
     replies = [
-        ClientReply("a", blob_of(filled(1.0)), 1),
-        ClientReply("garbage", b"\x00" * 40, 1),
-        ClientReply("b", blob_of(filled(3.0)), 1),
+        ReceivedDelta("a", blob_of(filled(1.0)), 1),
+        ReceivedDelta("garbage", b"\x00" * 40, 1),
+        ReceivedDelta("b", blob_of(filled(3.0)), 1),
     ]
     with pytest.raises(EmptyAggregateError, match="1 rejected") as raised:
         aggregate_round(filled(0.0), replies, DeltaValidator(SCHEMA), optimizer, min_clients=3)
@@ -401,7 +401,7 @@ def test_rejected_clients_count_against_min_clients() -> None:
 
 def test_exactly_min_clients_aggregates() -> None:
     optimizer = fedavg_optimizer(FedAvgMConfig(server_lr=1.0, momentum=0.9))
-    replies = [ClientReply("a", blob_of(filled(1.0)), 1), ClientReply("b", blob_of(filled(3.0)), 3)]
+    replies = [ReceivedDelta("a", blob_of(filled(1.0)), 1), ReceivedDelta("b", blob_of(filled(3.0)), 3)]
     result = aggregate_round(filled(0.0), replies, DeltaValidator(SCHEMA), optimizer, min_clients=2)
     assert (result.accepted, result.total_examples, result.rejected) == (2, 4, [])
     assert close(result.state, filled(2.5))  # (1·1 + 3·3) / 4; first momentum step u = Δ̄

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
+from waiting import Watch, scaled
 
 from deploy.devices import keygen, read_device_keys, write_roster
 from fedadapt.certs import (
@@ -307,7 +308,7 @@ def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
     pids += [child for pid in pids for child in _children(pid)]
     for pid in pids:
         _kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + scaled(10)
     for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -322,19 +323,7 @@ def _kill(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)
 
 
-def _wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float, until_exit: bool = False) -> str:
-    """The log once it holds ``text`` (and, with ``until_exit``, the process has exited); fails after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        content = log.read_text(errors="replace")
-        if text in content and (not until_exit or proc.poll() is not None):
-            return content
-        if proc.poll() is not None and text not in content:
-            break
-        time.sleep(0.2)
-    raise AssertionError(f"{text!r} not in {log.name} (exit {proc.poll()}):\n{log.read_text(errors='replace')[-3000:]}")
-
-
+@pytest.mark.slow
 @pytest.mark.deployment
 @pytest.mark.timeout(180)
 def test_loopback_supernode_auth(tmp_path: Path) -> None:
@@ -355,6 +344,7 @@ def test_loopback_supernode_auth(tmp_path: Path) -> None:
     foreign = generate_deployment_certs(tmp_path / "foreign", hosts=["127.0.0.1"])
     port = _free_port()
     procs: list[subprocess.Popen[bytes]] = []
+    watch = Watch()
 
     def start(name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
         log = tmp_path / f"{name}.log"
@@ -363,6 +353,7 @@ def test_loopback_supernode_auth(tmp_path: Path) -> None:
                 [str(bin_dir / args[0]), *args[1:]], stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=tmp_path
             )
         procs.append(proc)
+        watch.add(name, proc, log)
         return proc, log
 
     def supernode(name: str, ca: Path, key: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -379,24 +370,24 @@ def test_loopback_supernode_auth(tmp_path: Path) -> None:
             "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
             "--disable-runtime-dependency-installation", "--database", str(tmp_path / "link.db"),
         )  # fmt: skip
-        _wait_for(link_log, f"Uvicorn running on https://127.0.0.1:{port}", link, 60)
+        watch.says("superlink", link_log, f"Uvicorn running on https://127.0.0.1:{port}", 60)
         (tmp_path / "flwr").mkdir(exist_ok=True)  # the SuperLink may have created it
         (tmp_path / "flwr" / "config.toml").write_text(
             f'[superlink.deploy]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{good.ca_cert.resolve()}"\n'
         )
         register = subprocess.run(
             [str(bin_dir / "flwr"), "supernode", "register", str(device_keys[0].public_path), "deploy"],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=scaled(60),
         )  # fmt: skip
         assert register.returncode == 0 and "registered successfully" in register.stdout, register.stdout
         node, node_log = supernode("registered", good.ca_cert, device_keys[0].private_path)
         stranger, stranger_log = supernode("unregistered", good.ca_cert, device_keys[1].private_path)
         spoof, spoof_log = supernode("foreign-ca", foreign.ca_cert, device_keys[0].private_path)
-        _wait_for(node_log, "SuperNode ID:", node, 60)
-        _wait_for(link_log, "[Fleet.ActivateNode] Activated node_id=", link, 10)
-        refused = _wait_for(stranger_log, "Failed to activate SuperNode", stranger, 60, until_exit=True)
+        watch.says("registered", node_log, "SuperNode ID:", 60)
+        watch.says("superlink", link_log, "[Fleet.ActivateNode] Activated node_id=", 10)
+        refused = watch.says("unregistered", stranger_log, "Failed to activate SuperNode", 60, then_exits=True)
         assert "Exit Code: 305" in refused and stranger.returncode != 0
-        tls = _wait_for(spoof_log, "CERTIFICATE_VERIFY_FAILED", spoof, 60, until_exit=True)
+        tls = watch.says("foreign-ca", spoof_log, "CERTIFICATE_VERIFY_FAILED", 60, then_exits=True)
         assert "SuperNode ID:" not in tls and spoof.returncode != 0
         assert node.poll() is None, node_log.read_text()
     finally:

@@ -130,3 +130,31 @@ def test_serve_refuses_devices_with_insecure_or_local_demo(tmp_path: Path) -> No
     assert insecure.exit_code == 2 and "contradict" in insecure.stderr
     local = runner.invoke(app, [*base, "--local-supernodes", "2", "--devices", str(tmp_path)])
     assert local.exit_code == 2 and "drop --devices" in local.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "what"),
+    [(["keys", "generate"], "keys"), (["certs"], "certificates"), (["node", "keygen"], "the device key")],
+)
+def test_an_unwritable_out_folder_is_one_error_line(tmp_path: Path, command: list[str], what: str) -> None:
+    """An OSError while writing --out names the folder and the reason; exit 2, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "sub"
+    result = runner.invoke(app, [*command, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: cannot write {what} to {out}: Not a directory\n"
+    assert result.stdout == ""
+
+
+def test_help_loads_no_torch() -> None:
+    """`fedadapt --help` (the console script's main, transformers' logging included) never waits for torch."""
+    code = (
+        "import sys; sys.argv = ['fedadapt', '--help']; from fedadapt.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as done:\n    assert done.code in (0, None), done.code\n"
+        "print([m for m in ('torch', 'cryptography', 'flwr', 'onnxruntime') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "simulate" in done.stdout and "export" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -19,54 +19,36 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_deployment import BIN, _flower_env, _popen, _stop, _text, _Tree, _until, no_process_left  # noqa: F401
+from helpers import write_tiny_scenario
+from test_deployment import BIN, _flower_env, _popen, _stop, _Tree, _watch, no_process_left  # noqa: F401
+from waiting import scaled
 
 from fedadapt.fleet.device_data import personal_path
 from fedadapt.processes import descendants, free_port
 from fedadapt.secagg.stages import MASKED
 
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
+
 ROUNDS = 3
 NODES = 3
 ROUND_TIMEOUT = 70  # seconds: above a round's (or a SecAgg+ stage's) time on 2 loaded cores, so only stragglers miss it
-RUN_TIMEOUT = 840.0
+RUN_TIMEOUT = 840.0  # base seconds, times FEDADAPT_TEST_TIME_SCALE (tests/waiting.py), as every wait here
 
 
-def _scenario(folder: Path, tiny_bert: Path, **extra: Any) -> Path:
-    values = {
-        "name": "tiny-faults",
-        "backbone": str(tiny_bert),
-        "data": "synthetic",
-        "partition": "natural",
-        "num-clients": NODES,
-        "rank": 4,
-        "rounds": ROUNDS,
-        "local-max-steps": 2,
-        "batch-size": 8,
-        "max-length": 16,
-        "device": "cpu",
-        "seed": 3,
-        "round-timeout": ROUND_TIMEOUT,
-        "rejoin-timeout": 120,  # round 3 waits this long for every device to be connected again
-    }
-    privacy = extra.pop("privacy", None)
-    faults = extra.pop("scripted-faults")
-    values |= extra
-    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    lines.append("scripted-faults = [" + ", ".join(
-        f'{{round = {r}, client = {c}, fault = "{f}"}}' for r, c, f in faults
-    ) + "]")  # fmt: skip
-    if privacy:
-        lines += ["[privacy]", *(f"{k} = {json.dumps(v)}" for k, v in privacy.items())]
-    file = folder / "scenario.toml"
-    file.write_text("\n".join(lines) + "\n")
-    return file
+def _scenario(folder: Path, tiny_bert: Path, faults: list[tuple[int, int, str]], **extra: Any) -> Path:
+    """The tiny scenario with (round, client, fault) scripted faults; ``extra`` adds keys or ``privacy``."""
+    values = {"name": "tiny-faults", "data": "synthetic", "partition": "natural", "num-clients": NODES}
+    # The server's own deadlines scale too: honest devices on a busier machine must still make them.
+    values |= {"rounds": ROUNDS, "round-timeout": scaled(ROUND_TIMEOUT)}
+    values["rejoin-timeout"] = scaled(120)  # round 3 waits this long for every device to be connected again
+    values["scripted-faults"] = [{"round": r, "client": c, "fault": f} for r, c, f in faults]
+    return write_tiny_scenario(folder, tiny_bert, extra.pop("privacy", None), **values, **extra)
 
 
 def _below(root_pid: int, program: bytes, marker: bytes = b"") -> list[int]:
@@ -100,15 +82,16 @@ class _Serve:
     def __init__(self, tmp_path: Path, scenario: Path) -> None:
         self.tmp, self.out, self.port = tmp_path, tmp_path / "run", free_port()
         self.tree = _Tree()
+        self.watch = _watch(self.tree, tmp_path, self.out, checkpoints=self.out / "checkpoints")
         command = [sys.executable, "-m", "fedadapt.cli", "serve", "--config", str(scenario)]
         command += ["--local-supernodes", str(NODES), "--rounds", str(ROUNDS), "--out", str(self.out)]
         command += ["--port", str(self.port)]
-        self.proc = _popen(command, tmp_path / "serve.out", _flower_env(tmp_path / "flwr-home"), tmp_path)
-        self.extra: list[subprocess.Popen[bytes]] = []
+        env = _flower_env(tmp_path / "flwr-home")
+        self.proc = self.watch.add("fedadapt serve", _popen(command, tmp_path / "serve.out", env, tmp_path))
 
-    def until(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
-        _until(lambda: condition() or self.proc.poll() is not None, timeout, what, self.tree, self.proc, *self.extra)
-        assert self.proc.poll() is None or condition(), self.log()
+    def until(self, condition: Callable[[], bool], base_seconds: float, what: str) -> None:
+        """Until ``condition()``; fails at once if ``fedadapt serve`` exits first."""
+        self.watch.until(condition, what, base_seconds, must_live=["fedadapt serve"])
 
     def checkpointed(self, server_round: int) -> bool:
         return (self.out / "checkpoints" / f"round-{server_round:04d}.safetensors").exists()
@@ -139,19 +122,16 @@ class _Serve:
         # The device names its own state folder (the run config no longer can): the one the demo nodes use.
         command += ["--state-dir", str(self.out / "clients")]
         env = _flower_env(self.tmp / "node-home")
-        self.extra.append(_popen(command, self.tmp / f"node-{partition}.out", env, self.tmp))
+        self.watch.add(f"fedadapt node {partition}", _popen(command, self.tmp / f"node-{partition}.out", env, self.tmp))
 
     def finish(self) -> dict[str, Any]:
-        self.until(lambda: self.proc.poll() is not None, RUN_TIMEOUT, "the run to finish")
-        assert self.proc.returncode == 0, self.log()
+        code = self.watch.exited("fedadapt serve", f"the {ROUNDS}-round run to finish", RUN_TIMEOUT)
+        assert code == 0, self.watch.report(f"fedadapt serve exited with code {code}")
         return json.loads((self.out / "metrics.json").read_text())
 
     def stop(self) -> None:
-        for proc in [*self.extra, self.proc]:
+        for proc in reversed(self.watch.processes.values()):  # the restarted nodes first, the server last
             _stop(proc, self.tree)
-
-    def log(self) -> str:
-        return _text(self.tmp / "serve.out")[-3000:]
 
 
 def _partitions(record: dict[str, Any]) -> set[int]:
@@ -166,12 +146,11 @@ def _skip_without_flower() -> None:
 LOST = ("Node Unavailable", "no reply within the round timeout")
 
 
-@pytest.mark.deployment
 @pytest.mark.timeout(960)
 def test_killed_node_and_straggler_are_left_out_then_both_rejoin(tiny_bert: Path, tmp_path: Path) -> None:
     _skip_without_flower()
     stall = (2, 1, "stall")
-    serve = _Serve(tmp_path, _scenario(tmp_path, tiny_bert, **{"personal-head": True, "scripted-faults": [stall]}))
+    serve = _Serve(tmp_path, _scenario(tmp_path, tiny_bert, [stall], **{"personal-head": True}))
     try:
         serve.until(lambda: serve.checkpointed(1), 300, "round 1")
         head = personal_path(serve.out / "clients", 2)
@@ -190,7 +169,7 @@ def test_killed_node_and_straggler_are_left_out_then_both_rejoin(tiny_bert: Path
     second = rounds[1]
     assert (second["clients"], second["accepted"], _partitions(second)) == (3, 1, {0}), second
     assert len(second["rejected"]) == 2 and all(any(w in r["reason"] for w in LOST) for r in second["rejected"])
-    assert second["seconds"] >= ROUND_TIMEOUT  # the straggler's reply came after the deadline
+    assert second["seconds"] >= scaled(ROUND_TIMEOUT)  # the straggler's reply came after the deadline
     # Round 3: both are back; the straggler rejoined, the restarted device resumed its personal part.
     third = rounds[2]
     assert (third["clients"], third["accepted"], third["rejected"]) == (3, 3, []), third
@@ -199,7 +178,6 @@ def test_killed_node_and_straggler_are_left_out_then_both_rejoin(tiny_bert: Path
     assert serve.tree.alive() == []
 
 
-@pytest.mark.deployment
 @pytest.mark.timeout(960)
 def test_secagg_fails_beyond_its_tolerance_then_recovers_a_node_killed_mid_round(
     tiny_bert: Path, tmp_path: Path
@@ -207,7 +185,7 @@ def test_secagg_fails_beyond_its_tolerance_then_recovers_a_node_killed_mid_round
     _skip_without_flower()
     privacy = {"mode": "secagg+", "num-shares": 3, "reconstruction-threshold": 2}
     faults = [(2, 1, "stall"), (2, 2, "stall")]
-    serve = _Serve(tmp_path, _scenario(tmp_path, tiny_bert, privacy=privacy, **{"scripted-faults": faults}))
+    serve = _Serve(tmp_path, _scenario(tmp_path, tiny_bert, faults, privacy=privacy))
     try:
         serve.until(lambda: serve.checkpointed(2), 600, "round 2")
         before = serve.clientapps_of(2)  # round 2's straggling ClientApp may still be running

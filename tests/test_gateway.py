@@ -17,12 +17,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
+from waiting import Watch, scaled
 
 from deploy import devices, fab_signing, gateway
 from deploy import node as node_module
@@ -106,19 +106,6 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        content = log.read_text(errors="replace") if log.exists() else ""
-        if text in content:
-            return content
-        if proc.poll() is not None:
-            break
-        time.sleep(0.3)
-    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-    raise AssertionError(f"{text!r} not in {log.name} (exit {proc.poll()}):\n{tail}")
-
-
 def _can_bind(host: str) -> bool:
     with socket.socket() as sock:
         try:
@@ -128,6 +115,7 @@ def _can_bind(host: str) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.deployment
 @pytest.mark.timeout(300)
 def test_only_the_fleet_api_is_reachable_and_an_unsigned_fab_is_refused(tmp_path: Path) -> None:
@@ -148,8 +136,11 @@ def test_only_the_fleet_api_is_reachable_and_an_unsigned_fab_is_refused(tmp_path
         f'[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = "{address}"\nroot-certificates = "{certs.ca}"\n'
     )
     node = None
+    watch = Watch(log_folders=[tmp_path, out, home])
     try:
         with serve_module._superlink(home, out, deployment, certs) as link:
+            watch.add("flower-superlink", link.superlink)
+            watch.add("gateway", link.gateway)
             assert link.address == address
             # What `flwr run` submits (the unpacked signed FAB) rebuilds to exactly the FAB the server signed.
             signed = json.loads((home / serve_module.FAB_VERIFICATIONS).read_text())
@@ -161,12 +152,12 @@ def test_only_the_fleet_api_is_reachable_and_an_unsigned_fab_is_refused(tmp_path
             # 1. Flower's own CLI, as in the reproduction: register a key of one's own.
             register = subprocess.run(
                 [str(BIN / "flwr"), "supernode", "register", str(attacker_key.public_path), "x"],
-                env=_env(attacker / "home"), cwd=attacker, capture_output=True, text=True, timeout=120,
+                env=_env(attacker / "home"), cwd=attacker, capture_output=True, text=True, timeout=scaled(120),
             )  # fmt: skip
             assert register.returncode != 0, register.stdout + register.stderr
             assert "registered successfully" not in register.stdout
             # 2. Raw HTTPS calls with the public CA: every Control/Runtime/unknown path, any method, is refused.
-            with httpx.Client(verify=str(certs.ca), timeout=30) as client:
+            with httpx.Client(verify=str(certs.ca), timeout=scaled(30)) as client:
                 for path in REFUSED:
                     for method in ("POST", "GET"):
                         reply = client.request(method, f"https://{address}{path}", content=b"\x08\x01")
@@ -177,7 +168,7 @@ def test_only_the_fleet_api_is_reachable_and_an_unsigned_fab_is_refused(tmp_path
             # 3. The stranger's key is not among the registered nodes (Control API on loopback, as the operator).
             listed = subprocess.run(
                 [str(BIN / "flwr"), "supernode", "list", serve_module.CONNECTION],
-                env=link.env, cwd=home, capture_output=True, text=True, timeout=120,
+                env=link.env, cwd=home, capture_output=True, text=True, timeout=scaled(120),
             )  # fmt: skip
             assert listed.returncode == 0, listed.stdout + listed.stderr
             assert listed.stdout.count("registered") + listed.stdout.count("online") >= 1
@@ -190,7 +181,8 @@ def test_only_the_fleet_api_is_reachable_and_an_unsigned_fab_is_refused(tmp_path
             command += ["--node-config", "partition-id=0 num-partitions=1"]
             with node_log.open("wb") as handle:
                 node = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_env(tmp_path / "nh"))
-            _wait_for(node_log, "SuperNode ID:", node, 90)
+            watch.add("flower-supernode", node, node_log)
+            watch.says("flower-supernode", node_log, "SuperNode ID:", 90)
             # 5. A FAB the server did not sign (submitted on the loopback Control API) is refused on the device.
             app = tmp_path / "intruderapp"
             app.mkdir()
@@ -199,10 +191,10 @@ def test_only_the_fleet_api_is_reachable_and_an_unsigned_fab_is_refused(tmp_path
             (app / "intruder_client.py").write_text(_TINY_CLIENT)
             run = subprocess.run(
                 [str(BIN / "flwr"), "run", str(app), serve_module.CONNECTION],
-                env=link.env, cwd=home, capture_output=True, text=True, timeout=120,
+                env=link.env, cwd=home, capture_output=True, text=True, timeout=scaled(120),
             )  # fmt: skip
             assert run.returncode == 0, run.stdout + run.stderr
-            refused = _wait_for(node_log, "FAB verification failed", node, 120)
+            refused = watch.says("flower-supernode", node_log, "FAB verification failed", 120)
             assert "an unsigned FAB ran" not in refused
             assert node.poll() is None
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -93,4 +95,23 @@ def test_input_is_not_modified_and_no_temp_files_are_left(tmp_path: Path) -> Non
     write_plots(tmp_path, metrics)
     write_plots(tmp_path, metrics)  # overwriting existing plots
     assert metrics == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "bytes.png"]
+
+
+def test_plotting_loads_no_model_stack(tmp_path: Path) -> None:
+    """Writing the PNGs is matplotlib and a file rename: torch, transformers and peft stay unloaded (seconds saved)."""
+    code = (
+        "import json, sys; from pathlib import Path; from simulations.plots import write_plots; "
+        "write_plots(Path(sys.argv[1]), json.loads(sys.argv[2])); "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'safetensors') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), json.dumps(_metrics())],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "bytes.png"]

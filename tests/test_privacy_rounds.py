@@ -22,7 +22,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from helpers import StubGrid, seed_with_one_crash
+from helpers import StubGrid, seed_with_one_crash, write_tiny_scenario
 
 from fedadapt import protocol
 from fedadapt.envelope import HEADER_SIZE, MAGIC, EnvelopeContext, EnvelopeOpener
@@ -170,27 +170,7 @@ def _set_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _scenario_file(folder: Path, tiny_bert: Path, privacy: dict[str, Any] | None = None, **extra: Any) -> Path:
-    values = {
-        "name": "tiny",
-        "backbone": str(tiny_bert),
-        "num-clients": 3,
-        "clients-per-round": 3,
-        "rank": 4,
-        "rounds": 2,
-        "local-max-steps": 2,
-        "batch-size": 8,
-        "max-length": 16,
-        "device": "cpu",
-        "seed": 3,
-        "compression": "none",
-    } | extra
-    text = "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-    if privacy:
-        text += "[privacy]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in privacy.items())
-    folder.mkdir(parents=True, exist_ok=True)
-    file = folder / "scenario.toml"
-    file.write_text(text)
-    return file
+    return write_tiny_scenario(folder, tiny_bert, privacy, **{"clients-per-round": 3, "compression": "none", **extra})
 
 
 def _config(scenario: Path, out_dir: Path, keys: KeyFiles | None = None, **extra: Any) -> dict[str, Any]:
@@ -801,6 +781,7 @@ def test_the_client_app_answers_one_setup_per_round(device_root: Path) -> None:
 # --- a real Flower simulation -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.simulation
 @pytest.mark.timeout(420)
 def test_secagg_plus_in_a_real_flower_simulation_survives_a_crash_and_leaks_no_key(

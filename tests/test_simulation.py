@@ -15,7 +15,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from helpers import StubGrid, seed_with_one_crash
+from helpers import StubGrid, seed_with_one_crash, write_tiny_scenario
 
 from fedadapt import protocol
 from fedadapt.errors import ConfigError
@@ -73,22 +73,7 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _scenario_file(tmp_path: Path, tiny_bert: Path, **extra: Any) -> Path:
-    values = {
-        "name": "tiny",
-        "backbone": str(tiny_bert),
-        "num-clients": 3,
-        "clients-per-round": 2,
-        "rank": 4,
-        "rounds": 2,
-        "local-max-steps": 2,
-        "batch-size": 8,
-        "max-length": 16,
-        "device": "cpu",
-        "seed": 3,
-    } | extra
-    file = tmp_path / "scenario.toml"
-    file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
-    return file
+    return write_tiny_scenario(tmp_path, tiny_bert, **{"clients-per-round": 2, **extra})
 
 
 def _run(grid: InProcessGrid) -> dict[str, Any]:
@@ -326,6 +311,7 @@ def test_simulate_command_refuses_bad_input_before_starting_flower(tiny_bert: Pa
     assert result.exit_code == 2 and "--resume" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.simulation
 @pytest.mark.timeout(420)
 def test_flower_simulation_end_to_end(tiny_bert: Path, tmp_path: Path) -> None:

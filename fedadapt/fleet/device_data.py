@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedadapt import jsonsafe
+from fedadapt.atomic_files import write_bytes_atomic
 from fedadapt.data import MAX_DATA_FILE_BYTES, LabelMap, TextDataset
 from fedadapt.errors import DataError, FedAdaptError
 from fedadapt.fleet.data import DATA_FIELDS, client_split, device_split, scenario_labels
@@ -99,8 +100,6 @@ def cached_device_data(
     if kept is not None:
         return kept
     labels, split = compute()
-    from fedadapt.folder import write_bytes_atomic
-
     record = {"format": FORMAT, "key": key, "labels": list(labels.names), "label_source": labels.source}
     record |= {
         "train": _dataset_json(split.train, split.train_indices),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedadapt.atomic_files import write_bytes_atomic
 from fedadapt.batching import EncodedTexts
 from fedadapt.data import LabelMap
 from fedadapt.errors import DataError, FedAdaptError
@@ -164,8 +165,6 @@ def _restore_personal(model: AdapterModel, device: DeviceContext) -> State | Non
 
 
 def _save_personal(model: AdapterModel, device: DeviceContext) -> None:
-    from fedadapt.folder import write_bytes_atomic
-
     blob = serialize_state(model.state("personal"), model.schema, "personal", "none")
     write_bytes_atomic(device.personal_path, blob)
 

@@ -27,6 +27,7 @@ from fedadapt.user_paths import expand_user
 SCHEMES = ("iid", "dirichlet", "natural")
 FAULT_KINDS = ("crash", "stall")
 COMPRESSIONS = ("none", "fp16", "int8")
+# The data name of the built-in offline task (fedadapt.synthetic), in scenarios and for `fedadapt train --data`.
 SYNTHETIC = "synthetic"
 
 MAX_CLIENTS = 100_000
