@@ -21,12 +21,12 @@ STEP = """
 import sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from fedadapt.fleet import device_data
+from fedadapt.fleet.device_data import DeviceContext, device_data
 from fedadapt.resources import MB, current_rss_bytes
-from fedadapt.scenario import load_scenario
+from fedadapt.fleet.scenario import load_scenario
 scenario = load_scenario({scenario!r})
 start = time.perf_counter()
-labels, split = device_data(scenario, {partition}, None, Path({state!r}))
+labels, split = device_data(DeviceContext(scenario, {partition}, Path({state!r})))
 seconds = time.perf_counter() - start
 print(f"{{seconds:.2f}} {{current_rss_bytes() / MB:.0f}} {{'flwr_datasets' in sys.modules}} {{len(split.train)}}")
 """

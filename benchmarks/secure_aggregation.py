@@ -68,7 +68,10 @@ class Clock:
 
 def train_updates(scenario, count: int):  # type: ignore[no-untyped-def]
     """``count`` real quickstart client updates from the initial global state, and their training seconds."""
-    from fedadapt.fleet import build_model, load_fleet_data, train_client_update
+    from fedadapt.fleet.build import build_model
+    from fedadapt.fleet.data import load_fleet_data
+    from fedadapt.fleet.device_data import DeviceContext
+    from fedadapt.fleet.device_round import train_client_update
     from fedadapt.serialize import serialize_state
 
     fleet = load_fleet_data(scenario)
@@ -78,7 +81,8 @@ def train_updates(scenario, count: int):  # type: ignore[no-untyped-def]
     with tempfile.TemporaryDirectory() as state_dir:
         for partition in range(count):
             start = time.perf_counter()
-            updates.append(train_client_update(scenario, partition, global_blob, Path(state_dir), 1))
+            device = DeviceContext(scenario, partition, Path(state_dir))
+            updates.append(train_client_update(device, global_blob, server_round=1))
             seconds.append(time.perf_counter() - start)
     return model, global_blob, updates, seconds
 
@@ -243,8 +247,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from fedadapt.fleet.scenario import load_scenario
     from fedadapt.keys import generate_server_keys
-    from fedadapt.scenario import load_scenario
 
     scenario = load_scenario(PROJECT_ROOT / "simulations" / "secure.toml")
     privacy = scenario.privacy

@@ -1,4 +1,4 @@
-"""The Flower ClientApp: a thin layer over ``fedadapt.fleet`` (one device's round) and ``clients.secure``."""
+"""The Flower ClientApp: a thin layer over ``fedadapt.fleet.device_round`` (a device's round) and ``clients.secure``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from clients.device import Device, device_from_config, enforce_privacy_policy, w
 from clients.secure import bytes_array, message_round, payload_bytes, run_stage
 from fedadapt import protocol
 from fedadapt.errors import ConfigError
-from fedadapt.fleet import empty_client_round, evaluate_client, fleet_run_from_config, run_client_round
+from fedadapt.fleet.run_config import fleet_run_from_config
 from fedadapt.privacy import PrivacyConfig
 from fedadapt.resources import process_age_seconds
 from fedadapt.transport import ClientSealer
@@ -38,13 +38,14 @@ def train(msg: Message, context: Context) -> Message:
     if protocol.SECAGG_STAGE in config:
         return run_stage(msg, context, run, sealer, device)
     server_round = message_round(config, ConfigError)
+    # Imported here, after the SecAgg+ stages returned: the round loads torch, which their key exchange never needs.
+    from fedadapt.fleet.device_round import empty_client_round, run_client_round
+
     if run.empty_clients:
-        reply = empty_client_round(run.scenario, device.partition_id, device.data_path)
+        reply = empty_client_round(device.in_scenario(run.scenario))
     else:
         global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
-        reply = run_client_round(
-            run.scenario, device.partition_id, global_blob, device.state_dir, server_round, device.data_path
-        )
+        reply = run_client_round(device.in_scenario(run.scenario), global_blob, server_round)
     delta = sealer.seal_delta(reply.delta_blob, reply.num_examples, server_round, reply.schema_id)
     metrics: dict[str, MetricRecordValues] = dict(reply.metrics)
     if sealer.server_public is None:  # sealed modes carry the FedAvg weight inside the envelope instead
@@ -68,10 +69,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the device's model (global shared part + its personal part) on its local test split."""
+    from fedadapt.fleet.device_round import evaluate_client  # loads torch: see train
+
     run = fleet_run_from_config(context.run_config, PROJECT_ROOT)
     device = _device(context)
     global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
-    scores = evaluate_client(run.scenario, device.partition_id, global_blob, device.state_dir, device.data_path)
+    scores = evaluate_client(device.in_scenario(run.scenario), global_blob)
     metrics: dict[str, MetricRecordValues] = {**scores}
     return Message(content=RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
 

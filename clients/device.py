@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from fedadapt.errors import ConfigError
-from fedadapt.fleet import RUN_CLIENT_STATE_DIR
+from fedadapt.fleet.device_data import DeviceContext
+from fedadapt.fleet.run_config import RUN_CLIENT_STATE_DIR
+from fedadapt.fleet.scenario import ScenarioConfig
 from fedadapt.privacy import MODES, PrivacyConfig
 from fedadapt.user_paths import expand_user
 
@@ -47,6 +49,10 @@ class Device:
     identity_key: Path | None = None
     roster: Path | None = None
     required_privacy: str = "none"  # the run config (the server's word) cannot take the device below this
+
+    def in_scenario(self, scenario: ScenarioConfig) -> DeviceContext:
+        """This device as a round in ``scenario`` takes it (``fedadapt.fleet.device_round``)."""
+        return DeviceContext(scenario, self.partition_id, self.state_dir, self.data_path)
 
 
 def device_from_config(node_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Device:

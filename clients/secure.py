@@ -1,6 +1,6 @@
 """The ClientApp's SecAgg+ stages: carry the session in ``context.state`` and payloads in and out of messages.
 
-The protocol itself is ``fedadapt.secagg.client``; training is ``fedadapt.fleet``. Only the
+The protocol itself is ``fedadapt.secagg.client``; training is ``fedadapt.fleet.device_round``. Only the
 ``masked`` stage loads the model (torch is imported there and nowhere else in these stages).
 The device signs with its own identity key and trusts only the identities of its roster (both
 files of the device's own configuration, never of the run config).
@@ -9,6 +9,7 @@ files of the device's own configuration, never of the run config).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
@@ -16,11 +17,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from clients.device import Device
 from fedadapt import protocol
 from fedadapt.errors import ConfigError, FedAdaptError, SecAggError
-from fedadapt.fleet import FleetRun, LocalUpdate
+from fedadapt.fleet.run_config import FleetRun
 from fedadapt.secagg import client as secagg_client
 from fedadapt.secagg import stages, wire
 from fedadapt.secagg.identity import Identity, load_identity
 from fedadapt.transport import ClientSealer
+
+if TYPE_CHECKING:
+    from fedadapt.fleet.device_round import LocalUpdate
 
 _SESSION_FIELD = "session"
 # Metrics that reveal (or are derived from) the example count: under secagg+ they stay on the device.
@@ -99,19 +103,18 @@ def _saved_session(context: Context) -> bytes:
 
 
 def _train(msg: Message, run: FleetRun, device: Device, server_round: int) -> LocalUpdate:
-    from fedadapt.fleet import empty_client_update, train_client_update
+    # Imported here: the round loads torch, which the other stages never need.
+    from fedadapt.fleet.device_round import empty_client_update, train_client_update
 
+    fleet_device = device.in_scenario(run.scenario)
     if run.empty_clients:
-        return empty_client_update(run.scenario, device.partition_id, device.data_path)
-    global_blob = payload_bytes(msg, protocol.ADAPTER_STATE)
-    return train_client_update(
-        run.scenario, device.partition_id, global_blob, device.state_dir, server_round, device.data_path
-    )
+        return empty_client_update(fleet_device)
+    return train_client_update(fleet_device, payload_bytes(msg, protocol.ADAPTER_STATE), server_round)
 
 
 def _delta_vector(update: LocalUpdate, max_norm: float | None) -> tuple[np.ndarray, bool]:
     """The delta as one float64 vector, scaled down to ``max_norm`` here: the server cannot check it masked."""
-    from fedadapt.state import flatten_state
+    from fedadapt.state import flatten_state  # loads torch: the masked stage only
 
     vector = flatten_state(update.delta, update.schema.specs("shared")).numpy()
     norm = float(np.linalg.norm(vector))

@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from fedadapt.errors import ConfigError
-from fedadapt.fleet import CLIENT_STATE_FOLDER
+from fedadapt.fleet.run_config import CLIENT_STATE_FOLDER
+from fedadapt.fleet.scenario import with_overrides
 from fedadapt.processes import find_tool, free_port, stop_process_tree, stop_process_trees, terminate_gracefully
-from fedadapt.scenario import with_overrides
 from simulations.runner import (
     FLWR_LOG,
     PROJECT_ROOT,

@@ -12,10 +12,10 @@ from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig, load_backbone
 from fedadapt.batching import encode_dataset
 from fedadapt.data import LabelMap, TextDataset, load_text_dataset
 from fedadapt.errors import ConfigError, DataError
+from fedadapt.fleet.scenario import SYNTHETIC
 from fedadapt.folder import save_adapter
 from fedadapt.methods import MethodConfig
 from fedadapt.model import AdapterModel
-from fedadapt.scenario import SYNTHETIC
 from fedadapt.synthetic import SyntheticConfig, make_synthetic_dataset
 from fedadapt.train import StepCallback, TrainConfig, evaluate, train_adapter
 

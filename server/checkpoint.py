@@ -38,7 +38,7 @@ from fedadapt.aggregate import OptimizerState
 from fedadapt.atomic_files import write_bytes_atomic
 from fedadapt.checkpoint_key import read_checkpoint_key
 from fedadapt.errors import CheckpointAuthError, StateError
-from fedadapt.fleet import KEYS_FOLDER
+from fedadapt.fleet.run_config import KEYS_FOLDER
 from fedadapt.serialize import read_metadata
 from fedadapt.state import State, dtype_name
 

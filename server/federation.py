@@ -39,7 +39,9 @@ from fedadapt.aggregate import (
 from fedadapt.atomic_files import write_bytes_atomic
 from fedadapt.checkpoint_key import load_or_create_checkpoint_key, read_checkpoint_key
 from fedadapt.errors import EmptyAggregateError, EnvelopeError, ReplyError, SchemaMismatch
-from fedadapt.fleet import FleetRun, build_model, encode_split, load_fleet_data
+from fedadapt.fleet.build import build_model, encode_split
+from fedadapt.fleet.data import load_fleet_data
+from fedadapt.fleet.run_config import FleetRun
 from fedadapt.folder import save_adapter
 from fedadapt.resources import memory_record
 from fedadapt.serialize import max_blob_size, serialize_state

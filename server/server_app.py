@@ -9,7 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedadapt.errors import ConfigError
-from fedadapt.fleet import fleet_run_from_config
+from fedadapt.fleet.run_config import fleet_run_from_config
 from server.checkpoint import list_checkpoints
 from server.federation import Federation
 

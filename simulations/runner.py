@@ -32,9 +32,9 @@ from clients.device import DEVICE_ROOT_ENV
 from fedadapt import jsonsafe
 from fedadapt.atomic_files import write_bytes_atomic
 from fedadapt.errors import ConfigError, FedAdaptError, JsonInputError
-from fedadapt.fleet import (
+from fedadapt.fleet.device_data import PERSONAL_FILE
+from fedadapt.fleet.run_config import (
     CLIENT_STATE_FOLDER,
-    PERSONAL_FILE,
     RUN_ACCEPT_UNVERIFIED,
     RUN_CLIENTS_PER_ROUND,
     RUN_EMPTY_CLIENTS,
@@ -46,9 +46,9 @@ from fedadapt.fleet import (
     RUN_SERVER_KEY,
     RUN_SERVER_PUBLIC_KEY,
 )
+from fedadapt.fleet.scenario import ScenarioConfig, full_model_variant, load_scenario, with_overrides
 from fedadapt.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
 from fedadapt.report import compare_with_full_model
-from fedadapt.scenario import ScenarioConfig, full_model_variant, load_scenario, with_overrides
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 METRICS_FILE = "metrics.json"  # written by server.federation

@@ -14,7 +14,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedadapt import AdapterModel, BackboneConfig, StateSplit, load_backbone, make_method_config
-from fedadapt.scenario import ScenarioConfig
+from fedadapt.fleet.scenario import ScenarioConfig
 
 
 def build_lora(tiny_bert: Path, r: int = 8, split: StateSplit | None = None) -> AdapterModel:
@@ -128,7 +128,7 @@ class StubGrid(Grid):
 
 def seed_with_one_crash(rounds: int, clients: int, dropout: float) -> tuple[int, tuple[int, int]]:
     """A scenario seed under which exactly one (round, client) of the run crashes."""
-    from fedadapt.faults import device_fault
+    from fedadapt.fleet.faults import device_fault
 
     for seed in range(1000):
         scenario = ScenarioConfig(seed=seed, dropout_fraction=dropout)

@@ -29,7 +29,7 @@ from helpers import write_tiny_scenario
 from test_deployment import BIN, _flower_env, _popen, _stop, _Tree, _watch, no_process_left  # noqa: F401
 from waiting import scaled
 
-from fedadapt.fleet import personal_path
+from fedadapt.fleet.device_data import personal_path
 from fedadapt.processes import descendants, free_port
 from fedadapt.secagg.stages import MASKED
 

@@ -1,4 +1,4 @@
-"""A device's split kept in its state folder (fedadapt.device_data): reused while valid, recomputed otherwise."""
+"""A device's split kept in its state folder (fedadapt.fleet.device_data): reused while valid, recomputed otherwise."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import pytest
 import torch
 from helpers import tiny_scenario
 
-from fedadapt.device_data import cached_device_data, device_data_path
-from fedadapt.fleet import _DATA_FIELDS, build_model, client_split, device_data, load_fleet_data, run_client_round
-from fedadapt.scenario import ScenarioConfig
+from fedadapt.fleet.build import build_model
+from fedadapt.fleet.data import DATA_FIELDS, client_split, load_fleet_data
+from fedadapt.fleet.device_data import DeviceContext, cached_device_data, device_data, device_data_path
+from fedadapt.fleet.device_round import run_client_round
+from fedadapt.fleet.scenario import ScenarioConfig
 from fedadapt.serialize import deserialize_state, serialize_state
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +27,7 @@ CSV = "text,label\n" + "".join(f"message {i} about {'cards' if i % 2 else 'loans
 
 
 def _fields(scenario: ScenarioConfig) -> dict[str, object]:
-    return {name: getattr(scenario, name) for name in _DATA_FIELDS}
+    return {name: getattr(scenario, name) for name in DATA_FIELDS}
 
 
 def _counting(scenario: ScenarioConfig, partition_id: int, calls: list[int]):  # type: ignore[no-untyped-def]
@@ -80,22 +82,23 @@ def test_an_unreadable_or_foreign_file_is_recomputed_and_replaced(tiny_bert: Pat
     assert json.loads(path.read_text())["key"] == key  # rewritten whole
 
 
-def test_a_device_with_its_own_file_or_no_state_folder_keeps_nothing(tiny_bert: Path, tmp_path: Path) -> None:
+def test_a_device_keeps_its_partition_and_nothing_of_its_own_file(tiny_bert: Path, tmp_path: Path) -> None:
     scenario = tiny_scenario(tiny_bert)
     own = tmp_path / "own.csv"
     own.write_text("text,label\n" + "".join(f"hi {i},{load_fleet_data(scenario).labels.names[0]}\n" for i in range(8)))
-    _, split = device_data(scenario, 0, own, tmp_path / "state")
+    _, split = device_data(DeviceContext(scenario, 0, tmp_path / "state", own))
     assert len(split.train) + len(split.test) == 8 and not (tmp_path / "state").exists()
-    assert device_data(scenario, 0, None, None)[1] == client_split(scenario, 0)
+    assert device_data(DeviceContext(scenario, 0, tmp_path / "kept"))[1] == client_split(scenario, 0)
+    assert device_data_path(tmp_path / "kept", 0).is_file()
 
 
 def test_rounds_from_the_kept_split_train_exactly_as_from_the_data(tiny_bert: Path, tmp_path: Path) -> None:
     scenario = tiny_scenario(tiny_bert)
     model = build_model(scenario, load_fleet_data(scenario).labels.names)
     blob = serialize_state(model.state("shared"), model.schema, "shared", "none")
-    fresh = run_client_round(scenario, 2, blob, tmp_path / "a", server_round=1)
+    fresh = run_client_round(DeviceContext(scenario, 2, tmp_path / "a"), blob, server_round=1)
     assert device_data_path(tmp_path / "a", 2).is_file()
-    kept = run_client_round(scenario, 2, blob, tmp_path / "a", server_round=1)
+    kept = run_client_round(DeviceContext(scenario, 2, tmp_path / "a"), blob, server_round=1)
     assert kept.num_examples == fresh.num_examples and kept.metrics == fresh.metrics | {"train-seconds": ANY}
     kept_delta = deserialize_state(kept.delta_blob, model.schema, "shared")
     fresh_delta = deserialize_state(fresh.delta_blob, model.schema, "shared")
@@ -108,9 +111,10 @@ import sys
 sys.path.insert(0, {str(PROJECT_ROOT / "tests")!r})
 from pathlib import Path
 from helpers import tiny_scenario
-from fedadapt.fleet import build_model, device_data
+from fedadapt.fleet.build import build_model
+from fedadapt.fleet.device_data import DeviceContext, device_data
 scenario = tiny_scenario(Path({str(tiny_bert)!r}))
-labels, split = device_data(scenario, 1, None, Path({str(tmp_path)!r}))
+labels, split = device_data(DeviceContext(scenario, 1, Path({str(tmp_path)!r})))
 print(len(split.train), "flwr_datasets" in sys.modules, "datasets" in sys.modules)
 """
     run = lambda: subprocess.run(  # noqa: E731

@@ -11,10 +11,13 @@ from helpers import train_steps
 from fedadapt import AdapterModel, BackboneConfig, StateSplit, load_backbone, make_method_config
 from fedadapt.batching import encode_texts
 from fedadapt.errors import ConfigError
-from fedadapt.fleet import build_model, load_fleet_data, run_client_round
+from fedadapt.fleet.build import build_model
+from fedadapt.fleet.data import load_fleet_data
+from fedadapt.fleet.device_data import DeviceContext
+from fedadapt.fleet.device_round import run_client_round
+from fedadapt.fleet.scenario import ScenarioConfig, full_model_variant
 from fedadapt.methods import METHODS
 from fedadapt.methods.full import FullFineTuneConfig
-from fedadapt.scenario import ScenarioConfig, full_model_variant
 from fedadapt.serialize import deserialize_state, read_metadata, serialize_state
 from fedadapt.train import TrainConfig, train_adapter
 
@@ -93,7 +96,7 @@ def test_a_full_model_client_round_sends_backbone_deltas(tiny_bert: Path, tmp_pa
     )
     model = build_model(scenario, load_fleet_data(scenario).labels.names)
     blob = serialize_state(model.state("shared"), model.schema, "shared", "none")
-    reply = run_client_round(scenario, 0, blob, tmp_path, server_round=1)
+    reply = run_client_round(DeviceContext(scenario, 0, tmp_path), blob, server_round=1)
     assert read_metadata(reply.delta_blob)["compression"] == "none"
     delta = deserialize_state(reply.delta_blob, model.schema, "shared")
     assert WEIGHT in delta and float(delta[WEIGHT].abs().max()) > 0

@@ -15,8 +15,8 @@ import pytest
 
 from fedadapt import data as data_module
 from fedadapt.data import MAX_LABEL_FILE_BYTES, MAX_LABELS, LabelMap, TextDataset, load_text_dataset
-from fedadapt.device_data import cached_device_data, device_data_path
 from fedadapt.errors import ConfigError, DataError
+from fedadapt.fleet.device_data import cached_device_data, device_data_path
 from fedadapt.partition import ClientSplit
 from fedadapt.pooling import read_sentence_transformers_pooling
 
@@ -24,7 +24,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("fedadapt", "clients", "server", "deploy", "simulations", "export")
 # (file, module) pairs allowed to call a parser: the bounded JSON reader, and the scenario loader's TOML parse,
 # which bounds the file's size and turns the parser's RecursionError into a ConfigError.
-ALLOWED = {("fedadapt/jsonsafe.py", "json"), ("fedadapt/scenario.py", "tomllib")}
+ALLOWED = {("fedadapt/jsonsafe.py", "json"), ("fedadapt/fleet/scenario.py", "tomllib")}
 PARSERS = {"json": {"load", "loads", "JSONDecoder"}, "tomllib": {"load", "loads"}}
 DEEP = 50_000  # far past the interpreter's recursion limit
 

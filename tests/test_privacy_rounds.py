@@ -225,14 +225,16 @@ _RETRAINED: dict[tuple[str, int, int, bytes], Any] = {}
 def _retrain(grid: PrivacyGrid, scenario_file: Path, server_round: int, node: int, folder: Path) -> Any:
     """The LocalUpdate ``node`` computed in ``server_round``, recomputed here (local training is deterministic:
     same scenario seed, round and partition, same received state)."""
-    from fedadapt.fleet import train_client_update
-    from fedadapt.scenario import load_scenario
+    from fedadapt.fleet.device_data import DeviceContext
+    from fedadapt.fleet.device_round import train_client_update
+    from fedadapt.fleet.scenario import load_scenario
 
     blob = grid.sent_state[(server_round, node)]
     key = (str(scenario_file), server_round, node, hashlib.sha256(blob).digest())
     if key not in _RETRAINED:
         scenario = load_scenario(scenario_file)
-        _RETRAINED[key] = train_client_update(scenario, grid.nodes[node], blob, folder, server_round)
+        device = DeviceContext(scenario, grid.nodes[node], folder)
+        _RETRAINED[key] = train_client_update(device, blob, server_round=server_round)
     return _RETRAINED[key]
 
 
@@ -508,7 +510,7 @@ def test_secagg_rounds_match_plain_rounds_within_the_quantization_bound(
 
 
 def test_secagg_server_only_sees_masked_vectors_and_sealed_key_exchanges(secagg_run: SharedRun, tmp_path: Path) -> None:
-    from fedadapt.scenario import load_scenario
+    from fedadapt.fleet.scenario import load_scenario
     from fedadapt.state import flatten_state
 
     assert secagg_run.keys is not None

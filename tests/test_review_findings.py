@@ -26,8 +26,8 @@ from export.phone_demo import PhoneClassifier, main
 from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_config
 from fedadapt.adapter_limits import AdapterLimits
 from fedadapt.errors import AdapterFolderError, ConfigError, FedAdaptError
+from fedadapt.fleet.scenario import load_scenario
 from fedadapt.folder import MANIFEST, load_adapter, save_adapter
-from fedadapt.scenario import load_scenario
 from fedadapt.state import AdapterSchema
 
 NO_SUCH_USER = "~no_such_user_fedadapt_review"
@@ -105,7 +105,7 @@ def test_a_backbone_name_of_an_unknown_users_home_is_a_named_error(tiny_bert: Pa
 
 @pytest.mark.parametrize("key", ["data", "backbone"])
 def test_a_scenario_path_of_an_unknown_users_home_is_a_config_error(tmp_path: Path, key: str) -> None:
-    """fedadapt/scenario.py _relative_to: Path(value).expanduser() raises RuntimeError before any check."""
+    """fedadapt/fleet/scenario.py _relative_to: Path(value).expanduser() raises RuntimeError before any check."""
     file = tmp_path / "scenario.toml"
     file.write_text(f'{key} = "{NO_SUCH_USER}/x"\n')
     with pytest.raises(ConfigError):

@@ -15,9 +15,8 @@ import pytest
 
 from fedadapt.bounds import Bound
 from fedadapt.errors import ConfigError
-from fedadapt.faults import stall_seconds
-from fedadapt.privacy import PRIVACY_BOUNDS, PrivacyConfig
-from fedadapt.scenario import (
+from fedadapt.fleet.faults import stall_seconds
+from fedadapt.fleet.scenario import (
     MAX_SCENARIO_BYTES,
     MAX_SCRIPTED_FAULTS,
     MAX_SYNTHETIC_MESSAGES,
@@ -28,6 +27,7 @@ from fedadapt.scenario import (
     load_scenario,
     scenario_from_dict,
 )
+from fedadapt.privacy import PRIVACY_BOUNDS, PrivacyConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 README = PROJECT_ROOT / "simulations" / "README.md"

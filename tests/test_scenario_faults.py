@@ -12,25 +12,22 @@ import pytest
 import torch
 from helpers import tiny_scenario
 
-from fedadapt import fleet
-from fedadapt.device_data import device_data_path
 from fedadapt.errors import ConfigError
-from fedadapt.faults import STALL_MARGIN_SECONDS, SimulatedDeviceFailure, device_fault, stall_seconds
-from fedadapt.fleet import (
-    build_model,
-    empty_client_round,
-    fleet_run_from_config,
-    load_fleet_data,
-    personal_path,
-    run_client_round,
-)
-from fedadapt.scenario import (
+from fedadapt.fleet import device_round
+from fedadapt.fleet.build import build_model, train_config
+from fedadapt.fleet.data import DATA_FIELDS, load_fleet_data
+from fedadapt.fleet.device_data import DeviceContext, device_data_path, personal_path
+from fedadapt.fleet.device_round import empty_client_round, run_client_round
+from fedadapt.fleet.faults import STALL_MARGIN_SECONDS, SimulatedDeviceFailure, device_fault, stall_seconds
+from fedadapt.fleet.run_config import fleet_run_from_config
+from fedadapt.fleet.scenario import (
     SYNTHETIC,
     ScenarioConfig,
     ScriptedFault,
     full_model_variant,
     load_scenario,
     local_step_budget,
+    only_fields,
     scenario_from_dict,
 )
 from fedadapt.serialize import deserialize_state, serialize_state
@@ -162,7 +159,7 @@ def test_full_model_variant_changes_only_what_is_trained_and_sent() -> None:
         if f.name not in changed:
             assert getattr(full, f.name) == getattr(scenario, f.name), f.name
     assert full.head_learning_rate == scenario.head_learning_rate
-    assert fleet._only(full, fleet._DATA_FIELDS) == fleet._only(scenario, fleet._DATA_FIELDS)  # same data, same split
+    assert only_fields(full, DATA_FIELDS) == only_fields(scenario, DATA_FIELDS)  # same data, same split
 
 
 def test_local_step_budget_follows_the_tiers() -> None:
@@ -170,8 +167,8 @@ def test_local_step_budget_follows_the_tiers() -> None:
     assert [local_step_budget(tiered, p) for p in range(7)] == [4, 12, 36, 4, 12, 36, 4]
     assert local_step_budget(ScenarioConfig(local_max_steps=7), 5) == 7
     assert local_step_budget(ScenarioConfig(), 0) is None
-    assert fleet.train_config(tiered, seed=0, partition_id=2).max_steps == 36
-    assert fleet.train_config(tiered, seed=0).max_steps == 99  # no client: the scenario's own budget
+    assert train_config(tiered, seed=0, partition_id=2).max_steps == 36
+    assert train_config(tiered, seed=0).max_steps == 99  # no client: the scenario's own budget
 
 
 # --- simulated faults ---------------------------------------------------------------------------------------------
@@ -187,7 +184,7 @@ def test_device_fault_is_deterministic() -> None:
 @pytest.mark.parametrize("hash_seed", ["1", "2"])
 def test_device_fault_does_not_depend_on_the_process(hash_seed: str) -> None:
     code = (
-        "from fedadapt.faults import device_fault; from fedadapt.scenario import ScenarioConfig; "
+        "from fedadapt.fleet.faults import device_fault; from fedadapt.fleet.scenario import ScenarioConfig; "
         "s = ScenarioConfig(dropout_fraction=0.3, straggler_fraction=0.2, seed=5); "
         "print([device_fault(s, r, p) for r in range(1, 6) for p in range(20)])"
     )
@@ -281,16 +278,16 @@ def test_a_crashing_client_raises_and_saves_nothing(
     scenario = tiny_scenario(tiny_bert, personal_head=True, dropout_fraction=0.5)
     server_round = _first(scenario, "crash", 1)
     slept: list[float] = []
-    monkeypatch.setattr(fleet.time, "sleep", slept.append)
+    monkeypatch.setattr(device_round.time, "sleep", slept.append)
     blob = _global_blob(scenario)
     with pytest.raises(SimulatedDeviceFailure, match=f"client 1 crashed in round {server_round}"):
-        run_client_round(scenario, 1, blob, tmp_path, server_round=server_round)
+        run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=server_round)
     # Nothing of the round is saved: only the device's own split, kept from before training.
     assert not personal_path(tmp_path, 1).exists()
     assert [p.name for p in tmp_path.iterdir()] == [device_data_path(tmp_path, 1).name]
     assert slept == []
     healthy = next(r for r in range(1, 200) if device_fault(scenario, r, 1) is None)
-    run_client_round(scenario, 1, blob, tmp_path, server_round=healthy)
+    run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=healthy)
     assert personal_path(tmp_path, 1).is_file()  # the same device in a round without a fault saves its part
 
 
@@ -300,8 +297,8 @@ def test_a_straggler_sleeps_past_the_timeout_then_replies(
     scenario = tiny_scenario(tiny_bert, straggler_fraction=0.5, round_timeout=30.0)
     server_round = _first(scenario, "stall", 2)
     slept: list[float] = []
-    monkeypatch.setattr(fleet.time, "sleep", slept.append)
-    reply = run_client_round(scenario, 2, _global_blob(scenario), tmp_path, server_round=server_round)
+    monkeypatch.setattr(device_round.time, "sleep", slept.append)
+    reply = run_client_round(DeviceContext(scenario, 2, tmp_path), _global_blob(scenario), server_round=server_round)
     assert slept == [stall_seconds(scenario)] == [30.0 + STALL_MARGIN_SECONDS]
     assert reply.metrics["partition-id"] == 2 and reply.metrics["train-steps"] == 2
     assert reply.num_examples == len(load_fleet_data(scenario).clients[2].train)
@@ -316,35 +313,35 @@ def test_a_scripted_stall_sleeps_in_its_round_only_and_the_device_keeps_its_pers
     fault = ScriptedFault(round=2, client=1, fault="stall")
     scenario = tiny_scenario(tiny_bert, personal_head=True, round_timeout=20.0, scripted_faults=(fault,))
     slept: list[float] = []
-    monkeypatch.setattr(fleet.time, "sleep", slept.append)
+    monkeypatch.setattr(device_round.time, "sleep", slept.append)
     blob = _global_blob(scenario)
-    first = run_client_round(scenario, 1, blob, tmp_path, server_round=1)
+    first = run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=1)
     assert slept == [] and first.metrics["personal-restored"] == 0  # a new device starts its personal part
     saved = personal_path(tmp_path, 1).read_bytes()
-    second = run_client_round(scenario, 1, blob, tmp_path, server_round=2)
+    second = run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=2)
     assert slept == [20.0 + STALL_MARGIN_SECONDS]
     assert second.metrics["personal-restored"] == 1 and personal_path(tmp_path, 1).read_bytes() != saved
-    run_client_round(scenario, 1, blob, tmp_path, server_round=3)
+    run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=3)
     assert len(slept) == 1
 
 
 def test_tiers_set_each_clients_step_budget(tiny_bert: Path, tmp_path: Path) -> None:
     scenario = tiny_scenario(tiny_bert, tier_steps=(1, 3))
     blob = _global_blob(scenario)
-    first = run_client_round(scenario, 0, blob, tmp_path, server_round=1)
-    second = run_client_round(scenario, 1, blob, tmp_path, server_round=1)
-    third = run_client_round(scenario, 2, blob, tmp_path, server_round=1)
+    first = run_client_round(DeviceContext(scenario, 0, tmp_path), blob, server_round=1)
+    second = run_client_round(DeviceContext(scenario, 1, tmp_path), blob, server_round=1)
+    third = run_client_round(DeviceContext(scenario, 2, tmp_path), blob, server_round=1)
     assert (first.metrics["train-steps"], first.metrics["tier"]) == (1, 0)
     assert (second.metrics["train-steps"], second.metrics["tier"]) == (3, 1)
     assert (third.metrics["train-steps"], third.metrics["tier"]) == (1, 0)
-    untiered = run_client_round(tiny_scenario(tiny_bert), 1, blob, tmp_path, server_round=1)
+    untiered = run_client_round(DeviceContext(tiny_scenario(tiny_bert), 1, tmp_path), blob, server_round=1)
     assert untiered.metrics["train-steps"] == 2 and "tier" not in untiered.metrics
 
 
 @pytest.mark.parametrize("compression", ["none", "fp16", "int8"])
-def test_empty_client_round_sends_zeros_of_the_schema(tiny_bert: Path, compression: str) -> None:
+def test_empty_client_round_sends_zeros_of_the_schema(tiny_bert: Path, tmp_path: Path, compression: str) -> None:
     scenario = tiny_scenario(tiny_bert, compression=compression)
-    reply = empty_client_round(scenario, 1)
+    reply = empty_client_round(DeviceContext(scenario, 1, tmp_path))
     model = build_model(scenario, load_fleet_data(scenario).labels.names)
     delta = deserialize_state(reply.delta_blob, model.schema, "shared")
     specs = model.schema.specs("shared")

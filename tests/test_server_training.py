@@ -14,8 +14,9 @@ import torch
 from helpers import tiny_scenario
 
 from fedadapt.errors import ConfigError, DataError
-from fedadapt.fleet import build_model, scenario_labels
-from fedadapt.scenario import scenario_from_dict
+from fedadapt.fleet.build import build_model
+from fedadapt.fleet.data import scenario_labels
+from fedadapt.fleet.scenario import scenario_from_dict
 from fedadapt.server_training import load_proxy, train_on_proxy
 from fedadapt.train import TrainConfig, evaluate
 
@@ -76,8 +77,8 @@ def test_the_training_path_runs_without_flower(tiny_bert: Path, tmp_path: Path) 
 import sys
 sys.modules["flwr"] = None  # any import of Flower now fails
 from fedadapt.data import LabelMap
-from fedadapt.scenario import ScenarioConfig
-from fedadapt.fleet import build_model
+from fedadapt.fleet.scenario import ScenarioConfig
+from fedadapt.fleet.build import build_model
 from fedadapt.server_training import load_proxy, train_on_proxy
 from fedadapt.train import TrainConfig
 labels = LabelMap(names={names!r})

@@ -245,7 +245,7 @@ def test_client_errors_are_reduced_to_the_exception_message() -> None:
     ray_text = (
         "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m\n"
         'Traceback (most recent call last):\n  File "x.py", line 1\n'
-        "fedadapt.faults.SimulatedDeviceFailure: client 3 crashed in round 2 (simulated)\n"
+        "fedadapt.fleet.faults.SimulatedDeviceFailure: client 3 crashed in round 2 (simulated)\n"
         "Exception ClientAppException occurred. Message: client 3 crashed in round 2 (simulated)'>"
     )
     assert client_error_reason(ray_text) == "client 3 crashed in round 2 (simulated)"

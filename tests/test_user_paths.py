@@ -13,7 +13,7 @@ import pytest
 from clients.device import STATE_DIR, device_from_config
 from fedadapt.data import LabelMap, load_text_dataset
 from fedadapt.errors import ConfigError, DataError
-from fedadapt.fleet import RUN_OUT_DIR, RUN_SCENARIO, fleet_run_from_config
+from fedadapt.fleet.run_config import RUN_OUT_DIR, RUN_SCENARIO, fleet_run_from_config
 from fedadapt.keys import parse_public_key
 from fedadapt.user_paths import expand_user
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from fedadapt.bounds import Bound
 from fedadapt.errors import ConfigError
+from fedadapt.methods import make_method_config
 from fedadapt.privacy import PRIVACY_KEYS, PrivacyConfig
 from fedadapt.user_paths import expand_user
 
@@ -306,8 +307,6 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
 
 
 def _check_method(scenario: ScenarioConfig) -> None:
-    from fedadapt.methods import make_method_config
-
     make_method_config(scenario.method, size=scenario.rank)
 
 
@@ -353,6 +352,11 @@ def _relative_to(data: dict[str, Any], folder: Path, where: str) -> dict[str, An
             if candidate.exists():
                 resolved[key] = str(candidate.resolve())
     return resolved
+
+
+def only_fields(scenario: ScenarioConfig, names: tuple[str, ...]) -> ScenarioConfig:
+    """The scenario with every field but ``names`` at its default: a cache key that ignores the others."""
+    return ScenarioConfig(**{name: getattr(scenario, name) for name in names})
 
 
 def with_overrides(scenario: ScenarioConfig, **changes: Any) -> ScenarioConfig:

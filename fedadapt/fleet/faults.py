@@ -14,7 +14,7 @@ import random
 from typing import Literal
 
 from fedadapt.errors import FedAdaptError
-from fedadapt.scenario import ScenarioConfig
+from fedadapt.fleet.scenario import ScenarioConfig
 
 Fault = Literal["crash", "stall"]
 STALL_MARGIN_SECONDS = 5.0  # a straggler answers this long after the round's deadline

@@ -1,4 +1,4 @@
-"""A device keeps its own split in its state folder, so later messages skip loading and partitioning.
+"""A device's data and files: its split, kept in its state folder so later messages skip loading and partitioning.
 
 In deployment Flower starts a fresh ClientApp process for every message. Without this file each
 process loads the scenario's whole dataset, imports the partitioner stack (flwr-datasets pulls in
@@ -6,7 +6,7 @@ pandas, matplotlib and seaborn: about 300 MiB and seconds of CPU) and partitions
 to find the device's own rows. The device instead keeps its label map and its train/test split in
 ``<state folder>/data-<partition id>.json``, keyed by the scenario's data settings and by the size
 and modification time of every data file: change either and the split is computed afresh. The
-file holds only the device's own examples, beside its personal part.
+file holds only the device's own examples, beside its personal part (``client-<partition id>.safetensors``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,60 @@ from fedadapt import jsonsafe
 from fedadapt.atomic_files import write_bytes_atomic
 from fedadapt.data import MAX_DATA_FILE_BYTES, LabelMap, TextDataset
 from fedadapt.errors import DataError, FedAdaptError
+from fedadapt.fleet.data import DATA_FIELDS, client_split, device_split, scenario_labels
+from fedadapt.fleet.scenario import ScenarioConfig
 from fedadapt.partition import ClientSplit
 from fedadapt.user_paths import expand_user
 
 logger = logging.getLogger(__name__)
 
 DATA_FILE = "data-{partition_id}.json"
+PERSONAL_FILE = "client-{partition_id}.safetensors"
 FORMAT = 1  # bump when the file's layout changes: older files are then recomputed
 FILE_KEYS = ("data", "labels")  # scenario fields that name files whose contents the split depends on
 # The file holds a share of one data file (at most MAX_DATA_FILE_BYTES) and its indices: the same cap fits it.
 # {"train": {"texts": [...]}} is 3 levels deep; anything deeper is not a file this module wrote.
 _FILE_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class DeviceContext:
+    """One device of a scenario's fleet: its partition, the folder it keeps its files in, its own data file.
+
+    Every step of a device's round takes it; what changes per message (the global state, the round
+    number) is passed beside it.
+    """
+
+    scenario: ScenarioConfig
+    partition_id: int
+    state_dir: Path  # its personal part and its kept split
+    data_path: Path | None = None  # the device's own data file; None: its partition of the scenario's data
+
+    @property
+    def personal_path(self) -> Path:
+        """Where this device keeps its personal part."""
+        return personal_path(self.state_dir, self.partition_id)
+
+
+def device_data(device: DeviceContext) -> tuple[LabelMap, ClientSplit]:
+    """The scenario's label map and the device's split, kept in its state folder between messages.
+
+    A device with its own file (``data_path``) reads that each time and keeps nothing.
+    """
+    scenario, partition_id = device.scenario, device.partition_id
+    if device.data_path is not None:
+        return scenario_labels(scenario), device_split(scenario, partition_id, device.data_path)
+
+    def compute() -> tuple[LabelMap, ClientSplit]:
+        return scenario_labels(scenario), client_split(scenario, partition_id)
+
+    fields = {name: getattr(scenario, name) for name in DATA_FIELDS}
+    return cached_device_data(fields, partition_id, device.state_dir, compute)
+
+
+def personal_path(state_dir: Path, partition_id: int) -> Path:
+    """Where device ``partition_id`` keeps its personal part."""
+    return Path(state_dir) / PERSONAL_FILE.format(partition_id=partition_id)
 
 
 def device_data_path(state_dir: Path, partition_id: int) -> Path:

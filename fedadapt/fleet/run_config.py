@@ -1,0 +1,97 @@
+"""The run configuration the Flower apps receive: ``[tool.flwr.app.config]`` plus ``--run-config`` overrides.
+
+Its keys name the scenario, where the server writes, rounds and clients per round, and the
+benchmark and privacy switches; ``fleet_run_from_config`` checks them and loads the scenario.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedadapt.errors import ConfigError
+from fedadapt.fleet.scenario import ScenarioConfig, full_model_variant, load_scenario, with_overrides
+from fedadapt.user_paths import expand_user
+
+RUN_SCENARIO = "scenario"  # scenario TOML; relative paths are resolved against the project folder
+RUN_OUT_DIR = "out-dir"  # where the server writes checkpoints, metrics.json and final_adapter/
+RUN_NUM_ROUNDS = "num-rounds"  # 0: the scenario's rounds
+RUN_CLIENTS_PER_ROUND = "clients-per-round"  # 0: the scenario's; fedadapt serve lowers it to the nodes it starts
+RUN_RESUME = "resume"  # continue from the latest checkpoint in out-dir
+RUN_CLIENT_STATE_DIR = "client-state-dir"  # obsolete: devices ignore it (their folders are theirs to choose)
+RUN_FULL_MODEL = "full-model"  # run the scenario's full-model FedAvg variant instead
+RUN_EMPTY_CLIENTS = "empty-clients"  # benchmarks: clients reply at once with a zero delta
+RUN_SERVER_KEY = "server-key"  # the server's X25519 private key file (privacy modes aead and secagg+)
+RUN_SERVER_PUBLIC_KEY = "server-public-key"  # its public key for the clients: 64 hex characters or server.pub's path
+RUN_ACCEPT_UNVERIFIED = "accept-unverified-checkpoints"  # resume from checkpoints the server cannot authenticate
+RUN_KEYS = (
+    *(RUN_SCENARIO, RUN_OUT_DIR, RUN_NUM_ROUNDS, RUN_CLIENTS_PER_ROUND, RUN_RESUME, RUN_CLIENT_STATE_DIR),
+    *(RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_SERVER_KEY, RUN_SERVER_PUBLIC_KEY, RUN_ACCEPT_UNVERIFIED),
+)
+CLIENT_STATE_FOLDER = "clients"
+KEYS_FOLDER = "keys"  # <out>/keys: the server's private keys (envelope key pair, checkpoint key)
+
+
+@dataclass(frozen=True)
+class FleetRun:
+    """One run of a scenario: the scenario (with overrides applied) and where its files go."""
+
+    scenario: ScenarioConfig
+    out_dir: Path
+    resume: bool = False
+    empty_clients: bool = False
+    server_key: Path | None = None  # only the server reads it
+    server_public_key: str = ""
+    accept_unverified_checkpoints: bool = False  # resume even from checkpoints that fail authentication
+
+    @property
+    def keys_dir(self) -> Path:
+        """The server's key folder (its checkpoint key lives there)."""
+        return self.out_dir / KEYS_FOLDER
+
+
+def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> FleetRun:
+    """Parse the apps' run config (``[tool.flwr.app.config]`` plus ``--run-config`` overrides)."""
+    unknown = sorted(k for k in run_config if k not in RUN_KEYS)
+    if unknown:
+        raise ConfigError(f"run config has unknown keys {unknown}; allowed keys are: {', '.join(RUN_KEYS)}")
+    scenario_path = _resolve(str(run_config.get(RUN_SCENARIO, "")), project_root, RUN_SCENARIO)
+    out_dir = _resolve(str(run_config.get(RUN_OUT_DIR, "")), Path.cwd(), RUN_OUT_DIR)
+    rounds, per_round = (_count(run_config, key) for key in (RUN_NUM_ROUNDS, RUN_CLIENTS_PER_ROUND))
+    resume, full_model, empty, accept_unverified = (
+        _flag(run_config, key) for key in (RUN_RESUME, RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_ACCEPT_UNVERIFIED)
+    )
+    server_key = str(run_config.get(RUN_SERVER_KEY, ""))
+    scenario = with_overrides(load_scenario(scenario_path), rounds=rounds or None, clients_per_round=per_round or None)
+    return FleetRun(
+        scenario=full_model_variant(scenario) if full_model else scenario,
+        out_dir=out_dir,
+        resume=resume,
+        empty_clients=empty,
+        server_key=_resolve(server_key, Path.cwd(), RUN_SERVER_KEY) if server_key else None,
+        server_public_key=str(run_config.get(RUN_SERVER_PUBLIC_KEY, "")),
+        accept_unverified_checkpoints=accept_unverified,
+    )
+
+
+def _count(run_config: Mapping[str, Any], key: str) -> int:
+    value = run_config.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _flag(run_config: Mapping[str, Any], key: str) -> bool:
+    value = run_config.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _resolve(value: str, base: Path, key: str) -> Path:
+    if not value:
+        raise ConfigError(f"run config needs {key!r}")
+    path = expand_user(value, f"run config {key!r}")
+    return path if path.is_absolute() else (base / path).resolve()
