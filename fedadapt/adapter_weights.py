@@ -20,21 +20,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from fedadapt.errors import AdapterFolderError, StateError
+from fedadapt.safetensors_header import DTYPES
 from fedadapt.state import State, TensorSpec, check_names_and_shapes, check_state, dtype_name
 
-# safetensors' dtype codes, as torch names them.
-_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
+# safetensors' dtype codes, as torch names them: the one table safetensors_header keeps.
+_DTYPES = {code: name for code, (name, _size) in DTYPES.items()}
 # Header bytes allowed beyond each tensor's name: its JSON entry (dtype, shape, offsets) and padding,
 # plus room for the metadata (schema_id, PEFT's format) once per file.
 _HEADER_BYTES_PER_TENSOR = 192
