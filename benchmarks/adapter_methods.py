@@ -20,11 +20,12 @@ import torch
 from transformers import BertConfig, BertModel
 
 from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_config
-from fedadapt.adapters import AdapterSwitch, set_adapter_drop
-from fedadapt.backbone import SequenceClassifier
-from fedadapt.folder import save_adapter
-from fedadapt.pooling import PoolingConfig
-from fedadapt.serialize import serialize_state
+from fedadapt.adapters import set_adapter_drop
+from fedadapt.checkpoint.folder import save_adapter
+from fedadapt.checkpoint.hotswap import AdapterSwitch
+from fedadapt.delta.serialize import serialize_state
+from fedadapt.model.backbone import SequenceClassifier
+from fedadapt.model.pooling import PoolingConfig
 
 METHODS = ["lora", "ffa-lora", "ia3", "prompt", "prefix", "bitfit", "houlsby", "pfeiffer", "parallel"]
 # What the papers report for BERT-base-sized models (fraction of the backbone trained).

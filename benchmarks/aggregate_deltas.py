@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 
 from fedadapt import jsonsafe
-from fedadapt.aggregate import DeltaValidator, FedAvgConfig, ReceivedDelta, ServerOptimizer, StreamingFedAvg
-from fedadapt.aggregate import aggregate_round as run_round
-from fedadapt.serialize import Compression, serialize_state
-from fedadapt.state import AdapterSchema, State, TensorSpec
+from fedadapt.aggregate.fedavg import ReceivedDelta, StreamingFedAvg
+from fedadapt.aggregate.fedavg import aggregate_round as run_round
+from fedadapt.aggregate.server_optimizers import FedAvgConfig, ServerOptimizer
+from fedadapt.aggregate.validation import DeltaValidator
+from fedadapt.delta.serialize import Compression, serialize_state
+from fedadapt.delta.state import AdapterSchema, State, TensorSpec
 
 LAYERS, HIDDEN, RANK, LABELS = 6, 384, 8, 77
 COMPRESSIONS: tuple[Compression, ...] = ("none", "fp16", "int8")

@@ -22,7 +22,7 @@ import sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from fedadapt.fleet.device_data import DeviceContext, device_data
-from fedadapt.resources import MB, current_rss_bytes
+from fedadapt.fleet.resources import MB, current_rss_bytes
 from fedadapt.fleet.scenario import load_scenario
 scenario = load_scenario({scenario!r})
 start = time.perf_counter()

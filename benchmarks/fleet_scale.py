@@ -32,7 +32,7 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from fedadapt.processes import descendants  # noqa: E402
+from simulations.processes import descendants  # noqa: E402
 from simulations.runner import simulate  # noqa: E402
 
 

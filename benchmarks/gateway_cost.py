@@ -22,7 +22,7 @@ if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from deploy import serve  # noqa: E402
-from fedadapt.processes import free_port  # noqa: E402
+from simulations.processes import free_port  # noqa: E402
 
 CALLS, WARMUP = 100, 5
 HEADERS = {"content-type": "application/protobuf"}

@@ -21,14 +21,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig, load_backbone
-    from fedadapt.batching import encode_dataset
-    from fedadapt.data import LabelMap
+    from fedadapt.aggregate.server_training import train_on_proxy
+    from fedadapt.data.batching import encode_dataset
+    from fedadapt.data.label_map import LabelMap
+    from fedadapt.data.synthetic import SyntheticConfig, make_synthetic_dataset
     from fedadapt.methods import make_method_config
-    from fedadapt.model import AdapterModel
-    from fedadapt.server_training import train_on_proxy
-    from fedadapt.synthetic import SyntheticConfig, make_synthetic_dataset
-    from fedadapt.train import TrainConfig, evaluate
+    from fedadapt.model.adapter_model import AdapterModel
+    from fedadapt.model.backbone import DEFAULT_BACKBONE, BackboneConfig, load_backbone
+    from fedadapt.train.loop import TrainConfig, evaluate
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=1024, help="synthetic examples to train and score on")

@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 
 from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_config
-from fedadapt.baseline import DataConfig, load_splits
-from fedadapt.batching import EncodedTexts, batch_indices, collate, encode_dataset
-from fedadapt.cache import PrefixCache, train_adapter_cached
-from fedadapt.data import LabelMap, TextDataset
-from fedadapt.partition import PartitionConfig, partition_dataset
-from fedadapt.personalize import compare_on_client
-from fedadapt.synthetic import SyntheticConfig, make_synthetic_dataset
-from fedadapt.train import TrainConfig, evaluate, train_adapter
+from fedadapt.data.batching import EncodedTexts, batch_indices, collate, encode_dataset
+from fedadapt.data.dataset import TextDataset
+from fedadapt.data.label_map import LabelMap
+from fedadapt.data.partition import PartitionConfig, partition_dataset
+from fedadapt.data.splits import DataConfig, load_splits
+from fedadapt.data.synthetic import SyntheticConfig, make_synthetic_dataset
+from fedadapt.train.loop import TrainConfig, evaluate, train_adapter
+from fedadapt.train.personalize import compare_on_client
+from fedadapt.train.prefix_cache import PrefixCache, train_adapter_cached
 
 BANKING77 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "banking77"
 

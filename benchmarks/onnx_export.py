@@ -34,8 +34,8 @@ from export.graph import write_onnx  # noqa: E402
 from export.merged import OUTPUT_NAME, LogitsGraph, dummy_inputs  # noqa: E402
 from export.report import ExportReport  # noqa: E402
 from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_config  # noqa: E402
-from fedadapt.backbone import DEFAULT_BACKBONE  # noqa: E402
-from fedadapt.folder import save_adapter  # noqa: E402
+from fedadapt.checkpoint.folder import save_adapter  # noqa: E402
+from fedadapt.model.backbone import DEFAULT_BACKBONE  # noqa: E402
 
 NUM_LABELS, RANK = 77, 8
 SHAPES = ((1, 32), (32, 64))

@@ -31,12 +31,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from aggregate_deltas import minilm_lora_schema, synthetic_delta  # noqa: E402
 
-from fedadapt import protocol  # noqa: E402
-from fedadapt.aggregate import DeltaValidator, FedAvgConfig, ServerOptimizer  # noqa: E402
-from fedadapt.privacy import PrivacyConfig  # noqa: E402
-from fedadapt.serialize import Compression, max_blob_size, serialize_state  # noqa: E402
-from fedadapt.state import AdapterSchema, State  # noqa: E402
-from fedadapt.transport import ServerOpener  # noqa: E402
+from fedadapt.aggregate.server_optimizers import FedAvgConfig, ServerOptimizer  # noqa: E402
+from fedadapt.aggregate.validation import DeltaValidator  # noqa: E402
+from fedadapt.delta.serialize import Compression, max_blob_size, serialize_state  # noqa: E402
+from fedadapt.delta.state import AdapterSchema, State  # noqa: E402
+from fedadapt.fleet import protocol  # noqa: E402
+from fedadapt.privacy.config import PrivacyConfig  # noqa: E402
+from fedadapt.privacy.transport import ServerOpener  # noqa: E402
 from server.federation import ReplyPlan, fold_plain_replies  # noqa: E402
 from server.replies import reply_stream  # noqa: E402
 

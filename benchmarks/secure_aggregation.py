@@ -7,8 +7,8 @@ values). Five real client updates are trained once with the quickstart's local s
 ``i`` of ``N`` sends update ``i % 5``. For each mode one round runs in this process, every client
 and the server one after another (as on a simulation host), through the same code the apps call:
 - none: fp16 serialization on the client; ``aggregate_round`` (decode, validate, stream, step).
-- aead: the same inside ``fedadapt.transport`` envelopes (X25519 + HKDF + AES-256-GCM).
-- secagg+: the five stages of ``fedadapt.secagg`` (clients and ``SecAggRound``), every payload sealed,
+- aead: the same inside ``fedadapt.privacy.transport`` envelopes (X25519 + HKDF + AES-256-GCM).
+- secagg+: the five stages of ``fedadapt.privacy.secagg`` (clients and ``SecAggRound``), every payload sealed,
   then the optimizer step on the unmasked mean. Each client has a P-384 identity key and the roster.
 
 The consistency check's cost (column "consistency s") is the consistency stage's whole exchange plus
@@ -68,11 +68,11 @@ class Clock:
 
 def train_updates(scenario, count: int):  # type: ignore[no-untyped-def]
     """``count`` real quickstart client updates from the initial global state, and their training seconds."""
+    from fedadapt.delta.serialize import serialize_state
     from fedadapt.fleet.build import build_model
     from fedadapt.fleet.data import load_fleet_data
     from fedadapt.fleet.device_data import DeviceContext
     from fedadapt.fleet.device_round import train_client_update
-    from fedadapt.serialize import serialize_state
 
     fleet = load_fleet_data(scenario)
     model = build_model(scenario, fleet.labels.names)
@@ -88,10 +88,12 @@ def train_updates(scenario, count: int):  # type: ignore[no-untyped-def]
 
 
 def plain_round(mode: str, model, global_blob: bytes, updates, clients: int, keys: dict) -> tuple[Figures, dict]:  # type: ignore[no-untyped-def]
-    from fedadapt.aggregate import DeltaValidator, FedAvgConfig, ServerOptimizer, aggregate_round
-    from fedadapt.privacy import PrivacyConfig
-    from fedadapt.serialize import serialize_state
-    from fedadapt.transport import ClientSealer, ServerOpener
+    from fedadapt.aggregate.fedavg import aggregate_round
+    from fedadapt.aggregate.server_optimizers import FedAvgConfig, ServerOptimizer
+    from fedadapt.aggregate.validation import DeltaValidator
+    from fedadapt.delta.serialize import serialize_state
+    from fedadapt.privacy.config import PrivacyConfig
+    from fedadapt.privacy.transport import ClientSealer, ServerOpener
 
     privacy = PrivacyConfig(mode=mode)
     schema = model.schema
@@ -126,13 +128,13 @@ def _opened(opened: tuple[bytes, int | None], clear_count: int) -> tuple[bytes, 
 def secure_round(model, global_blob: bytes, updates, clients: int, keys: dict, privacy) -> tuple[Figures, dict]:  # type: ignore[no-untyped-def]
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from fedadapt.aggregate import FedAvgConfig, ServerOptimizer
-    from fedadapt.secagg import client as secagg
-    from fedadapt.secagg import stages
-    from fedadapt.secagg.identity import Identity, openssh_public
-    from fedadapt.secagg.server import SecAggRound
-    from fedadapt.state import flatten_state, unflatten_state
-    from fedadapt.transport import ClientSealer, ServerOpener
+    from fedadapt.aggregate.server_optimizers import FedAvgConfig, ServerOptimizer
+    from fedadapt.delta.state import flatten_state, unflatten_state
+    from fedadapt.privacy.secagg import client as secagg
+    from fedadapt.privacy.secagg import stages
+    from fedadapt.privacy.secagg.identity import Identity, openssh_public
+    from fedadapt.privacy.secagg.server import SecAggRound
+    from fedadapt.privacy.transport import ClientSealer, ServerOpener
 
     schema = model.schema
     specs = schema.specs("shared")
@@ -200,7 +202,7 @@ class IdentityTimer:
     """Times ``identity.sign``/``verify``/``normalize_public`` (outside the consistency stage, timed whole)."""
 
     def __init__(self, figures: Figures) -> None:
-        from fedadapt.secagg import identity
+        from fedadapt.privacy.secagg import identity
 
         self.module, self.figures, self.paused = identity, figures, False
         self.originals = {name: getattr(identity, name) for name in ("sign", "verify", "normalize_public")}
@@ -228,7 +230,8 @@ class IdentityTimer:
 
 def exact_fedavg(model, updates, clients: int) -> dict:  # type: ignore[no-untyped-def]
     """The global state after one plain FedAvg step on the uncompressed deltas (the reference)."""
-    from fedadapt.aggregate import FedAvgConfig, ServerOptimizer, StreamingFedAvg
+    from fedadapt.aggregate.fedavg import StreamingFedAvg
+    from fedadapt.aggregate.server_optimizers import FedAvgConfig, ServerOptimizer
 
     fedavg = StreamingFedAvg(model.schema)
     for index in range(clients):
@@ -248,7 +251,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from fedadapt.fleet.scenario import load_scenario
-    from fedadapt.keys import generate_server_keys
+    from fedadapt.privacy.keys import generate_server_keys
 
     scenario = load_scenario(PROJECT_ROOT / "simulations" / "secure.toml")
     privacy = scenario.privacy

@@ -11,12 +11,12 @@ from flwr.clientapp import ClientApp
 
 from clients.device import Device, device_from_config, enforce_privacy_policy, warn_about_device_paths
 from clients.secure import bytes_array, message_round, payload_bytes, run_stage
-from fedadapt import protocol
 from fedadapt.errors import ConfigError
+from fedadapt.fleet import protocol
+from fedadapt.fleet.resources import process_age_seconds
 from fedadapt.fleet.run_config import fleet_run_from_config
-from fedadapt.privacy import PrivacyConfig
-from fedadapt.resources import process_age_seconds
-from fedadapt.transport import ClientSealer
+from fedadapt.privacy.config import PrivacyConfig
+from fedadapt.privacy.transport import ClientSealer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # inside the FAB Flower unpacks, or the checkout
 

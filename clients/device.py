@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedadapt.config_values import expand_user
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.device_data import DeviceContext
 from fedadapt.fleet.run_config import RUN_CLIENT_STATE_DIR
 from fedadapt.fleet.scenario import ScenarioConfig
-from fedadapt.privacy import MODES, PrivacyConfig
-from fedadapt.user_paths import expand_user
+from fedadapt.privacy.config import MODES, PrivacyConfig
 
 logger = logging.getLogger(__name__)
 

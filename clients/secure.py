@@ -1,6 +1,6 @@
 """The ClientApp's SecAgg+ stages: carry the session in ``context.state`` and payloads in and out of messages.
 
-The protocol itself is ``fedadapt.secagg.client``; training is ``fedadapt.fleet.device_round``. Only the
+The protocol itself is ``fedadapt.privacy.secagg.client``; training is ``fedadapt.fleet.device_round``. Only the
 ``masked`` stage loads the model (torch is imported there and nowhere else in these stages).
 The device signs with its own identity key and trusts only the identities of its roster (both
 files of the device's own configuration, never of the run config).
@@ -15,13 +15,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 
 from clients.device import Device
-from fedadapt import protocol
 from fedadapt.errors import ConfigError, FedAdaptError, SecAggError
+from fedadapt.fleet import protocol
 from fedadapt.fleet.run_config import FleetRun
-from fedadapt.secagg import client as secagg_client
-from fedadapt.secagg import stages, wire
-from fedadapt.secagg.identity import Identity, load_identity
-from fedadapt.transport import ClientSealer
+from fedadapt.privacy.secagg import client as secagg_client
+from fedadapt.privacy.secagg import stages, wire
+from fedadapt.privacy.secagg.identity import Identity, load_identity
+from fedadapt.privacy.transport import ClientSealer
 
 if TYPE_CHECKING:
     from fedadapt.fleet.device_round import LocalUpdate
@@ -114,7 +114,7 @@ def _train(msg: Message, run: FleetRun, device: Device, server_round: int) -> Lo
 
 def _delta_vector(update: LocalUpdate, max_norm: float | None) -> tuple[np.ndarray, bool]:
     """The delta as one float64 vector, scaled down to ``max_norm`` here: the server cannot check it masked."""
-    from fedadapt.state import flatten_state  # loads torch: the masked stage only
+    from fedadapt.delta.state import flatten_state  # loads torch: the masked stage only
 
     vector = flatten_state(update.delta, update.schema.specs("shared")).numpy()
     norm = float(np.linalg.norm(vector))

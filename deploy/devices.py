@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 
-from fedadapt.certs import DEVICES_DIR
+from deploy.certs import DEVICES_DIR
 from fedadapt.errors import ConfigError
-from fedadapt.keys import _write_new
+from fedadapt.privacy.keys import _write_new
 
 logger = logging.getLogger(__name__)
 

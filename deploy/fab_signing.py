@@ -8,8 +8,8 @@ records only to Flower Hub apps, so ``deploy/gateway.py`` attaches this one to t
 
 The message is built here (``message_to_sign``), not taken from Flower's internal
 ``flwr.supercore.primitives.asymmetric_ed25519.create_message_to_sign``: it is two lines, and the
-format is fixed by what SuperNodes verify; tests/test_fab_signing.py pins it to a recorded
-signature and tests/test_gateway.py checks it against a SuperNode's own verifier.
+format is fixed by what SuperNodes verify; tests/deploy/test_fab_signing.py pins it to a recorded
+signature and tests/deploy/test_gateway.py checks it against a SuperNode's own verifier.
 
 The FAB is built as ``flwr run <project>`` builds it (``flwr.cli.build.build_fab_from_disk``: sorted
 files, fixed zip dates). ``fedadapt serve`` unpacks it and runs ``flwr run`` on the unpacked files,
@@ -34,7 +34,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_ssh_private_key
 
-from fedadapt.certs import identity_key_id
+from deploy.certs import identity_key_id
 from fedadapt.errors import ConfigError
 
 

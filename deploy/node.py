@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedadapt.errors import ConfigError
-from fedadapt.privacy import MODES
-from fedadapt.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
+from fedadapt.privacy.config import MODES
+from simulations.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
 from simulations.runner import flower_env
 
 INSECURE_NOTE = "INSECURE: no TLS and no node authentication; for a local demo only."

@@ -42,7 +42,7 @@ from typing import Any
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.run_config import CLIENT_STATE_FOLDER
 from fedadapt.fleet.scenario import with_overrides
-from fedadapt.processes import find_tool, free_port, stop_process_tree, stop_process_trees, terminate_gracefully
+from simulations.processes import find_tool, free_port, stop_process_tree, stop_process_trees, terminate_gracefully
 from simulations.runner import (
     FLWR_LOG,
     PROJECT_ROOT,
@@ -178,7 +178,7 @@ class _Certs:
 
 def _certs(plan: SimulationPlan, deployment: Deployment) -> _Certs:
     """The certificates to use: --certs as given, or <out>/certs made (and kept for --resume) for local nodes."""
-    from fedadapt.certs import (
+    from deploy.certs import (
         CA_CERT,
         DEVICES_DIR,
         IDENTITY_KEY,

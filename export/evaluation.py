@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from export.parity import RunGraph
-from fedadapt.baseline import DataConfig, load_splits
-from fedadapt.data import TextDataset
+from fedadapt.data.dataset import TextDataset
+from fedadapt.data.splits import DataConfig, load_splits
 from fedadapt.errors import ConfigError
-from fedadapt.model import AdapterModel
+from fedadapt.model.adapter_model import AdapterModel
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ BATCH_SIZE = 32
 def evaluate(data: Path, reference: AdapterModel, runners: Mapping[str, RunGraph]) -> dict[str, Any]:
     """Accuracy of each graph in ``runners`` (file → runner) on ``data``'s test split; int8's change in points.
 
-    ``data`` is read as ``fedadapt train`` reads it (fedadapt.baseline.load_splits): a folder's
+    ``data`` is read as ``fedadapt train`` reads it (fedadapt.data.splits.load_splits): a folder's
     test split, or the seeded hold-out of a single file. Labels are matched by name with the
     adapter's labels.
     """

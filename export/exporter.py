@@ -54,7 +54,7 @@ from export.swappable import (
 )
 from export.variants import MakeRunner, write_variants
 from fedadapt.errors import ConfigError
-from fedadapt.model import AdapterModel
+from fedadapt.model.adapter_model import AdapterModel
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from transformers import AutoTokenizer
 from export.config import ExportConfig
 from export.errors import ExportError
 from export.parity import Feeds, ParityResult, RunGraph, check_parity, tokenize_batches
+from fedadapt.checkpoint.folder import load_adapter, read_manifest
 from fedadapt.errors import AdapterFolderError, ConfigError, FedAdaptError
-from fedadapt.folder import load_adapter, read_manifest
-from fedadapt.model import AdapterModel
+from fedadapt.model.adapter_model import AdapterModel
 
 
 def read_adapter_manifest(adapter: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from export.graph import write_onnx
 from fedadapt.errors import ConfigError
-from fedadapt.model import AdapterModel
+from fedadapt.model.adapter_model import AdapterModel
 
 logger = logging.getLogger(__name__)
 

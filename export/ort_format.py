@@ -4,7 +4,7 @@ The conversion is what ``python -m onnxruntime.tools.convert_onnx_models_to_ort`
 optimization style): load the graph with every graph optimization on, except the NCHWc layout
 transformer, which is x86-only and would make the file unusable on ARM phones, and let ONNX
 Runtime save the optimized graph in ORT format. Overridable initializers survive: a swappable
-``backbone.ort`` still takes every user's ``.onnx_adapter`` (checked in tests/test_export.py).
+``backbone.ort`` still takes every user's ``.onnx_adapter`` (checked in tests/export/test_export.py).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from export.errors import ExportParityError
-from fedadapt.model import AdapterModel
+from fedadapt.model.adapter_model import AdapterModel
 
 Feeds = dict[str, np.ndarray]
 RunGraph = Callable[[Feeds], np.ndarray]

@@ -28,7 +28,7 @@ from export.bundle_verify import BACKBONE_FILE as BACKBONE_FILE  # re-exported: 
 from export.graph import make_overridable, write_onnx
 from export.merged import OUTPUT_NAME, dummy_inputs
 from fedadapt.errors import ConfigError
-from fedadapt.model import AdapterModel
+from fedadapt.model.adapter_model import AdapterModel
 
 logger = logging.getLogger(__name__)
 

@@ -12,27 +12,27 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DEFAULT_BACKBONE": "fedadapt.backbone",
-    "BackboneConfig": "fedadapt.backbone",
-    "LoadedBackbone": "fedadapt.backbone",
-    "load_backbone": "fedadapt.backbone",
+    "DEFAULT_BACKBONE": "fedadapt.model.backbone",
+    "BackboneConfig": "fedadapt.model.backbone",
+    "LoadedBackbone": "fedadapt.model.backbone",
+    "load_backbone": "fedadapt.model.backbone",
     "METHODS": "fedadapt.methods",
     "make_method_config": "fedadapt.methods",
-    "AdapterModel": "fedadapt.model",
-    "StateSplit": "fedadapt.model",
-    "AdapterSchema": "fedadapt.state",
-    "apply_delta": "fedadapt.state",
-    "compute_delta": "fedadapt.state",
-    "save_adapter": "fedadapt.folder",
-    "load_adapter": "fedadapt.folder",
+    "AdapterModel": "fedadapt.model.adapter_model",
+    "StateSplit": "fedadapt.model.adapter_model",
+    "AdapterSchema": "fedadapt.delta.state",
+    "apply_delta": "fedadapt.delta.state",
+    "compute_delta": "fedadapt.delta.state",
+    "save_adapter": "fedadapt.checkpoint.folder",
+    "load_adapter": "fedadapt.checkpoint.folder",
 }
 
 if TYPE_CHECKING:
-    from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig, LoadedBackbone, load_backbone
-    from fedadapt.folder import load_adapter, save_adapter
+    from fedadapt.checkpoint.folder import load_adapter, save_adapter
+    from fedadapt.delta.state import AdapterSchema, apply_delta, compute_delta
     from fedadapt.methods import METHODS, make_method_config
-    from fedadapt.model import AdapterModel, StateSplit
-    from fedadapt.state import AdapterSchema, apply_delta, compute_delta
+    from fedadapt.model.adapter_model import AdapterModel, StateSplit
+    from fedadapt.model.backbone import DEFAULT_BACKBONE, BackboneConfig, LoadedBackbone, load_backbone
 
 
 def __getattr__(name: str) -> Any:

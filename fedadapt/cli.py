@@ -1,7 +1,7 @@
 """The ``fedadapt`` command line.
 
-Library commands (info, train, keys, certs) call fedadapt in this process. App commands (simulate, serve,
-node, export) run an app that sits beside fedadapt in the checkout: ``APP_MODULES`` names each one.
+Library commands (info, train, keys) call fedadapt in this process. App commands (simulate, serve,
+node, certs, export) run an app that sits beside fedadapt in the checkout: ``APP_MODULES`` names each one.
 Every command reports a library error as one ``error: ...`` line on stderr and exit status 2 (``_reports_errors``).
 Imports of torch, transformers and cryptography wait inside the commands that need them, so that
 ``fedadapt --help`` and a mistyped option answer at once.
@@ -81,6 +81,7 @@ APP_MODULES: dict[str, str] = {
     "serve": "deploy.serve",
     "node": "deploy.node",
     "node keygen": "deploy.devices",
+    "certs": "deploy.certs",  # cryptography's X.509: loaded by this command only
     "export options": "export.config",  # checks the options before export.exporter loads torch
     "export": "export.exporter",
 }
@@ -131,8 +132,8 @@ def info(
     """Parameter counts and sizes of an adapter method on a backbone."""
     extra = {} if drop_layers is None else {"drop_layers": drop_layers}
     method_config = make_method_config(method, size=rank, **extra)  # fails fast, before torch loads
-    from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig  # torch: only once the options are valid
-    from fedadapt.info import adapter_info
+    from fedadapt.checkpoint.info import adapter_info
+    from fedadapt.model.backbone import DEFAULT_BACKBONE, BackboneConfig  # torch: only once the options are valid
 
     backbone_config = BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, num_labels=num_labels)
     result = adapter_info(method_config, backbone_config)
@@ -169,9 +170,10 @@ def train(
 ) -> None:
     """Train an adapter centrally (the baseline), evaluate it on the test split and save it."""
     method_config = make_method_config(method, size=rank)  # fails fast, before torch loads
-    from fedadapt.backbone import DEFAULT_BACKBONE  # torch: only once the method is valid
-    from fedadapt.baseline import DataConfig, train_baseline
-    from fedadapt.train import TrainConfig
+    from fedadapt.data.splits import DataConfig
+    from fedadapt.model.backbone import DEFAULT_BACKBONE  # torch: only once the method is valid
+    from fedadapt.train.baseline import train_baseline
+    from fedadapt.train.loop import TrainConfig
 
     data_config = DataConfig(
         path=data, text_column=text_column, label_column=label_column, max_examples=max_examples, seed=seed
@@ -427,7 +429,7 @@ def keys_generate(
     out: Annotated[Path, typer.Option(help="Folder for server.key (mode 0600) and server.pub (0644).")],
 ) -> None:
     """Generate the server's key pair; never overwrites. Prints the paths and the public key's fingerprint."""
-    from fedadapt.keys import generate_server_keys  # cryptography: loaded by this command only
+    from fedadapt.privacy.keys import generate_server_keys  # cryptography: loaded by this command only
 
     files = generate_server_keys(out)
     typer.echo(f"private key: {files.private_path} (keep it secret; mode 0600)")
@@ -449,9 +451,8 @@ def certs_command(
 
     Device keys are made on each device (`fedadapt node keygen`); only their public keys come here.
     """
-    from fedadapt.certs import generate_deployment_certs, next_commands  # cryptography: this command only
-
-    certs = generate_deployment_certs(out, tuple(host or ("127.0.0.1", "localhost")), validity_days)
+    made = _app("certs")
+    certs = made.generate_deployment_certs(out, tuple(host or ("127.0.0.1", "localhost")), validity_days)
     typer.echo(f"CA certificate:        {certs.ca_cert}  (SHA-256 {certs.ca_fingerprint})")
     typer.echo(f"CA private key:        {certs.ca_key}  (secret, mode 0600; keep it offline)")
     typer.echo(f"SuperLink certificate: {certs.server_cert}  (for {', '.join(certs.hosts)})")
@@ -459,7 +460,7 @@ def certs_command(
     typer.echo(f"server identity:       {certs.identity_key}  (secret, mode 0600; signs the FAB the server runs)")
     typer.echo(f"trusted entities:      {certs.trusted_entities}  (copy to every device)")
     typer.echo("next:")
-    for line in next_commands(certs):
+    for line in made.next_commands(certs):
         typer.echo(f"  {line}")
 
 

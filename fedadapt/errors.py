@@ -46,7 +46,7 @@ class EmptyAggregateError(FedAdaptError, ValueError):
 
 
 class EnvelopeError(FedAdaptError):
-    """An encrypted payload was rejected; ``reason`` is one of ``fedadapt.envelope.REASONS``.
+    """An encrypted payload was rejected; ``reason`` is one of ``fedadapt.privacy.envelope.REASONS``.
 
     Messages never hold key material or plaintext.
     """

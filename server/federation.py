@@ -4,7 +4,7 @@ Each round: wait for enough connected clients, sample ``clients_per_round`` of t
 RNG (under secagg+ from a fresh per-run secret instead, so colluding clients cannot predict the
 sample or their neighbours from the public scenario seed), send the global shared state
 (uncompressed), validate every returned delta and stream their example-weighted mean into the
-server optimizer (``fedadapt.aggregate``; rejected clients are logged and left out, the round
+server optimizer (``fedadapt.aggregate.fedavg``; rejected clients are logged and left out, the round
 completes), evaluate the global model on the server's test split,
 checkpoint atomically and rewrite ``metrics.json``. A run resumes from its latest checkpoint.
 """
@@ -27,34 +27,29 @@ from typing import Any, cast
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedadapt import protocol
-from fedadapt.aggregate import (
-    REASON_LIMIT,
-    DeltaValidator,
-    FedAvgConfig,
-    ReceivedDelta,
-    ServerOptimizer,
-    aggregate_round,
-)
-from fedadapt.atomic_files import write_bytes_atomic
-from fedadapt.checkpoint_key import load_or_create_checkpoint_key, read_checkpoint_key
-from fedadapt.errors import EmptyAggregateError, EnvelopeError, ReplyError, SchemaMismatch
-from fedadapt.fleet.build import build_model, encode_split
-from fedadapt.fleet.data import load_fleet_data
-from fedadapt.fleet.run_config import FleetRun
-from fedadapt.folder import save_adapter
-from fedadapt.resources import memory_record
-from fedadapt.serialize import max_blob_size, serialize_state
-from fedadapt.state import State, check_state
-from fedadapt.train import evaluate
-from fedadapt.transport import ServerOpener, sealed_delta_overhead
-from server.checkpoint import (
+from fedadapt.aggregate.fedavg import ReceivedDelta, aggregate_round
+from fedadapt.aggregate.server_optimizers import FedAvgConfig, ServerOptimizer
+from fedadapt.aggregate.validation import REASON_LIMIT, DeltaValidator
+from fedadapt.checkpoint.atomic_files import write_bytes_atomic
+from fedadapt.checkpoint.folder import save_adapter
+from fedadapt.checkpoint.key import load_or_create_checkpoint_key, read_checkpoint_key
+from fedadapt.checkpoint.rounds import (
     Checkpoint,
     load_latest_checkpoint,
     rng_state_from_json,
     rng_state_to_json,
     save_checkpoint,
 )
+from fedadapt.delta.serialize import max_blob_size, serialize_state
+from fedadapt.delta.state import State, check_state
+from fedadapt.errors import EmptyAggregateError, EnvelopeError, ReplyError, SchemaMismatch
+from fedadapt.fleet import protocol
+from fedadapt.fleet.build import build_model, encode_split
+from fedadapt.fleet.data import load_fleet_data
+from fedadapt.fleet.resources import memory_record
+from fedadapt.fleet.run_config import FleetRun
+from fedadapt.privacy.transport import ServerOpener, sealed_delta_overhead
+from fedadapt.train.loop import evaluate
 from server.replies import (
     DeltaReply,
     bytes_to_array,
@@ -256,7 +251,7 @@ class Federation:
 
     def _load_proxy(self, labels: Any) -> Any:
         """The server's labelled proxy set, encoded once; None without ``server-proxy-data``."""
-        from fedadapt.server_training import load_proxy
+        from fedadapt.aggregate.server_training import load_proxy
 
         if not self.scenario.server_proxy_data:
             return None
@@ -271,8 +266,8 @@ class Federation:
 
     def _train_on_proxy(self, epochs: int, server_round: int, what: str) -> dict[str, Any]:
         """Train the global shared state on the proxy set (on the server's GPU when it has one)."""
-        from fedadapt.server_training import train_on_proxy
-        from fedadapt.train import TrainConfig
+        from fedadapt.aggregate.server_training import train_on_proxy
+        from fedadapt.train.loop import TrainConfig
 
         config = TrainConfig(
             epochs=epochs,

@@ -21,9 +21,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedadapt import protocol
-from fedadapt.aggregate import REASON_LIMIT
+from fedadapt.aggregate.validation import REASON_LIMIT
 from fedadapt.errors import EnvelopeError, ReplyError
+from fedadapt.fleet import protocol
 
 logger = logging.getLogger(__name__)
 

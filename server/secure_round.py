@@ -1,6 +1,6 @@
-"""The ServerApp's SecAgg+ round: five message exchanges that drive ``fedadapt.secagg.server.SecAggRound``.
+"""The ServerApp's SecAgg+ round: five message exchanges that drive ``fedadapt.privacy.secagg.server.SecAggRound``.
 
-Each client payload arrives sealed (``fedadapt.transport``) and is opened against the node Flower
+Each client payload arrives sealed (``fedadapt.privacy.transport``) and is opened against the node Flower
 names as its source; a payload that fails to open, a client error or a missing reply counts as a
 dropout at that stage. Only the unmasked *sum* leaves ``SecAggRound``: this module turns its mean
 into the schema's tensors for the server optimizer.
@@ -17,15 +17,15 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedadapt import protocol
-from fedadapt.aggregate import REASON_LIMIT
-from fedadapt.envelope import HEADER_SIZE, TAG_SIZE
+from fedadapt.aggregate.validation import REASON_LIMIT
+from fedadapt.delta.state import AdapterSchema, State
 from fedadapt.errors import EnvelopeError, ReplyError, SecAggError
-from fedadapt.privacy import PrivacyConfig
-from fedadapt.secagg import masking, stages, wire
-from fedadapt.secagg.server import SecAggRound
-from fedadapt.state import AdapterSchema, State
-from fedadapt.transport import ServerOpener
+from fedadapt.fleet import protocol
+from fedadapt.privacy.config import PrivacyConfig
+from fedadapt.privacy.envelope import HEADER_SIZE, TAG_SIZE
+from fedadapt.privacy.secagg import masking, stages, wire
+from fedadapt.privacy.secagg.server import SecAggRound
+from fedadapt.privacy.transport import ServerOpener
 from server.replies import (
     bytes_to_array,
     envelope_reason,
@@ -94,7 +94,7 @@ def run_secure_round(
     """
     import torch
 
-    from fedadapt.state import unflatten_state
+    from fedadapt.delta.state import unflatten_state
 
     specs = schema.specs("shared")
     limits = stage_limits(privacy, schema.num_params("shared"), schema.schema_id)

@@ -8,9 +8,9 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedadapt.checkpoint.rounds import list_checkpoints
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.run_config import fleet_run_from_config
-from server.checkpoint import list_checkpoints
 from server.federation import Federation
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # inside the FAB Flower unpacks, or the checkout

@@ -12,7 +12,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from fedadapt.atomic_files import write_bytes_atomic
+from fedadapt.checkpoint.atomic_files import write_bytes_atomic
 
 ACCURACY_PNG = "accuracy.png"
 BYTES_PNG = "bytes.png"

@@ -30,7 +30,7 @@ from typing import Any
 
 from clients.device import DEVICE_ROOT_ENV
 from fedadapt import jsonsafe
-from fedadapt.atomic_files import write_bytes_atomic
+from fedadapt.checkpoint.atomic_files import write_bytes_atomic
 from fedadapt.errors import ConfigError, FedAdaptError, JsonInputError
 from fedadapt.fleet.device_data import PERSONAL_FILE
 from fedadapt.fleet.run_config import (
@@ -47,8 +47,8 @@ from fedadapt.fleet.run_config import (
     RUN_SERVER_PUBLIC_KEY,
 )
 from fedadapt.fleet.scenario import ScenarioConfig, full_model_variant, load_scenario, with_overrides
-from fedadapt.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
-from fedadapt.report import compare_with_full_model
+from simulations.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
+from simulations.report import compare_with_full_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 METRICS_FILE = "metrics.json"  # written by server.federation
@@ -308,7 +308,7 @@ def device_root(plan: SimulationPlan) -> Path:
     """``<out>/clients``, where the simulated devices keep their files (they find it through
     ``FEDADAPT_DEVICE_ROOT``). Under secagg+ it also holds ``device-<i>/identity.key`` per partition
     (0600, made once, reused on resume) and ``roster.pub``, the fleet's public keys."""
-    from fedadapt.secagg.identity import generate_private_key, load_private_key, openssh_public
+    from fedadapt.privacy.secagg.identity import generate_private_key, load_private_key, openssh_public
 
     root = plan.out_dir / CLIENT_STATE_FOLDER
     if not plan.scenario.privacy.secure_aggregation:
@@ -330,7 +330,7 @@ def run_keys(out_dir: Path) -> dict[str, str]:
     The private key stays in the folder (only the server reads it); the public key goes to the
     clients as 64 hex characters in the run config.
     """
-    from fedadapt.keys import PRIVATE_NAME, PUBLIC_NAME, generate_server_keys, load_public_key, public_key_hex
+    from fedadapt.privacy.keys import PRIVATE_NAME, PUBLIC_NAME, generate_server_keys, load_public_key, public_key_hex
 
     folder = out_dir / KEYS_FOLDER
     if not (folder / PRIVATE_NAME).exists():

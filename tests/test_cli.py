@@ -110,7 +110,7 @@ def test_node_keygen_prints_only_the_public_key_and_never_overwrites(tmp_path: P
 
 
 def test_a_secure_node_without_trusted_entities_is_refused(tmp_path: Path) -> None:
-    from fedadapt.certs import generate_deployment_certs
+    from deploy.certs import generate_deployment_certs
 
     certs = generate_deployment_certs(tmp_path / "certs")
     assert runner.invoke(app, ["node", "keygen", "--out", str(tmp_path / "k")]).exit_code == 0

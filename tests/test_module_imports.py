@@ -63,7 +63,7 @@ def library_modules() -> list[str]:
 
 def test_every_library_module_imports_first_in_a_fresh_interpreter() -> None:
     modules = library_modules()
-    assert "fedadapt.adapters.bottleneck" in modules and "fedadapt.secagg.crypto" in modules
+    assert "fedadapt.adapters.bottleneck" in modules and "fedadapt.privacy.secagg.crypto" in modules
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-c", _FORKING_IMPORTER, json.dumps(_PRELOADED), json.dumps(modules)],

@@ -24,11 +24,11 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_config
+from fedadapt.checkpoint.folder import MANIFEST, load_adapter, save_adapter
+from fedadapt.delta.safetensors_header import read_header
+from fedadapt.delta.serialize import deserialize_state, read_metadata, serialize_state
+from fedadapt.delta.state import AdapterSchema, TensorSpec
 from fedadapt.errors import FedAdaptError, StateError
-from fedadapt.folder import MANIFEST, load_adapter, save_adapter
-from fedadapt.safetensors_header import read_header
-from fedadapt.serialize import deserialize_state, read_metadata, serialize_state
-from fedadapt.state import AdapterSchema, TensorSpec
 
 # ------------------------------------------------------------------------------------------- tools
 
@@ -108,7 +108,7 @@ def test_header_shape_with_a_huge_element_count_is_a_state_error() -> None:
     with pytest.raises(StateError):
         read_header(blob)
     with pytest.raises(StateError):
-        read_metadata(blob)  # server/checkpoint.py's reader of a checkpoint file
+        read_metadata(blob)  # fedadapt/checkpoint/rounds.py's reader of a checkpoint file
     schema = AdapterSchema(
         method={"name": "x"},
         backbone_fingerprint="f" * 64,

@@ -24,11 +24,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from export.errors import BundleError
 from export.phone_demo import PhoneClassifier, main
 from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_config
-from fedadapt.adapter_limits import AdapterLimits
+from fedadapt.checkpoint.folder import MANIFEST, load_adapter, save_adapter
+from fedadapt.checkpoint.limits import AdapterLimits
+from fedadapt.delta.state import AdapterSchema
 from fedadapt.errors import AdapterFolderError, ConfigError, FedAdaptError
 from fedadapt.fleet.scenario import load_scenario
-from fedadapt.folder import MANIFEST, load_adapter, save_adapter
-from fedadapt.state import AdapterSchema
 
 NO_SUCH_USER = "~no_such_user_fedadapt_review"
 
@@ -71,7 +71,7 @@ BIG_METHODS = [
 def test_max_params_bounds_what_the_method_builds_not_only_the_recorded_schema(
     tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, fields: dict[str, Any]
 ) -> None:
-    """fedadapt/folder.py load_adapter: the schema_id comparison that catches the lie runs after building.
+    """fedadapt/checkpoint/folder.py load_adapter: the schema_id comparison that catches the lie runs after building.
 
     On a 7B backbone (hidden 4096) LoRA r=4096 on every linear is ~10^10 values (40 GB) from a 1 KB
     manifest, while max_params (2^30) is meant to stop anything above 4 GB before it is allocated.
@@ -93,7 +93,7 @@ def test_max_params_bounds_what_the_method_builds_not_only_the_recorded_schema(
 
 
 def test_a_backbone_name_of_an_unknown_users_home_is_a_named_error(tiny_bert: Path, tmp_path: Path) -> None:
-    """fedadapt/backbone.py resolve_backbone_path: Path.expanduser() raises RuntimeError for ~unknown_user."""
+    """fedadapt/model/backbone.py resolve_backbone_path: Path.expanduser() raises RuntimeError for ~unknown_user."""
     folder = _folder(tiny_bert, tmp_path / "folder", "lora")
     _rewrite(folder, lambda m: m["backbone"].update(name_or_path=f"{NO_SUCH_USER}/model"))
     with pytest.raises(FedAdaptError, match="name_or_path|backbone"):

@@ -1,7 +1,7 @@
 """A path of an unknown user's home (``~someone/x``) read from a file or run config is the project's error.
 
 ``Path("~someone/x").expanduser()`` raises RuntimeError when this machine has no user ``someone``;
-every reader of such a path goes through ``fedadapt.user_paths.expand_user`` instead.
+every reader of such a path goes through ``fedadapt.config_values.expand_user`` instead.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from clients.device import STATE_DIR, device_from_config
-from fedadapt.data import LabelMap, load_text_dataset
+from fedadapt.config_values import expand_user
+from fedadapt.data.label_map import LabelMap
+from fedadapt.data.readers import load_text_dataset
 from fedadapt.errors import ConfigError, DataError
 from fedadapt.fleet.run_config import RUN_OUT_DIR, RUN_SCENARIO, fleet_run_from_config
-from fedadapt.keys import parse_public_key
-from fedadapt.user_paths import expand_user
+from fedadapt.privacy.keys import parse_public_key
 
 UNKNOWN_HOME = "~no_such_user_fedadapt_paths/x"
 

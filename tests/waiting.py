@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedadapt.processes import alive, descendants
+from simulations.processes import alive, descendants
 
 TIME_SCALE_VARIABLE = "FEDADAPT_TEST_TIME_SCALE"
 LOG_LINES = 30  # per log, in a timeout report

@@ -1,7 +1,9 @@
-"""fedadapt's own adapters: bottleneck (Houlsby, Pfeiffer, parallel), stacking, AdapterFusion,
-AdapterDrop and hot-swapping. No maintained library offers these on transformers 5.
+"""fedadapt's own adapter modules: bottleneck adapters, the slots that hold them in each layer,
+stacking, AdapterFusion, AdapterDrop and switching the active adapter. No maintained library offers
+these on transformers 5. The methods that configure them live in ``fedadapt.methods``; this package
+imports neither the methods nor the folder code.
 
-Names resolve lazily so the method registry can import configs without importing torch.
+Names resolve lazily so the method registry can import ``add_bottleneck`` without importing torch.
 """
 
 from __future__ import annotations
@@ -10,14 +12,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "HoulsbyConfig": "fedadapt.adapters.bottleneck",
-    "PfeifferConfig": "fedadapt.adapters.bottleneck",
-    "ParallelConfig": "fedadapt.adapters.bottleneck",
     "add_bottleneck": "fedadapt.adapters.bottleneck",
-    "StackConfig": "fedadapt.adapters.compose",
-    "FusionConfig": "fedadapt.adapters.compose",
-    "load_frozen_adapter": "fedadapt.adapters.compose",
-    "AdapterSwitch": "fedadapt.adapters.hotswap",
     "BottleneckAdapter": "fedadapt.adapters.modules",
     "FusionLayer": "fedadapt.adapters.modules",
     "AdaptedOutput": "fedadapt.adapters.slots",
@@ -37,18 +32,11 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AdaptedOutput",
-    "AdapterSwitch",
     "BottleneckAdapter",
     "Fuse",
-    "FusionConfig",
     "FusionLayer",
-    "HoulsbyConfig",
-    "ParallelConfig",
-    "PfeifferConfig",
     "Stack",
-    "StackConfig",
     "add_bottleneck",
-    "load_frozen_adapter",
     "register_layout",
     "set_adapter_drop",
     "set_setup",

@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedadapt.backbone import DEFAULT_BACKBONE, BackboneConfig, load_backbone
-from fedadapt.batching import EncodedTexts, encode_dataset
-from fedadapt.data import LabelMap, TextDataset
+from fedadapt.data.batching import EncodedTexts, encode_dataset
+from fedadapt.data.dataset import TextDataset
+from fedadapt.data.label_map import LabelMap
+from fedadapt.delta.state import State
 from fedadapt.fleet.scenario import ScenarioConfig, local_step_budget, only_fields
 from fedadapt.methods import make_method_config
-from fedadapt.model import AdapterModel, StateSplit
-from fedadapt.state import State
-from fedadapt.train import TrainConfig
+from fedadapt.model.adapter_model import AdapterModel, StateSplit
+from fedadapt.model.backbone import DEFAULT_BACKBONE, BackboneConfig, load_backbone
+from fedadapt.train.loop import TrainConfig
 
 MODEL_FIELDS = ("backbone", "method", "rank", "personal_head", "seed")  # the scenario fields a model depends on
 

@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from fedadapt import jsonsafe
-from fedadapt.atomic_files import write_bytes_atomic
-from fedadapt.data import MAX_DATA_FILE_BYTES, LabelMap, TextDataset
+from fedadapt.checkpoint.atomic_files import write_bytes_atomic
+from fedadapt.config_values import expand_user
+from fedadapt.data.dataset import TextDataset
+from fedadapt.data.label_map import LabelMap
+from fedadapt.data.partition import ClientSplit
+from fedadapt.data.readers import MAX_DATA_FILE_BYTES
 from fedadapt.errors import DataError, FedAdaptError
 from fedadapt.fleet.data import DATA_FIELDS, client_split, device_split, scenario_labels
 from fedadapt.fleet.scenario import ScenarioConfig
-from fedadapt.partition import ClientSplit
-from fedadapt.user_paths import expand_user
 
 logger = logging.getLogger(__name__)
 

@@ -15,19 +15,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedadapt.atomic_files import write_bytes_atomic
-from fedadapt.batching import EncodedTexts
-from fedadapt.data import LabelMap
+from fedadapt.checkpoint.atomic_files import write_bytes_atomic
+from fedadapt.data.batching import EncodedTexts
+from fedadapt.data.label_map import LabelMap
+from fedadapt.delta.serialize import deserialize_state, serialize_state
+from fedadapt.delta.state import AdapterSchema, State, compute_delta
 from fedadapt.errors import DataError, FedAdaptError
 from fedadapt.fleet.build import cached_model, encode_split, train_config
 from fedadapt.fleet.data import device_split, scenario_labels
 from fedadapt.fleet.device_data import DeviceContext, device_data
 from fedadapt.fleet.faults import SimulatedDeviceFailure, device_fault, stall_seconds
 from fedadapt.fleet.scenario import ScenarioConfig
-from fedadapt.model import AdapterModel
-from fedadapt.serialize import deserialize_state, serialize_state
-from fedadapt.state import AdapterSchema, State, compute_delta
-from fedadapt.train import EvalResult, evaluate, train_adapter
+from fedadapt.model.adapter_model import AdapterModel
+from fedadapt.train.loop import EvalResult, evaluate, train_adapter
 
 logger = logging.getLogger(__name__)
 

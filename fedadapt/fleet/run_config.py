@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedadapt.checkpoint.key import KEYS_FOLDER
+from fedadapt.config_values import expand_user
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.scenario import ScenarioConfig, full_model_variant, load_scenario, with_overrides
-from fedadapt.user_paths import expand_user
 
 RUN_SCENARIO = "scenario"  # scenario TOML; relative paths are resolved against the project folder
 RUN_OUT_DIR = "out-dir"  # where the server writes checkpoints, metrics.json and final_adapter/
@@ -31,7 +32,6 @@ RUN_KEYS = (
     *(RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_SERVER_KEY, RUN_SERVER_PUBLIC_KEY, RUN_ACCEPT_UNVERIFIED),
 )
 CLIENT_STATE_FOLDER = "clients"
-KEYS_FOLDER = "keys"  # <out>/keys: the server's private keys (envelope key pair, checkpoint key)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 A scenario names the data, how it is split over clients, the adapter method, the federated
 schedule and the faults to simulate (crashing and straggling devices, device tiers with
 different step budgets, and ``scripted-faults`` at set rounds for fault drills). Keys are flat,
-but for the ``[privacy]`` table (``fedadapt.privacy``) and the list of scripted faults.
+but for the ``[privacy]`` table (``fedadapt.privacy.config``) and the list of scripted faults.
 Unknown keys and values of the wrong type are refused with the list of allowed keys, before
 anything starts; every number must lie in its range in ``SCENARIO_BOUNDS`` (documented in
 simulations/README.md), so no value sizes an absurd allocation, loop or sleep.
@@ -18,17 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedadapt.bounds import Bound
+from fedadapt.config_values import Bound, expand_user
+from fedadapt.data.synthetic import SYNTHETIC
 from fedadapt.errors import ConfigError
 from fedadapt.methods import make_method_config
-from fedadapt.privacy import PRIVACY_KEYS, PrivacyConfig
-from fedadapt.user_paths import expand_user
+from fedadapt.privacy.config import PRIVACY_KEYS, PrivacyConfig
 
 SCHEMES = ("iid", "dirichlet", "natural")
 FAULT_KINDS = ("crash", "stall")
 COMPRESSIONS = ("none", "fp16", "int8")
-# The data name of the built-in offline task (fedadapt.synthetic), in scenarios and for `fedadapt train --data`.
-SYNTHETIC = "synthetic"
+# The data name of the built-in offline task (fedadapt.data.synthetic), in scenarios and for `fedadapt train --data`.
 
 MAX_CLIENTS = 100_000
 MAX_ROUNDS = 100_000

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 if TYPE_CHECKING:
     from torch import nn
 
-    from fedadapt.backbone import SequenceClassifier
+    from fedadapt.model.backbone import SequenceClassifier
 
 
 @dataclass

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from fedadapt.methods.base import AppliedMethod
+from fedadapt.methods.registry import register_method
 
 if TYPE_CHECKING:
-    from fedadapt.backbone import SequenceClassifier
+    from fedadapt.model.backbone import SequenceClassifier
 
 
+@register_method
 @dataclass(frozen=True)
 class FullFineTuneConfig:
     """Releases every backbone parameter from the frozen guard; the head trains as usual."""

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from fedadapt.errors import BackboneError, ConfigError
 from fedadapt.methods.base import AppliedMethod
+from fedadapt.methods.registry import register_method
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from fedadapt.backbone import SequenceClassifier
+    from fedadapt.model.backbone import SequenceClassifier
 
 
 def _wrap(model: SequenceClassifier, config: Any, method: str) -> nn.Module:
@@ -54,6 +55,7 @@ def _check_dropout(value: float) -> None:
         raise ConfigError(f"dropout must be in [0, 1), got {value!r}")
 
 
+@register_method
 @dataclass(frozen=True)
 class LoraConfig:
     """LoRA: W + (alpha/r)·B·A on the target linear layers; B starts at zero (identity)."""
@@ -86,6 +88,7 @@ class LoraConfig:
         return AppliedMethod(module=_wrap(model, self.peft_config(), self.name))
 
 
+@register_method
 @dataclass(frozen=True)
 class FfaLoraConfig(LoraConfig):
     """FFA-LoRA: LoRA with A frozen at a random init drawn from ``a_seed``; only B trains."""
@@ -104,7 +107,7 @@ def _reinit_lora_a(module: nn.Module, seed: int) -> str:
     import peft
     import torch
 
-    from fedadapt.freeze import fingerprint_tensors
+    from fedadapt.model.freeze import fingerprint_tensors
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     a_weights: list[tuple[str, torch.Tensor]] = []
@@ -113,7 +116,7 @@ def _reinit_lora_a(module: nn.Module, seed: int) -> str:
             for adapter_name, linear in layer.lora_A.items():
                 weight = cast("torch.Tensor", linear.weight)
                 bound = 1.0 / weight.shape[1] ** 0.5  # kaiming-uniform(a=sqrt(5)) bound, as PEFT uses
-                if not weight.is_meta:  # a planned build (fedadapt.adapter_plan) has no values to draw
+                if not weight.is_meta:  # a planned build (fedadapt.checkpoint.plan) has no values to draw
                     with torch.no_grad():
                         weight.copy_(torch.rand(weight.shape, generator=generator) * 2 * bound - bound)
                 weight.requires_grad_(False)
@@ -123,6 +126,7 @@ def _reinit_lora_a(module: nn.Module, seed: int) -> str:
     return "" if a_weights[0][1].is_meta else fingerprint_tensors(a_weights)
 
 
+@register_method
 @dataclass(frozen=True)
 class IA3Config:
     """IA3: learned per-channel scales on keys, values and the FFN (ones at init: identity)."""
@@ -166,6 +170,7 @@ class _VirtualTokens:
             raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
 
 
+@register_method
 @dataclass(frozen=True)
 class PromptConfig(_VirtualTokens):
     """Prompt tuning: trainable virtual token embeddings put before the input."""
@@ -177,6 +182,7 @@ class PromptConfig(_VirtualTokens):
         return AppliedMethod(module=_wrap(model, config, self.name))
 
 
+@register_method
 @dataclass(frozen=True)
 class PrefixConfig(_VirtualTokens):
     """Prefix tuning: trainable key/value prefixes in every attention layer."""
@@ -184,7 +190,7 @@ class PrefixConfig(_VirtualTokens):
     name: ClassVar[str] = "prefix"
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
-        from fedadapt.backbone import cache_argument
+        from fedadapt.model.backbone import cache_argument
 
         if cache_argument(model.backbone) is None:
             raise BackboneError(

@@ -1,0 +1,1 @@
+"""Examples in: dataset readers, the label map, splits, synthetic per-user tasks, partitions, batching."""

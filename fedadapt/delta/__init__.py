@@ -1,0 +1,1 @@
+"""What a device sends: the adapter schema, deltas and their bounded wire serialization."""

@@ -1,0 +1,1 @@
+"""Sealing and masking deltas: the privacy config, envelopes, keys, transport and SecAgg+."""

@@ -1,0 +1,56 @@
+"""Stopping what the launchers start (simulations.processes) and sharing the cores between local SuperNodes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from simulations.processes import alive, descendants, stop_process_trees
+
+# A parent that starts a child which ignores SIGTERM, then sleeps: the worst case a launcher meets.
+STUBBORN = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"],
+    stdout=subprocess.PIPE)
+child.stdout.readline()
+print('ready', flush=True)
+time.sleep(600)
+"""
+
+
+def _start_stubborn_trees(count: int) -> list[subprocess.Popen[bytes]]:
+    procs = [subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE) for _ in range(count)]
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    return procs
+
+
+def test_several_trees_stop_together_and_children_that_ignore_sigterm_are_killed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import simulations.processes as processes
+
+    monkeypatch.setattr(processes, "STOP_TIMEOUT", 1.0)
+    procs = _start_stubborn_trees(6)
+    children = [pid for proc in procs for pid in descendants(proc.pid)]
+    assert len(children) == 6 and all(alive(pid) for pid in children)
+    started = time.monotonic()
+    stop_process_trees(procs)
+    took = time.monotonic() - started
+    assert all(proc.poll() is not None for proc in procs)
+    assert not any(alive(pid) for pid in children)
+    # One shared deadline: the children's 1 s SIGTERM wait runs once, not once per tree (6 s or more).
+    assert took < 4.0, took
+
+
+def test_local_supernodes_split_the_cores_and_keep_a_users_setting() -> None:
+    serve = pytest.importorskip("deploy.serve")
+    cores = os.cpu_count() or 1
+    assert serve.share_cores({"PATH": "/bin"}, 1) == {"PATH": "/bin", "OMP_NUM_THREADS": str(cores)}
+    assert serve.share_cores({}, 2 * cores)["OMP_NUM_THREADS"] == "1"  # never zero threads
+    assert serve.share_cores({"OMP_NUM_THREADS": "3"}, 20)["OMP_NUM_THREADS"] == "3"
