@@ -132,8 +132,9 @@ def info(
     """Parameter counts and sizes of an adapter method on a backbone."""
     extra = {} if drop_layers is None else {"drop_layers": drop_layers}
     method_config = make_method_config(method, size=rank, **extra)  # fails fast, before torch loads
+    # torch and transformers: only once the options are valid (and never for --help)
     from fedadapt.checkpoint.info import adapter_info
-    from fedadapt.model.backbone import DEFAULT_BACKBONE, BackboneConfig  # torch: only once the options are valid
+    from fedadapt.model.backbone import DEFAULT_BACKBONE, BackboneConfig
 
     backbone_config = BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, num_labels=num_labels)
     result = adapter_info(method_config, backbone_config)
@@ -170,8 +171,9 @@ def train(
 ) -> None:
     """Train an adapter centrally (the baseline), evaluate it on the test split and save it."""
     method_config = make_method_config(method, size=rank)  # fails fast, before torch loads
+    # torch and transformers: only once the method is valid (and never for --help)
     from fedadapt.data.splits import DataConfig
-    from fedadapt.model.backbone import DEFAULT_BACKBONE  # torch: only once the method is valid
+    from fedadapt.model.backbone import DEFAULT_BACKBONE
     from fedadapt.train.baseline import train_baseline
     from fedadapt.train.loop import TrainConfig
 

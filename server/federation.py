@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 
 from fedadapt.aggregate.fedavg import ReceivedDelta, aggregate_round
 from fedadapt.aggregate.server_optimizers import FedAvgConfig, ServerOptimizer
+from fedadapt.aggregate.server_training import load_proxy, train_on_proxy
 from fedadapt.aggregate.validation import REASON_LIMIT, DeltaValidator
 from fedadapt.checkpoint.atomic_files import write_bytes_atomic
 from fedadapt.checkpoint.folder import save_adapter
@@ -49,7 +50,7 @@ from fedadapt.fleet.data import load_fleet_data
 from fedadapt.fleet.resources import memory_record
 from fedadapt.fleet.run_config import FleetRun
 from fedadapt.privacy.transport import ServerOpener, sealed_delta_overhead
-from fedadapt.train.loop import evaluate
+from fedadapt.train.loop import TrainConfig, evaluate
 from server.replies import (
     DeltaReply,
     bytes_to_array,
@@ -251,8 +252,6 @@ class Federation:
 
     def _load_proxy(self, labels: Any) -> Any:
         """The server's labelled proxy set, encoded once; None without ``server-proxy-data``."""
-        from fedadapt.aggregate.server_training import load_proxy
-
         if not self.scenario.server_proxy_data:
             return None
         return load_proxy(
@@ -266,9 +265,6 @@ class Federation:
 
     def _train_on_proxy(self, epochs: int, server_round: int, what: str) -> dict[str, Any]:
         """Train the global shared state on the proxy set (on the server's GPU when it has one)."""
-        from fedadapt.aggregate.server_training import train_on_proxy
-        from fedadapt.train.loop import TrainConfig
-
         config = TrainConfig(
             epochs=epochs,
             batch_size=self.scenario.batch_size,

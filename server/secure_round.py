@@ -14,11 +14,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedadapt.aggregate.validation import REASON_LIMIT
-from fedadapt.delta.state import AdapterSchema, State
+from fedadapt.delta.state import AdapterSchema, State, unflatten_state
 from fedadapt.errors import EnvelopeError, ReplyError, SecAggError
 from fedadapt.fleet import protocol
 from fedadapt.privacy.config import PrivacyConfig
@@ -92,10 +93,6 @@ def run_secure_round(
     ``seed`` draws the neighbour ring; ``run_id`` is bound into the clients' signatures;
     ``max_examples_per_client`` bounds the decoded example total (contributors × it).
     """
-    import torch
-
-    from fedadapt.delta.state import unflatten_state
-
     specs = schema.specs("shared")
     limits = stage_limits(privacy, schema.num_params("shared"), schema.schema_id)
     talk = _Talk(grid, server_round, schema.schema_id, opener, timeout, limits)

@@ -9,9 +9,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedadapt import AdapterModel, BackboneConfig, StateSplit, load_backbone, make_method_config
 from fedadapt.fleet.scenario import ScenarioConfig
@@ -21,6 +23,12 @@ def build_lora(tiny_bert: Path, r: int = 8, split: StateSplit | None = None) -> 
     """LoRA r on the tiny BERT with a 3-class head."""
     loaded = load_backbone(BackboneConfig(name_or_path=str(tiny_bert), num_labels=3))
     return AdapterModel(loaded, make_method_config("lora", r=r), split)
+
+
+def perturbed(state: Mapping[str, torch.Tensor], seed: int = 0, std: float = 0.05) -> dict[str, torch.Tensor]:
+    """``state`` plus seeded Gaussian noise: a non-trivial 'trained' state (no tensor all zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n: t + std * torch.randn(t.shape, generator=gen, dtype=t.dtype) for n, t in state.items()}
 
 
 def train_steps(model: AdapterModel, batch: dict[str, torch.Tensor], steps: int = 5, lr: float = 1e-2) -> None:
@@ -84,6 +92,12 @@ def _toml_value(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(value)  # strings, numbers and booleans are written alike in JSON and TOML
+
+
+def set_flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give this process the task identity Flower's runtime sets: a Message takes its run id from it."""
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 class StubGrid(Grid):

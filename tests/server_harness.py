@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from helpers import StubGrid, write_tiny_scenario
+from helpers import StubGrid, set_flower_task_identity, write_tiny_scenario
 
 from fedadapt.fleet import protocol
 
@@ -63,9 +62,7 @@ class InProcessGrid(StubGrid):
 
 @pytest.fixture(autouse=True)
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages take their run id from the process's task identity, which Flower's runtime sets."""
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+    set_flower_task_identity(monkeypatch)
 
 
 def server_scenario_file(tmp_path: Path, tiny_bert: Path, **extra: Any) -> Path:

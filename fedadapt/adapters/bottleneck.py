@@ -40,7 +40,8 @@ class BottleneckSpec(Protocol):
 
 def add_bottleneck(backbone: nn.Module, name: str, config: BottleneckSpec) -> None:
     """Insert adapter ``name`` into every selected layer of ``backbone`` (slots made as needed)."""
-    from fedadapt.adapters.modules import BottleneckAdapter  # torch: when built, not when configured
+    # torch: when built, not when configured (the bottleneck methods import this module to configure)
+    from fedadapt.adapters.modules import BottleneckAdapter
     from fedadapt.adapters.slots import ensure_slots
 
     layers = ensure_slots(backbone)

@@ -18,14 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedadapt.data.batching import EncodedTexts, encode_dataset
+from fedadapt.data.readers import load_text_dataset
 from fedadapt.errors import ConfigError, DataError
+from fedadapt.model.device import select_device
+from fedadapt.train.loop import TrainConfig, train_adapter
 
 if TYPE_CHECKING:
-    from fedadapt.data.batching import EncodedTexts
     from fedadapt.data.label_map import LabelMap
     from fedadapt.delta.state import State
     from fedadapt.model.adapter_model import AdapterModel
-    from fedadapt.train.loop import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,6 @@ def load_proxy(
     label_column: str | None = None,
 ) -> EncodedTexts:
     """The server's labelled proxy set, encoded with ``model``'s tokenizer under the scenario's label map."""
-    from fedadapt.data.batching import encode_dataset
-    from fedadapt.data.readers import load_text_dataset
-
     data = load_text_dataset(path, text_column=text_column, label_column=label_column)
     unknown = sorted(set(data.labels) - set(labels.names))
     if unknown:
@@ -83,9 +82,6 @@ def load_proxy(
 
 def train_on_proxy(model: AdapterModel, global_state: State, proxy: EncodedTexts, config: TrainConfig) -> ProxyRun:
     """Load ``global_state`` as the shared part, train on ``proxy``; the new shared state (on the CPU)."""
-    from fedadapt.model.device import select_device
-    from fedadapt.train.loop import train_adapter
-
     if config.epochs < 1:
         raise ConfigError(f"server-side training needs at least one epoch, got {config.epochs}")
     model.load_state(global_state, "shared")

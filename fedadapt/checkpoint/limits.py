@@ -77,6 +77,7 @@ def backbone_dims(name_or_path: str) -> BackboneDims:
 
 def read_backbone_config(name_or_path: str) -> Any:
     """The transformers config of backbone ``name_or_path`` (its config.json alone: no weights are loaded)."""
+    # transformers (and torch, through the backbone module): only when a config is read, so the limits stay cheap
     from transformers import AutoConfig
 
     from fedadapt.model.backbone import resolve_backbone_path

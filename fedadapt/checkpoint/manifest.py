@@ -17,6 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from fedadapt.adapters.modules import Nonlinearity
+from fedadapt.adapters.slots import Position
 from fedadapt.checkpoint.limits import AdapterLimits
 from fedadapt.delta.state import PARTS, AdapterSchema, Role
 from fedadapt.errors import AdapterFolderError, ConfigError, SchemaMismatch
@@ -244,9 +246,6 @@ def _integer(value: Any, path: Path, field: str, low: int, high: int) -> int:
 @functools.cache
 def _setting_types(config_class: type[MethodConfig]) -> dict[str, Any]:
     """Each setting of a method config and its type, from the dataclass annotations."""
-    from fedadapt.adapters.modules import Nonlinearity
-    from fedadapt.adapters.slots import Position
-
     # The bottleneck configs name these types only under TYPE_CHECKING (they live beside torch code).
     names = {"Nonlinearity": Nonlinearity, "Position": Position}
     try:

@@ -13,14 +13,13 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from fedadapt.delta.safetensors_header import DTYPES
-from fedadapt.delta.state import State, TensorSpec, check_names_and_shapes, check_state, dtype_name
+from fedadapt.delta.safetensors_header import DTYPES, check_declared
+from fedadapt.delta.state import State, TensorSpec, check_state, dtype_name
 from fedadapt.errors import AdapterFolderError, StateError
 
 # safetensors' dtype codes, as torch names them: the one table safetensors_header keeps.
@@ -73,7 +72,7 @@ def read_weight_file(path: Path, specs: Iterable[TensorSpec]) -> State:
             f"{path} is {size} bytes, more than the {allowed} that its {len(specs)} expected tensors take"
         )
     try:
-        _check_header(_read_header(path), specs, str(path))
+        check_declared(_read_header(path), {s.name: s for s in specs}, what=str(path))
         state = load_file(str(path))
         check_state(state, specs, what=str(path))
     except StateError as err:
@@ -102,12 +101,3 @@ def _read_header(path: Path) -> dict[str, _Stored]:
             code = stored.get_dtype()
             header[name] = _Stored(tuple(stored.get_shape()), _DTYPES.get(code, code))
     return header
-
-
-def _check_header(header: dict[str, _Stored], specs: tuple[TensorSpec, ...], what: str) -> None:
-    expected = {s.name: s for s in specs}
-    # check_names_and_shapes reads only ``.shape``: the header's declarations stand in for tensors.
-    check_names_and_shapes(cast(Mapping[str, torch.Tensor], header), expected, what=what)
-    for name, stored in header.items():
-        if stored.dtype != expected[name].dtype:
-            raise StateError(f"{what} tensor {name!r} has dtype {stored.dtype}, expected {expected[name].dtype}")

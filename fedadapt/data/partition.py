@@ -67,7 +67,7 @@ def partition_dataset(data: TextDataset, config: PartitionConfig) -> list[Client
 
     Natural partitions are ordered by sorted user id (client 0 is the smallest id).
     """
-    import datasets
+    import datasets  # about a second (pyarrow, pandas): only when partitioning, never for a device's kept split
 
     order = list(range(len(data)))
     if config.scheme == "iid":

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from fedadapt import jsonsafe
 from fedadapt.config_values import expand_user
+from fedadapt.data.dataset import TextDataset
 from fedadapt.errors import DataError, JsonInputError
 
 if TYPE_CHECKING:
     import datasets
-from fedadapt.data.dataset import TextDataset
 
 TEXT_COLUMNS = ("text", "sentence", "utterance")
 
@@ -210,7 +210,7 @@ def _records_to_columns(records: list[Any], file: Path) -> dict[str, list[Any]]:
 
 
 def _read_saved_dataset(folder: Path, split: str | None) -> _Table:
-    import datasets
+    import datasets  # about a second (pyarrow, pandas): only for save_to_disk folders and hub ids, not plain files
 
     try:
         saved = datasets.load_from_disk(str(folder))
@@ -227,7 +227,7 @@ def _read_saved_dataset(folder: Path, split: str | None) -> _Table:
 
 
 def _read_hub_dataset(name: str, split: str | None) -> _Table:
-    import datasets
+    import datasets  # heavy: see _read_saved_dataset
 
     chosen = split or "train"
     try:
@@ -243,7 +243,7 @@ def _read_hub_dataset(name: str, split: str | None) -> _Table:
 
 
 def _table_from_hf(dataset: datasets.Dataset, source: str) -> _Table:
-    import datasets
+    import datasets  # heavy: see _read_saved_dataset
 
     if dataset.num_rows == 0:
         raise DataError(f"{source} has no rows")

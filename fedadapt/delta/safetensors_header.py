@@ -5,8 +5,9 @@ A safetensors blob is an 8-byte little-endian header length, a JSON header
 and the tensors' bytes. ``read_header`` parses the header through ``jsonsafe`` (size and depth bounded)
 and checks that it describes exactly the bytes that follow: each tensor's range is as long as its dtype's
 size times its element count and starts where the previous tensor's ended (safetensors writes them in
-header order), and the blob ends where the last one does. Callers then compare names, dtypes and shapes
-with what they expect, so a hostile blob costs one bounded JSON parse and nothing is allocated for it.
+header order), and the blob ends where the last one does. ``check_declared`` then compares the declared
+names, shapes and dtypes with the expected ``TensorSpec``s (for a received state blob and an adapter
+folder's weight file alike), so a hostile blob costs one bounded JSON parse and nothing is allocated for it.
 
 A shape has at most ``MAX_DIMS`` (8) dimensions, each below 2**63 (torch's sizes are int64), and a tensor's
 bytes are fewer than 2**63: the element count is then at most eight multiplications of 64-bit numbers, and
@@ -17,10 +18,14 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, cast
+
+import torch
 
 from fedadapt import jsonsafe
+from fedadapt.delta.state import TensorSpec, check_names_and_shapes
 from fedadapt.errors import JsonInputError, StateError
 
 MAX_HEADER = 16 * 1024 * 1024  # without a schema to bound it: a state header is a few KB, a checkpoint's more
@@ -111,6 +116,41 @@ def read_header(data: bytes | bytearray | memoryview, *, max_length: int = MAX_H
             f"({_LENGTH.size} + {length} of header + {end} of tensor data)"
         )
     return Header({str(k): str(v) for k, v in metadata.items()}, tensors, length)
+
+
+class Declared(Protocol):
+    """A tensor as a header declares it, before it is read: a ``TensorEntry``, or what ``safe_open`` reports."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> str: ...
+
+
+def _declared_dtype(spec: TensorSpec) -> str:
+    return spec.dtype
+
+
+def check_declared(
+    declared: Mapping[str, Declared],
+    expected: Mapping[str, TensorSpec],
+    *,
+    what: str,
+    dtype_of: Callable[[TensorSpec], str] = _declared_dtype,
+    dtype_note: str = "",
+) -> None:
+    """StateError unless ``declared`` names exactly the ``expected`` tensors, each of its shape and dtype.
+
+    ``dtype_of`` gives the dtype a spec is stored as (a state blob's compression changes it), and
+    ``dtype_note`` says why in the error. Byte extents follow from shape and dtype: ``read_header``
+    (or safetensors itself) has checked that each entry's bytes are exactly that many.
+    """
+    # check_names_and_shapes reads names and ``.shape`` only, which declarations carry like tensors
+    check_names_and_shapes(cast(Mapping[str, torch.Tensor], declared), expected, what=what)
+    for name, entry in declared.items():
+        wanted = dtype_of(expected[name])
+        if entry.dtype != wanted:
+            raise StateError(f"{what} tensor {name!r} has dtype {entry.dtype}, expected {wanted}{dtype_note}")
 
 
 def _entry(name: str, described: object, begin: int) -> TensorEntry:

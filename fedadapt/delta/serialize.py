@@ -24,8 +24,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from fedadapt import jsonsafe
-from fedadapt.delta.safetensors_header import TensorEntry, read_header
-from fedadapt.delta.state import AdapterSchema, Part, State, TensorSpec, check_names_and_shapes, check_state
+from fedadapt.delta.safetensors_header import check_declared, read_header
+from fedadapt.delta.state import AdapterSchema, Part, State, TensorSpec, check_state
 from fedadapt.errors import JsonInputError, SchemaMismatch, StateError
 
 Compression = Literal["none", "fp16", "int8"]
@@ -100,7 +100,13 @@ def deserialize_state(
     if compression not in COMPRESSIONS:
         raise StateError(f"blob compression {compression!r} is not one of {COMPRESSIONS}")
     specs = {s.name: s for s in schema.specs(part)}
-    _check_wire(header.tensors, specs, compression)
+    check_declared(
+        header.tensors,
+        specs,
+        what="received blob",
+        dtype_of=functools.partial(_wire_dtype, compression=compression),
+        dtype_note=f" for compression {compression!r}",
+    )
     try:
         scales = jsonsafe.loads(
             metadata.get("int8_scales", "{}"), what="int8 scales", max_bytes=len(data), max_depth=_SCALES_DEPTH
@@ -187,18 +193,6 @@ def _wire_dtype(spec: TensorSpec, compression: str) -> str:
     if compression in _WIRE_DTYPE and spec.dtype.startswith(("float", "bfloat")):
         return _WIRE_DTYPE[compression]
     return spec.dtype
-
-
-def _check_wire(entries: Mapping[str, TensorEntry], specs: Mapping[str, TensorSpec], compression: str) -> None:
-    """StateError unless the header's tensors are exactly ``specs``, each of its shape and wire dtype."""
-    # check_names_and_shapes reads names and ``.shape`` only, which header entries carry like tensors
-    check_names_and_shapes(cast(Mapping[str, torch.Tensor], entries), specs, what="received blob")
-    for name, entry in entries.items():
-        expected = _wire_dtype(specs[name], compression)
-        if entry.dtype != expected:
-            raise StateError(
-                f"received tensor {name!r} has dtype {entry.dtype}, expected {expected} for compression {compression!r}"
-            )
 
 
 def _decode(tensor: torch.Tensor, spec: TensorSpec, compression: str, scale: object) -> torch.Tensor:

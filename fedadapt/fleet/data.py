@@ -11,17 +11,14 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fedadapt.data.label_map import LabelMap
 from fedadapt.data.partition import ClientSplit, PartitionConfig, partition_dataset
 from fedadapt.data.readers import load_text_dataset
+from fedadapt.data.splits import DataConfig, Splits, load_splits
 from fedadapt.data.synthetic import SYNTHETIC, SyntheticConfig, make_synthetic_dataset
 from fedadapt.errors import ConfigError, DataError
 from fedadapt.fleet.scenario import ScenarioConfig, only_fields
-
-if TYPE_CHECKING:
-    from fedadapt.data.splits import Splits
 
 # The scenario fields a client's split depends on: the data cache's key, here and in a device's state folder.
 DATA_FIELDS = (
@@ -49,10 +46,6 @@ def load_fleet_data(scenario: ScenarioConfig) -> FleetData:
 
 @functools.lru_cache(maxsize=2)
 def _load_fleet_data(scenario: ScenarioConfig) -> FleetData:
-    # Imported here: fedadapt.train.baseline loads torch and transformers, which a device reading its kept split
-    # (fleet.device_data) does not need for its data step.
-    from fedadapt.data.splits import DataConfig, load_splits
-
     if scenario.data == SYNTHETIC:
         splits = _synthetic_splits(scenario)
     else:
@@ -87,8 +80,6 @@ def _load_fleet_data(scenario: ScenarioConfig) -> FleetData:
 
 def _synthetic_splits(scenario: ScenarioConfig) -> Splits:
     """The synthetic task with one user per client when partitioned naturally; 20% held out for the server."""
-    from fedadapt.data.splits import Splits  # heavy, as above
-
     users = scenario.num_clients if scenario.partition == "natural" else SyntheticConfig.num_users
     data = make_synthetic_dataset(
         SyntheticConfig(num_users=users, examples_per_user=scenario.examples_per_user, seed=scenario.seed)

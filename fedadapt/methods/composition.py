@@ -72,7 +72,8 @@ class FusionConfig:
             raise ConfigError(f"temperature must be positive, got {self.temperature!r}")
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
-        from fedadapt.adapters.modules import FusionLayer  # torch: when applied, not when configured
+        # torch: when applied, not when configured
+        from fedadapt.adapters.modules import FusionLayer
         from fedadapt.adapters.slots import Fuse, find_slots, set_setup
 
         names, schema_ids, hashes = _load_all(model, self.adapters, "fused")
@@ -94,7 +95,7 @@ def _load_all(
     # Composition is the one method built on saved folders: it reads them through the checkpoint stage,
     # which itself builds models through this registry, so the import waits until a stack is applied.
     from fedadapt.checkpoint.frozen_adapters import is_planned, load_frozen_adapter
-    from fedadapt.model.freeze import fingerprint_tensors  # torch
+    from fedadapt.model.freeze import fingerprint_tensors  # torch: when applied, not when configured
 
     names = [f"{prefix}{index}" for index in range(len(folders))]
     schema_ids = [load_frozen_adapter(model, name, folder) for name, folder in zip(names, folders, strict=True)]

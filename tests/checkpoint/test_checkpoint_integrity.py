@@ -6,7 +6,6 @@ import json
 import logging
 import random
 import struct
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,7 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from fedadapt.aggregate.server_optimizers import OptimizerState
-from fedadapt.errors import CheckpointAuthError, StateError
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
-    sys.path.insert(0, str(PROJECT_ROOT))
-
-from fedadapt.checkpoint.rounds import (  # noqa: E402
+from fedadapt.checkpoint.rounds import (
     FORMAT,
     Checkpoint,
     checkpoint_path,
@@ -31,6 +24,7 @@ from fedadapt.checkpoint.rounds import (  # noqa: E402
     rng_state_to_json,
     save_checkpoint,
 )
+from fedadapt.errors import CheckpointAuthError, StateError
 
 LOGGER = "fedadapt.checkpoint.rounds"
 KEY = bytes(range(32))  # the server's checkpoint key in these tests
@@ -208,8 +202,8 @@ def test_latest_with_no_checkpoints_is_none(tmp_path: Path) -> None:
     assert load_latest_checkpoint(tmp_path, KEY) is None
 
 
-def _save_v1(out_dir: Path, checkpoint: Checkpoint) -> Path:
-    """A checkpoint as format v1 wrote it: same layout, no hash."""
+def _file_parts(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and JSON header of ``checkpoint``'s file, laid out here as save_checkpoint does, without a hash."""
     tensors = {"global/" + n: t.contiguous() for n, t in checkpoint.global_state.items()}
     tensors |= {"optimizer/" + n: t.contiguous() for n, t in checkpoint.optimizer.tensors.items()}
     header = {
@@ -219,11 +213,23 @@ def _save_v1(out_dir: Path, checkpoint: Checkpoint) -> Path:
         "rng_state": checkpoint.rng_state,
         "history": checkpoint.history,
     }
-    path = checkpoint_path(out_dir, checkpoint.round)
+    return tensors, header
+
+
+def _write_file(
+    out_dir: Path, server_round: int, tensors: dict[str, torch.Tensor], header: dict[str, Any], file_format: str
+) -> Path:
+    """Write a checkpoint file of ``file_format`` for ``server_round`` as given, bypassing save_checkpoint."""
+    path = checkpoint_path(out_dir, server_round)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "fedadapt.checkpoint.v1", "json": json.dumps(header)}
-    path.write_bytes(safetensors_save(tensors, metadata=metadata))
+    path.write_bytes(safetensors_save(tensors, metadata={"format": file_format, "json": json.dumps(header)}))
     return path
+
+
+def _save_v1(out_dir: Path, checkpoint: Checkpoint) -> Path:
+    """A checkpoint as format v1 wrote it: same layout, no hash."""
+    tensors, header = _file_parts(checkpoint)
+    return _write_file(out_dir, checkpoint.round, tensors, header, "fedadapt.checkpoint.v1")
 
 
 def test_v1_file_is_refused_unless_unverified_files_are_accepted(

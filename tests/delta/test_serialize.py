@@ -24,23 +24,6 @@ from fedadapt.delta.state import AdapterSchema, State, TensorSpec
 from fedadapt.errors import SchemaMismatch, StateError
 
 
-@pytest.fixture(scope="module")
-def lora(tiny_bert: Path) -> AdapterModel:
-    return build_lora(tiny_bert)
-
-
-@pytest.fixture(scope="module")
-def state(lora: AdapterModel) -> State:
-    """The shared state with seeded noise added, so no tensor is all zeros."""
-    gen = torch.Generator().manual_seed(0)
-    return {n: t + 0.05 * torch.randn(t.shape, generator=gen) for n, t in lora.state("shared").items()}
-
-
-@pytest.fixture(scope="module")
-def blob(lora: AdapterModel, state: State) -> bytes:
-    return serialize_state(state, lora.schema, "shared", "none")
-
-
 def first_name(state: State) -> str:
     return next(iter(state))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_lora
+from helpers import build_lora, perturbed
 
 from fedadapt import (
     AdapterModel,
@@ -21,18 +21,6 @@ from fedadapt import (
 )
 from fedadapt.delta.state import State, TensorSpec, check_state
 from fedadapt.errors import StateError
-
-
-@pytest.fixture(scope="module")
-def lora(tiny_bert: Path) -> AdapterModel:
-    """One LoRA model shared by the read-only tests of this module."""
-    return build_lora(tiny_bert)
-
-
-def perturbed(state: State, seed: int = 0, std: float = 0.05) -> State:
-    """``state`` plus seeded Gaussian noise: a non-trivial 'trained' state."""
-    gen = torch.Generator().manual_seed(seed)
-    return {n: t + std * torch.randn(t.shape, generator=gen, dtype=t.dtype) for n, t in state.items()}
 
 
 def dyadic(shapes: dict[str, tuple[int, ...]], seed: int) -> State:

@@ -13,12 +13,10 @@ import re
 import struct
 import tracemalloc
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import build_lora
 from safetensors.torch import save as safetensors_save
 
 import fedadapt.delta.serialize
@@ -33,22 +31,6 @@ Header = dict[str, Any]
 
 class TensorsBuilt(Exception):
     """Raised by the stand-in for safetensors' loader: the blob got as far as building tensors."""
-
-
-@pytest.fixture(scope="module")
-def lora(tiny_bert: Path) -> AdapterModel:
-    return build_lora(tiny_bert)
-
-
-@pytest.fixture(scope="module")
-def state(lora: AdapterModel) -> State:
-    gen = torch.Generator().manual_seed(0)
-    return {n: t + 0.05 * torch.randn(t.shape, generator=gen) for n, t in lora.state("shared").items()}
-
-
-@pytest.fixture(scope="module")
-def blob(lora: AdapterModel, state: State) -> bytes:
-    return serialize_state(state, lora.schema, "shared", "none")
 
 
 @pytest.fixture

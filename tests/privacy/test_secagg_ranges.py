@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from helpers import set_flower_task_identity
 from test_secagg import ROUND, Trace, expect_refusal, run_round, secagg
 
 from fedadapt.errors import SecAggError
@@ -65,9 +65,7 @@ APP_ROUNDS: list[object] = [-1, 2**64, True, 3.5, float("inf"), float("nan"), "3
 
 @pytest.fixture
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages take their run id from the process's task identity, which Flower's runtime sets."""
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+    set_flower_task_identity(monkeypatch)
 
 
 def _answer(config: dict[str, object], tmp_path: Path) -> tuple[Callable[[], object], Context]:

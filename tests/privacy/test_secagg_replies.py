@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from helpers import StubGrid
+from helpers import StubGrid, set_flower_task_identity
 from test_secagg import RUN_ID, device, secagg
 
 from fedadapt.delta.state import AdapterSchema, TensorSpec
@@ -46,13 +45,9 @@ def schema_of(values: int) -> AdapterSchema:
 
 @pytest.fixture(scope="module", autouse=True)
 def task_identity() -> Iterator[None]:
-    """Messages take their run id from the process's task identity, which Flower's runtime sets."""
-    saved = {name: TaskIdentity.__dict__.get(name) for name in ("_run_id", "_task_id", "_node_id")}
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        setattr(TaskIdentity, name, value)
-    yield
-    for name, value in saved.items():
-        setattr(TaskIdentity, name, value)
+    with pytest.MonkeyPatch.context() as patch:
+        set_flower_task_identity(patch)
+        yield
 
 
 @pytest.fixture(scope="module")

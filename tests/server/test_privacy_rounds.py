@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from helpers import StubGrid, seed_with_one_crash, write_tiny_scenario
+from helpers import StubGrid, seed_with_one_crash, set_flower_task_identity, write_tiny_scenario
 
 from fedadapt.delta.serialize import deserialize_state
 from fedadapt.errors import ConfigError
@@ -160,13 +159,7 @@ def device_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(autouse=True)
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages take their run id from the process's task identity, which Flower's runtime sets."""
-    _set_task_identity(monkeypatch)
-
-
-def _set_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+    set_flower_task_identity(monkeypatch)
 
 
 def _scenario_file(folder: Path, tiny_bert: Path, privacy: dict[str, Any] | None = None, **extra: Any) -> Path:
@@ -280,7 +273,7 @@ class SharedRun:
 @pytest.fixture(scope="module")
 def module_patch() -> Iterator[pytest.MonkeyPatch]:
     with pytest.MonkeyPatch.context() as patch:
-        _set_task_identity(patch)
+        set_flower_task_identity(patch)
         yield patch
 
 

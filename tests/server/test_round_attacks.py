@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from helpers import set_flower_task_identity
 from test_privacy_rounds import PLAIN, PrivacyGrid, _config, _delta_blob, _run, _scenario_file, _state, _with_payload
 
 from fedadapt.checkpoint.folder import load_adapter
@@ -27,8 +27,7 @@ from fedadapt.privacy.transport import ClientSealer
 
 @pytest.fixture(autouse=True)
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+    set_flower_task_identity(monkeypatch)
 
 
 def _reasons(record: dict[str, Any]) -> dict[str, str]:

@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from helpers import StubGrid
+from helpers import StubGrid, set_flower_task_identity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as safetensors_load
@@ -63,13 +62,9 @@ NAMED = re.compile(
 
 @pytest.fixture(scope="module", autouse=True)
 def task_identity() -> Iterator[None]:
-    """Messages take their run id from the process's task identity, which Flower's runtime sets."""
-    saved = {name: TaskIdentity.__dict__.get(name) for name in ("_run_id", "_task_id", "_node_id")}
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        setattr(TaskIdentity, name, value)
-    yield
-    for name, value in saved.items():
-        setattr(TaskIdentity, name, value)
+    with pytest.MonkeyPatch.context() as patch:
+        set_flower_task_identity(patch)
+        yield
 
 
 @dataclass
