@@ -15,15 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from flower_starts import GUARD
+from tiny_vocab import VOCAB
 from transformers import BertConfig, BertModel, BertTokenizerFast
 from waiting import TIME_SCALE_VARIABLE, time_scale
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-WORDS = ["the", "a", "my", "card", "has", "not", "arrived", "yet", "where", "is", "money", "transfer"]
-WORDS += ["account", "balance", "top", "up", "why", "declined"]
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
 
 
 def _write_tiny_bert(folder: Path, sentence_transformers: bool) -> Path:

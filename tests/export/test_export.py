@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers import train_steps
 from safetensors.torch import load_file, save_file
+from tiny_vocab import VOCAB
 from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 from typer.testing import CliRunner
 
@@ -682,8 +683,6 @@ EVAL_ROWS = [(text, label) for text, label in zip(TRAIN_TEXTS, LABELS, strict=Tr
 
 def _write_wide_bert(folder: Path) -> Path:
     """A BERT wide enough (hidden 128) for its weights, not the graph's structure, to dominate the file size."""
-    from conftest import VOCAB
-
     torch.manual_seed(4321)
     config = BertConfig(
         vocab_size=len(VOCAB), hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512
