@@ -1,0 +1,2 @@
+"""A real deployment: ``fedadapt serve`` (SuperLink, TLS, the Fleet gateway, signed apps), ``fedadapt node``
+(a device's SuperNode and its keys) and ``fedadapt certs``."""

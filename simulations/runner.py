@@ -31,6 +31,7 @@ from typing import Any
 from clients.device import DEVICE_ROOT_ENV
 from fedadapt import jsonsafe
 from fedadapt.checkpoint.atomic_files import write_bytes_atomic
+from fedadapt.checkpoint.key import KEYS_FOLDER  # <out>/keys: the server's key pair and checkpoint key
 from fedadapt.errors import ConfigError, FedAdaptError, JsonInputError
 from fedadapt.fleet.device_data import PERSONAL_FILE
 from fedadapt.fleet.run_config import (
@@ -57,7 +58,6 @@ FULL_MODEL_FOLDER = "full-model"  # the full-model FedAvg run of a ``full-model 
 FLWR_LOG = "flwr.log"
 SUPERLINK_LOG = "superlink.log"
 STARTUP_TIMEOUT = 60.0
-KEYS_FOLDER = "keys"  # the server key pair of a run whose privacy mode seals payloads
 FLOWER_ENV = {
     # Set for the child processes only, never at import (../shared/FLOWER-1.41-NOTES.md).
     "FLWR_TELEMETRY_ENABLED": "0",

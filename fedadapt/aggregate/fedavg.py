@@ -85,7 +85,8 @@ class StreamingFedAvg:
 
 class ReceivedDelta(NamedTuple):
     """One client's delta as the server received it, not yet checked: the client's id (for logs), the serialized
-    delta and the example count the client claims. (A device builds its reply as ``fedadapt.fleet.ClientReply``.)
+    delta and the example count the client claims. (A device builds its reply as
+    ``fedadapt.fleet.device_round.ClientReply``.)
     """
 
     client_id: str

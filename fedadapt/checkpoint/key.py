@@ -11,7 +11,6 @@ import stat
 from pathlib import Path
 
 from fedadapt.errors import ConfigError
-from fedadapt.privacy.keys import _write_new
 
 KEYS_FOLDER = "keys"  # <out>/keys: the server's private keys (envelope key pair, checkpoint key)
 KEY_NAME = "checkpoint.key"
@@ -27,6 +26,9 @@ def create_checkpoint_key(keys_dir: Path) -> bytes:
     path = checkpoint_key_path(keys_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(KEY_BYTES)
+    # cryptography comes with privacy.keys: loaded when a key is made, not by every reader of KEYS_FOLDER
+    from fedadapt.privacy.keys import _write_new
+
     _write_new(path, (key.hex() + "\n").encode(), 0o600)  # O_EXCL, fsynced, removed if the write fails
     return key
 

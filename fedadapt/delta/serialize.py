@@ -30,7 +30,7 @@ from fedadapt.errors import JsonInputError, SchemaMismatch, StateError
 
 Compression = Literal["none", "fp16", "int8"]
 COMPRESSIONS: tuple[Compression, ...] = ("none", "fp16", "int8")
-FORMAT = "fedadapt.delta.state.v1"
+FORMAT = "fedadapt.state.v1"  # on the wire and on disk: never renamed with the module
 _SCALES_DEPTH = 1  # int8 scales are one flat object of numbers
 _WIRE_DTYPE = {"fp16": "float16", "int8": "int8"}
 _INT64 = (-(1 << 63), (1 << 63) - 1)

@@ -19,9 +19,18 @@ ConfigClass = TypeVar("ConfigClass", bound=type)
 
 
 def register_method(config_class: ConfigClass) -> ConfigClass:
-    """Add a method (a frozen dataclass following ``MethodConfig``) to the registry; usable as a decorator."""
+    """Add a method (a frozen dataclass following ``MethodConfig``) to the registry; usable as a decorator.
+
+    A second class under a name already taken is refused (ConfigError) rather than silently replacing
+    a built-in; the same class again, or from a reloaded module, replaces itself.
+    """
     name = config_class.name  # type: ignore[attr-defined]
-    if name in METHODS and METHODS[name] is not config_class:
+    taken = METHODS.get(name)
+    reloaded = taken is not None and (taken.__module__, taken.__qualname__) == (
+        config_class.__module__,
+        config_class.__qualname__,
+    )  # the same class from a reloaded module
+    if taken is not None and taken is not config_class and not reloaded:
         raise ConfigError(f"a method named {name!r} is already registered ({METHODS[name].__qualname__})")
     METHODS[name] = config_class
     return config_class

@@ -28,12 +28,11 @@ from helpers import write_tiny_scenario
 from typer.testing import CliRunner
 from waiting import Watch, scaled, time_scale
 
+from deploy import serve as serve_module
 from deploy.certs import generate_deployment_certs
 from deploy.devices import keygen
+from simulations import runner as runner_module
 from simulations.processes import alive, descendants, free_port
-
-serve_module = pytest.importorskip("deploy.serve")
-runner_module = pytest.importorskip("simulations.runner")
 
 ROUNDS = 2
 NODES = 3

@@ -47,10 +47,10 @@ def registry() -> Iterator[dict[str, type]]:
     METHODS.update(saved)
 
 
-def test_every_built_in_method_is_registered_by_its_own_module() -> None:
-    assert {name: cls.__module__ for name, cls in METHODS.items()} == {
-        name: f"fedadapt.methods.{module}" for name, module in BUILT_IN.items()
-    }
+def test_every_built_in_method_is_registered_by_its_own_module_in_the_listed_order() -> None:
+    assert [(name, cls.__module__) for name, cls in METHODS.items()] == [
+        (name, f"fedadapt.methods.{module}") for name, module in BUILT_IN.items()
+    ]
 
 
 def test_the_registry_imports_none_of_the_methods() -> None:
@@ -95,6 +95,18 @@ def test_a_second_method_under_a_taken_name_is_refused(registry: dict[str, type]
         register_method(Impostor)
     assert registry["lora"].__name__ == "LoraConfig"
     assert register_method(registry["lora"]) is registry["lora"]  # registering the same class again: no change
+
+
+def test_a_reloaded_module_registers_its_method_again(registry: dict[str, type]) -> None:
+    register_method(_HeadOnlyConfig)
+
+    @dataclass(frozen=True)
+    class _HeadOnlyConfig_:  # what importlib.reload makes: a new class, same module and qualified name
+        name: ClassVar[str] = "test-head-only"
+
+    _HeadOnlyConfig_.__qualname__ = _HeadOnlyConfig.__qualname__
+    assert register_method(_HeadOnlyConfig_) is _HeadOnlyConfig_
+    assert registry["test-head-only"] is _HeadOnlyConfig_
 
 
 def test_an_unknown_method_lists_the_registered_ones() -> None:

@@ -38,9 +38,9 @@ _B_SHARE, _SK_SHARE = "b-share/", "sk-share/"  # + node id (own id included)
 _SHARES_RECEIVED = "secagg-shares"  # the step between the masked stage's two halves (before training)
 
 # Key-derivation purposes: one ECDH secret never serves both (and the two key pairs differ anyway)
-_SHARE_PURPOSE = b"fedadapt.privacy.secagg.share-encryption.v1\0"
-_MASK_PURPOSE = b"fedadapt.privacy.secagg.pair-mask.v1\0"
-_SHARE_DOMAIN = b"fedadapt.privacy.secagg.share.v1\0"  # + sender and receiver ids: a share's associated data
+_SHARE_PURPOSE = b"fedadapt.secagg.share-encryption.v1\0"
+_MASK_PURPOSE = b"fedadapt.secagg.pair-mask.v1\0"
+_SHARE_DOMAIN = b"fedadapt.secagg.share.v1\0"  # + sender and receiver ids: a share's associated data
 _SEED_PART, _KEY_PART = "b", "sk"  # the two shares inside one encrypted share pair
 
 

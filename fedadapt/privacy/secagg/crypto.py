@@ -150,4 +150,4 @@ def _check_block(secret: bytes) -> bytes:
     Shamir alone rebuilds *some* value from any threshold shares; the receiving side has nothing else
     to tell a dishonest neighbour's share (or the server's mix-up) from the real secret.
     """
-    return hashlib.sha256(b"fedadapt.privacy.secagg.share-check" + secret).digest()[:BLOCK]
+    return hashlib.sha256(b"fedadapt.secagg.share-check" + secret).digest()[:BLOCK]

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedadapt.errors import ConfigError, SecAggError
 from fedadapt.privacy.secagg import wire
 
-_SETUP_DOMAIN = b"fedadapt.privacy.secagg.setup-keys.v1\0"
-_SURVIVORS_DOMAIN = b"fedadapt.privacy.secagg.survivors.v1\0"
+_SETUP_DOMAIN = b"fedadapt.secagg.setup-keys.v1\0"
+_SURVIVORS_DOMAIN = b"fedadapt.secagg.survivors.v1\0"
 _SIGNATURE = ec.ECDSA(hashes.SHA384())
 MAX_KEY_LINE = 4096  # bytes of one OpenSSH public key line; a P-384 key takes about 200
 MAX_SIGNATURE = 256  # DER ECDSA P-384 signatures are at most 104 bytes
