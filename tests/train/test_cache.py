@@ -4,12 +4,12 @@ what cannot be cached."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
+from helpers import HeadOnly, TopLayerLora
 from torch import nn
 from transformers import BertTokenizerFast
 
@@ -17,9 +17,6 @@ from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_co
 from fedadapt.data.batching import EncodedTexts, collate, encode_texts
 from fedadapt.errors import ConfigError
 from fedadapt.methods import MethodConfig
-from fedadapt.methods.base import AppliedMethod
-from fedadapt.methods.peft_methods import LoraConfig
-from fedadapt.model.backbone import SequenceClassifier
 from fedadapt.train.frozen_prefix import frozen_prefix_depth
 from fedadapt.train.loop import TrainConfig, train_adapter
 from fedadapt.train.personalize import train_only
@@ -35,36 +32,6 @@ TEXTS = [
     "card declined",
 ]
 TOL = 1e-5
-
-
-@dataclass(frozen=True)
-class TopLayerLora(LoraConfig):
-    """LoRA on the top layer only through PEFT's own ``layers_to_transform``: the PEFT path of the cache
-    until the methods branch gives ``lora`` its ``drop_layers``."""
-
-    name: ClassVar[str] = "test-top-layer-lora"
-    first_layer: int = 1
-
-    def apply(self, model: SequenceClassifier) -> AppliedMethod:
-        import peft
-
-        top = list(range(self.first_layer, model.config.num_hidden_layers))
-        config = peft.LoraConfig(
-            task_type=peft.TaskType.SEQ_CLS, r=self.r, lora_alpha=self.alpha, layers_to_transform=top
-        )
-        return AppliedMethod(module=peft.get_peft_model(model, config))
-
-
-@dataclass(frozen=True)
-class HeadOnly:
-    """Only the head trains (a federated linear probe): every layer is frozen, k = the number of layers."""
-
-    name: ClassVar[str] = "test-head-only"
-    size_field: ClassVar[str | None] = None
-    saves_peft_format: ClassVar[bool] = False
-
-    def apply(self, model: SequenceClassifier) -> AppliedMethod:
-        return AppliedMethod(module=model)
 
 
 # (method, settings or a config instance, the frozen prefix it leaves on the 2-layer tiny BERT). The registry's
