@@ -167,6 +167,13 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for sampling, shuffling and initialization.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Adapter folder to write (with metrics.json).")] = None,
+    prefix_cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep the frozen lower layers' states here between runs (float16, at most 256 MiB; "
+            "methods that leave layers frozen; without it they are cached in memory for the run)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object (last line).")] = False,
 ) -> None:
     """Train an adapter centrally (the baseline), evaluate it on the test split and save it."""
@@ -198,6 +205,7 @@ def train(
             backbone or DEFAULT_BACKBONE,
             out or Path("runs") / f"train-{method}",
             on_step,
+            prefix_cache_dir,
         )
     if as_json:
         typer.echo(json.dumps(metrics))
