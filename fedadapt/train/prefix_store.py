@@ -29,6 +29,7 @@ import mmap
 import os
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ MAX_HEADER_BYTES = 64 * 1024  # two tensors and the key: a few hundred bytes
 STORED_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FP16_MAX = 65504.0
 KEY_FIELD = "fedadapt-prefix-key"  # the metadata entry holding the whole key
+_TOKENIZER_DIGESTS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, str]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,18 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
 
     A fast tokenizer's serialized pipeline (normalizer, pre-tokenizer, model with its vocabulary,
     post-processor) without its truncation and padding, which each call sets anew; a slow one's
-    vocabulary and settings.
+    vocabulary and settings. Remembered per tokenizer object (a simulation worker asks every round;
+    serializing a 30k vocabulary takes a fifth of a second), recomputed if its vocabulary grew.
     """
+    remembered = _TOKENIZER_DIGESTS.get(tokenizer)
+    if remembered is not None and remembered[0] == len(tokenizer):
+        return remembered[1]
+    digest = _tokenizer_digest(tokenizer)
+    _TOKENIZER_DIGESTS[tokenizer] = (len(tokenizer), digest)
+    return digest
+
+
+def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     parts: dict[str, Any] = {
         "class": type(tokenizer).__name__,
         "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
@@ -216,7 +228,7 @@ class PrefixStore:
             entry = _read_entry(path, key, data)
         except (OSError, ValueError, StateError) as err:
             logger.warning("prefix cache entry %s is unreadable (%s): computing the frozen prefix again", path, err)
-            path.unlink(missing_ok=True)
+            _remove(path)
             return None
         _touch(path)  # its last use, for eviction
         return entry
@@ -253,7 +265,17 @@ class PrefixStore:
         return StoredPrefix(data, key, states.numpy(), lengths.numpy()), False
 
     def _write(self, path: Path, blob: bytes) -> bool:
-        """Write ``blob`` as ``path`` if it fits the cap, evicting least recently used entries; whether written."""
+        """Write ``blob`` as ``path`` if it fits the cap, evicting least recently used entries; whether written.
+
+        A folder that cannot be written (read-only, full) is no error: the states serve this run from memory.
+        """
+        try:
+            return self._write_within_cap(path, blob)
+        except OSError as err:
+            logger.warning("could not keep the frozen prefix's states in %s (%s): using them from memory", path, err)
+            return False
+
+    def _write_within_cap(self, path: Path, blob: bytes) -> bool:
         path.unlink(missing_ok=True)  # a damaged entry of the same key
         if len(blob) > self.max_bytes:
             logger.info(
@@ -360,6 +382,13 @@ def _write_atomic(path: Path, blob: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:  # a read-only folder: the next open reads it again, and fails again, harmlessly
+        logger.debug("could not remove %s: %s", path, err)
 
 
 def _touch(path: Path) -> None:

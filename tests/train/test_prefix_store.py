@@ -190,10 +190,18 @@ def test_any_change_of_key_is_a_new_entry(
 
 def test_the_tokenizer_digest_ignores_what_each_call_sets(tiny_bert: Path) -> None:
     tokenizer = BertTokenizerFast.from_pretrained(tiny_bert)
-    before = tokenizer_digest(tokenizer)
+    before = prefix_store._tokenizer_digest(tokenizer)  # computed, not remembered
     encode_texts(tokenizer, TEXTS, LABELS, max_length=4)  # leaves truncation set on the fast backend
-    assert tokenizer_digest(tokenizer) == before
+    assert prefix_store._tokenizer_digest(tokenizer) == before
     assert tokenizer_digest(BertTokenizerFast.from_pretrained(tiny_bert)) == before
+
+
+def test_the_tokenizer_digest_is_remembered_until_the_vocabulary_grows(tiny_bert: Path) -> None:
+    tokenizer = BertTokenizerFast.from_pretrained(tiny_bert)
+    before = tokenizer_digest(tokenizer)
+    assert prefix_store._TOKENIZER_DIGESTS[tokenizer] == (len(tokenizer), before)
+    tokenizer.add_tokens(["overdraft"])  # the same object, other ids for some texts
+    assert tokenizer_digest(tokenizer) != before
 
 
 def test_the_examples_digest_sees_order_labels_and_boundaries() -> None:
@@ -238,6 +246,20 @@ def test_an_entry_over_the_whole_cap_serves_from_memory(tiny_bert: Path, tmp_pat
         assert not use.hit and not use.stored and store.used_bytes() == 0
         assert states.batch([0, 1])["hidden"].shape == (2, len(examples.data.input_ids[0]), 32)
     assert not (tmp_path / "cap-0").exists()  # nothing to keep: no folder either
+
+
+def test_a_folder_that_cannot_be_written_serves_from_memory(
+    tiny_bert: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _model(tiny_bert)
+    examples = _examples(model, dtype="float32")
+    (tmp_path / "a-file").write_text("not a folder")
+    store = PrefixStore(tmp_path / "a-file" / "cache")
+    with caplog.at_level(logging.WARNING, logger="fedadapt.train.prefix_store"):
+        states, use = store.load_or_build(model, examples.data, examples.key, device="cpu")
+    assert not use.stored and "could not keep" in caplog.text
+    with PrefixCache(model, examples.data, frozen_layers=1) as in_memory:
+        assert torch.equal(states.batch([0, 5])["hidden"], in_memory.batch([0, 5])["hidden"])
 
 
 def _damage(path: Path, how: str, other: Path) -> None:
