@@ -302,7 +302,9 @@ def node(
     roster: Annotated[
         Path | None, typer.Option(help="The devices' public keys, one a line (the server's roster.pub), for SecAgg+.")
     ] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="Where the device keeps its personal part.")] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Where the device keeps its personal part and cached states.")
+    ] = None,
     data: Annotated[
         Path | None,
         typer.Option(help="The device's own CSV/JSON/JSONL data (default: its partition of the scenario's data)."),
@@ -312,6 +314,13 @@ def node(
         str,
         typer.Option(help="The weakest privacy mode this device takes part in: none, aead or secagg+."),
     ] = "none",
+    prefix_cache_mb: Annotated[
+        float | None,
+        typer.Option(
+            help="MiB the cached states of the frozen lower layers may take in --state-dir (default 256; "
+            "0: recompute them every round)."
+        ),
+    ] = None,
 ) -> None:
     """Join a federation as one device: a Flower SuperNode that runs fedadapt's ClientApp."""
     if ctx.invoked_subcommand is not None:
@@ -333,6 +342,7 @@ def node(
         state_dir=state_dir,
         data=data,
         require_privacy=require_privacy,
+        prefix_cache_mb=prefix_cache_mb,
     )
     raise typer.Exit(launcher.run_node(config))
 
