@@ -3,7 +3,8 @@
 The run config comes from the server. A device's state folder (its personal part, its cached
 split with raw texts), its own data file, its identity key and the weakest privacy mode it takes
 part in are the device's business: they come from its node config (``fedadapt node`` passes
-``state-dir``, ``data-path``, ``identity-key``, ``roster`` and ``require-privacy``), or, in Flower's
+``state-dir``, ``data-path``, ``identity-key``, ``roster`` and ``require-privacy``; ``prefix-cache-mb``
+caps the frozen-prefix cache in its state folder, 0 keeps nothing there), or, in Flower's
 simulation, which cannot give virtual nodes extra node config, from ``FEDADAPT_DEVICE_ROOT`` in the
 environment the simulation runner starts Flower with. A run config that names a path on devices
 (``client-state-dir``) is ignored there, with a warning.
@@ -12,6 +13,7 @@ environment the simulation runner starts Flower with. A run config that names a 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from typing import Any
 
 from fedadapt.config_values import expand_user
 from fedadapt.errors import ConfigError
-from fedadapt.fleet.device_data import DeviceContext
+from fedadapt.fleet.device_data import DEFAULT_PREFIX_CACHE_BYTES, DeviceContext, PrefixCacheSettings
 from fedadapt.fleet.run_config import RUN_CLIENT_STATE_DIR
 from fedadapt.fleet.scenario import ScenarioConfig
 from fedadapt.privacy.config import MODES, PrivacyConfig
@@ -33,6 +35,7 @@ DATA_PATH = "data-path"  # the device's own data file (else its partition of the
 IDENTITY_KEY = "identity-key"  # the device's ECDSA P-384 key (its SuperNode key): signs its SecAgg+ messages
 ROSTER = "roster"  # the devices' public keys, one OpenSSH line each: whom SecAgg+ messages may come from
 REQUIRE_PRIVACY = "require-privacy"  # the weakest privacy mode this device takes part in: none | aead | secagg+
+PREFIX_CACHE_MB = "prefix-cache-mb"  # MiB the device's frozen-prefix cache may take in its state folder
 DEVICE_ROOT_ENV = "FEDADAPT_DEVICE_ROOT"  # simulation: the folder every virtual device keeps its files in
 DEFAULT_STATE_DIR = Path("~/.fedadapt/device")  # a device with no state-dir configured
 RUN_CONFIG_DEVICE_PATHS = (RUN_CLIENT_STATE_DIR,)  # run-config keys that once named paths on devices
@@ -49,10 +52,12 @@ class Device:
     identity_key: Path | None = None
     roster: Path | None = None
     required_privacy: str = "none"  # the run config (the server's word) cannot take the device below this
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
 
     def in_scenario(self, scenario: ScenarioConfig) -> DeviceContext:
         """This device as a round in ``scenario`` takes it (``fedadapt.fleet.device_round``)."""
-        return DeviceContext(scenario, self.partition_id, self.state_dir, self.data_path)
+        cache = PrefixCacheSettings(max_bytes=self.prefix_cache_bytes)
+        return DeviceContext(scenario, self.partition_id, self.state_dir, self.data_path, cache)
 
 
 def device_from_config(node_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Device:
@@ -69,7 +74,8 @@ def device_from_config(node_config: Mapping[str, Any], environ: Mapping[str, str
     required = str(node_config.get(REQUIRE_PRIVACY, "none") or "none")
     if required not in MODES:
         raise ConfigError(f"node config {REQUIRE_PRIVACY!r} must be one of {MODES}, got {required!r}")
-    return Device(partition_id, state_dir, _path(node_config, DATA_PATH), identity, roster, required)
+    cache_bytes = _prefix_cache_bytes(node_config)
+    return Device(partition_id, state_dir, _path(node_config, DATA_PATH), identity, roster, required, cache_bytes)
 
 
 def enforce_privacy_policy(device: Device, privacy: PrivacyConfig) -> None:
@@ -118,6 +124,19 @@ def _partition_id(node_config: Mapping[str, Any]) -> int:
     if partition_id < 0:
         raise ConfigError(f"node config {PARTITION_ID!r} must be an integer >= 0, got {partition_id}")
     return partition_id
+
+
+def _prefix_cache_bytes(node_config: Mapping[str, Any]) -> int:
+    value = node_config.get(PREFIX_CACHE_MB)
+    if value in (None, ""):
+        return DEFAULT_PREFIX_CACHE_BYTES
+    try:
+        megabytes = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        megabytes = math.nan
+    if not 0 <= megabytes < 2**40:  # NaN fails too
+        raise ConfigError(f"node config {PREFIX_CACHE_MB!r} must be a number of MiB >= 0, got {value!r}")
+    return int(megabytes * 2**20)
 
 
 def _path(node_config: Mapping[str, Any], key: str) -> Path | None:

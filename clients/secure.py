@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 _SESSION_FIELD = "session"
 # Metrics that reveal (or are derived from) the example count: under secagg+ they stay on the device.
-COUNT_METRICS = ("train-steps", "train-seconds", "test-examples")
+COUNT_METRICS = ("train-steps", "train-seconds", "test-examples", "prefix-cache-seconds")
 
 
 def message_round(config: ConfigRecord, error: type[FedAdaptError]) -> int:

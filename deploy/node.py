@@ -40,6 +40,7 @@ class NodeConfig:
     data: Path | None = None  # the device's own data file; None: its partition of the scenario's data
     port: int | None = None  # the SuperNode's own ClientAppIo port; None: a free one
     require_privacy: str = "none"  # the weakest privacy mode the device takes part in (the run config can't lower it)
+    prefix_cache_mb: float | None = None  # MiB its frozen-prefix cache may take in state_dir; None: the default
 
     def __post_init__(self) -> None:
         host, _, port = self.superlink.rpartition(":")
@@ -67,6 +68,8 @@ class NodeConfig:
             raise ConfigError(f"--roster {self.roster} does not exist")
         if self.data is not None and not self.data.exists():
             raise ConfigError(f"--data {self.data} does not exist")
+        if self.prefix_cache_mb is not None and not 0 <= self.prefix_cache_mb < 2**40:
+            raise ConfigError(f"--prefix-cache-mb must be a number of MiB >= 0, got {self.prefix_cache_mb!r}")
 
     def command(self) -> list[str]:
         """The ``flower-supernode`` command line."""
@@ -80,6 +83,8 @@ class NodeConfig:
         if self.roster is not None:
             node_config += f' roster="{self.roster.resolve()}"'
         node_config += f' require-privacy="{self.require_privacy}"'
+        if self.prefix_cache_mb is not None:
+            node_config += f" prefix-cache-mb={self.prefix_cache_mb!r}"
         command = [find_tool("flower-supernode"), "--superlink", self.superlink]
         command += ["--port", str(self.port or free_port()), "--node-config", node_config]
         if self.insecure:

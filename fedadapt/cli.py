@@ -167,6 +167,13 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for sampling, shuffling and initialization.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Adapter folder to write (with metrics.json).")] = None,
+    prefix_cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep the frozen lower layers' states here between runs (float16, at most 256 MiB; "
+            "methods that leave layers frozen; without it they are cached in memory for the run)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object (last line).")] = False,
 ) -> None:
     """Train an adapter centrally (the baseline), evaluate it on the test split and save it."""
@@ -198,6 +205,7 @@ def train(
             backbone or DEFAULT_BACKBONE,
             out or Path("runs") / f"train-{method}",
             on_step,
+            prefix_cache_dir,
         )
     if as_json:
         typer.echo(json.dumps(metrics))
@@ -294,7 +302,9 @@ def node(
     roster: Annotated[
         Path | None, typer.Option(help="The devices' public keys, one a line (the server's roster.pub), for SecAgg+.")
     ] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="Where the device keeps its personal part.")] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Where the device keeps its personal part and cached states.")
+    ] = None,
     data: Annotated[
         Path | None,
         typer.Option(help="The device's own CSV/JSON/JSONL data (default: its partition of the scenario's data)."),
@@ -304,6 +314,13 @@ def node(
         str,
         typer.Option(help="The weakest privacy mode this device takes part in: none, aead or secagg+."),
     ] = "none",
+    prefix_cache_mb: Annotated[
+        float | None,
+        typer.Option(
+            help="MiB the cached states of the frozen lower layers may take in --state-dir (default 256; "
+            "0: recompute them every round)."
+        ),
+    ] = None,
 ) -> None:
     """Join a federation as one device: a Flower SuperNode that runs fedadapt's ClientApp."""
     if ctx.invoked_subcommand is not None:
@@ -325,6 +342,7 @@ def node(
         state_dir=state_dir,
         data=data,
         require_privacy=require_privacy,
+        prefix_cache_mb=prefix_cache_mb,
     )
     raise typer.Exit(launcher.run_node(config))
 

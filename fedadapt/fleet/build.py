@@ -72,5 +72,10 @@ def train_config(scenario: ScenarioConfig, seed: int, partition_id: int | None =
 
 def encode_split(model: AdapterModel, data: TextDataset, labels: LabelMap, max_length: int) -> EncodedTexts:
     """Token ids and class ids of a TextDataset under the global label map, with ``model``'s tokenizer."""
+    return encode_dataset(model.backbone.tokenizer, data, labels, text_tokens(model, max_length))
+
+
+def text_tokens(model: AdapterModel, max_length: int) -> int:
+    """The tokens of text ``encode_split`` keeps: ``max_length``, less what ``model`` cannot take."""
     # Prompt and prefix tuning put virtual tokens before the text: they take positions too.
-    return encode_dataset(model.backbone.tokenizer, data, labels, min(max_length, model.max_text_tokens))
+    return min(max_length, model.max_text_tokens)

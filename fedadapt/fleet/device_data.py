@@ -6,7 +6,8 @@ pandas, matplotlib and seaborn: about 300 MiB and seconds of CPU) and partitions
 to find the device's own rows. The device instead keeps its label map and its train/test split in
 ``<state folder>/data-<partition id>.json``, keyed by the scenario's data settings and by the size
 and modification time of every data file: change either and the split is computed afresh. The
-file holds only the device's own examples, beside its personal part (``client-<partition id>.safetensors``).
+file holds only the device's own examples, beside its personal part (``client-<partition id>.safetensors``)
+and its frozen-prefix cache (``prefix-cache-<partition id>/``, ``fedadapt.fleet.device_cache``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fedadapt.data.dataset import TextDataset
 from fedadapt.data.label_map import LabelMap
 from fedadapt.data.partition import ClientSplit
 from fedadapt.data.readers import MAX_DATA_FILE_BYTES
-from fedadapt.errors import DataError, FedAdaptError
+from fedadapt.errors import ConfigError, DataError, FedAdaptError
 from fedadapt.fleet.data import DATA_FIELDS, client_split, device_split, scenario_labels
 from fedadapt.fleet.scenario import ScenarioConfig
 
@@ -34,11 +35,29 @@ logger = logging.getLogger(__name__)
 
 DATA_FILE = "data-{partition_id}.json"
 PERSONAL_FILE = "client-{partition_id}.safetensors"
+PREFIX_CACHE_DIR = "prefix-cache-{partition_id}"
+DEFAULT_PREFIX_CACHE_BYTES = 256 * 2**20  # fedadapt.train.prefix_store.DEFAULT_MAX_BYTES (this module loads no torch)
+PREFIX_CACHE_DTYPES = ("float16", "float32")
 FORMAT = 1  # bump when the file's layout changes: older files are then recomputed
 FILE_KEYS = ("data", "labels")  # scenario fields that name files whose contents the split depends on
 # The file holds a share of one data file (at most MAX_DATA_FILE_BYTES) and its indices: the same cap fits it.
 # {"train": {"texts": [...]}} is 3 levels deep; anything deeper is not a file this module wrote.
 _FILE_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class PrefixCacheSettings:
+    """How a device keeps its frozen-prefix states (``fedadapt.fleet.device_cache``): a device's own setting."""
+
+    enabled: bool = True  # False: every epoch runs the whole model (the reference the cache is checked against)
+    max_bytes: int = DEFAULT_PREFIX_CACHE_BYTES  # the cache folder's cap; 0: states serve one round, from memory
+    dtype: str = "float16"  # float32: bit for bit what the model computes, twice the bytes
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 0:
+            raise ConfigError(f"the prefix cache's max_bytes must be an integer >= 0, got {self.max_bytes!r}")
+        if self.dtype not in PREFIX_CACHE_DTYPES:
+            raise ConfigError(f"the prefix cache's dtype must be one of {PREFIX_CACHE_DTYPES}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -53,11 +72,17 @@ class DeviceContext:
     partition_id: int
     state_dir: Path  # its personal part and its kept split
     data_path: Path | None = None  # the device's own data file; None: its partition of the scenario's data
+    prefix_cache: PrefixCacheSettings = PrefixCacheSettings()
 
     @property
     def personal_path(self) -> Path:
         """Where this device keeps its personal part."""
         return personal_path(self.state_dir, self.partition_id)
+
+    @property
+    def prefix_cache_dir(self) -> Path:
+        """Where this device keeps its frozen-prefix states."""
+        return Path(self.state_dir) / PREFIX_CACHE_DIR.format(partition_id=self.partition_id)
 
 
 def device_data(device: DeviceContext) -> tuple[LabelMap, ClientSplit]:

@@ -23,11 +23,12 @@ from fedadapt.delta.state import AdapterSchema, State, compute_delta
 from fedadapt.errors import DataError, FedAdaptError
 from fedadapt.fleet.build import cached_model, encode_split, train_config
 from fedadapt.fleet.data import device_split, scenario_labels
+from fedadapt.fleet.device_cache import train_on_device
 from fedadapt.fleet.device_data import DeviceContext, device_data
 from fedadapt.fleet.faults import SimulatedDeviceFailure, device_fault, stall_seconds
 from fedadapt.fleet.scenario import ScenarioConfig
 from fedadapt.model.adapter_model import AdapterModel
-from fedadapt.train.loop import EvalResult, evaluate, train_adapter
+from fedadapt.train.loop import EvalResult, evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ def serialize_update(update: LocalUpdate, scenario: ScenarioConfig) -> ClientRep
 def train_client_update(device: DeviceContext, global_blob: bytes, server_round: int = 0) -> LocalUpdate:
     """Load the global shared state, restore the personal part, train locally; the personal part stays on disk.
 
-    The device trains on its partition of the scenario's data, or on its own file (``device.data_path``).
+    The device trains on its partition of the scenario's data, or on its own file (``device.data_path``);
+    the frozen lower layers, if the method leaves any, from its prefix cache (``fedadapt.fleet.device_cache``).
     """
     scenario, partition_id = device.scenario, device.partition_id
     labels, split = device_data(device)
@@ -80,7 +82,8 @@ def train_client_update(device: DeviceContext, global_blob: bytes, server_round:
         raise DataError(f"client {partition_id} has no training examples")
     # Scoring the received global model too costs a forward pass per round: only when asked.
     before = _evaluate_or_none(model, test_set, scenario.device) if scenario.eval_before_training else None
-    result = train_adapter(model, train_set, train_config(scenario, _round_seed(device, server_round), partition_id))
+    config = train_config(scenario, _round_seed(device, server_round), partition_id)
+    result, cache_metrics = train_on_device(device, model, split.train.texts, train_set, config)
     after = _evaluate_or_none(model, test_set, scenario.device)
     fault = device_fault(scenario, server_round, partition_id)
     if fault == "crash":  # after training, before anything is saved or sent: the round's work is lost
@@ -97,6 +100,7 @@ def train_client_update(device: DeviceContext, global_blob: bytes, server_round:
         "train-steps": result.steps,
         "train-seconds": result.seconds,
         "test-examples": len(test_set),
+        **cache_metrics,
     }
     if scenario.personal_head:
         metrics["personal-restored"] = int(restored)

@@ -1,9 +1,11 @@
 """Local adapter training and evaluation: AdamW, warmup + linear decay, clipping, autocast.
 
 Only adapter and head parameters reach the optimizer; the backbone is checked frozen before
-and unchanged after every training call. The head gets its own, larger learning rate: it
-starts from scratch on pooled (and, for sentence-transformers backbones, unit-length)
-embeddings, while adapters start at the identity and must move gently.
+and unchanged after every training call. The frozen prefix (the lowest layers, when nothing in
+them trains: ``fedadapt.train.frozen_prefix``) runs in eval mode, without dropout. The head
+gets its own, larger learning rate: it starts from scratch on pooled (and, for
+sentence-transformers backbones, unit-length) embeddings, while adapters start at the
+identity and must move gently.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fedadapt.errors import ConfigError
 from fedadapt.model.adapter_model import AdapterModel
 from fedadapt.model.device import autocast, select_device, select_precision
 from fedadapt.model.freeze import guard_frozen
+from fedadapt.train.frozen_prefix import eval_frozen_prefix
 
 StepCallback = Callable[[int, int, float], None]  # (step, total_steps, loss)
 BatchForward = Callable[[list[int], torch.device], torch.Tensor]  # (indices, device) -> mean loss
@@ -140,6 +143,9 @@ def train_adapter(
     device = select_device(config.device)
     dtype = select_precision(device, config.precision)
     model.to(device).train()
+    # Frozen lower layers are a fixed feature extractor: no dropout there, so training from the
+    # prefix cache (which computes them once, in eval mode) equals training the full model.
+    eval_frozen_prefix(model)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     steps = total_steps(len(data), config)
@@ -187,8 +193,12 @@ def _collated_loss(
         loss: torch.Tensor = model(**batch).loss
         return loss
     labels = batch.pop("labels")
-    logits = model(**batch).logits.float().masked_fill(~present, float("-inf"))
-    return torch.nn.functional.cross_entropy(logits, labels)
+    return masked_loss(model(**batch).logits, labels, present)
+
+
+def masked_loss(logits: torch.Tensor, labels: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the softmax over the ``present`` classes only (``TrainConfig.mask_absent_labels``)."""
+    return torch.nn.functional.cross_entropy(logits.float().masked_fill(~present, float("-inf")), labels)
 
 
 @torch.no_grad()

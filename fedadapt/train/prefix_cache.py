@@ -1,13 +1,15 @@
-"""Frozen-prefix activation cache: the adapter-free lower layers run once per example.
+"""Frozen-prefix activation cache: the frozen lower layers run once per example.
 
-With AdapterDrop (Rücklé et al., "AdapterDrop: On the Efficiency of Adapters in Transformers",
-EMNLP 2021) the lowest ``k`` layers hold no adapters, so on a client's fixed data they compute
-the same states in every epoch and round. ``PrefixCache`` runs the embeddings and layers
-``0..k-1`` once, in eval mode (no dropout) and without grad, and keeps each example's states
-unpadded, (T_i, H): in memory up to a byte cap, past it in ``.npy`` chunks in a temporary
-folder (read back memory-mapped, never pickled). ``forward_from_cache`` runs layers ``k..L-1``
-and the head on a batch of them padded to its longest member. Training from the cache equals
-training without it when the lower layers are in eval mode, as they are here.
+When the lowest ``k`` layers hold nothing that trains (``fedadapt.train.frozen_prefix``: AdapterDrop
+for bottleneck adapters, Rücklé et al., EMNLP 2021; PEFT methods on the top layers only; a model
+that trains only its head, ``k`` = every layer), on a client's fixed data they compute the same
+states in every epoch and round. ``PrefixCache`` runs the embeddings and layers ``0..k-1`` once,
+in eval mode (no dropout) and without grad, and keeps each example's states unpadded, (T_i, H):
+in memory up to a byte cap, past it in ``.npy`` chunks in a temporary folder (read back
+memory-mapped, never pickled). ``forward_from_cache`` runs layers ``k..L-1`` and the head on a
+batch of them padded to its longest member. Training from the cache equals training without it:
+the training loop runs the frozen prefix in eval mode too. ``fedadapt.train.prefix_store`` keeps
+the states on disk between runs (a device's state folder).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 import numpy as np
 import torch
@@ -31,17 +34,39 @@ from transformers import PretrainedConfig
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from fedadapt.adapters.slots import find_slots
 from fedadapt.data.batching import EncodedTexts, collate
-from fedadapt.errors import BackboneError, ConfigError
+from fedadapt.errors import ConfigError
 from fedadapt.model.adapter_model import AdapterModel
-from fedadapt.model.backbone import SequenceClassifier
-from fedadapt.train.loop import StepCallback, TrainConfig, TrainResult, train_adapter
+from fedadapt.model.device import select_device
+from fedadapt.train.frozen_prefix import encoder_parts, frozen_prefix_depth, prefix_fingerprint, prefix_modules
+from fedadapt.train.loop import (
+    StepCallback,
+    TrainConfig,
+    TrainResult,
+    masked_loss,
+    present_labels,
+    train_adapter,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMORY_BYTES = 512 * 2**20
 Mask: TypeAlias = torch.Tensor | BlockMask | None  # what create_bidirectional_mask returns
+
+
+class PrefixStates(Protocol):
+    """Cached frozen-prefix states of ``data``: a ``PrefixCache`` or a stored entry (``prefix_store``)."""
+
+    @property
+    def data(self) -> EncodedTexts: ...
+    @property
+    def frozen_layers(self) -> int: ...
+    @property
+    def prefix_fingerprint(self) -> str: ...
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """``hidden`` (B, T, H) float32 padded to the longest member, ``attention_mask`` (B, T), ``labels`` (B,)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -53,61 +78,25 @@ class _OnDisk:
     stop: int
 
 
-@dataclass(frozen=True)
-class _Parts:
-    """The pieces of a BERT-family classifier the cache runs separately."""
-
-    classifier: SequenceClassifier
-    config: PretrainedConfig
-    embeddings: nn.Module
-    layers: nn.ModuleList
-    pooler: nn.Module | None  # BERT's NSP pooler, when the backbone kept it
-
-
-def _parts(model: AdapterModel) -> _Parts:
-    classifier = model.module
-    if not isinstance(classifier, SequenceClassifier):
-        raise ConfigError(
-            f"method {model.method.name!r} wraps the backbone ({type(classifier).__name__}) and puts "
-            "adapters in every layer, so no layer can be cached; use a bottleneck method with "
-            "AdapterDrop, e.g. make_method_config('pfeiffer', drop_layers=3)"
-        )
-    backbone = classifier.backbone
-    embeddings = getattr(backbone, "embeddings", None)
-    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
-    if not isinstance(embeddings, nn.Module) or not isinstance(layers, nn.ModuleList):
-        raise BackboneError(
-            f"the prefix cache needs a BERT-family encoder (embeddings, encoder.layer), got {type(backbone).__name__}"
-        )
-    pooler = getattr(backbone, "pooler", None)
-    return _Parts(classifier, backbone.config, embeddings, layers, pooler if isinstance(pooler, nn.Module) else None)
-
-
 def check_cacheable(model: AdapterModel, frozen_layers: int) -> None:
-    """Raise unless the embeddings and layers ``0..frozen_layers-1`` hold nothing that trains or adapts."""
-    parts = _parts(model)
+    """Raise unless the embeddings and layers ``0..frozen_layers-1`` hold nothing that trains."""
+    parts = encoder_parts(model)  # explains what cannot be cached at all (virtual tokens, other encoders)
     layers = parts.layers
-    drop_layers = getattr(model.method, "drop_layers", 0)
-    if not isinstance(frozen_layers, int) or not 1 <= frozen_layers < len(layers):
-        raise ConfigError(f"frozen_layers must be an integer in [1, {len(layers) - 1}], got {frozen_layers!r}")
-    adapted = [
-        s.layer
-        for s in find_slots(parts.classifier.backbone)
-        if s.setup is not None and not s.dropped and len(s.adapters)
-    ]
-    if adapted and min(adapted) < frozen_layers:
-        raise ConfigError(
-            f"frozen_layers={frozen_layers} but layer {min(adapted)} holds adapters "
-            f"({model.method.name}, drop_layers={drop_layers}); only layers below the first adapted "
-            "one can be cached: set frozen_layers <= drop_layers"
-        )
-    prefix = [parts.embeddings, *layers[:frozen_layers]]
-    trained = [n for m in prefix for n, p in m.named_parameters() if p.requires_grad]
-    if trained:
-        raise ConfigError(
-            f"{len(trained)} parameters below layer {frozen_layers} train (e.g. {trained[:3]}); "
-            f"method {model.method.name!r} cannot use the prefix cache"
-        )
+    if not isinstance(frozen_layers, int) or not 1 <= frozen_layers <= len(layers):
+        raise ConfigError(f"frozen_layers must be an integer in [1, {len(layers)}], got {frozen_layers!r}")
+    depth = frozen_prefix_depth(model)
+    if frozen_layers <= depth:
+        return
+    trained = [n for m in prefix_modules(parts, frozen_layers) for n, p in m.named_parameters() if p.requires_grad]
+    where = (
+        f"{len(trained)} parameters below layer {frozen_layers} train (e.g. {trained[:3]})"
+        if trained
+        else "a trainable parameter sits outside the encoder's layers and head"
+    )
+    raise ConfigError(
+        f"method {model.method.name!r} cannot use the prefix cache with frozen_layers={frozen_layers}: {where}; "
+        f"its frozen prefix is {depth} layers (drop_layers={getattr(model.method, 'drop_layers', 0)})"
+    )
 
 
 @contextmanager
@@ -137,8 +126,8 @@ def _run_layers(layers: Iterable[nn.Module], hidden: torch.Tensor, mask: Mask) -
 @torch.no_grad()
 def prefix_states(model: AdapterModel, batch: Mapping[str, torch.Tensor], frozen_layers: int) -> torch.Tensor:
     """Embeddings and layers ``0..frozen_layers-1`` on a collated batch, in eval mode: (B, T, H)."""
-    parts = _parts(model)
-    prefix = [parts.embeddings, *parts.layers[:frozen_layers]]
+    parts = encoder_parts(model)
+    prefix = prefix_modules(parts, frozen_layers)
     with _eval_mode(prefix):
         hidden = parts.embeddings(input_ids=batch["input_ids"])  # (B, T, H)
         mask = _extended_mask(parts.config, hidden, batch["attention_mask"])
@@ -151,14 +140,28 @@ def forward_from_cache(
     """Layers ``frozen_layers..L-1`` and the head on cached states, as ``SequenceClassifier.forward``.
 
     ``batch`` holds ``hidden`` (B, T, H), ``attention_mask`` (B, T) and optionally ``labels`` (B,).
+    With ``frozen_layers`` = every layer (a model that trains only its head) only the pooling and
+    the head run.
     """
-    parts = _parts(model)
-    classifier = parts.classifier
+    parts = encoder_parts(model)
     attention_mask = batch["attention_mask"]
     hidden = batch["hidden"]  # (B, T, H)
-    hidden = _run_layers(parts.layers[frozen_layers:], hidden, _extended_mask(parts.config, hidden, attention_mask))
+    upper = parts.layers[frozen_layers:]
+    if len(upper):
+        hidden = _run_layers(upper, hidden, _extended_mask(parts.config, hidden, attention_mask))
     backbone_pooled = parts.pooler(hidden) if parts.pooler is not None else None
-    return classifier.classify(hidden, attention_mask, backbone_pooled, batch.get("labels"))
+    return parts.classifier.classify(hidden, attention_mask, backbone_pooled, batch.get("labels"))
+
+
+def pad_rows(rows: Sequence[torch.Tensor], labels: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Unpadded (T_i, H) rows as a float32 batch padded to the longest, with its mask and labels."""
+    width = max(r.shape[0] for r in rows)
+    hidden = torch.zeros((len(rows), width, rows[0].shape[1]), dtype=torch.float32)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, states in enumerate(rows):
+        hidden[b, : states.shape[0]] = states
+        attention_mask[b, : states.shape[0]] = 1
+    return {"hidden": hidden, "attention_mask": attention_mask, "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 class PrefixCache:
@@ -166,8 +169,10 @@ class PrefixCache:
 
     Rows stay in memory until ``max_memory_bytes`` is reached; later rows spill to ``.npy``
     chunks in a temporary folder under ``spill_dir`` (the system's temp folder if None), which
-    ``close()`` (or leaving a ``with`` block) removes. The weights below ``frozen_layers`` must
-    not change while the cache is used; ``train_adapter_cached`` checks the backbone guard.
+    ``close()`` (or leaving a ``with`` block) removes. Rows are kept as ``dtype`` (float32: exactly
+    what the model computed) and batched as float32. ``device`` is where the prefix runs (None:
+    where the model is). The weights below ``frozen_layers`` must not change while the cache is
+    used; ``train_adapter_cached`` checks the prefix's fingerprint.
     """
 
     def __init__(
@@ -178,6 +183,8 @@ class PrefixCache:
         max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
         spill_dir: Path | None = None,
         fill_batch_size: int = 64,
+        dtype: torch.dtype = torch.float32,
+        device: str | None = None,
     ) -> None:
         check_cacheable(model, frozen_layers)
         if max_memory_bytes < 0:
@@ -187,7 +194,9 @@ class PrefixCache:
         self.data = data
         self.frozen_layers = frozen_layers
         self.max_memory_bytes = max_memory_bytes
-        self.backbone_fingerprint = model.backbone.fingerprint
+        self.prefix_fingerprint = prefix_fingerprint(model, frozen_layers)
+        self.dtype = dtype
+        self.fill_seconds = 0.0
         self.memory_bytes = 0
         self.disk_bytes = 0
         self._spill_parent = spill_dir
@@ -196,6 +205,8 @@ class PrefixCache:
         self._rows: list[torch.Tensor | _OnDisk | None] = [None] * len(data)
         self._chunks: list[np.ndarray] = []
         self._closed = False
+        if device is not None:
+            model.to(select_device(device))
         self._fill(model, fill_batch_size)
 
     @property
@@ -239,26 +250,20 @@ class PrefixCache:
         return entry
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """``hidden`` (B, T, H) padded to the longest member, ``attention_mask`` (B, T), ``labels`` (B,)."""
-        rows = [self.row(i) for i in indices]
-        width = max(r.shape[0] for r in rows)
-        hidden = rows[0].new_zeros((len(rows), width, rows[0].shape[1]))
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, states in enumerate(rows):
-            hidden[b, : states.shape[0]] = states
-            attention_mask[b, : states.shape[0]] = 1
-        labels = torch.tensor([self.data.labels[i] for i in indices], dtype=torch.long)
-        return {"hidden": hidden, "attention_mask": attention_mask, "labels": labels}
+        """``hidden`` (B, T, H) float32 padded to the longest member, ``attention_mask`` (B, T), ``labels`` (B,)."""
+        return pad_rows([self.row(i) for i in indices], [self.data.labels[i] for i in indices])
 
     def _fill(self, model: AdapterModel, batch_size: int) -> None:
         # Length-sorted fill batches pad little; the real tokens' states do not depend on padding.
+        start_time = time.perf_counter()
         order = sorted(range(len(self.data)), key=lambda i: len(self.data.input_ids[i]))
         device = next(model.module.parameters()).device
         for start in range(0, len(order), batch_size):
             indices = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate(self.data, indices).items()}
-            states = prefix_states(model, batch, self.frozen_layers).cpu()  # (B, T, H)
+            states = prefix_states(model, batch, self.frozen_layers).to("cpu", self.dtype)  # (B, T, H)
             self._store(indices, [states[b, : len(self.data.input_ids[i])] for b, i in enumerate(indices)])
+        self.fill_seconds = time.perf_counter() - start_time
         logger.info(
             "cached %d examples through %d layers: %.1f MB in memory, %.1f MB spilled to %s",
             len(self.data),
@@ -301,15 +306,26 @@ class PrefixCache:
 
 
 def train_adapter_cached(
-    model: AdapterModel, cache: PrefixCache, config: TrainConfig, on_step: StepCallback | None = None
+    model: AdapterModel, cache: PrefixStates, config: TrainConfig, on_step: StepCallback | None = None
 ) -> TrainResult:
     """``train_adapter`` on ``cache.data``, running only the layers above ``cache.frozen_layers``."""
-    if cache.backbone_fingerprint != model.backbone.fingerprint:
-        raise ConfigError("the prefix cache was filled from a different backbone than this model's")
     check_cacheable(model, cache.frozen_layers)
+    if cache.prefix_fingerprint != prefix_fingerprint(model, cache.frozen_layers):
+        raise ConfigError("the prefix cache was filled from a different backbone or frozen prefix than this model's")
+    present = (
+        present_labels(cache.data, len(model.labels), select_device(config.device))
+        if config.mask_absent_labels
+        else None
+    )
 
     def forward(indices: list[int], device: torch.device) -> torch.Tensor:
         batch = {k: v.to(device) for k, v in cache.batch(indices).items()}
+        if present is not None:
+            labels = batch.pop("labels")
+            logits = forward_from_cache(model, batch, cache.frozen_layers).logits
+            if logits is None:  # cannot happen: the head always returns logits
+                raise RuntimeError("forward_from_cache returned no logits")
+            return masked_loss(logits, labels, present)
         loss = forward_from_cache(model, batch, cache.frozen_layers).loss
         if loss is None:  # cannot happen: cached batches carry labels
             raise RuntimeError("forward_from_cache returned no loss")

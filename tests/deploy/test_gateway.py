@@ -276,6 +276,11 @@ def test_a_secure_node_demands_trusted_entities_and_passes_them(tmp_path: Path) 
     assert f'roster="{roster.resolve()}"' in node_config
     insecure = node_module.NodeConfig(**base, insecure=True).command()
     assert "--trusted-entities" not in insecure and "identity-key" not in " ".join(insecure)
+    assert "prefix-cache-mb" not in node_config  # the device's default
+    capped = node_module.NodeConfig(**base, insecure=True, prefix_cache_mb=64.0).command()
+    assert " prefix-cache-mb=64.0" in capped[capped.index("--node-config") + 1]
+    with pytest.raises(ConfigError, match="--prefix-cache-mb"):
+        node_module.NodeConfig(**base, insecure=True, prefix_cache_mb=-1.0)
     with contextlib.suppress(FileNotFoundError):
         roster.unlink()
     with pytest.raises(ConfigError, match="--roster"):

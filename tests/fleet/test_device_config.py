@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from fedadapt.errors import ConfigError
+from fedadapt.fleet.device_data import DEFAULT_PREFIX_CACHE_BYTES
+from fedadapt.fleet.scenario import ScenarioConfig
 from fedadapt.privacy.config import PrivacyConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +48,15 @@ def test_simulated_devices_take_their_folder_from_the_environment(tmp_path: Path
     assert device.roster == tmp_path / "roster.pub"
 
 
+@pytest.mark.parametrize(("value", "expected"), [(None, DEFAULT_PREFIX_CACHE_BYTES), (0, 0), (1.5, 3 * 2**19)])
+def test_the_prefix_cache_cap_is_the_devices_own_setting(tmp_path: Path, value: object, expected: int) -> None:
+    node_config = {"partition-id": 1} | ({} if value is None else {"prefix-cache-mb": value})
+    device = device_from_config(node_config, environ={DEVICE_ROOT_ENV: str(tmp_path)})
+    context = device.in_scenario(ScenarioConfig(name="tiny"))
+    assert context.prefix_cache.max_bytes == expected and context.prefix_cache.enabled
+    assert context.prefix_cache_dir == tmp_path / "prefix-cache-1"
+
+
 def test_without_configuration_a_device_keeps_its_files_in_its_home_folder() -> None:
     device = device_from_config({"partition-id": 0}, environ={})
     assert device.state_dir == DEFAULT_STATE_DIR.expanduser() and device.state_dir.is_absolute()
@@ -60,6 +71,10 @@ def test_without_configuration_a_device_keeps_its_files_in_its_home_folder() -> 
         ({"partition-id": -1}, "'partition-id' must be an integer >= 0"),
         ({"partition-id": "x"}, "'partition-id' must be an integer >= 0"),
         ({}, "'partition-id' must be an integer >= 0"),
+        ({"partition-id": 0, "prefix-cache-mb": -1}, "'prefix-cache-mb' must be a number of MiB >= 0"),
+        ({"partition-id": 0, "prefix-cache-mb": "lots"}, "'prefix-cache-mb' must be a number of MiB >= 0"),
+        ({"partition-id": 0, "prefix-cache-mb": "nan"}, "'prefix-cache-mb' must be a number of MiB >= 0"),
+        ({"partition-id": 0, "prefix-cache-mb": True}, "'prefix-cache-mb' must be a number of MiB >= 0"),
     ],
 )
 def test_bad_node_config_is_a_clear_error(node_config: dict[str, object], message: str) -> None:

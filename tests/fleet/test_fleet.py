@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -157,13 +158,13 @@ def test_personal_head_is_kept_on_disk_and_restored_next_round(
     assert saved and all(spec.role == "head" for spec in model.schema.specs("personal"))
     run_client_round(DeviceContext(scenario, 2, tmp_path), blob, server_round=1)  # the process serves another device
     seen: list[dict[str, torch.Tensor]] = []
-    original = device_round.train_adapter
+    original = device_round.train_on_device
 
-    def spy(model: AdapterModel, *args: object, **kwargs: object) -> object:
+    def spy(device: DeviceContext, model: AdapterModel, *args: Any, **kwargs: Any) -> Any:
         seen.append(model.state("personal"))  # what the device starts round 2 from
-        return original(model, *args, **kwargs)
+        return original(device, model, *args, **kwargs)
 
-    monkeypatch.setattr(device_round, "train_adapter", spy)
+    monkeypatch.setattr(device_round, "train_on_device", spy)
     run_client_round(DeviceContext(scenario, 0, tmp_path), blob, server_round=2)
     for name, tensor in saved.items():
         assert torch.equal(seen[0][name], tensor), name

@@ -198,3 +198,27 @@ def test_train_command_bad_data_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "missing.csv"), "--max-steps", "1"])
     assert result.exit_code == 2
     assert "missing.csv" in result.stderr
+
+
+def test_the_baseline_trains_from_the_frozen_prefix_cache_in_memory_or_kept_between_runs(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    from fedadapt.data.splits import DataConfig
+    from fedadapt.train.baseline import train_baseline
+
+    data_file = tmp_path / "data.csv"
+    rows = "".join(
+        f'"{t}",{["card", "topup", "transfer", "money"][i]}\n' for _ in range(5) for i, t in enumerate(TEXTS)
+    )
+    data_file.write_text("text,label\n" + rows)
+    data = DataConfig(path=str(data_file))
+    method = make_method_config("pfeiffer", drop_layers=1)
+    config = TrainConfig(max_steps=3, batch_size=4, device="cpu")
+    in_memory = train_baseline(data, method, config, str(tiny_bert))
+    assert in_memory["prefix_layers"] == 1 and in_memory["prefix_cache_hit"] is False
+    kept = [train_baseline(data, method, config, str(tiny_bert), prefix_cache_dir=tmp_path / "cache") for _ in "ab"]
+    assert [m["prefix_cache_hit"] for m in kept] == [False, True]
+    assert kept[0]["final_train_loss"] == kept[1]["final_train_loss"]  # the same float16 states, built or read
+    assert abs(kept[0]["final_train_loss"] - in_memory["final_train_loss"]) < 1e-2  # float16 against float32
+    lora = train_baseline(data, make_method_config("lora"), config, str(tiny_bert), prefix_cache_dir=tmp_path / "l")
+    assert lora["prefix_layers"] == 0 and "prefix_cache_hit" not in lora and not (tmp_path / "l").exists()
