@@ -7,7 +7,7 @@ validates without torch or PEFT, which are imported when a method is applied.
 from __future__ import annotations
 
 # Imported for their registration (each module registers its configs).
-from fedadapt.methods import bitfit, bottleneck, composition, full, peft_methods  # noqa: F401
+from fedadapt.methods import bitfit, bottleneck, composition, full, head, peft_methods  # noqa: F401
 from fedadapt.methods.base import AppliedMethod, MethodConfig, config_to_dict, schema_method_dict
 from fedadapt.methods.registry import METHODS, make_method_config, method_config_from_dict, register_method
 
