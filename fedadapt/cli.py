@@ -114,14 +114,17 @@ def _print_table(info: dict[str, Any], title: str) -> None:
 def info(
     method: Annotated[
         str,
-        typer.Option(help="Adapter method: lora, ffa-lora, ia3, prompt, prefix, bitfit, houlsby, pfeiffer, parallel."),
+        typer.Option(
+            help="Adapter method: lora, ffa-lora, ia3, prompt, prefix, bitfit, head, houlsby, pfeiffer, parallel."
+        ),
     ] = "lora",
     rank: Annotated[
         int | None,
         typer.Option(help="LoRA rank, bottleneck size (houlsby/pfeiffer/parallel) or virtual tokens (prompt/prefix)."),
     ] = None,
     drop_layers: Annotated[
-        int | None, typer.Option(help="AdapterDrop: no bottleneck adapters in the lowest K layers.")
+        int | None,
+        typer.Option(help="No adapter in the lowest K layers (lora, ffa-lora, ia3 and the bottleneck methods)."),
     ] = None,
     backbone: Annotated[
         str | None, typer.Option(help="HF model folder or hub id (default: packaged MiniLM-L6).")

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedadapt.aggregate.fedavg import ReceivedDelta, aggregate_round
-from fedadapt.aggregate.server_optimizers import FedAvgConfig, ServerOptimizer
+from fedadapt.aggregate.server_optimizers import ServerOptimizer
 from fedadapt.aggregate.server_training import load_proxy, train_on_proxy
 from fedadapt.aggregate.validation import REASON_LIMIT, DeltaValidator
 from fedadapt.checkpoint.atomic_files import write_bytes_atomic
@@ -84,7 +84,7 @@ class Federation:
         self.proxy = self._load_proxy(fleet.labels)
         self.blob_limit = max_blob_size(self.schema, "shared", self.scenario.compression)  # type: ignore[arg-type]
         self.validator = DeltaValidator(self.schema, max_norm=self.scenario.max_delta_norm, max_bytes=self.blob_limit)
-        self.optimizer = ServerOptimizer(FedAvgConfig(server_lr=self.scenario.server_lr), self.schema)
+        self.optimizer = ServerOptimizer(self.scenario.server_optimizer_config(), self.schema)
         self.rng = random.Random(self.scenario.seed)
         self.run_id = run_id
         # SecAgg+ draws each round's sample and neighbour ring from this, not from the public seed (kept in

@@ -34,7 +34,7 @@ def _info(*args: str) -> dict[str, object]:
     return info
 
 
-@pytest.mark.parametrize("method", ["lora", "ffa-lora", "ia3", "prompt", "prefix", "bitfit"])
+@pytest.mark.parametrize("method", ["lora", "ffa-lora", "ia3", "prompt", "prefix", "bitfit", "head"])
 def test_info_json_on_tiny_backbone(tiny_bert: Path, method: str) -> None:
     info = _info("--method", method, "--backbone", str(tiny_bert), "--num-labels", "3")
     assert set(info) >= INFO_KEYS
@@ -51,6 +51,15 @@ def test_rank_sets_lora_size(tiny_bert: Path) -> None:
     large = _info("--method", "lora", "--rank", "4", "--backbone", str(tiny_bert))
     # 2 layers × (query, value) × (A: r×32 + B: 32×r) = 256 params per unit of rank
     assert large["trainable_params"] - small["trainable_params"] == 2 * 256  # type: ignore[operator]
+
+
+def test_drop_layers_sets_the_depth_of_lora_and_head_trains_the_head_alone(tiny_bert: Path) -> None:
+    full = _info("--method", "lora", "--backbone", str(tiny_bert))
+    top = _info("--method", "lora", "--drop-layers", "1", "--backbone", str(tiny_bert))
+    head = _info("--method", "head", "--backbone", str(tiny_bert))
+    # r=8: (query, value) × (A: 8×32 + B: 32×8) = 1024 per layer; the 2-class head is 2×32 + 2 = 66.
+    assert (full["trainable_params"], top["trainable_params"], head["trainable_params"]) == (2114, 1090, 66)
+    assert top["method_config"]["drop_layers"] == 1  # type: ignore[index]
 
 
 def test_default_backbone_lora_r8_is_small() -> None:

@@ -1,20 +1,28 @@
 """The server's step after averaging, FedOpt style (Reddi et al., ICLR 2021, Alg. 2): x <- x + lr * u.
 
-u is the mean delta (FedAvg), its momentum (FedAvgM; Hsu et al., arXiv:1909.06335) or Adam's
-m / (sqrt(v) + tau) (FedAdam). The optimizer's buffers are part of every round checkpoint.
+u is the mean delta (FedAvg), its momentum (FedAvgM; Hsu et al., arXiv:1909.06335) or
+m / (sqrt(v) + tau) with Adam's or Yogi's second moment v (FedAdam, FedYogi); their settings are in
+``server_optimizer_config``. The optimizer's buffers are part of every round checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
+from fedadapt.aggregate.server_optimizer_config import (
+    SERVER_OPTIMIZERS,
+    FedAdamConfig,
+    FedAvgConfig,
+    FedAvgMConfig,
+    FedYogiConfig,
+    ServerOptConfig,
+)
 from fedadapt.delta.state import (
     PARTS,
     AdapterSchema,
@@ -26,66 +34,18 @@ from fedadapt.delta.state import (
 )
 from fedadapt.errors import ConfigError, SchemaMismatch
 
+__all__ = [  # the settings live beside, torch-free (a scenario checks them when read); imported from here too
+    "SERVER_OPTIMIZERS",
+    "FedAdamConfig",
+    "FedAvgConfig",
+    "FedAvgMConfig",
+    "FedYogiConfig",
+    "OptimizerState",
+    "ServerOptConfig",
+    "ServerOptimizer",
+]
+
 logger = logging.getLogger(__name__)
-
-
-def _check_lr(server_lr: float) -> None:
-    if not (0 < server_lr < math.inf):
-        raise ConfigError(f"server_lr must be a positive finite number, got {server_lr!r}")
-
-
-def _check_unit(name: str, value: float) -> None:
-    if not 0 <= value < 1:
-        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
-
-
-@dataclass(frozen=True)
-class FedAvgConfig:
-    """x ← x + server_lr·Δ̄; server_lr = 1 is plain FedAvg."""
-
-    server_lr: float = 1.0
-    kind: ClassVar[str] = "fedavg"
-
-    def __post_init__(self) -> None:
-        _check_lr(self.server_lr)
-
-
-@dataclass(frozen=True)
-class FedAvgMConfig:
-    """u ← momentum·u + Δ̄; x ← x + server_lr·u. The steady-state step is server_lr / (1 − momentum)."""
-
-    server_lr: float
-    momentum: float = 0.9
-    kind: ClassVar[str] = "fedavgm"
-
-    def __post_init__(self) -> None:
-        _check_lr(self.server_lr)
-        _check_unit("momentum", self.momentum)
-
-
-@dataclass(frozen=True)
-class FedAdamConfig:
-    """Reddi et al. Alg. 2: m ← β₁m + (1−β₁)Δ̄; v ← β₂v + (1−β₂)Δ̄²; x ← x + η·m / (√v + τ).
-
-    As in the paper, m starts at 0, v at τ² (v₋₁ ≥ τ²) and there is no bias correction
-    (Flower's FedAdam starts v at 0 and bias-corrects η instead).
-    """
-
-    server_lr: float = 1e-2
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    kind: ClassVar[str] = "fedadam"
-
-    def __post_init__(self) -> None:
-        _check_lr(self.server_lr)
-        _check_unit("beta1", self.beta1)
-        _check_unit("beta2", self.beta2)
-        if not (0 < self.tau < math.inf):
-            raise ConfigError(f"tau must be a positive finite number, got {self.tau!r}")
-
-
-ServerOptConfig = FedAvgConfig | FedAvgMConfig | FedAdamConfig
 
 
 @dataclass(frozen=True)
@@ -99,7 +59,7 @@ class OptimizerState:
 def _buffer_inits(config: ServerOptConfig) -> tuple[tuple[str, float], ...]:
     if isinstance(config, FedAvgMConfig):
         return (("momentum", 0.0),)
-    if isinstance(config, FedAdamConfig):
+    if isinstance(config, FedAdamConfig):  # FedYogi too
         return (("m", 0.0), ("v", config.tau**2))
     return ()
 
@@ -113,8 +73,10 @@ class ServerOptimizer:
     """Applies the round's mean delta to the global state; owns the buffers that persist across rounds."""
 
     def __init__(self, config: ServerOptConfig, schema: AdapterSchema, part: Part = "shared") -> None:
-        if not isinstance(config, FedAvgConfig | FedAvgMConfig | FedAdamConfig):
-            raise ConfigError(f"config must be FedAvgConfig, FedAvgMConfig or FedAdamConfig, got {config!r}")
+        if not isinstance(config, FedAvgConfig | FedAvgMConfig | FedAdamConfig):  # FedYogiConfig is a FedAdamConfig
+            raise ConfigError(
+                f"config must be FedAvgConfig, FedAvgMConfig, FedAdamConfig or FedYogiConfig, got {config!r}"
+            )
         if part not in PARTS:
             raise ConfigError(f"part must be one of {PARTS}, got {part!r}")
         self.config = config
@@ -147,7 +109,12 @@ class ServerOptimizer:
             return self._buffers[f"momentum/{name}"].mul_(config.momentum).add_(d)
         if isinstance(config, FedAdamConfig):
             m = self._buffers[f"m/{name}"].mul_(config.beta1).add_(d, alpha=1 - config.beta1)
-            v = self._buffers[f"v/{name}"].mul_(config.beta2).addcmul_(d, d, value=1 - config.beta2)
+            v = self._buffers[f"v/{name}"]
+            if isinstance(config, FedYogiConfig):
+                squared = d * d
+                v.sub_(squared * torch.sign(v - squared), alpha=1 - config.beta2)
+            else:
+                v.mul_(config.beta2).addcmul_(d, d, value=1 - config.beta2)
             return m / (v.sqrt() + config.tau)
         return d
 

@@ -16,12 +16,12 @@ from fedadapt.data.dataset import TextDataset
 from fedadapt.data.label_map import LabelMap
 from fedadapt.delta.state import State
 from fedadapt.fleet.scenario import ScenarioConfig, local_step_budget, only_fields
-from fedadapt.methods import make_method_config
 from fedadapt.model.adapter_model import AdapterModel, StateSplit
 from fedadapt.model.backbone import DEFAULT_BACKBONE, BackboneConfig, load_backbone
 from fedadapt.train.loop import TrainConfig
 
-MODEL_FIELDS = ("backbone", "method", "rank", "personal_head", "seed")  # the scenario fields a model depends on
+# The scenario fields a model depends on.
+MODEL_FIELDS = ("backbone", "method", "rank", "method_settings", "personal_head", "seed")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def build_model(scenario: ScenarioConfig, labels: tuple[str, ...]) -> AdapterMod
     split = StateSplit(personal=("head",) if scenario.personal_head else ())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(scenario.seed)  # the adapter's initial values (e.g. LoRA's A): same seed, same start
-        return AdapterModel(loaded, make_method_config(scenario.method, size=scenario.rank), split, labels)
+        return AdapterModel(loaded, scenario.method_config(), split, labels)
 
 
 def cached_model(scenario: ScenarioConfig, labels: tuple[str, ...]) -> FleetModel:

@@ -1,9 +1,10 @@
 """Fleet scenarios: one TOML file of kebab-case keys, parsed into a typed ``ScenarioConfig``.
 
 A scenario names the data, how it is split over clients, the adapter method, the federated
-schedule and the faults to simulate (crashing and straggling devices, device tiers with
-different step budgets, and ``scripted-faults`` at set rounds for fault drills). Keys are flat,
-but for the ``[privacy]`` table (``fedadapt.privacy.config``) and the list of scripted faults.
+schedule, the server optimizer and the faults to simulate (crashing and straggling devices, device
+tiers with different step budgets, and ``scripted-faults`` at set rounds for fault drills). Keys are
+flat, but for the ``[privacy]`` table (``fedadapt.privacy.config``), the ``[method-settings]`` table
+(``fedadapt.fleet.method_settings``) and the list of scripted faults.
 Unknown keys and values of the wrong type are refused with the list of allowed keys, before
 anything starts; every number must lie in its range in ``SCENARIO_BOUNDS`` (documented in
 simulations/README.md), so no value sizes an absurd allocation, loop or sleep.
@@ -18,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedadapt.aggregate.server_optimizer_config import SERVER_OPTIMIZERS, ServerOptConfig
 from fedadapt.config_values import Bound, expand_user
 from fedadapt.data.synthetic import SYNTHETIC
 from fedadapt.errors import ConfigError
-from fedadapt.methods import make_method_config
+from fedadapt.fleet.method_settings import METHOD_SETTING_BOUNDS, Settings, check_method_settings, read_method_settings
+from fedadapt.methods import METHODS, MethodConfig, make_method_config
+from fedadapt.methods.head import HeadConfig
 from fedadapt.privacy.config import PRIVACY_KEYS, PrivacyConfig
 
 SCHEMES = ("iid", "dirichlet", "natural")
@@ -55,6 +59,10 @@ SCENARIO_BOUNDS: dict[str, Bound] = {
     "head-learning-rate": Bound("float", 0, 10, low_open=True),
     "max-length": Bound("int", 1, 8192),
     "server-lr": Bound("float", 0, 100, low_open=True),
+    "server-momentum": Bound("float", 0, 1, high_open=True),
+    "server-beta1": Bound("float", 0, 1, high_open=True),
+    "server-beta2": Bound("float", 0, 1, high_open=True),
+    "server-tau": Bound("float", 0, 1, low_open=True),
     "max-delta-norm": Bound("float", 0, 1e9, low_open=True),
     "max-examples-per-client": Bound("int", 1, 1_000_000_000),
     "full-model-learning-rate": Bound("float", 0, 10, low_open=True),
@@ -71,6 +79,14 @@ SCENARIO_BOUNDS: dict[str, Bound] = {
     "server-finetune-epochs": Bound("int", 0, 1000),
     "scripted-faults.round": Bound("int", 1, MAX_ROUNDS),
     "scripted-faults.client": Bound("int", 0, MAX_CLIENTS - 1),
+    **{f"method-settings.{key}": bound for key, bound in METHOD_SETTING_BOUNDS.items()},
+}
+# The server optimizer's settings: scenario key -> its field in the optimizer's config (fedadapt.aggregate).
+SERVER_OPTIMIZER_SETTINGS = {
+    "server_momentum": "momentum",
+    "server_beta1": "beta1",
+    "server_beta2": "beta2",
+    "server_tau": "tau",
 }
 MAX_TIERS = 1000  # entries of tier-steps
 MAX_SCRIPTED_FAULTS = 10_000  # entries of scripted-faults
@@ -120,6 +136,7 @@ class ScenarioConfig:
     test_fraction: float = 0.2  # of each client's examples held out as its local test split
     method: str = "lora"
     rank: int | None = None  # the method's size field (LoRA rank, bottleneck, virtual tokens)
+    method_settings: Settings = ()  # the [method-settings] table: the method's own fields (drop_layers=3)
     personal_head: bool = False  # the head stays on the device (FedPer); only the adapter is averaged
     eval_before_training: bool = False  # clients also score the global model they received (accuracy-before)
     rounds: int = 3
@@ -134,7 +151,12 @@ class ScenarioConfig:
     head_learning_rate: float = 5e-2
     max_length: int = 64
     compression: str = "fp16"  # of the uploaded deltas: none | fp16 | int8
-    server_lr: float = 1.0
+    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam | fedyogi (fedadapt.aggregate.server_optimizers)
+    server_lr: float | None = None  # None: the optimizer's (fedavg and fedavgm 1.0, fedadam and fedyogi 0.01)
+    server_momentum: float | None = None  # fedavgm (default 0.9)
+    server_beta1: float | None = None  # fedadam, fedyogi (default 0.9)
+    server_beta2: float | None = None  # fedadam, fedyogi (default 0.99)
+    server_tau: float | None = None  # fedadam, fedyogi (default 1e-3)
     max_delta_norm: float | None = None  # reject deltas with a larger global L2 norm
     # The most examples one client's delta may weigh in FedAvg: bounds what one (lying) client can pull the mean
     # by. Devices with more weigh as this many; a reply claiming more is rejected.
@@ -163,7 +185,10 @@ class ScenarioConfig:
             raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
         _check_choice("partition", self.partition, SCHEMES)
         _check_choice("compression", self.compression, COMPRESSIONS)
+        _check_choice("server-optimizer", self.server_optimizer, tuple(SERVER_OPTIMIZERS))
         self._check_bounds()
+        check_method_settings(self.method_settings, self.method)
+        self.server_optimizer_config()  # a setting of another optimizer, or a value it refuses: refused now
         if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"clients-per-round ({self.clients_per_round}) cannot exceed num-clients ({self.num_clients})"
@@ -202,6 +227,37 @@ class ScenarioConfig:
     def sample_size(self) -> int:
         """Clients sampled per round."""
         return self.clients_per_round or self.num_clients
+
+    def method_config(self) -> MethodConfig:
+        """The adapter method's config: ``method``, its size ``rank`` and the ``[method-settings]`` table."""
+        settings = dict(self.method_settings)
+        size_field = METHODS[self.method].size_field if self.method in METHODS else None
+        if self.rank is not None and size_field is not None and size_field in settings:
+            raise ConfigError(
+                f"the scenario sets the size of {self.method!r} twice, with 'rank' and with [method-settings] "
+                f"{size_field.replace('_', '-')}: keep one"
+            )
+        return make_method_config(self.method, size=self.rank, **settings)
+
+    def server_optimizer_config(self) -> ServerOptConfig:
+        """The server optimizer ``server-optimizer`` names, with the ``server-*`` settings the scenario sets."""
+        config_class = SERVER_OPTIMIZERS[self.server_optimizer]
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        settings: dict[str, float] = {} if self.server_lr is None else {"server_lr": self.server_lr}
+        for name, field in SERVER_OPTIMIZER_SETTINGS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if field not in fields:
+                users = sorted(
+                    kind for kind, c in SERVER_OPTIMIZERS.items() if field in {f.name for f in dataclasses.fields(c)}
+                )
+                raise ConfigError(
+                    f"scenario key {name.replace('_', '-')!r} is a setting of server-optimizer {' and '.join(users)}, "
+                    f"not of {self.server_optimizer!r}: drop it, or choose one of those"
+                )
+            settings[field] = value
+        return config_class(**settings)
 
     def _check_bounds(self) -> None:
         """Every numeric field in its SCENARIO_BOUNDS range (None means unset where the field allows it)."""
@@ -248,6 +304,8 @@ def scenario_from_dict(data: Mapping[str, Any], where: str = "scenario") -> Scen
         name = key.replace("-", "_")
         if name == "privacy":
             values[name] = _privacy(value, where)
+        elif name == "method_settings":
+            values[name] = read_method_settings(value, str(data.get("method", ScenarioConfig.method)), where)
         elif name == "scripted_faults":
             values[name] = _scripted_faults(value, where)
         else:
@@ -306,7 +364,12 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
 
 
 def _check_method(scenario: ScenarioConfig) -> None:
-    make_method_config(scenario.method, size=scenario.rank)
+    scenario.method_config()
+    if scenario.personal_head and scenario.method == HeadConfig.name:
+        raise ConfigError(
+            "method 'head' trains the head alone: with personal-head = true no device would share anything; "
+            "drop personal-head, or choose a method with an adapter"
+        )
 
 
 def load_scenario(path: str | Path) -> ScenarioConfig:
@@ -342,15 +405,33 @@ def _read_toml(file: Path) -> dict[str, Any]:
 
 
 def _relative_to(data: dict[str, Any], folder: Path, where: str) -> dict[str, Any]:
-    """Relative ``data`` and ``backbone`` paths are the scenario file's; the apps run in other folders."""
+    """Relative ``data`` and ``backbone`` paths are the scenario file's; the apps run in other folders.
+
+    So are the adapter folders a composed method names in ``[method-settings]`` (a stack's ``below``).
+    """
     resolved = dict(data)
     for key in ("data", "backbone", "labels", "server-proxy-data"):
-        value = resolved.get(key)
-        if isinstance(value, str) and value != SYNTHETIC and not expand_user(value, f"{where}: {key}").is_absolute():
-            candidate = folder / value
-            if candidate.exists():
-                resolved[key] = str(candidate.resolve())
+        if key in resolved:
+            resolved[key] = _path_from(resolved[key], folder, f"{where}: {key}")
+    table = resolved.get("method-settings")
+    located = getattr(METHODS.get(str(resolved.get("method", ScenarioConfig.method))), "location_fields", ())
+    if isinstance(table, Mapping) and located:
+        resolved["method-settings"] = {
+            key: [_path_from(v, folder, f"{where}: {key}") for v in value]
+            if key.replace("-", "_") in located and isinstance(value, list)
+            else value
+            for key, value in table.items()
+        }
     return resolved
+
+
+def _path_from(value: Any, folder: Path, what: str) -> Any:
+    """``value`` resolved against ``folder`` when it is a relative path that exists there, else as it was."""
+    if isinstance(value, str) and value != SYNTHETIC and not expand_user(value, what).is_absolute():
+        candidate = folder / value
+        if candidate.exists():
+            return str(candidate.resolve())
+    return value
 
 
 def only_fields(scenario: ScenarioConfig, names: tuple[str, ...]) -> ScenarioConfig:
@@ -372,16 +453,26 @@ def full_model_variant(scenario: ScenarioConfig) -> ScenarioConfig:
     Data, partition, schedule, seeds and faults stay the same, so the two runs differ only in
     what is trained and sent; the backbone trains at ``full_model_learning_rate`` (adapter learning
     rates would wreck a pretrained backbone) and the head at the scenario's head learning rate.
+    The adapter method's ``[method-settings]`` do not apply, and the server steps by plain FedAvg
+    whatever ``server-optimizer`` says: an adaptive step sized for adapters would wreck the backbone
+    too (a fedavg scenario keeps its ``server-lr``, as before the choice existed).
     """
     return dataclasses.replace(
         scenario,
         name=f"{scenario.name}-full-model",
         method=FULL_MODEL_METHOD,
         rank=None,
+        method_settings=(),
         compression="none",
         learning_rate=scenario.full_model_learning_rate,
         full_model=False,
         privacy=PrivacyConfig(),  # the baseline is ordinary FedAvg: plain deltas
+        server_optimizer="fedavg",
+        server_lr=scenario.server_lr if scenario.server_optimizer == "fedavg" else None,
+        server_momentum=None,
+        server_beta1=None,
+        server_beta2=None,
+        server_tau=None,
     )
 
 

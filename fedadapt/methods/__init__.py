@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # Imported for their registration (each module registers its configs), in the order METHODS lists them.
 # isort: off
-from fedadapt.methods import peft_methods, bitfit, bottleneck, composition, full  # noqa: F401
+from fedadapt.methods import peft_methods, bitfit, bottleneck, composition, full, head  # noqa: F401
 
 # isort: on
 from fedadapt.methods.base import AppliedMethod, MethodConfig, config_to_dict, schema_method_dict

@@ -47,6 +47,11 @@ def schema_method_dict(config: MethodConfig) -> dict[str, Any]:
 
     Composed methods name adapter folders (``location_fields``); their content enters the
     schema as schema ids instead, so devices that keep the folders elsewhere still agree.
+    A setting added to a method after its adapters were in use (``schema_omits_at_default``)
+    enters only when set: at its default the schema, and so every schema id saved before, stays
+    what it was.
     """
     located = getattr(config, "location_fields", ())
-    return {k: v for k, v in config_to_dict(config).items() if k not in located}
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}  # type: ignore[arg-type]
+    omitted = {k for k in getattr(config, "schema_omits_at_default", ()) if getattr(config, k) == defaults[k]}
+    return {k: v for k, v in config_to_dict(config).items() if k not in located and k not in omitted}

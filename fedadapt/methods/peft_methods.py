@@ -4,6 +4,13 @@ FFA-LoRA: Sun et al., "Improving LoRA in Privacy-preserving Federated Learning",
 Freezing A at a seeded random init makes FedAvg of the B matrices the exact average of
 the updates B·A, which plain LoRA (averaging A and B separately) is not.
 
+``drop_layers`` means what it means for the bottleneck methods (AdapterDrop): no adapter in the
+lowest k encoder layers, so they hold nothing that trains and their output can be computed once
+and cached. It is PEFT's own layer selection: LoRA's ``layers_to_transform`` (k..L-1, L read from
+the backbone's config when the method is applied); PEFT's IA3Config has no ``layers_to_transform``,
+so IA3 excludes the lowest k layers with ``exclude_modules`` by the same rule PEFT uses to find a
+module's layer (the first numbered part of its name: ``backbone.encoder.layer.3.…`` is in layer 3).
+
 Configs validate without importing torch or PEFT (the CLI answers bad input at once);
 PEFT is imported when a method is applied.
 """
@@ -55,6 +62,33 @@ def _check_dropout(value: float) -> None:
         raise ConfigError(f"dropout must be in [0, 1), got {value!r}")
 
 
+def _check_drop_layers(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"drop_layers must be a non-negative integer, got {value!r}")
+
+
+def _kept_layers(model: SequenceClassifier, drop_layers: int) -> list[int]:
+    """The layers that get an adapter: ``drop_layers`` and up, of the backbone's ``num_hidden_layers``."""
+    num_layers = getattr(model.config, "num_hidden_layers", None)
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise BackboneError(
+            f"drop_layers needs the backbone's number of layers, but its config ({model.config.model_type!r}) "
+            "has no num_hidden_layers"
+        )
+    if drop_layers >= num_layers:
+        raise ConfigError(
+            f"drop_layers={drop_layers} leaves no layer with an adapter: the backbone has {num_layers} layers"
+        )
+    return list(range(drop_layers, num_layers))
+
+
+def _in_layers(layers: range) -> str:
+    """A regex (PEFT full-matches it) for module names whose first numbered part is one of ``layers``."""
+    # (?!\d+\.) skips only non-numeric parts before the index, so "….layer.1.….dense" is in layer 1 and
+    # never in layer 10, and an index deeper in the name (an expert, a head) is not read as the layer.
+    return r"(?:(?!\d+\.)[^.]+\.)+(?:" + "|".join(str(i) for i in layers) + r")\..+"
+
+
 @register_method
 @dataclass(frozen=True)
 class LoraConfig:
@@ -63,11 +97,14 @@ class LoraConfig:
     name: ClassVar[str] = "lora"
     size_field: ClassVar[str | None] = "r"
     saves_peft_format: ClassVar[bool] = True
+    # Added after adapters were deployed: left out of the schema at 0, so their schema ids stay the same.
+    schema_omits_at_default: ClassVar[tuple[str, ...]] = ("drop_layers",)
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     # None: PEFT's default for the backbone's model type (BERT: query and value).
     target_modules: tuple[str, ...] | None = None
+    drop_layers: int = 0  # no LoRA in the lowest k encoder layers (AdapterDrop; see the module's docstring)
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -76,16 +113,27 @@ class LoraConfig:
         _check_dropout(self.dropout)
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("target_modules must name at least one module, or be None for the default")
+        _check_drop_layers(self.drop_layers)
 
-    def peft_config(self) -> Any:
-        """The equivalent ``peft.LoraConfig``."""
+    def peft_config(self, layers: list[int] | None = None) -> Any:
+        """The equivalent ``peft.LoraConfig``; ``layers``: the layer indices to adapt (None: all)."""
         targets = list(self.target_modules) if self.target_modules else None
         return _peft_config(
-            self.name, "LoraConfig", r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets
+            self.name,
+            "LoraConfig",
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            layers_to_transform=layers,
         )
 
+    def _wrapped(self, model: SequenceClassifier) -> nn.Module:
+        layers = _kept_layers(model, self.drop_layers) if self.drop_layers else None
+        return _wrap(model, self.peft_config(layers), self.name)
+
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
-        return AppliedMethod(module=_wrap(model, self.peft_config(), self.name))
+        return AppliedMethod(module=self._wrapped(model))
 
 
 @register_method
@@ -97,7 +145,7 @@ class FfaLoraConfig(LoraConfig):
     a_seed: int = 0
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
-        module = _wrap(model, self.peft_config(), self.name)
+        module = self._wrapped(model)
         frozen_a = _reinit_lora_a(module, self.a_seed)
         return AppliedMethod(module=module, extras={"lora_a_seed": self.a_seed, "lora_a_hash": frozen_a})
 
@@ -135,10 +183,13 @@ class IA3Config:
     name: ClassVar[str] = "ia3"
     size_field: ClassVar[str | None] = None
     saves_peft_format: ClassVar[bool] = True
+    schema_omits_at_default: ClassVar[tuple[str, ...]] = ("drop_layers",)  # as LoRA's
     target_modules: tuple[str, ...] | None = None
     feedforward_modules: tuple[str, ...] | None = None
+    drop_layers: int = 0  # no IA3 scales in the lowest k encoder layers (see the module's docstring)
 
     def __post_init__(self) -> None:
+        _check_drop_layers(self.drop_layers)
         if (self.target_modules is None) != (self.feedforward_modules is None):
             raise ConfigError("set target_modules and feedforward_modules together, or neither")
         outside = sorted(set(self.feedforward_modules or ()) - set(self.target_modules or ()))
@@ -149,11 +200,16 @@ class IA3Config:
             )
 
     def apply(self, model: SequenceClassifier) -> AppliedMethod:
+        excluded = None
+        if self.drop_layers:
+            _kept_layers(model, self.drop_layers)  # refuses a drop_layers that leaves no layer its scales
+            excluded = _in_layers(range(self.drop_layers))
         config = _peft_config(
             self.name,
             "IA3Config",
             target_modules=list(self.target_modules) if self.target_modules else None,
             feedforward_modules=list(self.feedforward_modules) if self.feedforward_modules else None,
+            exclude_modules=excluded,
         )
         return AppliedMethod(module=_wrap(model, config, self.name))
 

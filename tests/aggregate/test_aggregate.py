@@ -20,6 +20,7 @@ from fedadapt.aggregate.server_optimizers import (
     FedAdamConfig,
     FedAvgConfig,
     FedAvgMConfig,
+    FedYogiConfig,
     OptimizerState,
     ServerOptConfig,
     ServerOptimizer,
@@ -209,6 +210,32 @@ def test_fedadam_one_step_by_hand() -> None:
     assert close(new, filled(1.0 + 0.1 * m / (math.sqrt(v) + 1e-3)))  # 1.0618
 
 
+def test_fedyogi_two_steps_by_hand() -> None:
+    """Reddi et al. Alg. 2 on a three-value tensor, in float64 by hand: v ← v − (1−β₂)·Δ²·sign(v − Δ²).
+
+    The three entries take the three branches: Δ² above v (v grows), Δ² below v (v shrinks by
+    (1−β₂)·Δ², where Adam's would shrink by (1−β₂)·(v − Δ²)), and Δ = 0 (v stays).
+    """
+    lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    schema = AdapterSchema({"name": "lora"}, "fp", (TensorSpec("w", (3,), "float32", "shared", "adapter"),))
+    optimizer = ServerOptimizer(FedYogiConfig(server_lr=lr, beta1=b1, beta2=b2, tau=tau), schema)
+    deltas = [[0.02, -0.5, 0.0], [0.001, -0.5, 0.0]]
+    x, m, v = [1.0, 1.0, 1.0], [0.0] * 3, [tau**2] * 3  # v₋₁ = τ², as in the paper and FedAdam
+    state = {"w": torch.tensor(x)}
+    for delta in deltas:
+        for i, d in enumerate(delta):
+            m[i] = b1 * m[i] + (1 - b1) * d
+            v[i] = v[i] - (1 - b2) * d * d * math.copysign(1.0, v[i] - d * d) * (v[i] != d * d)
+            x[i] = x[i] + lr * m[i] / (math.sqrt(v[i]) + tau)
+        state = optimizer.step(state, {"w": torch.tensor(delta)})
+        torch.testing.assert_close(state["w"], torch.tensor(x), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(optimizer.state_dict().tensors["v/w"], torch.tensor(v), atol=0, rtol=1e-6)
+    # Round 1: v grew by (1−β₂)·Δ² where Δ² > τ²; round 2 the first entry's Δ² = 1e-6 < v = 5e-6 shrinks it by 1e-8.
+    assert v[0] == pytest.approx(5e-6 - 1e-8) and v[1] == pytest.approx(1e-6 + 2 * 0.0025) and v[2] == tau**2
+    adam_v0 = b2 * (b2 * tau**2 + (1 - b2) * 0.02**2) + (1 - b2) * 0.001**2  # 4.96e-6: Adam's differs
+    assert abs(adam_v0 - v[0]) > 2e-8
+
+
 def test_step_leaves_its_inputs_alone() -> None:
     x, delta = filled(1.0), filled(0.5)
     fedavg_optimizer(FedAdamConfig()).step(x, delta)
@@ -227,7 +254,7 @@ def test_half_precision_state_is_averaged_and_stepped_in_float32() -> None:
     assert new["w"].dtype == torch.float16 and optimizer.state_dict().tensors["v/w"].dtype == torch.float32
 
 
-CONFIGS = [FedAvgConfig(0.7), FedAvgMConfig(server_lr=0.5, momentum=0.8), FedAdamConfig()]
+CONFIGS = [FedAvgConfig(0.7), FedAvgMConfig(server_lr=0.5, momentum=0.8), FedAdamConfig(), FedYogiConfig()]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.kind)
@@ -260,6 +287,8 @@ def test_load_state_dict_refuses_what_does_not_fit(caplog: pytest.LogCaptureFixt
     saved = adam.state_dict()
     with pytest.raises(ConfigError, match="'fedadam'"):
         fedavg_optimizer(FedAvgMConfig(server_lr=1.0)).load_state_dict(saved)
+    with pytest.raises(ConfigError, match="optimizer state is for 'fedadam', this optimizer is 'fedyogi'"):
+        fedavg_optimizer(FedYogiConfig()).load_state_dict(saved)  # the same buffers, another update rule
     with pytest.raises(SchemaMismatch, match="schema"):
         ServerOptimizer(FedAdamConfig(), make_schema(fingerprint="other")).load_state_dict(saved)
     broken = {**saved.tensors, "m/lora_A": torch.zeros(3, 3)}
@@ -279,6 +308,8 @@ def test_load_state_dict_refuses_what_does_not_fit(caplog: pytest.LogCaptureFixt
         (lambda: FedAdamConfig(beta1=-0.1), "beta1"),
         (lambda: FedAdamConfig(beta2=1.0), "beta2"),
         (lambda: FedAdamConfig(tau=0.0), "tau"),
+        (lambda: FedYogiConfig(beta2=1.0), "beta2"),
+        (lambda: FedYogiConfig(server_lr=-1.0), "server_lr"),
         (lambda: DeltaValidator(SCHEMA, max_norm=0.0), "max_norm"),
         (lambda: DeltaValidator(SCHEMA, max_norm=1.0, norm_policy="drop"), "norm_policy"),  # type: ignore[arg-type]
     ],

@@ -6,6 +6,7 @@ import json
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
 import peft
 import pytest
@@ -15,10 +16,11 @@ from safetensors.torch import load_file, save_file
 from fedadapt import AdapterModel, BackboneConfig, StateSplit, load_backbone, make_method_config
 from fedadapt.checkpoint.folder import MANIFEST, load_adapter, read_manifest, save_adapter
 from fedadapt.checkpoint.info import adapter_info
-from fedadapt.errors import AdapterFolderError
+from fedadapt.delta.state import AdapterSchema
+from fedadapt.errors import AdapterFolderError, ConfigError
 
-METHODS = ["lora", "ffa-lora", "ia3", "prompt", "prefix", "bitfit"]
-PEFT_METHODS = [m for m in METHODS if m != "bitfit"]
+METHODS = ["lora", "ffa-lora", "ia3", "prompt", "prefix", "bitfit", "head"]
+PEFT_METHODS = [m for m in METHODS if m not in ("bitfit", "head")]
 LABELS = ("lost_card", "top_up", "declined")
 
 
@@ -26,8 +28,8 @@ def _cfg(folder: Path) -> BackboneConfig:
     return BackboneConfig(name_or_path=str(folder), num_labels=3)
 
 
-def _build(folder: Path, method: str, labels: tuple[str, ...] | None = None) -> AdapterModel:
-    return AdapterModel(load_backbone(_cfg(folder)), make_method_config(method), labels=labels)
+def _build(folder: Path, method: str, labels: tuple[str, ...] | None = None, **fields: Any) -> AdapterModel:
+    return AdapterModel(load_backbone(_cfg(folder)), make_method_config(method, **fields), labels=labels)
 
 
 def _perturb(model: AdapterModel, seed: int = 7) -> None:
@@ -109,6 +111,59 @@ def test_ffa_lora_round_trip_keeps_a_seed(tiny_bert: Path, tmp_path: Path) -> No
     a_saved = {n: p for n, p in model.module.named_parameters() if ".lora_A." in n}
     a_loaded = {n: p for n, p in loaded.module.named_parameters() if ".lora_A." in n}
     assert all(torch.equal(a_saved[n], a_loaded[n]) and not a_loaded[n].requires_grad for n in a_saved)
+
+
+@pytest.mark.parametrize("method", ["lora", "ffa-lora", "ia3"])
+def test_top_layer_round_trip_keeps_drop_layers(
+    tiny_bert: Path, tmp_path: Path, batch: dict[str, torch.Tensor], method: str
+) -> None:
+    model = _build(tiny_bert, method, drop_layers=1).eval()
+    _perturb(model)
+    folder = save_adapter(model, tmp_path / "adapter")
+    manifest = read_manifest(folder)
+    assert manifest["method"]["drop_layers"] == 1 and manifest["schema"]["method"]["drop_layers"] == 1
+    loaded = load_adapter(folder).eval()
+    assert loaded.method == model.method and loaded.schema == model.schema
+    assert all(".layer.1." in s.name for s in loaded.schema.tensors if s.role == "adapter")
+    _assert_same_state(loaded.state(), model.state())
+    torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), atol=1e-6, rtol=0)
+    # PEFT's own files carry the layer selection: PEFT alone rebuilds the same model.
+    peft_model = peft.PeftModel.from_pretrained(load_backbone(_cfg(tiny_bert)).model, str(folder)).eval()
+    torch.testing.assert_close(_logits(peft_model, batch), _logits(model, batch), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "ffa-lora", "ia3"])
+def test_a_folder_saved_before_drop_layers_existed_still_loads(tiny_bert: Path, tmp_path: Path, method: str) -> None:
+    """Its manifest's method has no drop_layers: it reads as 0, with the schema id it was saved with."""
+    model = _build(tiny_bert, method)
+    folder = save_adapter(model, tmp_path / "adapter")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert "drop_layers" not in manifest["schema"]["method"]
+    del manifest["method"]["drop_layers"]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    loaded = load_adapter(folder)
+    assert loaded.schema_id == model.schema_id and loaded.method.drop_layers == 0  # type: ignore[attr-defined]
+
+
+def test_a_manifest_dropping_every_layer_is_refused_before_the_backbone_loads(tiny_bert: Path, tmp_path: Path) -> None:
+    folder = save_adapter(_build(tiny_bert, "lora", drop_layers=1), tmp_path / "adapter")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["method"]["drop_layers"] = manifest["schema"]["method"]["drop_layers"] = 2
+    manifest["schema_id"] = AdapterSchema.from_dict(manifest["schema"]).schema_id  # a consistent, hostile manifest
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="drop_layers=2 leaves no layer with an adapter"):
+        load_adapter(folder)
+
+
+def test_head_folder_holds_the_head_alone(tiny_bert: Path, tmp_path: Path) -> None:
+    model = _build(tiny_bert, "head")
+    _perturb(model)
+    folder = save_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "fedadapt_adapter.json"]
+    saved = load_file(str(folder / "adapter.safetensors"))
+    assert sorted(saved) == ["classifier.bias", "classifier.weight"]
+    _assert_same_state(dict(sorted(saved.items())), dict(sorted(model.state().items())))
+    assert read_manifest(folder)["method"] == {"name": "head"}
 
 
 # --------------------------------------------------------------------------------- PEFT compatible

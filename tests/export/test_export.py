@@ -41,7 +41,9 @@ from export.parity import onnx_runner  # noqa: E402
 from export.phone_demo import PhoneClassifier  # noqa: E402
 
 LABELS = ("lost_card", "top_up", "declined")
-MERGED_METHODS = ["lora", "ffa-lora", "ia3", "bitfit", "full", "pfeiffer", "houlsby", "parallel", "stack", "fusion"]
+MERGED_METHODS = [
+    *("lora", "ffa-lora", "ia3", "bitfit", "head", "full", "pfeiffer", "houlsby", "parallel", "stack", "fusion"),
+]
 TRAIN_TEXTS = ["my card has not arrived yet", "top up", "why is my transfer declined"]
 
 Build = Callable[[str], Path]
@@ -380,7 +382,7 @@ def test_importing_fedadapt_does_not_import_onnx() -> None:
 
 # ------------------------------------------------------------------------------------- swappable
 
-SWAPPABLE_METHODS = ["lora", "ffa-lora", "ia3", "bitfit", "pfeiffer", "houlsby", "parallel", "prompt", "prefix"]
+SWAPPABLE_METHODS = ["lora", "ffa-lora", "ia3", "bitfit", "head", "pfeiffer", "houlsby", "parallel", "prompt", "prefix"]
 BOB_LABELS = ("carte", "recharge", "refus")  # another user may name the classes differently
 PHONE_TEXTS = [*TRAIN_TEXTS, "where is my money " * 30]  # the last one is truncated to 64 positions
 
@@ -462,6 +464,26 @@ def test_swappable_logits_need_the_adapter(swappable: Build, adapter_folder: Bui
     feeds = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     without = np.asarray(phone.session.run(["logits"], feeds)[0])  # no adapter: the zero defaults
     assert np.abs(without - reference).max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["merged", "swappable"])
+def test_top_layer_lora_exports_in_both_modes(tiny_bert: Path, tmp_path: Path, mode: str) -> None:
+    """LoRA in the top layer only (drop_layers = 1 of 2): its graph computes what the PyTorch model does."""
+    adapter = _lora_folder(tiny_bert, tmp_path / "top-lora", LABELS, drop_layers=1)
+    export_adapter(ExportConfig(adapter=adapter, out=tmp_path / "bundle", mode=mode))
+    report = _read_json(tmp_path / "bundle" / "report.json")
+    assert report["method"] == "lora" and report["mode"] == mode
+    assert report["parity"]["passed"] is True and report["parity"]["max_abs_diff"] <= 1e-4
+    reference = _torch_logits(load_adapter(adapter).eval(), _encode(tmp_path / "bundle", TRAIN_TEXTS))
+    if mode == "merged":
+        logits = _onnx_logits(_session(tmp_path / "bundle"), _encode(tmp_path / "bundle", TRAIN_TEXTS))
+    else:
+        phone = PhoneClassifier(tmp_path / "bundle")
+        phone.use("top-lora")
+        logits = phone.logits(TRAIN_TEXTS)
+        per_user = {i["name"] for i in _read_json(tmp_path / "bundle" / "manifest.json")["adapter_inputs"]}
+        assert per_user and all(".layer.1." in n for n in per_user if "lora_" in n)
+    np.testing.assert_allclose(logits, reference, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])

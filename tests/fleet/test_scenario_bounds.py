@@ -27,6 +27,7 @@ from fedadapt.fleet.scenario import (
     load_scenario,
     scenario_from_dict,
 )
+from fedadapt.methods import METHODS
 from fedadapt.privacy.config import PRIVACY_BOUNDS, PrivacyConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +36,19 @@ ALL_BOUNDS = SCENARIO_BOUNDS | {f"privacy.{key}": bound for key, bound in PRIVAC
 # Files are not opened by scenario_from_dict: naming one lifts the synthetic task's messages cap, so each key's
 # own range is what is tested.
 FILE_DATA = "train.csv"
+# A method with each [method-settings] number, and the server optimizer with each server-* setting.
+SETTING_METHODS = {
+    **dict.fromkeys(("r", "alpha", "dropout", "drop-layers"), "lora"),
+    "a-seed": "ffa-lora",
+    "num-virtual-tokens": "prompt",
+    **dict.fromkeys(("reduction-factor", "scaling", "layers"), "pfeiffer"),
+    "temperature": "fusion",
+}
+SERVER_OPTIMIZER_OF = {
+    "server-momentum": "fedavgm",
+    **dict.fromkeys(("server-beta1", "server-beta2", "server-tau"), "fedyogi"),
+}
+LIST_KEYS = ("tier-steps", "method-settings.layers")  # ranges of each entry
 
 
 def _toml(tmp_path: Path, text: str) -> Path:
@@ -121,8 +135,16 @@ def _scenario(key: str, value: Any) -> ScenarioConfig:
     if key.startswith("scripted-faults."):
         fault = {"round": 1, "client": 0, "fault": "crash", key.removeprefix("scripted-faults."): value}
         return scenario_from_dict({**data, "scripted-faults": [fault]})
+    if key.startswith("method-settings."):
+        setting = key.removeprefix("method-settings.")
+        settings: dict[str, Any] = {setting: [value] if key in LIST_KEYS else value}
+        if SETTING_METHODS[setting] == "fusion":
+            settings["adapters"] = ["a", "b"]  # fusion needs two folders named; nothing opens them here
+        return scenario_from_dict({**data, "method": SETTING_METHODS[setting], "method-settings": settings})
     if key == "tier-steps":
         return scenario_from_dict({**data, key: [value]})
+    if key in SERVER_OPTIMIZER_OF:
+        data["server-optimizer"] = SERVER_OPTIMIZER_OF[key]
     if key in ("server-warmup-epochs", "server-finetune-epochs"):
         data["server-proxy-data"] = FILE_DATA
     return scenario_from_dict({**data, key: value})
@@ -151,6 +173,9 @@ def _value_of(scenario: ScenarioConfig, key: str) -> Any:
         return getattr(scenario.scripted_faults[0], key.removeprefix("scripted-faults."))
     if key == "tier-steps":
         return scenario.tier_steps[0]
+    if key.startswith("method-settings."):
+        value = dict(scenario.method_settings)[key.removeprefix("method-settings.").replace("-", "_")]
+        return value[0] if key in LIST_KEYS else value
     return getattr(scenario, key.replace("-", "_"))
 
 
@@ -167,7 +192,7 @@ def test_just_beyond_each_end_is_refused_naming_key_value_and_range(key: str) ->
         with pytest.raises(ConfigError) as caught:
             _scenario(key, value)
         message = str(caught.value)
-        shown = f"{key}[0]" if key == "tier-steps" else key
+        shown = f"{key}[0]" if key in LIST_KEYS else key
         assert f"scenario key '{shown}' must be" in message and f"in {bound}, got {value!r}" in message, message
 
 
@@ -203,6 +228,12 @@ def test_every_numeric_field_has_a_range() -> None:
     keys |= {
         f"privacy.{f.name.replace('_', '-')}" for f in dataclasses.fields(PrivacyConfig) if numeric.search(str(f.type))
     }
+    keys |= {  # every built-in method's numeric settings, for the [method-settings] table
+        f"method-settings.{f.name.replace('_', '-')}"
+        for config_class in METHODS.values()
+        for f in dataclasses.fields(config_class)  # type: ignore[arg-type]
+        if numeric.search(str(f.type))
+    }
     assert keys - {"privacy.modulus-bits"} == set(ALL_BOUNDS)  # modulus-bits is a choice: 32 or 64
 
 
@@ -221,7 +252,7 @@ def test_scenarios_built_in_code_are_checked_too() -> None:
 def _readme_rows() -> dict[str, str]:
     rows = {}
     for line in README.read_text().splitlines():
-        match = re.match(r"\| `([a-z-]+)` \| [^|]* \| ([^|]*) \|", line)
+        match = re.match(r"\| `([a-z0-9-]+)` \| [^|]* \| ([^|]*) \|", line)
         if match:
             rows[match.group(1)] = match.group(2)
     return rows

@@ -35,6 +35,7 @@ BUILT_IN = {
     "stack": "composition",
     "fusion": "composition",
     "full": "full",
+    "head": "head",
 }
 
 

@@ -84,6 +84,29 @@ def test_resume_continues_where_the_checkpoint_left_off(tiny_bert: Path, tmp_pat
         assert torch.equal(tensor, final_b.global_state[name]), name  # sampling RNG and state restored exactly
 
 
+def test_resume_with_fedyogi_equals_an_uninterrupted_run(tiny_bert: Path, tmp_path: Path) -> None:
+    """The scenario's server optimizer runs the rounds, and its buffers (m, v) come back from the checkpoint."""
+    yogi = {"server-optimizer": "fedyogi", "server-lr": 0.05, "server-beta2": 0.999}
+    scenario = server_scenario_file(tmp_path, tiny_bert, **yogi)
+    straight = run_server(InProcessGrid(3, server_run_config(scenario, tmp_path / "straight")))
+    run_server(InProcessGrid(3, server_run_config(scenario, tmp_path / "resumed", **{"num-rounds": 1})))
+    after_one = load_run_checkpoint(tmp_path / "resumed")
+    assert after_one is not None and after_one.optimizer.scalars["kind"] == "fedyogi"
+    assert after_one.optimizer.scalars["config"] == {"server_lr": 0.05, "beta1": 0.9, "beta2": 0.999, "tau": 0.001}
+    v = {n: t for n, t in after_one.optimizer.tensors.items() if n.startswith("v/")}
+    assert len(v) == len(after_one.global_state) and any(bool((t != 0.001**2).any()) for t in v.values())
+    resumed = run_server(InProcessGrid(3, server_run_config(scenario, tmp_path / "resumed", resume=True)))
+    for a, b in zip(straight["rounds"], resumed["rounds"], strict=True):
+        assert a["accuracy"] == b["accuracy"] and a["client_results"] == _without_seconds(b["client_results"], a)
+    final_a, final_b = load_run_checkpoint(tmp_path / "straight"), load_run_checkpoint(tmp_path / "resumed")
+    assert final_a is not None and final_b is not None and final_b.optimizer.scalars["steps"] == 2
+    for name, tensor in final_a.global_state.items():
+        assert torch.equal(tensor, final_b.global_state[name]), name
+    assert sorted(final_a.optimizer.tensors) == sorted(final_b.optimizer.tensors)  # m/ and v/ of every tensor
+    for name, tensor in final_a.optimizer.tensors.items():
+        assert torch.equal(tensor, final_b.optimizer.tensors[name]), name
+
+
 TIMINGS = ("train-seconds", "client-seconds", "process-seconds")
 
 
