@@ -23,7 +23,7 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 from fedadapt.fleet.device_data import DeviceContext, device_data
 from fedadapt.fleet.resources import MB, current_rss_bytes
-from fedadapt.fleet.scenario import load_scenario
+from fedadapt.fleet.scenario_file import load_scenario
 scenario = load_scenario({scenario!r})
 start = time.perf_counter()
 labels, split = device_data(DeviceContext(scenario, {partition}, Path({state!r})))

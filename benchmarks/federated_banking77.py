@@ -33,7 +33,9 @@ from fedadapt.delta.serialize import serialize_state  # noqa: E402
 from fedadapt.delta.state import compute_delta  # noqa: E402
 from fedadapt.fleet.build import build_model, encode_split  # noqa: E402
 from fedadapt.fleet.data import load_fleet_data  # noqa: E402
-from fedadapt.fleet.scenario import ScenarioConfig, load_scenario, with_overrides  # noqa: E402
+from fedadapt.fleet.scenario import ScenarioConfig  # noqa: E402
+from fedadapt.fleet.scenario_file import load_scenario  # noqa: E402
+from fedadapt.fleet.variants import with_overrides  # noqa: E402
 from fedadapt.train.loop import evaluate  # noqa: E402
 
 CENTRALIZED_ACCURACY = 0.9172  # docs/local-training.md: fedadapt train, LoRA r=8, 1 epoch, full test split

@@ -250,7 +250,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from fedadapt.fleet.scenario import load_scenario
+    from fedadapt.fleet.scenario_file import load_scenario
     from fedadapt.privacy.keys import generate_server_keys
 
     scenario = load_scenario(PROJECT_ROOT / "simulations" / "secure.toml")

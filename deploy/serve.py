@@ -41,7 +41,7 @@ from typing import Any
 
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.run_config import CLIENT_STATE_FOLDER
-from fedadapt.fleet.scenario import with_overrides
+from fedadapt.fleet.variants import with_overrides
 from simulations.processes import find_tool, free_port, stop_process_tree, stop_process_trees, terminate_gracefully
 from simulations.runner import (
     FLWR_LOG,

@@ -47,7 +47,9 @@ from fedadapt.fleet.run_config import (
     RUN_SERVER_KEY,
     RUN_SERVER_PUBLIC_KEY,
 )
-from fedadapt.fleet.scenario import ScenarioConfig, full_model_variant, load_scenario, with_overrides
+from fedadapt.fleet.scenario import ScenarioConfig
+from fedadapt.fleet.scenario_file import load_scenario
+from fedadapt.fleet.variants import full_model_variant, with_overrides
 from simulations.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
 from simulations.report import compare_with_full_model
 

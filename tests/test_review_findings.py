@@ -28,7 +28,7 @@ from fedadapt.checkpoint.folder import MANIFEST, load_adapter, save_adapter
 from fedadapt.checkpoint.limits import AdapterLimits
 from fedadapt.delta.state import AdapterSchema
 from fedadapt.errors import AdapterFolderError, ConfigError, FedAdaptError
-from fedadapt.fleet.scenario import load_scenario
+from fedadapt.fleet.scenario_file import load_scenario
 
 NO_SUCH_USER = "~no_such_user_fedadapt_review"
 

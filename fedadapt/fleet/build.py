@@ -15,7 +15,8 @@ from fedadapt.data.batching import EncodedTexts, encode_dataset
 from fedadapt.data.dataset import TextDataset
 from fedadapt.data.label_map import LabelMap
 from fedadapt.delta.state import State
-from fedadapt.fleet.scenario import ScenarioConfig, local_step_budget, only_fields
+from fedadapt.fleet.scenario import ScenarioConfig
+from fedadapt.fleet.variants import local_step_budget, only_fields
 from fedadapt.model.adapter_model import AdapterModel, StateSplit
 from fedadapt.model.backbone import DEFAULT_BACKBONE, BackboneConfig, load_backbone
 from fedadapt.train.loop import TrainConfig

@@ -18,7 +18,8 @@ from fedadapt.data.readers import load_text_dataset
 from fedadapt.data.splits import DataConfig, Splits, load_splits
 from fedadapt.data.synthetic import SYNTHETIC, SyntheticConfig, make_synthetic_dataset
 from fedadapt.errors import ConfigError, DataError
-from fedadapt.fleet.scenario import ScenarioConfig, only_fields
+from fedadapt.fleet.scenario import ScenarioConfig
+from fedadapt.fleet.variants import only_fields
 
 # The scenario fields a client's split depends on: the data cache's key, here and in a device's state folder.
 DATA_FIELDS = (

@@ -14,7 +14,9 @@ from typing import Any
 from fedadapt.checkpoint.key import KEYS_FOLDER
 from fedadapt.config_values import expand_user
 from fedadapt.errors import ConfigError
-from fedadapt.fleet.scenario import ScenarioConfig, full_model_variant, load_scenario, with_overrides
+from fedadapt.fleet.scenario import ScenarioConfig
+from fedadapt.fleet.scenario_file import load_scenario
+from fedadapt.fleet.variants import full_model_variant, with_overrides
 
 RUN_SCENARIO = "scenario"  # scenario TOML; relative paths are resolved against the project folder
 RUN_OUT_DIR = "out-dir"  # where the server writes checkpoints, metrics.json and final_adapter/

@@ -13,14 +13,12 @@ simulations/README.md), so no value sizes an absurd allocation, loop or sleep.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fedadapt.aggregate.server_optimizer_config import SERVER_OPTIMIZERS, ServerOptConfig
-from fedadapt.config_values import Bound, expand_user
+from fedadapt.config_values import Bound
 from fedadapt.data.synthetic import SYNTHETIC
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.method_settings import METHOD_SETTING_BOUNDS, Settings, check_method_settings, read_method_settings
@@ -29,13 +27,23 @@ from fedadapt.methods.head import HeadConfig
 from fedadapt.privacy.config import PRIVACY_KEYS, PrivacyConfig
 
 SCHEMES = ("iid", "dirichlet", "natural")
+
+
 FAULT_KINDS = ("crash", "stall")
+
+
 COMPRESSIONS = ("none", "fp16", "int8")
-# The data name of the built-in offline task (fedadapt.data.synthetic), in scenarios and for `fedadapt train --data`.
+
 
 MAX_CLIENTS = 100_000
+
+
 MAX_ROUNDS = 100_000
+
+
 DAY_SECONDS = 86_400.0
+
+
 # The range of every numeric scenario key (kebab-case, as in TOML). Upper ends are generous for real fleets
 # (fleet-1000.toml is a hundredth of MAX_CLIENTS) but keep every allocation, loop and sleep they size sane:
 # timeouts end at a day, so round-timeout + the straggler margin is a valid time.sleep and deadline.
@@ -81,6 +89,8 @@ SCENARIO_BOUNDS: dict[str, Bound] = {
     "scripted-faults.client": Bound("int", 0, MAX_CLIENTS - 1),
     **{f"method-settings.{key}": bound for key, bound in METHOD_SETTING_BOUNDS.items()},
 }
+
+
 # The server optimizer's settings: scenario key -> its field in the optimizer's config (fedadapt.aggregate).
 SERVER_OPTIMIZER_SETTINGS = {
     "server_momentum": "momentum",
@@ -88,11 +98,16 @@ SERVER_OPTIMIZER_SETTINGS = {
     "server_beta2": "beta2",
     "server_tau": "tau",
 }
+
+
 MAX_TIERS = 1000  # entries of tier-steps
+
+
 MAX_SCRIPTED_FAULTS = 10_000  # entries of scripted-faults
+
+
 # Synthetic data builds num-clients x examples-per-user messages (about 5 s and 200 MB per million).
 MAX_SYNTHETIC_MESSAGES = 1_000_000
-MAX_SCENARIO_BYTES = 1024 * 1024  # a scenario file; shipped ones are under 3 KB
 
 
 @dataclass(frozen=True)
@@ -370,114 +385,3 @@ def _check_method(scenario: ScenarioConfig) -> None:
             "method 'head' trains the head alone: with personal-head = true no device would share anything; "
             "drop personal-head, or choose a method with an adapter"
         )
-
-
-def load_scenario(path: str | Path) -> ScenarioConfig:
-    """Read a scenario TOML file (flat kebab-case keys)."""
-    file = expand_user(path, "the scenario file")
-    if not file.is_file():
-        raise ConfigError(f"scenario file {file} does not exist")
-    where = f"scenario file {file}"
-    return scenario_from_dict(_relative_to(_read_toml(file), file.resolve().parent, where), where=where)
-
-
-def _read_toml(file: Path) -> dict[str, Any]:
-    """The TOML file's table: at most MAX_SCENARIO_BYTES read, every failure a ConfigError naming the file.
-
-    tomllib recurses once per nested array or inline table, so ``x = [[[[...]]]]`` a thousand deep raises
-    RecursionError. A bracket count before parsing cannot be trusted here (TOML has four string quotings,
-    and comments, that may hold brackets), but tomllib is pure Python: its RecursionError unwinds cleanly
-    after at most the interpreter's recursion limit of frames, on at most MAX_SCENARIO_BYTES of input.
-    """
-    try:
-        with file.open("rb") as handle:
-            raw = handle.read(MAX_SCENARIO_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(f"scenario file {file} cannot be read: {err.strerror or err}") from None
-    if len(raw) > MAX_SCENARIO_BYTES:
-        raise ConfigError(f"scenario file {file} is larger than the {MAX_SCENARIO_BYTES} bytes a scenario may have")
-    try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except ValueError as err:  # TOMLDecodeError, UnicodeDecodeError, an integer of over 4300 digits
-        raise ConfigError(f"scenario file {file} is not valid TOML: {str(err)[:200]}") from None
-    except RecursionError:
-        raise ConfigError(f"scenario file {file} nests arrays or tables too deeply to be a scenario") from None
-
-
-def _relative_to(data: dict[str, Any], folder: Path, where: str) -> dict[str, Any]:
-    """Relative ``data`` and ``backbone`` paths are the scenario file's; the apps run in other folders.
-
-    So are the adapter folders a composed method names in ``[method-settings]`` (a stack's ``below``).
-    """
-    resolved = dict(data)
-    for key in ("data", "backbone", "labels", "server-proxy-data"):
-        if key in resolved:
-            resolved[key] = _path_from(resolved[key], folder, f"{where}: {key}")
-    table = resolved.get("method-settings")
-    located = getattr(METHODS.get(str(resolved.get("method", ScenarioConfig.method))), "location_fields", ())
-    if isinstance(table, Mapping) and located:
-        resolved["method-settings"] = {
-            key: [_path_from(v, folder, f"{where}: {key}") for v in value]
-            if key.replace("-", "_") in located and isinstance(value, list)
-            else value
-            for key, value in table.items()
-        }
-    return resolved
-
-
-def _path_from(value: Any, folder: Path, what: str) -> Any:
-    """``value`` resolved against ``folder`` when it is a relative path that exists there, else as it was."""
-    if isinstance(value, str) and value != SYNTHETIC and not expand_user(value, what).is_absolute():
-        candidate = folder / value
-        if candidate.exists():
-            return str(candidate.resolve())
-    return value
-
-
-def only_fields(scenario: ScenarioConfig, names: tuple[str, ...]) -> ScenarioConfig:
-    """The scenario with every field but ``names`` at its default: a cache key that ignores the others."""
-    return ScenarioConfig(**{name: getattr(scenario, name) for name in names})
-
-
-def with_overrides(scenario: ScenarioConfig, **changes: Any) -> ScenarioConfig:
-    """A copy with some fields changed (``None`` values are ignored), validated again."""
-    return dataclasses.replace(scenario, **{k: v for k, v in changes.items() if v is not None})
-
-
-FULL_MODEL_METHOD = "full"
-
-
-def full_model_variant(scenario: ScenarioConfig) -> ScenarioConfig:
-    """The same scenario as ordinary full-model FedAvg: every backbone weight trained and sent as fp32.
-
-    Data, partition, schedule, seeds and faults stay the same, so the two runs differ only in
-    what is trained and sent; the backbone trains at ``full_model_learning_rate`` (adapter learning
-    rates would wreck a pretrained backbone) and the head at the scenario's head learning rate.
-    The adapter method's ``[method-settings]`` do not apply, and the server steps by plain FedAvg
-    whatever ``server-optimizer`` says: an adaptive step sized for adapters would wreck the backbone
-    too (a fedavg scenario keeps its ``server-lr``, as before the choice existed).
-    """
-    return dataclasses.replace(
-        scenario,
-        name=f"{scenario.name}-full-model",
-        method=FULL_MODEL_METHOD,
-        rank=None,
-        method_settings=(),
-        compression="none",
-        learning_rate=scenario.full_model_learning_rate,
-        full_model=False,
-        privacy=PrivacyConfig(),  # the baseline is ordinary FedAvg: plain deltas
-        server_optimizer="fedavg",
-        server_lr=scenario.server_lr if scenario.server_optimizer == "fedavg" else None,
-        server_momentum=None,
-        server_beta1=None,
-        server_beta2=None,
-        server_tau=None,
-    )
-
-
-def local_step_budget(scenario: ScenarioConfig, partition_id: int) -> int | None:
-    """Optimizer steps client ``partition_id`` makes per round: its tier's budget, else ``local_max_steps``."""
-    if scenario.tier_steps:
-        return scenario.tier_steps[partition_id % len(scenario.tier_steps)]
-    return scenario.local_max_steps

@@ -18,7 +18,8 @@ from fedadapt.fleet.data import load_fleet_data
 from fedadapt.fleet.device_data import DeviceContext, device_data_path, personal_path
 from fedadapt.fleet.device_round import ClientReply, empty_client_round, run_client_round
 from fedadapt.fleet.run_config import fleet_run_from_config
-from fedadapt.fleet.scenario import SCENARIO_KEYS, ScenarioConfig, load_scenario, scenario_from_dict
+from fedadapt.fleet.scenario import SCENARIO_KEYS, ScenarioConfig, scenario_from_dict
+from fedadapt.fleet.scenario_file import load_scenario
 from fedadapt.model.adapter_model import AdapterModel
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

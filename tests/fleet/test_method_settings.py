@@ -17,7 +17,9 @@ from fedadapt.fleet.device_data import DeviceContext
 from fedadapt.fleet.device_round import run_client_round
 from fedadapt.fleet.method_settings import MAX_SETTING_CHARS, MAX_SETTING_ITEMS, METHOD_SETTING_BOUNDS
 from fedadapt.fleet.run_config import fleet_run_from_config
-from fedadapt.fleet.scenario import SCENARIO_BOUNDS, full_model_variant, load_scenario, scenario_from_dict
+from fedadapt.fleet.scenario import SCENARIO_BOUNDS, scenario_from_dict
+from fedadapt.fleet.scenario_file import load_scenario
+from fedadapt.fleet.variants import full_model_variant
 from fedadapt.methods import METHODS, AppliedMethod, make_method_config, register_method
 
 

@@ -17,16 +17,15 @@ from fedadapt.config_values import Bound
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.faults import stall_seconds
 from fedadapt.fleet.scenario import (
-    MAX_SCENARIO_BYTES,
     MAX_SCRIPTED_FAULTS,
     MAX_SYNTHETIC_MESSAGES,
     MAX_TIERS,
     SCENARIO_BOUNDS,
     ScenarioConfig,
     ScriptedFault,
-    load_scenario,
     scenario_from_dict,
 )
+from fedadapt.fleet.scenario_file import MAX_SCENARIO_BYTES, load_scenario
 from fedadapt.methods import METHODS
 from fedadapt.privacy.config import PRIVACY_BOUNDS, PrivacyConfig
 

@@ -22,15 +22,9 @@ from fedadapt.fleet.device_data import DeviceContext, device_data_path, personal
 from fedadapt.fleet.device_round import empty_client_round, run_client_round
 from fedadapt.fleet.faults import STALL_MARGIN_SECONDS, SimulatedDeviceFailure, device_fault, stall_seconds
 from fedadapt.fleet.run_config import fleet_run_from_config
-from fedadapt.fleet.scenario import (
-    ScenarioConfig,
-    ScriptedFault,
-    full_model_variant,
-    load_scenario,
-    local_step_budget,
-    only_fields,
-    scenario_from_dict,
-)
+from fedadapt.fleet.scenario import ScenarioConfig, ScriptedFault, scenario_from_dict
+from fedadapt.fleet.scenario_file import load_scenario
+from fedadapt.fleet.variants import full_model_variant, local_step_budget, only_fields
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PAIRS = [(r, p) for r in range(1, 41) for p in range(50)]  # 2000 (round, client) pairs

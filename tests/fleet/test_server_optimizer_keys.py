@@ -10,7 +10,9 @@ import pytest
 
 from fedadapt.aggregate.server_optimizer_config import FedAdamConfig, FedAvgConfig, FedAvgMConfig, FedYogiConfig
 from fedadapt.errors import ConfigError
-from fedadapt.fleet.scenario import full_model_variant, load_scenario, scenario_from_dict
+from fedadapt.fleet.scenario import scenario_from_dict
+from fedadapt.fleet.scenario_file import load_scenario
+from fedadapt.fleet.variants import full_model_variant
 
 
 def test_plain_fedavg_is_the_default() -> None:

@@ -16,7 +16,8 @@ from fedadapt.fleet.build import build_model
 from fedadapt.fleet.data import load_fleet_data
 from fedadapt.fleet.device_data import DeviceContext
 from fedadapt.fleet.device_round import run_client_round
-from fedadapt.fleet.scenario import ScenarioConfig, full_model_variant
+from fedadapt.fleet.scenario import ScenarioConfig
+from fedadapt.fleet.variants import full_model_variant
 from fedadapt.methods import METHODS
 from fedadapt.methods.full import FullFineTuneConfig
 from fedadapt.train.loop import TrainConfig, train_adapter

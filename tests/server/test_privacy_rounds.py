@@ -220,7 +220,7 @@ def _retrain(grid: PrivacyGrid, scenario_file: Path, server_round: int, node: in
     same scenario seed, round and partition, same received state)."""
     from fedadapt.fleet.device_data import DeviceContext
     from fedadapt.fleet.device_round import train_client_update
-    from fedadapt.fleet.scenario import load_scenario
+    from fedadapt.fleet.scenario_file import load_scenario
 
     blob = grid.sent_state[(server_round, node)]
     key = (str(scenario_file), server_round, node, hashlib.sha256(blob).digest())
@@ -504,7 +504,7 @@ def test_secagg_rounds_match_plain_rounds_within_the_quantization_bound(
 
 def test_secagg_server_only_sees_masked_vectors_and_sealed_key_exchanges(secagg_run: SharedRun, tmp_path: Path) -> None:
     from fedadapt.delta.state import flatten_state
-    from fedadapt.fleet.scenario import load_scenario
+    from fedadapt.fleet.scenario_file import load_scenario
 
     assert secagg_run.keys is not None
     grid, schema_id = secagg_run.grid, secagg_run.metrics["schema_id"]
