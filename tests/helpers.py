@@ -6,9 +6,8 @@ import dataclasses
 import json
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import torch
@@ -18,48 +17,6 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedadapt import AdapterModel, BackboneConfig, StateSplit, load_backbone, make_method_config
 from fedadapt.fleet.scenario import ScenarioConfig
-from fedadapt.methods.base import AppliedMethod
-from fedadapt.methods.bottleneck import PfeifferConfig
-from fedadapt.methods.peft_methods import LoraConfig
-from fedadapt.model.backbone import SequenceClassifier
-
-
-@dataclass(frozen=True)
-class TopLayerLora(LoraConfig):
-    """LoRA on the layers from ``first_layer`` up through PEFT's own ``layers_to_transform``: the frozen-prefix
-    cache's PEFT path, until the methods branch gives ``lora`` its ``drop_layers``."""
-
-    name: ClassVar[str] = "test-top-layer-lora"
-    first_layer: int = 1
-
-    def apply(self, model: SequenceClassifier) -> AppliedMethod:
-        import peft
-
-        top = list(range(self.first_layer, model.config.num_hidden_layers))
-        config = peft.LoraConfig(
-            task_type=peft.TaskType.SEQ_CLS, r=self.r, lora_alpha=self.alpha, layers_to_transform=top
-        )
-        return AppliedMethod(module=peft.get_peft_model(model, config))
-
-
-@dataclass(frozen=True)
-class HeadOnly:
-    """Only the head trains (a federated linear probe): every layer is frozen, k = the number of layers."""
-
-    name: ClassVar[str] = "test-head-only"
-    size_field: ClassVar[str | None] = None
-    saves_peft_format: ClassVar[bool] = False
-
-    def apply(self, model: SequenceClassifier) -> AppliedMethod:
-        return AppliedMethod(module=model)
-
-
-@dataclass(frozen=True)
-class PfeifferDropOne(PfeifferConfig):
-    """Pfeiffer with AdapterDrop on layer 0, under its own name: a scenario's ``method`` can name it."""
-
-    name: ClassVar[str] = "test-pfeiffer-drop1"
-    drop_layers: int = 1
 
 
 def build_lora(tiny_bert: Path, r: int = 8, split: StateSplit | None = None) -> AdapterModel:

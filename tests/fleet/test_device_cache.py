@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import HeadOnly, PfeifferDropOne, tiny_scenario
+from helpers import tiny_scenario
 
 from fedadapt.delta.serialize import serialize_state
 from fedadapt.fleet.build import _cached_model, build_model
@@ -22,7 +22,6 @@ from fedadapt.fleet.data import load_fleet_data
 from fedadapt.fleet.device_data import DeviceContext, PrefixCacheSettings
 from fedadapt.fleet.device_round import LocalUpdate, train_client_update
 from fedadapt.fleet.scenario import ScenarioConfig
-from fedadapt.methods.registry import METHODS
 from fedadapt.train import prefix_store
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -31,11 +30,14 @@ EXACT = PrefixCacheSettings(dtype="float32")  # bit for bit what the model compu
 OFF = PrefixCacheSettings(enabled=False)  # every epoch through the whole model: the reference
 
 
-@pytest.fixture(autouse=True)
-def caching_methods(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Methods that leave frozen layers, under names a scenario can give (the methods branch adds real ones)."""
-    for method in (PfeifferDropOne, HeadOnly):
-        monkeypatch.setitem(METHODS, method.name, method)
+# Methods that leave frozen layers, as a scenario gives them: (method, rank, [method-settings], frozen layers k).
+CACHING = {
+    "pfeiffer-drop1": ("pfeiffer", 4, (("drop_layers", 1),), 1),
+    "lora-drop1": ("lora", 4, (("drop_layers", 1),), 1),
+    "ffa-lora-drop1": ("ffa-lora", 4, (("drop_layers", 1),), 1),
+    "ia3-drop1": ("ia3", None, (("drop_layers", 1),), 1),
+    "head": ("head", None, (), 2),
+}
 
 
 @pytest.fixture
@@ -52,9 +54,11 @@ def computed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def _scenario(tiny_bert: Path, method: str = PfeifferDropOne.name) -> ScenarioConfig:
-    rank = None if method == HeadOnly.name else 4
-    return tiny_scenario(tiny_bert, method=method, rank=rank, local_max_steps=3, batch_size=4, seed=5)
+def _scenario(tiny_bert: Path, caching: str = "pfeiffer-drop1") -> ScenarioConfig:
+    method, rank, settings, _ = CACHING[caching]
+    return tiny_scenario(
+        tiny_bert, method=method, rank=rank, method_settings=settings, local_max_steps=3, batch_size=4, seed=5
+    )
 
 
 def _global_blob(scenario: ScenarioConfig) -> bytes:
@@ -73,15 +77,15 @@ def _max_difference(a: LocalUpdate, b: LocalUpdate) -> float:
     return max((a.delta[name] - tensor).abs().max().item() for name, tensor in b.delta.items())
 
 
-@pytest.mark.parametrize("method", [PfeifferDropOne.name, HeadOnly.name])
-def test_a_devices_delta_from_the_cache_equals_its_delta_without(tiny_bert: Path, tmp_path: Path, method: str) -> None:
-    scenario = _scenario(tiny_bert, method)
+@pytest.mark.parametrize("caching", CACHING)
+def test_a_devices_delta_from_the_cache_equals_its_delta_without(tiny_bert: Path, tmp_path: Path, caching: str) -> None:
+    scenario = _scenario(tiny_bert, caching)
     blob = _global_blob(scenario)
     without = _round(scenario, tmp_path / "off", blob, 1, OFF)
     cached = _round(scenario, tmp_path / "exact", blob, 1)
     assert max(t.abs().max().item() for t in without.delta.values()) > 1e-3  # the round did train
     assert _max_difference(cached, without) <= TOL
-    assert cached.metrics["prefix-layers"] == (2 if method == HeadOnly.name else 1)
+    assert cached.metrics["prefix-layers"] == CACHING[caching][3]
     assert cached.metrics["prefix-cache-hit"] == 0 and cached.metrics["prefix-cache-seconds"] > 0
     assert "prefix-cache-hit" not in without.metrics and not (tmp_path / "off" / "prefix-cache-1").exists()
 
@@ -112,9 +116,7 @@ def test_a_fresh_process_per_message_reads_the_cache_the_last_one_wrote(tiny_ber
 import json, sys
 sys.path.insert(0, {str(PROJECT_ROOT / "tests")!r})
 from pathlib import Path
-from helpers import PfeifferDropOne, tiny_scenario
-from fedadapt.methods.registry import METHODS
-METHODS[PfeifferDropOne.name] = PfeifferDropOne
+from helpers import tiny_scenario
 from fedadapt.delta.serialize import serialize_state
 from fedadapt.fleet.build import build_model
 from fedadapt.fleet.data import load_fleet_data
@@ -124,7 +126,9 @@ from fedadapt.train import prefix_store
 calls = []
 compute = prefix_store.compute_prefix_states
 prefix_store.compute_prefix_states = lambda *a, **k: calls.append(1) or compute(*a, **k)
-scenario = tiny_scenario(Path({str(tiny_bert)!r}), method=PfeifferDropOne.name, local_max_steps=2)
+scenario = tiny_scenario(
+    Path({str(tiny_bert)!r}), method="pfeiffer", rank=4, method_settings=(("drop_layers", 1),), local_max_steps=2
+)
 model = build_model(scenario, load_fleet_data(scenario).labels.names)
 blob = serialize_state(model.state("shared"), model.schema, "shared", "none")
 update = train_client_update(DeviceContext(scenario, 0, Path({str(tmp_path)!r})), blob, int(sys.argv[1]))

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import HeadOnly
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import BertModel, BertTokenizerFast
@@ -155,7 +154,7 @@ KEY_CHANGES: dict[str, Callable[[Path, Path], Examples]] = {
     "prefix": lambda bert, other: _examples(_model(other)),
     "tokenizer": lambda bert, other: _examples(_lowercase_off(_model(bert))),
     "max_length": lambda bert, other: _examples(_model(bert), max_length=6),
-    "frozen_layers": lambda bert, other: _examples(_model(bert, HeadOnly()), frozen_layers=2),
+    "frozen_layers": lambda bert, other: _examples(_model(bert, make_method_config("head")), frozen_layers=2),
     "examples-order": lambda bert, other: _examples(_model(bert), texts=TEXTS[::-1], labels=LABELS[::-1]),
     "examples-label": lambda bert, other: _examples(_model(bert), labels=(2, *LABELS[1:])),
     "dtype": lambda bert, other: _examples(_model(bert), dtype="float32"),
@@ -174,7 +173,9 @@ def test_any_change_of_key_is_a_new_entry(
     tiny_bert: Path, other_bert: Path, tmp_path: Path, computed: list[int], part: str
 ) -> None:
     store = PrefixStore(tmp_path)
-    original = _examples(_model(tiny_bert, HeadOnly()) if part == "frozen_layers" else _model(tiny_bert))
+    original = _examples(
+        _model(tiny_bert, make_method_config("head")) if part == "frozen_layers" else _model(tiny_bert)
+    )
     store.load_or_build(original.model, original.data, original.key, device="cpu")
     changed = KEY_CHANGES[part](tiny_bert, other_bert)
     field = part.split("-")[0]
