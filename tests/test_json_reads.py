@@ -26,7 +26,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("fedadapt", "clients", "server", "deploy", "simulations", "export")
 # (file, module) pairs allowed to call a parser: the bounded JSON reader, and the scenario loader's TOML parse,
 # which bounds the file's size and turns the parser's RecursionError into a ConfigError.
-ALLOWED = {("fedadapt/jsonsafe.py", "json"), ("fedadapt/fleet/scenario.py", "tomllib")}
+ALLOWED = {("fedadapt/jsonsafe.py", "json"), ("fedadapt/fleet/scenario_file.py", "tomllib")}
 PARSERS = {"json": {"load", "loads", "JSONDecoder"}, "tomllib": {"load", "loads"}}
 DEEP = 50_000  # far past the interpreter's recursion limit
 

@@ -40,6 +40,7 @@ import safetensors.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fedadapt import jsonsafe
 from fedadapt.data.batching import EncodedTexts, collate
 from fedadapt.delta.safetensors_header import read_header
 from fedadapt.errors import ConfigError, StateError
@@ -108,7 +109,10 @@ def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     }
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        pipeline = json.loads(backend.to_str())
+        # the tokenizer's own pipeline, bounded like any JSON we parse (a large vocabulary is a few MB)
+        pipeline = jsonsafe.loads(
+            backend.to_str(), what="the tokenizer's pipeline", max_bytes=256 * 2**20, max_depth=64
+        )
         pipeline.pop("truncation", None)
         pipeline.pop("padding", None)
         parts["pipeline"] = pipeline
