@@ -178,6 +178,7 @@ class ScenarioConfig:
     server_warmup_epochs: int = 0  # epochs on the proxy data before round 1
     server_finetune_epochs: int = 0  # epochs on the proxy data after each round's aggregation (off by default)
     server_device: str = "auto"  # the server's training and central evaluation: auto | cpu | cuda[:N]
+    initial_head: str | None = None  # an adapter folder whose head starts the global head (a head warm start)
     privacy: PrivacyConfig = PrivacyConfig()  # the [privacy] table: none | aead | secagg+ and SecAgg+ parameters
 
     def __post_init__(self) -> None:
@@ -218,6 +219,11 @@ class ScenarioConfig:
             raise ConfigError(
                 "server-warmup-epochs and server-finetune-epochs train on server-proxy-data: name a labelled "
                 "CSV/JSON/JSONL file or folder the server holds"
+            )
+        if self.initial_head is not None and self.personal_head:
+            raise ConfigError(
+                "initial-head starts the global head, but with personal-head = true the head is each device's own: "
+                "drop one of them"
             )
         if not isinstance(self.privacy, PrivacyConfig):
             raise ConfigError(f"privacy must be a PrivacyConfig, got {type(self.privacy).__name__}")
@@ -410,7 +416,7 @@ def _relative_to(data: dict[str, Any], folder: Path, where: str) -> dict[str, An
     So are the adapter folders a composed method names in ``[method-settings]`` (a stack's ``below``).
     """
     resolved = dict(data)
-    for key in ("data", "backbone", "labels", "server-proxy-data"):
+    for key in ("data", "backbone", "labels", "server-proxy-data", "initial-head"):
         if key in resolved:
             resolved[key] = _path_from(resolved[key], folder, f"{where}: {key}")
     table = resolved.get("method-settings")
@@ -466,6 +472,7 @@ def full_model_variant(scenario: ScenarioConfig) -> ScenarioConfig:
         compression="none",
         learning_rate=scenario.full_model_learning_rate,
         full_model=False,
+        initial_head=None,  # ordinary FedAvg starts from the pretrained model's own head
         privacy=PrivacyConfig(),  # the baseline is ordinary FedAvg: plain deltas
         server_optimizer="fedavg",
         server_lr=scenario.server_lr if scenario.server_optimizer == "fedavg" else None,
