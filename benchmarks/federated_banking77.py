@@ -17,7 +17,6 @@ The centralized baseline is `fedadapt train` of docs/local-training.md (LoRA r=8
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,16 +26,17 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from fleet_bench import full_test_accuracy  # noqa: E402  (benchmarks/: the script's own folder)
+
 from fedadapt import jsonsafe  # noqa: E402
 from fedadapt.checkpoint.folder import load_adapter  # noqa: E402
 from fedadapt.delta.serialize import serialize_state  # noqa: E402
 from fedadapt.delta.state import compute_delta  # noqa: E402
-from fedadapt.fleet.build import build_model, encode_split  # noqa: E402
+from fedadapt.fleet.build import build_model  # noqa: E402
 from fedadapt.fleet.data import load_fleet_data  # noqa: E402
 from fedadapt.fleet.scenario import ScenarioConfig  # noqa: E402
 from fedadapt.fleet.scenario_file import load_scenario  # noqa: E402
 from fedadapt.fleet.variants import with_overrides  # noqa: E402
-from fedadapt.train.loop import evaluate  # noqa: E402
 
 CENTRALIZED_ACCURACY = 0.9172  # docs/local-training.md: fedadapt train, LoRA r=8, 1 epoch, full test split
 
@@ -47,15 +47,6 @@ def run_or_read(scenario: Path, out: Path, from_run: Path | None) -> dict[str, A
     from simulations.runner import simulate
 
     return simulate(scenario, out=out, show=True)
-
-
-def full_test_accuracy(folder: Path, scenario: ScenarioConfig) -> float:
-    """The final model of a run on the whole test split (the rounds used a seeded sample)."""
-    whole = dataclasses.replace(scenario, server_test_examples=None)  # with_overrides ignores None
-    fleet = load_fleet_data(whole)
-    model = load_adapter(folder)
-    data = encode_split(model, fleet.splits.test, fleet.labels, scenario.max_length)
-    return evaluate(model, data).accuracy
 
 
 def wire_sizes(scenario: ScenarioConfig, final_adapter: Path, full_model_bytes: int) -> list[tuple[str, str, int]]:

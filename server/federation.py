@@ -33,6 +33,7 @@ from fedadapt.aggregate.server_training import load_proxy, train_on_proxy
 from fedadapt.aggregate.validation import REASON_LIMIT, DeltaValidator
 from fedadapt.checkpoint.atomic_files import write_bytes_atomic
 from fedadapt.checkpoint.folder import save_adapter
+from fedadapt.checkpoint.initial_head import initial_head_state
 from fedadapt.checkpoint.key import load_or_create_checkpoint_key, read_checkpoint_key
 from fedadapt.checkpoint.rounds import (
     Checkpoint,
@@ -91,6 +92,8 @@ class Federation:
         # the checkpoint so a resumed run goes on with it).
         self.run_secret: bytes | None = secrets.token_bytes(32) if self.privacy.secure_aggregation else None
         self.global_state: State = self.model.state("shared")
+        if self.scenario.initial_head:  # a head warm start (a resumed run's checkpoint replaces it)
+            self.global_state |= initial_head_state(self.model, self.scenario.initial_head, self.scenario.backbone)
         self.history: list[dict[str, Any]] = []
         self._started = False  # whether this process has run a round yet (the first waits for the fleet)
         self._key: bytes | None = None  # the checkpoint key, read or made when the first checkpoint is written

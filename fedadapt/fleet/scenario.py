@@ -193,6 +193,7 @@ class ScenarioConfig:
     server_warmup_epochs: int = 0  # epochs on the proxy data before round 1
     server_finetune_epochs: int = 0  # epochs on the proxy data after each round's aggregation (off by default)
     server_device: str = "auto"  # the server's training and central evaluation: auto | cpu | cuda[:N]
+    initial_head: str | None = None  # an adapter folder whose head starts the global head (a head warm start)
     privacy: PrivacyConfig = PrivacyConfig()  # the [privacy] table: none | aead | secagg+ and SecAgg+ parameters
 
     def __post_init__(self) -> None:
@@ -233,6 +234,11 @@ class ScenarioConfig:
             raise ConfigError(
                 "server-warmup-epochs and server-finetune-epochs train on server-proxy-data: name a labelled "
                 "CSV/JSON/JSONL file or folder the server holds"
+            )
+        if self.initial_head is not None and self.personal_head:
+            raise ConfigError(
+                "initial-head starts the global head, but with personal-head = true the head is each device's own: "
+                "drop one of them"
             )
         if not isinstance(self.privacy, PrivacyConfig):
             raise ConfigError(f"privacy must be a PrivacyConfig, got {type(self.privacy).__name__}")

@@ -54,7 +54,7 @@ def _relative_to(data: dict[str, Any], folder: Path, where: str) -> dict[str, An
     So are the adapter folders a composed method names in ``[method-settings]`` (a stack's ``below``).
     """
     resolved = dict(data)
-    for key in ("data", "backbone", "labels", "server-proxy-data"):
+    for key in ("data", "backbone", "labels", "server-proxy-data", "initial-head"):
         if key in resolved:
             resolved[key] = _path_from(resolved[key], folder, f"{where}: {key}")
     table = resolved.get("method-settings")

@@ -43,6 +43,7 @@ def full_model_variant(scenario: ScenarioConfig) -> ScenarioConfig:
         full_model=False,
         privacy=PrivacyConfig(),  # the baseline is ordinary FedAvg: plain deltas
         server_optimizer="fedavg",
+        initial_head=None,  # ordinary FedAvg starts from the pretrained model's own head
         server_lr=scenario.server_lr if scenario.server_optimizer == "fedavg" else None,
         server_momentum=None,
         server_beta1=None,
