@@ -27,7 +27,6 @@ import json
 import logging
 import mmap
 import os
-import tempfile
 import time
 import weakref
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedadapt import jsonsafe
+from fedadapt.checkpoint.atomic_files import write_bytes_atomic
 from fedadapt.data.batching import EncodedTexts, collate
 from fedadapt.delta.safetensors_header import read_header
 from fedadapt.errors import ConfigError, StateError
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 FORMAT = 1  # bump when the file layout changes: older entries then miss and are evicted in time
 DEFAULT_MAX_BYTES = 256 * 2**20  # a device's cap: Banking77's 10,003 texts take about 120 MB through MiniLM in fp16
 SUFFIX = ".safetensors"
-TEMP_PREFIX = ".writing-"  # readers open only <digest>.safetensors; a crashed write leaves one of these
+TEMP_PREFIX = "."  # write_bytes_atomic's temporaries (".<name>.<random>"); entries never start with a dot
 STALE_TEMP_SECONDS = 600  # a temporary file this old belongs to a writer that died
 MAX_HEADER_BYTES = 64 * 1024  # two tensors and the key: a few hundred bytes
 STORED_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -299,7 +299,7 @@ class PrefixStore:
             logger.info("evicted prefix cache entry %s (least recently used) to stay under %d bytes", oldest, used)
         if used + len(blob) > self.max_bytes:  # only temporaries of a live writer are left: do not exceed the cap
             return False
-        _write_atomic(path, blob)
+        write_bytes_atomic(path, blob)  # never half an entry: a crash leaves a temporary, removed later
         _touch(path)
         return True
 
@@ -369,23 +369,6 @@ def _read_entry(path: Path, key: PrefixKey, data: EncodedTexts) -> StoredPrefix:
     dtype = np.dtype("<f2") if key.dtype == "float16" else np.dtype("<f4")
     states = np.frombuffer(view, dtype=dtype, count=total * hidden, offset=data_start + states_entry.begin)
     return StoredPrefix(data, key, states.reshape(total, hidden), lengths)
-
-
-def _write_atomic(path: Path, blob: bytes) -> None:
-    """``blob`` to a temporary file beside ``path``, synced, then renamed over it: never half an entry.
-
-    The pattern of ``fedadapt.checkpoint.atomic_files``, which this stage may not import.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(blob)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _remove(path: Path) -> None:

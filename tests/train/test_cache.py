@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_vocab import TEXTS
 from torch import nn
 from transformers import BertTokenizerFast
 
@@ -21,15 +22,6 @@ from fedadapt.train.loop import TrainConfig, train_adapter
 from fedadapt.train.personalize import train_only
 from fedadapt.train.prefix_cache import PrefixCache, forward_from_cache, train_adapter_cached
 
-TEXTS = [
-    "my card has not arrived yet",
-    "top up",
-    "why is my transfer declined",
-    "where is my money",
-    "balance",
-    "the account top up has not arrived yet why",
-    "card declined",
-]
 TOL = 1e-5
 
 

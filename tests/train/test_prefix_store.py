@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_vocab import TEXTS
 from transformers import BertModel, BertTokenizerFast
 
 from fedadapt import AdapterModel, BackboneConfig, load_backbone, make_method_config
@@ -32,15 +33,6 @@ from fedadapt.train.prefix_store import (
     tokenizer_digest,
 )
 
-TEXTS = (
-    "my card has not arrived yet",
-    "top up",
-    "why is my transfer declined",
-    "where is my money",
-    "balance",
-    "the account top up has not arrived yet why",
-    "card declined",
-)
 LABELS = tuple(i % 3 for i in range(len(TEXTS)))
 TOL = 1e-5
 
