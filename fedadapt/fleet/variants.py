@@ -58,8 +58,8 @@ def full_model_variant(scenario: ScenarioConfig) -> ScenarioConfig:
 HEAD_METHOD = "head"
 
 
-def head_warmup_variant(scenario: ScenarioConfig) -> ScenarioConfig:
-    """The first ``head_warmup_rounds`` rounds of ``scenario`` as a run of their own: only the head trains.
+def head_warmup_variant(scenario: ScenarioConfig, rounds: int | None = None) -> ScenarioConfig:
+    """The first ``head_warmup_rounds`` (or ``rounds``) rounds of ``scenario`` as a run of their own: head only.
 
     A federated linear probe on the same fleet (method ``head``: every device trains the classifier on its
     cached frozen embeddings), stepped by plain FedAvg, the exact average of a linear layer: an adaptive server
@@ -72,7 +72,7 @@ def head_warmup_variant(scenario: ScenarioConfig) -> ScenarioConfig:
         method=HEAD_METHOD,
         rank=None,
         method_settings=(),
-        rounds=scenario.head_warmup_rounds,
+        rounds=scenario.head_warmup_rounds if rounds is None else rounds,
         head_warmup_rounds=0,
         full_model=False,
         server_optimizer="fedavg",
