@@ -34,8 +34,9 @@ def full_model_variant(scenario: ScenarioConfig) -> ScenarioConfig:
     whatever ``server-optimizer`` says: an adaptive step sized for adapters would wreck the backbone
     too (a fedavg scenario keeps its ``server-lr``, as before the choice existed).
     """
+    plain = plain_fedavg(scenario, server_lr=scenario.server_lr if scenario.server_optimizer == "fedavg" else None)
     return dataclasses.replace(
-        scenario,
+        plain,
         name=f"{scenario.name}-full-model",
         method=FULL_MODEL_METHOD,
         rank=None,
@@ -44,10 +45,18 @@ def full_model_variant(scenario: ScenarioConfig) -> ScenarioConfig:
         learning_rate=scenario.full_model_learning_rate,
         full_model=False,
         privacy=PrivacyConfig(),  # the baseline is ordinary FedAvg: plain deltas
-        server_optimizer="fedavg",
         initial_head=None,  # ordinary FedAvg starts from the pretrained model's own head
         head_warmup_rounds=0,  # and trains everything from round 1
-        server_lr=scenario.server_lr if scenario.server_optimizer == "fedavg" else None,
+    )
+
+
+def plain_fedavg(scenario: ScenarioConfig, server_lr: float | None = None) -> ScenarioConfig:
+    """``scenario`` with the server stepping by FedAvg (at ``server_lr``; None: plain averaging), no other
+    optimizer's settings left."""
+    return dataclasses.replace(
+        scenario,
+        server_optimizer="fedavg",
+        server_lr=server_lr,
         server_momentum=None,
         server_beta1=None,
         server_beta2=None,
@@ -67,7 +76,7 @@ def head_warmup_variant(scenario: ScenarioConfig, rounds: int | None = None) -> 
     privacy stay the scenario's.
     """
     return dataclasses.replace(
-        scenario,
+        plain_fedavg(scenario),
         name=f"{scenario.name}-head-warmup",
         method=HEAD_METHOD,
         rank=None,
@@ -75,12 +84,6 @@ def head_warmup_variant(scenario: ScenarioConfig, rounds: int | None = None) -> 
         rounds=scenario.head_warmup_rounds if rounds is None else rounds,
         head_warmup_rounds=0,
         full_model=False,
-        server_optimizer="fedavg",
-        server_lr=None,
-        server_momentum=None,
-        server_beta1=None,
-        server_beta2=None,
-        server_tau=None,
     )
 
 
