@@ -1,7 +1,7 @@
 """Federated Banking77 (20 label-skewed clients): LoRA adapters against full-model FedAvg in the same run.
 
 Run:  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/federated_banking77.py [--out runs/bench-banking77]
-      [--scenario simulations/banking77-dirichlet.toml] [--from-run DIR]
+      [--scenario simulations/banking77-lora-baseline.toml] [--from-run DIR]
 
 1. ``fedadapt simulate`` of the scenario (``full-model = true``): the adapter run, then the same
    partitions, sampling and seeds as ordinary full-model FedAvg (``--from-run`` reads a finished
@@ -66,7 +66,7 @@ def wire_sizes(scenario: ScenarioConfig, final_adapter: Path, full_model_bytes: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", type=Path, default=PROJECT_ROOT / "simulations" / "banking77-dirichlet.toml")
+    parser.add_argument("--scenario", type=Path, default=PROJECT_ROOT / "simulations" / "banking77-lora-baseline.toml")
     parser.add_argument("--out", type=Path, default=Path("runs") / "bench-banking77")
     parser.add_argument("--from-run", type=Path, default=None, help="a finished run folder to report on")
     args = parser.parse_args()

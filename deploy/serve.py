@@ -115,6 +115,13 @@ def serve(
     plan = plan_simulation(
         scenario, rounds, out, resume, empty_clients=empty_clients, accept_unverified=accept_unverified
     )
+    if plan.scenario.head_warmup_rounds:
+        raise ConfigError(
+            f"{plan.scenario.name} has head-warmup-rounds = {plan.scenario.head_warmup_rounds}, which only "
+            '`fedadapt simulate` runs (as two runs): to serve it, serve a copy with method = "head" and rounds = '
+            f"{plan.scenario.head_warmup_rounds} first, then this one without head-warmup-rounds, with initial-head "
+            "set to the first run's final_adapter folder and the remaining rounds"
+        )
     if plan.scenario.full_model:
         logger.warning("full-model = true is ignored by fedadapt serve: run the comparison with fedadapt simulate")
     if 0 < deployment.local_supernodes < plan.scenario.sample_size:

@@ -49,7 +49,7 @@ from fedadapt.fleet import protocol
 from fedadapt.fleet.build import build_model, encode_split
 from fedadapt.fleet.data import load_fleet_data
 from fedadapt.fleet.resources import memory_record
-from fedadapt.fleet.run_config import FleetRun
+from fedadapt.fleet.run_config import FINAL_ADAPTER, FleetRun
 from fedadapt.privacy.transport import ServerOpener, sealed_delta_overhead
 from fedadapt.train.loop import TrainConfig, evaluate
 from server.replies import (
@@ -67,7 +67,6 @@ from server.secure_round import run_secure_round
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-FINAL_ADAPTER = "final_adapter"
 
 
 class Federation:

@@ -76,3 +76,28 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 def _difference(first: float | None, second: float | None) -> float | None:
     return None if first is None or second is None else first - second
+
+
+def chain_head_warmup(warmup: Mapping[str, Any], rest: Mapping[str, Any]) -> dict[str, Any]:
+    """The record of a run with a head warm-up: the warm-up's rounds, then the rest's, numbered on.
+
+    The summary counts both phases' rounds, seconds and bytes, so that time and bytes to a target
+    include the warm-up; accuracies and the rest are the last phase's. ``head_warmup`` keeps the
+    warm-up's own summary.
+    """
+    offset = len(warmup["rounds"])
+    rounds = [{**record, "phase": "head-warmup"} for record in warmup["rounds"]]
+    rounds += [{**record, "round": offset + int(record["round"])} for record in rest["rounds"]]
+    summary = dict(rest["summary"]) | {
+        "rounds": len(rounds),
+        "head_warmup_rounds": offset,
+        "seconds": sum(float(r["seconds"]) for r in rounds),
+        "bytes_up_per_client_round": _per(rounds, "bytes_up", "uploads"),
+        "bytes_down_per_client_round": _per(rounds, "bytes_down", "clients"),
+    }
+    return {**rest, "rounds": rounds, "summary": summary, "head_warmup": {"summary": warmup["summary"]}}
+
+
+def _per(rounds: Sequence[Mapping[str, Any]], total: str, count: str) -> float | None:
+    counted = sum(int(r[count]) for r in rounds)
+    return sum(float(r[total]) for r in rounds) / counted if counted else None

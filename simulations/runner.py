@@ -15,6 +15,7 @@ the ServerApp rewrites after every round.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -36,22 +37,28 @@ from fedadapt.errors import ConfigError, FedAdaptError, JsonInputError
 from fedadapt.fleet.device_data import PERSONAL_FILE
 from fedadapt.fleet.run_config import (
     CLIENT_STATE_FOLDER,
+    HEAD_WARMUP_FOLDER,
+    PHASE_AFTER_HEAD_WARMUP,
+    PHASE_HEAD_WARMUP,
+    PHASE_WHOLE,
     RUN_ACCEPT_UNVERIFIED,
     RUN_CLIENTS_PER_ROUND,
     RUN_EMPTY_CLIENTS,
     RUN_FULL_MODEL,
     RUN_NUM_ROUNDS,
     RUN_OUT_DIR,
+    RUN_PHASE,
     RUN_RESUME,
     RUN_SCENARIO,
     RUN_SERVER_KEY,
     RUN_SERVER_PUBLIC_KEY,
+    phase_variant,
 )
 from fedadapt.fleet.scenario import ScenarioConfig
 from fedadapt.fleet.scenario_file import load_scenario
 from fedadapt.fleet.variants import full_model_variant, with_overrides
 from simulations.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
-from simulations.report import compare_with_full_model
+from simulations.report import chain_head_warmup, compare_with_full_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 METRICS_FILE = "metrics.json"  # written by server.federation
@@ -94,10 +101,27 @@ class SimulationPlan:
     full_model: bool = False  # run the scenario's full-model FedAvg variant (``scenario`` is that variant)
     empty_clients: bool = False  # benchmarks: clients reply at once with a zero delta
     accept_unverified: bool = False  # resume even from checkpoints the server cannot authenticate
+    phase: str = PHASE_WHOLE  # with head-warmup-rounds: which of the two runs this is (``scenario`` stays whole)
 
     @property
     def metrics_file(self) -> Path:
         return self.out_dir / METRICS_FILE
+
+    @property
+    def run_scenario(self) -> ScenarioConfig:
+        """What this run of the apps runs: the scenario, or one phase of its head warm-up."""
+        return phase_variant(self.scenario, self.phase, self.out_dir)
+
+    def head_warmup_plan(self, resume: bool) -> SimulationPlan:
+        """The scenario's first ``head-warmup-rounds`` rounds, head only, in ``<out>/head-warmup``."""
+        out_dir = self.out_dir / HEAD_WARMUP_FOLDER
+        refuse_unless_resuming(out_dir, resume)
+        resuming = resume and _has_checkpoints(out_dir)
+        return dataclasses.replace(self, out_dir=out_dir, resume=resuming, phase=PHASE_HEAD_WARMUP)
+
+    def after_head_warmup_plan(self) -> SimulationPlan:
+        """The scenario's remaining rounds in ``<out>``, from the warm-up's final head."""
+        return dataclasses.replace(self, phase=PHASE_AFTER_HEAD_WARMUP)
 
     def full_model_plan(self, resume: bool) -> SimulationPlan:
         """The same scenario as full-model FedAvg, in ``<out>/full-model``."""
@@ -132,12 +156,17 @@ def plan_simulation(
 
 
 def refuse_unless_resuming(out_dir: Path, resume: bool) -> None:
-    if _has_checkpoints(out_dir) and not resume:
+    if _holds_run(out_dir) and not resume:
         raise ConfigError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
 
 
 def _has_checkpoints(out_dir: Path) -> bool:
     return (out_dir / CHECKPOINTS).is_dir() and any((out_dir / CHECKPOINTS).iterdir())
+
+
+def _holds_run(out_dir: Path) -> bool:
+    """A run has checkpointed a round there: of its own, or of its head warm-up."""
+    return _has_checkpoints(out_dir) or _has_checkpoints(out_dir / HEAD_WARMUP_FOLDER)
 
 
 def _default_out_dir(name: str, resume: bool) -> Path:
@@ -146,10 +175,10 @@ def _default_out_dir(name: str, resume: bool) -> Path:
     continues the newest."""
     base = Path("runs") / f"sim-{name}"
     taken = [base, *(Path(f"{base}-{n}") for n in range(2, 1000))]
-    used = [d for d in taken if _has_checkpoints(d)]
+    used = [d for d in taken if _holds_run(d)]
     if resume:
         return used[-1] if used else base
-    return next(d for d in taken if not _has_checkpoints(d))
+    return next(d for d in taken if not _holds_run(d))
 
 
 def remove_stale_client_state(out_dir: Path) -> None:
@@ -171,6 +200,9 @@ def simulate(
 ) -> dict[str, Any]:
     """Run the scenario to its last round and return the contents of its metrics.json.
 
+    With ``head-warmup-rounds = N`` its first N rounds run on their own in ``<out>/head-warmup`` (only
+    the head trains) and the rest start from their final head; metrics.json then holds both phases'
+    rounds, numbered on, and the warm-up's own record stays in ``<out>/head-warmup``.
     With ``full-model = true`` the scenario then runs again as full-model FedAvg in
     ``<out>/full-model``, and the summary gains a ``full_model`` comparison of the two.
     PNG plots (accuracy.png, bytes.png) go beside metrics.json.
@@ -178,7 +210,12 @@ def simulate(
     from simulations.plots import write_plots
 
     plan = plan_simulation(scenario, rounds, out, resume, empty_clients, accept_unverified)
-    metrics = run_plan(plan, show)
+    if plan.scenario.head_warmup_rounds:
+        warmup = run_head_warmup(plan.head_warmup_plan(resume), show)
+        metrics = chain_head_warmup(warmup, run_plan(plan.after_head_warmup_plan(), show))
+        write_json(plan.metrics_file, metrics)
+    else:
+        metrics = run_plan(plan, show)
     full = None
     if plan.scenario.full_model:
         full = run_plan(plan.full_model_plan(resume), show)
@@ -204,6 +241,14 @@ def run_plan(plan: SimulationPlan, show: bool) -> dict[str, Any]:
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
     return finished_metrics(plan, code, "the simulation")
+
+
+def run_head_warmup(plan: SimulationPlan, show: bool) -> dict[str, Any]:
+    """The head warm-up's run; read, not run again, once it finished (a resumed run is past it)."""
+    metrics = read_metrics(plan.metrics_file)
+    if metrics.get("complete") and plan.resume:
+        return metrics
+    return run_plan(plan, show)
 
 
 def finished_metrics(plan: SimulationPlan, code: int, what: str) -> dict[str, Any]:
@@ -289,21 +334,27 @@ def _run_app(plan: SimulationPlan, flwr_home: Path, env: dict[str, str], show: b
 
 def write_run_config(plan: SimulationPlan, folder: Path) -> Path:
     """The run-config overrides ``flwr run`` passes to both apps, as a TOML file in ``folder``."""
+    path = folder / "run-config.toml"
+    path.write_text(toml_lines(run_config_values(plan)))
+    return path
+
+
+def run_config_values(plan: SimulationPlan) -> dict[str, str | int | bool]:
+    """The plan as the apps' run-config keys (``fedadapt.fleet.run_config``)."""
     values: dict[str, str | int | bool] = {
         RUN_SCENARIO: str(plan.scenario_path),
         RUN_OUT_DIR: str(plan.out_dir),
-        RUN_NUM_ROUNDS: plan.scenario.rounds,
+        RUN_NUM_ROUNDS: plan.scenario.rounds,  # the whole scenario's: the apps take their phase's share of them
         RUN_CLIENTS_PER_ROUND: plan.scenario.sample_size,
         RUN_RESUME: plan.resume,
         RUN_FULL_MODEL: plan.full_model,
         RUN_EMPTY_CLIENTS: plan.empty_clients,
         RUN_ACCEPT_UNVERIFIED: plan.accept_unverified,
+        RUN_PHASE: plan.phase,
     }
     if plan.scenario.privacy.sealed:
         values |= run_keys(plan.out_dir)
-    path = folder / "run-config.toml"
-    path.write_text(toml_lines(values))
-    return path
+    return values
 
 
 def device_root(plan: SimulationPlan) -> Path:
@@ -360,9 +411,8 @@ def follow_run(plan: SimulationPlan, process: subprocess.Popen[bytes], show: boo
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=Console(stderr=True), disable=not show) as progress:
-        task = progress.add_task(
-            f"{plan.scenario.name}: rounds", total=plan.scenario.rounds, accuracy="-", up="-", rejected=0
-        )
+        scenario = plan.run_scenario
+        task = progress.add_task(f"{scenario.name}: rounds", total=scenario.rounds, accuracy="-", up="-", rejected=0)
         while process.poll() is None:
             _show_rounds(progress, task, plan.metrics_file)
             time.sleep(0.5)

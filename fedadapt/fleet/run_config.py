@@ -16,7 +16,7 @@ from fedadapt.config_values import expand_user
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.scenario import ScenarioConfig
 from fedadapt.fleet.scenario_file import load_scenario
-from fedadapt.fleet.variants import full_model_variant, with_overrides
+from fedadapt.fleet.variants import after_head_warmup, full_model_variant, head_warmup_variant, with_overrides
 
 RUN_SCENARIO = "scenario"  # scenario TOML; relative paths are resolved against the project folder
 RUN_OUT_DIR = "out-dir"  # where the server writes checkpoints, metrics.json and final_adapter/
@@ -29,11 +29,16 @@ RUN_EMPTY_CLIENTS = "empty-clients"  # benchmarks: clients reply at once with a 
 RUN_SERVER_KEY = "server-key"  # the server's X25519 private key file (privacy modes aead and secagg+)
 RUN_SERVER_PUBLIC_KEY = "server-public-key"  # its public key for the clients: 64 hex characters or server.pub's path
 RUN_ACCEPT_UNVERIFIED = "accept-unverified-checkpoints"  # resume from checkpoints the server cannot authenticate
+RUN_PHASE = "phase"  # a scenario with head-warmup-rounds runs as two runs: "head-warmup", then "after-head-warmup"
 RUN_KEYS = (
     *(RUN_SCENARIO, RUN_OUT_DIR, RUN_NUM_ROUNDS, RUN_CLIENTS_PER_ROUND, RUN_RESUME, RUN_CLIENT_STATE_DIR),
-    *(RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_SERVER_KEY, RUN_SERVER_PUBLIC_KEY, RUN_ACCEPT_UNVERIFIED),
+    *(RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_SERVER_KEY, RUN_SERVER_PUBLIC_KEY, RUN_ACCEPT_UNVERIFIED, RUN_PHASE),
 )
 CLIENT_STATE_FOLDER = "clients"
+FINAL_ADAPTER = "final_adapter"  # <out>/final_adapter: the run's last global adapter, written by the server
+HEAD_WARMUP_FOLDER = "head-warmup"  # <out>/head-warmup: a head warm-up's own run (metrics, checkpoints, final head)
+PHASE_WHOLE, PHASE_HEAD_WARMUP, PHASE_AFTER_HEAD_WARMUP = "", "head-warmup", "after-head-warmup"
+PHASES = (PHASE_WHOLE, PHASE_HEAD_WARMUP, PHASE_AFTER_HEAD_WARMUP)
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,10 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
     )
     server_key = str(run_config.get(RUN_SERVER_KEY, ""))
     scenario = with_overrides(load_scenario(scenario_path), rounds=rounds or None, clients_per_round=per_round or None)
+    if full_model:
+        scenario = full_model_variant(scenario)
     return FleetRun(
-        scenario=full_model_variant(scenario) if full_model else scenario,
+        scenario=phase_variant(scenario, str(run_config.get(RUN_PHASE, PHASE_WHOLE)), out_dir),
         out_dir=out_dir,
         resume=resume,
         empty_clients=empty,
@@ -76,6 +83,29 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
         server_public_key=str(run_config.get(RUN_SERVER_PUBLIC_KEY, "")),
         accept_unverified_checkpoints=accept_unverified,
     )
+
+
+def phase_variant(scenario: ScenarioConfig, phase: str, out_dir: Path) -> ScenarioConfig:
+    """What one run of the apps runs: the whole scenario, or one phase of its head warm-up.
+
+    ``out_dir`` is the phase's own: ``<out>`` after the warm-up, whose final head lies in
+    ``<out>/head-warmup/final_adapter``; the warm-up runs in ``<out>/head-warmup``.
+    """
+    if phase not in PHASES:
+        raise ConfigError(f"phase must be one of {PHASES[1:]} or empty, got {phase!r}")
+    if phase == PHASE_WHOLE:
+        if scenario.head_warmup_rounds:
+            raise ConfigError(
+                f"{scenario.name} has head-warmup-rounds = {scenario.head_warmup_rounds}: it runs as two runs, the "
+                "head warm-up and then the rest, which `fedadapt simulate` chains; elsewhere run a scenario with "
+                'method = "head" first and start this one from its final_adapter with initial-head'
+            )
+        return scenario
+    if not scenario.head_warmup_rounds:
+        raise ConfigError(f"phase {phase!r} needs a scenario with head-warmup-rounds, and {scenario.name} has none")
+    if phase == PHASE_HEAD_WARMUP:
+        return head_warmup_variant(scenario)
+    return after_head_warmup(scenario, out_dir / HEAD_WARMUP_FOLDER / FINAL_ADAPTER)
 
 
 def _count(run_config: Mapping[str, Any], key: str) -> int:

@@ -85,6 +85,7 @@ SCENARIO_BOUNDS: dict[str, Bound] = {
     "straggler-fraction": Bound("float", 0, 1),
     "server-warmup-epochs": Bound("int", 0, 1000),
     "server-finetune-epochs": Bound("int", 0, 1000),
+    "head-warmup-rounds": Bound("int", 0, MAX_ROUNDS - 1),
     "scripted-faults.round": Bound("int", 1, MAX_ROUNDS),
     "scripted-faults.client": Bound("int", 0, MAX_CLIENTS - 1),
     **{f"method-settings.{key}": bound for key, bound in METHOD_SETTING_BOUNDS.items()},
@@ -194,6 +195,7 @@ class ScenarioConfig:
     server_finetune_epochs: int = 0  # epochs on the proxy data after each round's aggregation (off by default)
     server_device: str = "auto"  # the server's training and central evaluation: auto | cpu | cuda[:N]
     initial_head: str | None = None  # an adapter folder whose head starts the global head (a head warm start)
+    head_warmup_rounds: int = 0  # the first N of ``rounds`` train only the head (fleet.variants.head_warmup_variant)
     privacy: PrivacyConfig = PrivacyConfig()  # the [privacy] table: none | aead | secagg+ and SecAgg+ parameters
 
     def __post_init__(self) -> None:
@@ -240,9 +242,30 @@ class ScenarioConfig:
                 "initial-head starts the global head, but with personal-head = true the head is each device's own: "
                 "drop one of them"
             )
+        if self.head_warmup_rounds:
+            self._check_head_warmup()
         if not isinstance(self.privacy, PrivacyConfig):
             raise ConfigError(f"privacy must be a PrivacyConfig, got {type(self.privacy).__name__}")
         self.privacy.check_fleet(self.sample_size)
+
+    def _check_head_warmup(self) -> None:
+        """A head warm-up needs rounds after it and an adapter to warm the head up for."""
+        if self.head_warmup_rounds >= self.rounds:
+            raise ConfigError(
+                f"head-warmup-rounds ({self.head_warmup_rounds}) counts among the {self.rounds} rounds and must "
+                f"leave at least one for the adapter: lower it or raise rounds"
+            )
+        refused = {
+            'method = "head"': self.method == "head",  # the whole run already trains only the head
+            "personal-head = true": self.personal_head,  # no global head to warm up
+            "initial-head": self.initial_head is not None,  # the warm-up makes the initial head
+        }
+        for setting, present in refused.items():
+            if present:
+                raise ConfigError(
+                    f"head-warmup-rounds trains the global head before the adapter; it does not go with {setting}: "
+                    "drop one of them"
+                )
 
     @property
     def sample_size(self) -> int:

@@ -1,8 +1,10 @@
-"""Scenarios derived from a scenario: overrides, the full-model FedAvg baseline, a cache key, a device's step budget."""
+"""Scenarios derived from a scenario: overrides, the full-model FedAvg baseline, the two phases of a head warm-up,
+a cache key, a device's step budget."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from fedadapt.fleet.scenario import ScenarioConfig
@@ -32,8 +34,9 @@ def full_model_variant(scenario: ScenarioConfig) -> ScenarioConfig:
     whatever ``server-optimizer`` says: an adaptive step sized for adapters would wreck the backbone
     too (a fedavg scenario keeps its ``server-lr``, as before the choice existed).
     """
+    plain = plain_fedavg(scenario, server_lr=scenario.server_lr if scenario.server_optimizer == "fedavg" else None)
     return dataclasses.replace(
-        scenario,
+        plain,
         name=f"{scenario.name}-full-model",
         method=FULL_MODEL_METHOD,
         rank=None,
@@ -42,13 +45,55 @@ def full_model_variant(scenario: ScenarioConfig) -> ScenarioConfig:
         learning_rate=scenario.full_model_learning_rate,
         full_model=False,
         privacy=PrivacyConfig(),  # the baseline is ordinary FedAvg: plain deltas
-        server_optimizer="fedavg",
         initial_head=None,  # ordinary FedAvg starts from the pretrained model's own head
-        server_lr=scenario.server_lr if scenario.server_optimizer == "fedavg" else None,
+        head_warmup_rounds=0,  # and trains everything from round 1
+    )
+
+
+def plain_fedavg(scenario: ScenarioConfig, server_lr: float | None = None) -> ScenarioConfig:
+    """``scenario`` with the server stepping by FedAvg (at ``server_lr``; None: plain averaging), no other
+    optimizer's settings left."""
+    return dataclasses.replace(
+        scenario,
+        server_optimizer="fedavg",
+        server_lr=server_lr,
         server_momentum=None,
         server_beta1=None,
         server_beta2=None,
         server_tau=None,
+    )
+
+
+HEAD_METHOD = "head"
+
+
+def head_warmup_variant(scenario: ScenarioConfig, rounds: int | None = None) -> ScenarioConfig:
+    """The first ``head_warmup_rounds`` (or ``rounds``) rounds of ``scenario`` as a run of their own: head only.
+
+    A federated linear probe on the same fleet (method ``head``: every device trains the classifier on its
+    cached frozen embeddings), stepped by plain FedAvg, the exact average of a linear layer: an adaptive server
+    step sized for the adapter has nothing to adapt to yet. Data, partition, sampling, seeds, local epochs and
+    privacy stay the scenario's.
+    """
+    return dataclasses.replace(
+        plain_fedavg(scenario),
+        name=f"{scenario.name}-head-warmup",
+        method=HEAD_METHOD,
+        rank=None,
+        method_settings=(),
+        rounds=scenario.head_warmup_rounds if rounds is None else rounds,
+        head_warmup_rounds=0,
+        full_model=False,
+    )
+
+
+def after_head_warmup(scenario: ScenarioConfig, head_folder: Path) -> ScenarioConfig:
+    """The rest of ``scenario`` after its head warm-up: the remaining rounds, from the warm-up's final head."""
+    return dataclasses.replace(
+        scenario,
+        rounds=scenario.rounds - scenario.head_warmup_rounds,
+        head_warmup_rounds=0,
+        initial_head=str(head_folder),
     )
 
 

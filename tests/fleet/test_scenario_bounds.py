@@ -146,6 +146,8 @@ def _scenario(key: str, value: Any) -> ScenarioConfig:
         data["server-optimizer"] = SERVER_OPTIMIZER_OF[key]
     if key in ("server-warmup-epochs", "server-finetune-epochs"):
         data["server-proxy-data"] = FILE_DATA
+    if key == "head-warmup-rounds":
+        data["rounds"] = SCENARIO_BOUNDS["rounds"].high  # the warm-up is a share of them
     return scenario_from_dict({**data, key: value})
 
 

@@ -110,7 +110,14 @@ def test_edge_values_are_accepted() -> None:
 
 def test_every_shipped_scenario_loads_and_is_named_after_its_file() -> None:
     files = sorted((PROJECT_ROOT / "simulations").glob("*.toml"))
-    assert {"quickstart", "dropouts", "device-tiers", "fleet-1000", "banking77-dirichlet"} <= {f.stem for f in files}
+    assert {
+        "quickstart",
+        "dropouts",
+        "device-tiers",
+        "fleet-1000",
+        "banking77-dirichlet",
+        "banking77-lora-baseline",
+    } <= {f.stem for f in files}
     for file in files:
         scenario = load_scenario(file)
         assert scenario.name == file.stem, file
@@ -120,8 +127,11 @@ def test_every_shipped_scenario_loads_and_is_named_after_its_file() -> None:
     assert load_scenario(PROJECT_ROOT / "simulations/device-tiers.toml").tier_steps == (4, 12, 36)
     dropouts = load_scenario(PROJECT_ROOT / "simulations/dropouts.toml")
     assert (dropouts.dropout_fraction, dropouts.straggler_fraction, dropouts.min_clients) == (0.2, 0.15, 2)
-    banking = load_scenario(PROJECT_ROOT / "simulations/banking77-dirichlet.toml")
-    assert banking.full_model and banking.full_model_learning_rate == 1e-4
+    baseline = load_scenario(PROJECT_ROOT / "simulations/banking77-lora-baseline.toml")
+    assert baseline.full_model and baseline.full_model_learning_rate == 1e-4
+    recipe = load_scenario(PROJECT_ROOT / "simulations/banking77-dirichlet.toml")
+    assert recipe.head_warmup_rounds == 3 and recipe.method_settings == (("drop_layers", 4),)
+    assert {f: getattr(recipe, f) for f in DATA_FIELDS} == {f: getattr(baseline, f) for f in DATA_FIELDS}
 
 
 def test_full_model_variant_changes_only_what_is_trained_and_sent() -> None:

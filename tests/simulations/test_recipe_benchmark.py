@@ -92,6 +92,27 @@ def test_every_row_runs_on_the_same_fleet() -> None:
         assert all(getattr(scenario, f) == getattr(rows["lora"], f) for f in fleet_fields)
     assert rows["head"].method == "head" and rows["head"].server_optimizer == "fedavg"
     assert rows["lora"].method_settings == () and rows["recipe"].method_settings == (("drop_layers", 4),)
+    # The benchmark runs the recipe's warm-up itself (recipe_records), with the scenario's own head-warmup-rounds.
+    assert all(scenario.head_warmup_rounds == 0 for scenario in rows.values())
+    assert load_scenario(recipe.RECIPE).head_warmup_rounds == 3
+    assert recipe.make_plan(recipe_args()).warmup_rounds == 3
+
+
+def recipe_args() -> Any:
+    """The benchmark's command line as parsed, without running it."""
+    import argparse
+
+    return argparse.Namespace(
+        out=Path("unused"),
+        data="banking77",
+        rounds=None,
+        quick=False,
+        recipe=recipe.RECIPE,
+        today=recipe.TODAY,
+        warmup_rounds=None,
+        central_epochs=1,
+        personal_epochs=1,
+    )
 
 
 def test_the_report_marks_each_goal_from_the_rows() -> None:
