@@ -153,6 +153,15 @@ def run_child(entry_point: Callable[[], Any], argv: Sequence[str]) -> NoReturn:
         os._exit(code)
 
 
+def resident_mib() -> float:
+    """This process's resident memory in MiB (Linux /proc; 0 elsewhere)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def _reseed() -> None:
     """Fresh random state, as a fresh process has: forked children would otherwise share the parent's."""
     numpy = sys.modules.get("numpy")
@@ -189,7 +198,13 @@ class ForkExecutor:
         self.children[pid] = task_id
         self.forked += 1
         logger.info(
-            "%s %d: child pid %d, warm parent pid %d, task #%d", TASK_LINE, task_id, pid, os.getpid(), self.forked
+            "%s %d: child pid %d, warm parent pid %d, task #%d, parent rss %.1f MiB",
+            TASK_LINE,
+            task_id,
+            pid,
+            os.getpid(),
+            self.forked,
+            resident_mib(),
         )
         return pid
 

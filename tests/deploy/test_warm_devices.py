@@ -26,7 +26,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 ROUNDS = 3
 NODES = 2
 RUN_TIMEOUT = 480.0  # base seconds, times FEDADAPT_TEST_TIME_SCALE (tests/waiting.py)
-TASK = re.compile(rf"{warm_executor.TASK_LINE} (\d+): child pid (\d+), warm parent pid (\d+), task #(\d+)")
+TASK = re.compile(
+    rf"{warm_executor.TASK_LINE} (\d+): child pid (\d+), warm parent pid (\d+), task #(\d+), parent rss ([\d.]+) MiB"
+)
+RSS_SLACK_MIB = 8.0  # the parent's resident memory from its first task to its last: flat, not growing per task
 
 
 @pytest.mark.timeout(900)
@@ -60,9 +63,12 @@ def test_each_device_serves_every_round_from_one_warm_parent_even_after_a_task_r
         log = (out / serve_module.SUPERNODE_LOG.format(index=index)).read_text(errors="replace")
         assert log.count(warm_executor.READY_LINE) == 1, log[-3000:]  # warmed up once
         assert "Starting Flower SuperExec" not in log  # Flower's cold SuperExec never ran for this node
-        tasks = [tuple(int(g) for g in m.groups()) for m in TASK.finditer(log)]
+        found = list(TASK.finditer(log))
+        tasks = [tuple(int(g) for g in m.groups()[:4]) for m in found]
         parents = {parent for _, _, parent, _ in tasks}
         children = [child for _, child, _, _ in tasks]
+        rss = [float(m.group(5)) for m in found]
+        assert rss[-1] <= rss[0] + RSS_SLACK_MIB, rss
         assert len(parents) == 1 and len(tasks) >= ROUNDS, tasks  # every message: a child of the one parent
         assert len(set(children)) == len(children) and parents.isdisjoint(children)
         assert [n for *_, n in tasks] == list(range(1, len(tasks) + 1))  # the start-up counter of that parent

@@ -174,6 +174,10 @@ from deploy import warm_executor as w
 sys.modules.pop("deploy.warm_executor"); sys.modules.pop("deploy")  # the check below is about the warm-up
 entry = w.warm_up()
 assert w.app_modules_loaded() == [], w.app_modules_loaded()
+import threading
+from flwr.supercore.exit import exit_handler
+assert threading.active_count() == 1  # no thread of the parent's holds a lock a child would inherit
+assert exit_handler.registered_exit_handlers == []  # a child's flwr_exit runs only the handlers it adds itself
 import torch
 def task():
     torch.set_num_interop_threads(1)  # raises if the parent had started torch's inter-op pool
