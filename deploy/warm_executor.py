@@ -258,6 +258,11 @@ class RuntimeTarget:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (exited, its parent has not reaped it yet) counts as gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -272,22 +277,26 @@ class _Stop:
 
     def __init__(self) -> None:
         self.requested = False
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def serve_tasks(target: RuntimeTarget, executor: ForkExecutor, interval: float, parent_pid: int | None) -> int:
     """Claim ClientApp tasks on the SuperNode's Runtime API and fork one child each, until stopped; an exit code.
 
-    The loop of ``run_superexec``, with this executor. A failed poll (the SuperNode not up yet, a
-    restart) is logged and retried: only a stop request or the SuperNode's exit ends it.
+    The loop of ``run_superexec``, with this executor and Flower's client and version header, but
+    without Flower's retry invoker: it retries a refused connection forever inside one call (and
+    answers a 401 by sending itself SIGINT), so neither a stop request nor the SuperNode's exit would
+    be seen. Here a failed poll (the SuperNode not up yet, or gone) is retried by this loop.
     """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
     stop = _Stop()
@@ -296,8 +305,8 @@ def serve_tasks(target: RuntimeTarget, executor: ForkExecutor, interval: float, 
         insecure=target.insecure,
         root_certificates=target.root_certificates,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker(),
     )
+    failing = False
     try:
         while not stop.requested:
             executor.reap()
@@ -309,15 +318,20 @@ def serve_tasks(target: RuntimeTarget, executor: ForkExecutor, interval: float, 
                 try:
                     reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=[CLIENTAPP_TASK]))
                 except Exception as error:  # noqa: BLE001 - the SuperNode restarting must not end the device
-                    logger.warning("AcquireTask failed (%s); retrying", error)
-                    pause = max(interval, _ERROR_BACKOFF_SECONDS)
+                    if not failing:  # once per streak, not once a second
+                        logger.warning("AcquireTask failed (%s); retrying every %g s", error, _ERROR_BACKOFF_SECONDS)
+                    failing, pause = True, max(interval, _ERROR_BACKOFF_SECONDS)
                 else:
+                    if failing:
+                        logger.info("AcquireTask works again")
+                    failing = False
                     if reply.HasField("task") and reply.token:
                         _launch(executor, target, reply.task, reply.token)
             time.sleep(pause)
     finally:
         executor.close()
         client.close()
+        stop.restore()
     return 0
 
 

@@ -18,6 +18,7 @@ from waiting import scaled
 from deploy import node as node_module
 from deploy import warm_executor
 from deploy.warm_executor import ForkExecutor
+from simulations.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -164,6 +165,26 @@ def test_supervise_gives_up_on_an_executor_that_cannot_start(monkeypatch: pytest
     finally:
         supernode.kill()
         supernode.wait()
+
+
+def test_the_loop_retries_an_unreachable_runtime_api_and_stops_when_the_supernode_is_gone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])  # exits, unreaped: a zombie
+    target = warm_executor.RuntimeTarget(f"127.0.0.1:{free_port()}", insecure=True)  # nothing listens there
+    handler = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    try:
+        with caplog.at_level("INFO", logger=warm_executor.logger.name):
+            assert warm_executor.serve_tasks(target, ForkExecutor(lambda: None), 0.1, supernode.pid) == 0
+    finally:
+        supernode.kill()
+        supernode.wait()
+    assert time.monotonic() - started < scaled(30)
+    assert signal.getsignal(signal.SIGTERM) == handler  # the loop's own handlers are gone again
+    failures = [r for r in caplog.records if "AcquireTask failed" in r.getMessage()]
+    assert len(failures) == 1  # logged once for the streak, retried quietly
+    assert any("has exited: stopping" in r.getMessage() for r in caplog.records)
 
 
 # --- fork safety in a warm parent (a fresh interpreter: this one has run torch) -------------------------------
