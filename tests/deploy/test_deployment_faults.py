@@ -2,14 +2,15 @@
 
 ``fedadapt serve`` with 3 local SuperNodes over TLS + node auth, the tiny BERT, 3 rounds each:
 
-- plain FedAvg, personal heads: in round 2 the SuperNode of partition 2 is SIGKILLed while its
-  ClientApp runs, and partition 1 straggles past the round deadline (a scripted stall). The round
+- plain FedAvg, personal heads: in round 2 the device of partition 2 (its SuperNode, its warm executor
+  and all below them) is SIGKILLed while its ClientApp runs, and partition 1 straggles past the round
+  deadline (a scripted stall). The round
   completes with partition 0 alone. The device of partition 2 then comes back (``fedadapt node`` with
   its own key and state folder) and round 3 takes all three: the straggler rejoined, and the
   restarted device picked up its personal part from disk.
 - SecAgg+ (3 shares, threshold 2): in round 2 two of the three devices straggle past the deadline,
   beyond the protocol's tolerance: the round fails with a clear error and the global state stays.
-  Round 3 proceeds, and the SuperNode of partition 2 is killed in its masked-input stage, within the
+  Round 3 proceeds, and the device of partition 2 is killed in its masked-input stage, within the
   tolerance: the two others' shares rebuild its masks and the round completes with them.
 """
 
