@@ -143,6 +143,8 @@ def run_child(entry_point: Callable[[], Any], argv: Sequence[str]) -> NoReturn:
         entry_point()
         code = 0
     except SystemExit as exit_:
+        if isinstance(exit_.code, str):  # Flower exits with readable errors this way; a fresh process prints them
+            print(exit_.code, file=sys.stderr)
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except BaseException:  # noqa: B036 - the child must reach os._exit, whatever happened
         traceback.print_exc()
@@ -306,7 +308,7 @@ def serve_tasks(target: RuntimeTarget, executor: ForkExecutor, interval: float, 
         root_certificates=target.root_certificates,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
     )
-    failing = False
+    failing = full = False
     try:
         while not stop.requested:
             executor.reap()
@@ -314,7 +316,12 @@ def serve_tasks(target: RuntimeTarget, executor: ForkExecutor, interval: float, 
                 logger.info("the SuperNode (pid %d) has exited: stopping", parent_pid)
                 break
             pause = interval
-            if executor.has_capacity():
+            if not executor.has_capacity() and not full:  # once per streak: a hung child would stop the device
+                logger.warning(
+                    "all task slots are busy (children %s); no new task until one ends", sorted(executor.children)
+                )
+            full = not executor.has_capacity()
+            if not full:
                 try:
                     reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=[CLIENTAPP_TASK]))
                 except Exception as error:  # noqa: BLE001 - the SuperNode restarting must not end the device
