@@ -1,8 +1,11 @@
 """One device joins a real federation: ``fedadapt node`` runs a Flower SuperNode until it is stopped.
 
-The SuperNode dials the SuperLink, and for every message Flower starts the project's ClientApp
-in a fresh process. The device's partition id (which part of the scenario's data it trains on),
-where it keeps its personal part, its identity key and the SecAgg+ roster travel as node config.
+The SuperNode dials the SuperLink. By default it runs in Flower's process isolation, and a warm
+executor beside it (``deploy/warm_executor.py``) forks each message's ClientApp from a process that
+imported flwr, torch, transformers and PEFT once; ``cold=True`` (``--cold-devices``) leaves it to
+Flower, which starts a fresh process per message (9-11 s of imports each). The device's partition
+id (which part of the scenario's data it trains on), where it keeps its personal part, its identity
+key and the SecAgg+ roster travel as node config.
 With TLS (the default), the SuperNode checks the SuperLink's certificate against the CA from
 ``fedadapt certs``, signs in with its own authentication key (made on the device with ``fedadapt
 node keygen``; the server registered its public key), and runs only FABs signed by an identity in
@@ -16,9 +19,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy import warm_executor
 from fedadapt.errors import ConfigError
 from fedadapt.privacy.config import MODES
-from simulations.processes import find_tool, free_port, stop_process_tree, terminate_gracefully
+from simulations.processes import find_tool, free_port, stop_process_trees, terminate_gracefully
 from simulations.runner import flower_env
 
 INSECURE_NOTE = "INSECURE: no TLS and no node authentication; for a local demo only."
@@ -41,6 +45,7 @@ class NodeConfig:
     port: int | None = None  # the SuperNode's own ClientAppIo port; None: a free one
     require_privacy: str = "none"  # the weakest privacy mode the device takes part in (the run config can't lower it)
     prefix_cache_mb: float | None = None  # MiB its frozen-prefix cache may take in state_dir; None: the default
+    cold: bool = False  # Flower's fresh process per message instead of the warm executor
 
     def __post_init__(self) -> None:
         host, _, port = self.superlink.rpartition(":")
@@ -71,8 +76,8 @@ class NodeConfig:
         if self.prefix_cache_mb is not None and not 0 <= self.prefix_cache_mb < 2**40:
             raise ConfigError(f"--prefix-cache-mb must be a number of MiB >= 0, got {self.prefix_cache_mb!r}")
 
-    def command(self) -> list[str]:
-        """The ``flower-supernode`` command line."""
+    def command(self, port: int | None = None) -> list[str]:
+        """The ``flower-supernode`` command line; its Runtime API on ``port`` (else ``self.port``, else a free one)."""
         node_config = f"partition-id={self.partition_id} num-partitions={self.num_partitions}"
         if self.state_dir is not None:
             node_config += f' state-dir="{self.state_dir.resolve()}"'
@@ -86,7 +91,9 @@ class NodeConfig:
         if self.prefix_cache_mb is not None:
             node_config += f" prefix-cache-mb={self.prefix_cache_mb!r}"
         command = [find_tool("flower-supernode"), "--superlink", self.superlink]
-        command += ["--port", str(self.port or free_port()), "--node-config", node_config]
+        command += ["--port", str(port or self.port or free_port()), "--node-config", node_config]
+        if not self.cold:
+            command += warm_executor.SUPERNODE_FLAGS
         if self.insecure:
             return [*command, "--insecure"]
         assert self.root_certificates and self.auth_key and self.trusted_entities  # checked in __post_init__
@@ -99,13 +106,19 @@ class NodeConfig:
 
 
 def run_node(config: NodeConfig) -> int:
-    """Run the SuperNode in the foreground until it exits or this process is interrupted; its exit code."""
+    """Run the SuperNode (and its warm executor) in the foreground until it exits or this process is
+    interrupted; its exit code."""
     if config.insecure:
         print(f"WARNING: {INSECURE_NOTE}")
-    env = flower_env()
+    env = warm_executor.fast_polling(flower_env())
+    port = config.port or free_port()
     with terminate_gracefully():
-        process = subprocess.Popen(config.command(), env=env)
+        process = subprocess.Popen(config.command(port), env=env)
+        started = [process]
         try:
-            return process.wait()
+            if config.cold:
+                return process.wait()
+            label = f"partition-id={config.partition_id}"
+            return warm_executor.supervise(process, port, env, label, started)
         finally:
-            stop_process_tree(process)  # Ctrl-C or an error here: the SuperNode and its ClientApps go too
+            stop_process_trees(started)  # Ctrl-C or an error here: the SuperNode, the executor and the ClientApps

@@ -10,7 +10,9 @@ The same ClientApp and ServerApp as the simulation, on real processes that talk 
 - the devices' public keys (every ``*.pub`` in ``--devices``, default ``<certs>/devices``) registered,
   and ``<certs>/roster.pub`` written from them for SecAgg+ (operators copy it to the devices);
 - with ``--local-supernodes N``, N SuperNodes on this machine over loopback, one per partition, dialling
-  the gateway with demo keys (``<certs>/demo-device-keys``); without it, devices join with ``fedadapt node``;
+  the gateway with demo keys (``<certs>/demo-device-keys``), each with a warm executor that forks its
+  ClientApps (``deploy/warm_executor.py``; ``cold_devices``: Flower's fresh process per message);
+  without it, devices join with ``fedadapt node``;
 - ``flwr run`` of the project against it, with the scenario and ``out-dir`` in the run config.
 
 Progress, ``metrics.json``, plots and ``final_adapter/`` are the simulation's. Every process this
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy import warm_executor
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.run_config import CLIENT_STATE_FOLDER
 from fedadapt.fleet.variants import with_overrides
@@ -83,6 +86,7 @@ class Deployment:
     insecure: bool = False
     local_supernodes: int = 0
     devices: Path | None = None  # a folder of device public keys (*.pub); None: <certs>/devices
+    cold_devices: bool = False  # local SuperNodes: Flower's fresh ClientApp process per message, not warm executors
 
     def __post_init__(self) -> None:
         if self.local_supernodes < 0:
@@ -149,8 +153,9 @@ def serve(
     try:
         with terminate_gracefully(), _superlink(flwr_home, plan.out_dir, deployment, certs) as link:
             nodes = [
-                _supernode(flwr_home, link.env, plan, link.address, index, deployment.local_supernodes, certs)
+                process
                 for index in range(deployment.local_supernodes)
+                for process in _supernode(flwr_home, link.env, plan, link.address, index, deployment, certs)
             ]
             try:
                 code = _run_app(plan, flwr_home, link.env, show, link.app)
@@ -259,7 +264,7 @@ def _superlink(flwr_home: Path, out_dir: Path, deployment: Deployment, certs: _C
     inner = free_port()
     exposed = "127.0.0.1" if deployment.host in ("0.0.0.0", "::") else deployment.host
     address = f"[{exposed}]:{port}" if ":" in exposed else f"{exposed}:{port}"
-    env = {k: v for k, v in flower_env(flwr_home).items() if k not in _LEGACY_GRPC_ENV}
+    env = {k: v for k, v in warm_executor.fast_polling(flower_env(flwr_home)).items() if k not in _LEGACY_GRPC_ENV}
     command = [find_tool("flower-superlink"), "--host", "127.0.0.1", "--port", str(inner)]
     command += ["--disable-runtime-dependency-installation", "--database", str(flwr_home / "superlink.db")]
     if certs is None:
@@ -349,11 +354,14 @@ def _supernode(
     plan: SimulationPlan,
     address: str,
     index: int,
-    count: int,
+    deployment: Deployment,
     certs: _Certs | None,
-) -> subprocess.Popen[bytes]:
-    """Local SuperNode ``index`` (partition ``index`` of ``count``) dialling the gateway over loopback."""
-    command = [find_tool("flower-supernode"), "--superlink", address, "--port", str(free_port())]
+) -> list[subprocess.Popen[bytes]]:
+    """Local SuperNode ``index`` dialling the gateway over loopback, and its warm executor (unless cold)."""
+    count, runtime_port = deployment.local_supernodes, free_port()
+    command = [find_tool("flower-supernode"), "--superlink", address, "--port", str(runtime_port)]
+    if not deployment.cold_devices:
+        command += warm_executor.SUPERNODE_FLAGS
     # The demo's devices keep their files where simulated ones do: <out>/clients (their own node config).
     state_dir = (plan.out_dir / CLIENT_STATE_FOLDER).resolve()
     node_config = f'partition-id={index} num-partitions={count} state-dir="{state_dir}"'
@@ -365,10 +373,16 @@ def _supernode(
         command += ["--node-config", node_config, "--root-certificates", str(certs.ca)]
         command += ["--auth-supernode-private-key", str(key), "--trusted-entities", str(certs.trusted_entities)]
     log_file = plan.out_dir / SUPERNODE_LOG.format(index=index)
+    env = share_cores(env, count)
     with log_file.open("ab") as log:
-        return subprocess.Popen(
-            command, cwd=flwr_home, env=share_cores(env, count), stdout=log, stderr=subprocess.STDOUT
+        node = subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if deployment.cold_devices:
+            return [node]
+        label = f"partition-id={index}"
+        executor = warm_executor.start(
+            runtime_port, node, env, label, cwd=flwr_home, stdout=log, stderr=subprocess.STDOUT
         )
+    return [node, executor]
 
 
 def share_cores(env: dict[str, str], local_nodes: int) -> dict[str, str]:

@@ -216,6 +216,10 @@ def train(
         _print_table({k: v for k, v in metrics.items() if not isinstance(v, dict)}, f"{method} on {data}")
 
 
+COLD_DEVICES_HELP = (
+    "Let Flower start a fresh ClientApp process for every message (imports and model load each time) "
+    "instead of forking it from a warm process that imported them once."
+)
 ACCEPT_UNVERIFIED_HELP = (
     "With --resume: also resume from checkpoints this server cannot authenticate (older formats, a lost or "
     "replaced checkpoint key). Only for files you trust."
@@ -262,11 +266,18 @@ def serve(
         ),
     ] = None,
     insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication: local demos only.")] = False,
+    cold_devices: Annotated[bool, typer.Option(help=COLD_DEVICES_HELP)] = False,
 ) -> None:
     """Run a scenario on a real Flower SuperLink (TLS + SuperNode authentication unless --insecure)."""
     launcher = _app("serve")
     deployment = launcher.Deployment(
-        host=host, port=port, certs=certs, insecure=insecure, local_supernodes=local_supernodes, devices=devices
+        host=host,
+        port=port,
+        certs=certs,
+        insecure=insecure,
+        local_supernodes=local_supernodes,
+        devices=devices,
+        cold_devices=cold_devices,
     )
     launcher.serve(
         scenario,
@@ -324,6 +335,7 @@ def node(
             "0: recompute them every round)."
         ),
     ] = None,
+    cold_devices: Annotated[bool, typer.Option(help=COLD_DEVICES_HELP)] = False,
 ) -> None:
     """Join a federation as one device: a Flower SuperNode that runs fedadapt's ClientApp."""
     if ctx.invoked_subcommand is not None:
@@ -346,6 +358,7 @@ def node(
         data=data,
         require_privacy=require_privacy,
         prefix_cache_mb=prefix_cache_mb,
+        cold=cold_devices,
     )
     raise typer.Exit(launcher.run_node(config))
 

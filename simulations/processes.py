@@ -50,8 +50,9 @@ def stop_process_trees(processes: list[subprocess.Popen[bytes]]) -> None:
 
     Twenty local SuperNodes stopped one after the other could take twenty timeouts under load.
     """
-    below = [pid for process in processes for pid in descendants(process.pid)]
     running = [p for p in processes if p.poll() is None]
+    # Only live ones: a reaped process's PID may already belong to another process, whose tree is not ours.
+    below = [pid for process in running for pid in descendants(process.pid)]
     for process in running:
         process.terminate()
     deadline = time.monotonic() + STOP_TIMEOUT

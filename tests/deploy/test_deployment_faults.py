@@ -2,14 +2,15 @@
 
 ``fedadapt serve`` with 3 local SuperNodes over TLS + node auth, the tiny BERT, 3 rounds each:
 
-- plain FedAvg, personal heads: in round 2 the SuperNode of partition 2 is SIGKILLed while its
-  ClientApp runs, and partition 1 straggles past the round deadline (a scripted stall). The round
+- plain FedAvg, personal heads: in round 2 the device of partition 2 (its SuperNode, its warm executor
+  and all below them) is SIGKILLed while its ClientApp runs, and partition 1 straggles past the round
+  deadline (a scripted stall). The round
   completes with partition 0 alone. The device of partition 2 then comes back (``fedadapt node`` with
   its own key and state folder) and round 3 takes all three: the straggler rejoined, and the
   restarted device picked up its personal part from disk.
 - SecAgg+ (3 shares, threshold 2): in round 2 two of the three devices straggle past the deadline,
   beyond the protocol's tolerance: the round fails with a clear error and the global state stays.
-  Round 3 proceeds, and the SuperNode of partition 2 is killed in its masked-input stage, within the
+  Round 3 proceeds, and the device of partition 2 is killed in its masked-input stage, within the
   tolerance: the two others' shares rebuild its masks and the round completes with them.
 """
 
@@ -70,6 +71,22 @@ def _supernode_of(partition: int, root_pid: int) -> int:
     return found[0]
 
 
+def _executor_of(partition: int, root_pid: int) -> tuple[int, set[int]]:
+    """The warm executor of ``partition`` and its forked ClientApps (which share its command line)."""
+    found = set(_below(root_pid, b"warm_executor.py", f"partition-id={partition} ".encode()))
+    parents = {pid: _parent(pid) for pid in found}
+    executors = [pid for pid in found if parents[pid] not in found]
+    assert len(executors) == 1, f"expected one warm executor for partition {partition}, found {executors}"
+    return executors[0], found - set(executors)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _kill_tree(pid: int) -> None:
     for victim in [pid, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError):
@@ -97,19 +114,23 @@ class _Serve:
         return (self.out / "checkpoints" / f"round-{server_round:04d}.safetensors").exists()
 
     def clientapps_of(self, partition: int) -> set[int]:
-        return set(_below(_supernode_of(partition, self.proc.pid), b"flwr-clientapp"))
+        """The ClientApps partition's warm executor has forked and that still run."""
+        return _executor_of(partition, self.proc.pid)[1]
 
     def kill_mid_round(self, partition: int, stage: int, before: set[int]) -> None:
-        """SIGKILL partition's SuperNode and all below it once its ``stage``-th new ClientApp of the round runs."""
+        """SIGKILL partition's device (its SuperNode, its warm executor and all below them) once its
+        ``stage``-th new ClientApp of the round runs."""
         node = _supernode_of(partition, self.proc.pid)
+        executor = _executor_of(partition, self.proc.pid)[0]
         seen: set[int] = set()
 
         def started() -> bool:
-            seen.update(set(_below(node, b"flwr-clientapp")) - before)
+            seen.update(self.clientapps_of(partition) - before)
             return len(seen) >= stage
 
         self.until(started, 240, f"ClientApp {stage} of partition {partition} in the round")
         _kill_tree(node)
+        _kill_tree(executor)
 
     def restart_node(self, partition: int) -> None:
         """The device comes back: ``fedadapt node`` with its own key; its state folder is the run's."""

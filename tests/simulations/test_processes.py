@@ -55,3 +55,16 @@ def test_local_supernodes_split_the_cores_and_keep_a_users_setting() -> None:
     assert serve.share_cores({"PATH": "/bin"}, 1) == {"PATH": "/bin", "OMP_NUM_THREADS": str(cores)}
     assert serve.share_cores({}, 2 * cores)["OMP_NUM_THREADS"] == "1"  # never zero threads
     assert serve.share_cores({"OMP_NUM_THREADS": "3"}, 20)["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_finished_process_is_not_searched_for_children(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reaped process's PID may belong to another process by now: its children are not ours to stop."""
+    import simulations.processes as processes
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    searched: list[int] = []
+    monkeypatch.setattr(processes, "descendants", lambda pid: searched.append(pid) or [])
+    processes.stop_process_trees([finished, running])
+    assert searched == [running.pid] and running.returncode is not None

@@ -1,0 +1,449 @@
+"""A warm device: one long-lived process claims the SuperNode's tasks and forks a child per task.
+
+Flower 1.41 runs every message in a fresh ``flwr-clientapp`` process, which imports flwr, torch,
+transformers and PEFT again (9-11 s a message). With ``flower-supernode --isolation process`` the
+SuperNode leaves tasks to a separate process that claims them on its Runtime API
+(``flwr/supernode/start_client_internal.py:start_client_internal``); Flower's own ``flower-superexec``
+is one such process, but it can only ``Popen`` a fresh command per task
+(``flwr/supercore/superexec/executor/subprocess_executor.py:SubprocessExecutor.launch``; its
+``--executor`` takes ``subprocess`` or ``kubernetes`` only, and the warm pools of the Kubernetes
+executor serve agent, model and connector tasks, never ClientApps). This process is the other one:
+
+- at start it imports the heavy third-party modules once (never an app module: Flower's ``load_app``
+  reuses a module already in ``sys.modules``, so a preloaded ``clients`` or ``fedadapt`` would run
+  instead of the signed FAB's copy) and runs no torch operation, so no OpenMP pool exists to fork;
+- it polls ``AcquireTask`` like ``flwr/supercore/superexec/run_superexec.py:run_superexec`` (every
+  ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds) and, for each ClientApp task, forks a child that runs
+  Flower's ``flwr-clientapp`` entry point with the arguments ``SubprocessExecutor.launch`` would pass:
+  the token handshake, the task's inputs, the reply and the error reply stay Flower's;
+- a child that raises is reported by Flower's own code in the child (an error reply and a FAILED task
+  status); one that dies is reaped and logged, and the task expires as Flower's would. The parent holds
+  nothing per task, so its memory does not grow, and it serves the next task either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+logger = logging.getLogger("fedadapt.warm_executor")
+
+CLIENTAPP_TASK = "flwr-clientapp"  # Flower's TaskType.CLIENT_APP, the only task type a SuperNode runs
+CLIENTAPP_COMMAND = "flwr-clientapp"  # the console script whose entry point each child runs
+# Third-party modules the ClientApp imports on every message (python -X importtime: torch 1.5-3 s,
+# transformers 0.8-2.5 s, peft 3-8 s, imported by fedadapt/model/adapter_model.py for every method).
+WARM_MODULES = ("numpy", "safetensors", "tokenizers", "torch", "transformers", "transformers.modeling_utils", "peft")
+# The project's top-level packages, which the FAB carries: the parent must never import them.
+APP_PACKAGES = frozenset({"fedadapt", "clients", "server", "export", "simulations", "deploy"})
+POLL_INTERVAL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # the variable Flower's SuperExec reads, same bounds
+FAST_POLL_SECONDS = 0.1  # what `fedadapt node` and `serve` set (Flower's default: 1 s)
+_POLL_BOUNDS = (0.01, 60.0)
+_ERROR_BACKOFF_SECONDS = 1.0
+_STOP_GRACE_SECONDS = 10.0
+READY_LINE = "warm executor ready"  # logged once per parent: tests count these
+TASK_LINE = "forked task"  # logged once per task, with the parent's and the child's PIDs
+SUPERNODE_FLAGS = ["--isolation", "process"]  # the SuperNode leaves its tasks to this executor
+MIN_LIFETIME_SECONDS = 30.0  # an executor that dies sooner is not restarted: it cannot start at all
+
+
+def poll_interval(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
+    """Seconds between ``AcquireTask`` polls, from ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (Flower's default 1 s)."""
+    raw = environ.get(POLL_INTERVAL_ENV)
+    if raw is None:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    low, high = _POLL_BOUNDS
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{POLL_INTERVAL_ENV} must be seconds in [{low}, {high}], got {raw!r}")
+    return value
+
+
+def app_modules_loaded(modules: Iterable[str] | None = None) -> list[str]:
+    """Modules of the project's packages in ``sys.modules`` (or ``modules``): a forked ClientApp would reuse them."""
+    names = sys.modules if modules is None else modules
+    return sorted(name for name in names if name.partition(".")[0] in APP_PACKAGES)
+
+
+def load_clientapp_entry_point() -> Callable[[], Any]:
+    """The function Flower's ``flwr-clientapp`` command runs (its console-script entry point)."""
+    found = entry_points(group="console_scripts", name=CLIENTAPP_COMMAND)
+    for entry in found:
+        loaded: Callable[[], Any] = entry.load()
+        return loaded
+    raise RuntimeError(f"`{CLIENTAPP_COMMAND}` is not installed: pip install 'flwr[simulation]~=1.41.0'")
+
+
+def warm_up(modules: Sequence[str] = WARM_MODULES) -> Callable[[], Any]:
+    """Import ``modules`` and Flower's ClientApp entry point once; the entry point.
+
+    Runs no torch operation: a parent that had started torch's OpenMP pool would fork children whose
+    first parallel operation hangs (GNU libgomp is not fork-safe). OpenBLAS (numpy's) stops its own
+    threads at fork (its atfork handler), and Python's ``random`` reseeds itself in each child.
+    """
+    for name in modules:
+        importlib.import_module(name)
+    entry_point = load_clientapp_entry_point()
+    loaded = app_modules_loaded()
+    if loaded:
+        raise RuntimeError(f"the warm parent imported app modules {loaded}: a ClientApp would run them, not the FAB's")
+    return entry_point
+
+
+def clientapp_argv(
+    runtime_api_address: str,
+    token: str,
+    insecure: bool,
+    root_certificates: str | None,
+    parent_pid: int | None,
+    runtime_dependency_install: bool = False,
+) -> list[str]:
+    """The arguments of ``flwr-clientapp`` for one task, as ``SubprocessExecutor.launch`` builds them."""
+    argv = ["--runtime-api-address", runtime_api_address, "--token", token]
+    if insecure:
+        argv.append("--insecure")
+    elif root_certificates is not None:
+        argv += ["--root-certificates", root_certificates]
+    if parent_pid is not None:
+        argv += ["--parent-pid", str(parent_pid)]
+    if runtime_dependency_install:
+        argv.append("--allow-runtime-dependency-installation")
+    return argv
+
+
+def run_child(entry_point: Callable[[], Any], argv: Sequence[str]) -> NoReturn:
+    """In a forked child: run Flower's ClientApp entry point with ``argv``, then leave with its exit code.
+
+    ``os._exit``: the parent's atexit handlers, its open Runtime API connection and its buffers are the
+    parent's; a child never runs their clean-up.
+    """
+    code = 1
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)  # Flower's entry point installs its own
+        _reseed()
+        sys.argv = [CLIENTAPP_COMMAND, *argv]
+        entry_point()
+        code = 0
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):  # Flower exits with readable errors this way; a fresh process prints them
+            print(exit_.code, file=sys.stderr)
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BaseException:  # noqa: B036 - the child must reach os._exit, whatever happened
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def resident_mib() -> float:
+    """This process's resident memory in MiB (Linux /proc; 0 elsewhere)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _reseed() -> None:
+    """Fresh random state, as a fresh process has: forked children would otherwise share the parent's."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.seed()
+
+
+@dataclass
+class ForkExecutor:
+    """Forks one child per task from this (warm) process, reaps the children, and stops them on close."""
+
+    entry_point: Callable[[], Any]
+    max_children: int = 4
+    app_modules: Callable[[], list[str]] = app_modules_loaded  # what must not be loaded when it forks
+    children: dict[int, int] = field(default_factory=dict)  # pid -> task id
+    forked: int = 0  # tasks started so far (a start-up counter for tests and logs)
+
+    def has_capacity(self) -> bool:
+        return len(self.children) < self.max_children
+
+    def launch(self, task_id: int, argv: Sequence[str]) -> int:
+        """Fork a child running the ClientApp entry point with ``argv``; its PID."""
+        loaded = self.app_modules()
+        if loaded:  # checked at every fork: nothing the parent does may import them
+            raise RuntimeError(f"the warm parent holds app modules {loaded}; refusing to fork")
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # or the child would print the parent's buffered lines again
+        pid = os.fork()
+        if pid == 0:
+            run_child(self.entry_point, argv)
+        self.children[pid] = task_id
+        self.forked += 1
+        logger.info(
+            "%s %d: child pid %d, warm parent pid %d, task #%d, parent rss %.1f MiB",
+            TASK_LINE,
+            task_id,
+            pid,
+            os.getpid(),
+            self.forked,
+            resident_mib(),
+        )
+        return pid
+
+    def reap(self) -> list[tuple[int, int, int]]:
+        """Collect the children that have exited: (task id, pid, exit status as ``waitstatus_to_exitcode``)."""
+        done = []
+        for pid, task_id in list(self.children.items()):
+            try:
+                waited, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                waited, status = pid, 0
+            if waited == 0:
+                continue
+            del self.children[pid]
+            code = os.waitstatus_to_exitcode(status)
+            done.append((task_id, pid, code))
+            if code == 0:
+                logger.info("task %d: child pid %d finished", task_id, pid)
+            elif code < 0:
+                logger.warning(
+                    "task %d: child pid %d was killed by signal %d; the device serves on", task_id, pid, -code
+                )
+            else:
+                logger.warning("task %d: child pid %d exited with code %d; the device serves on", task_id, pid, code)
+        return done
+
+    def close(self, grace: float = _STOP_GRACE_SECONDS) -> None:
+        """SIGTERM every child (Flower's handler pushes its status), SIGKILL those still alive after ``grace``."""
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.children and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.05)
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            del self.children[pid]
+
+
+@dataclass(frozen=True)
+class RuntimeTarget:
+    """Where the SuperNode's Runtime API is, and how to reach it."""
+
+    address: str  # HOST:PORT
+    insecure: bool
+    root_certificates: str | None = None  # a CA file, with TLS
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (exited, its parent has not reaped it yet) counts as gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Stop:
+    """SIGTERM/SIGINT set a flag the loop checks: the parent stops its children, then itself."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def serve_tasks(target: RuntimeTarget, executor: ForkExecutor, interval: float, parent_pid: int | None) -> int:
+    """Claim ClientApp tasks on the SuperNode's Runtime API and fork one child each, until stopped; an exit code.
+
+    The loop of ``run_superexec``, with this executor and Flower's client and version header, but
+    without Flower's retry invoker: it retries a refused connection forever inside one call (and
+    answers a 401 by sending itself SIGINT), so neither a stop request nor the SuperNode's exit would
+    be seen. Here a failed poll (the SuperNode not up yet, or gone) is retried by this loop.
+    """
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    stop = _Stop()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=target.address,
+        insecure=target.insecure,
+        root_certificates=target.root_certificates,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+    )
+    failing = full = False
+    try:
+        while not stop.requested:
+            executor.reap()
+            if parent_pid is not None and not _pid_alive(parent_pid):
+                logger.info("the SuperNode (pid %d) has exited: stopping", parent_pid)
+                break
+            pause = interval
+            if not executor.has_capacity() and not full:  # once per streak: a hung child would stop the device
+                logger.warning(
+                    "all task slots are busy (children %s); no new task until one ends", sorted(executor.children)
+                )
+            full = not executor.has_capacity()
+            if not full:
+                try:
+                    reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=[CLIENTAPP_TASK]))
+                except Exception as error:  # noqa: BLE001 - the SuperNode restarting must not end the device
+                    if not failing:  # once per streak, not once a second
+                        logger.warning("AcquireTask failed (%s); retrying every %g s", error, _ERROR_BACKOFF_SECONDS)
+                    failing, pause = True, max(interval, _ERROR_BACKOFF_SECONDS)
+                else:
+                    if failing:
+                        logger.info("AcquireTask works again")
+                    failing = False
+                    if reply.HasField("task") and reply.token:
+                        _launch(executor, target, reply.task, reply.token)
+            time.sleep(pause)
+    finally:
+        executor.close()
+        client.close()
+        stop.restore()
+    return 0
+
+
+def _launch(executor: ForkExecutor, target: RuntimeTarget, task: Any, token: str) -> None:
+    if task.type != CLIENTAPP_TASK:  # not requested; Flower's plugin refuses such a task the same way
+        logger.error("unknown task type %r for task_id %d", task.type, task.task_id)
+        return
+    argv = clientapp_argv(target.address, token, target.insecure, target.root_certificates, os.getpid())
+    try:
+        executor.launch(task.task_id, argv)
+    except OSError as error:  # fork failed (memory, process limits): the task expires as a failed launch would
+        logger.error("could not fork for task_id %d: %s", task.task_id, error)
+
+
+def _log_to_stderr() -> None:
+    """This module's lines on stderr (the node's log). Not the root logger's: the children inherit it, and
+    Flower's ClientApp would then log every Runtime API request through httpx."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="A warm SuperExec for one SuperNode in process isolation.")
+    parser.add_argument("--runtime-api-address", required=True, help="The SuperNode's Runtime API, HOST:PORT.")
+    security = parser.add_mutually_exclusive_group(required=True)
+    security.add_argument("--insecure", action="store_true", help="Plain HTTP to the Runtime API (loopback).")
+    security.add_argument("--root-certificates", help="CA file of the Runtime API's TLS certificate.")
+    parser.add_argument("--parent-pid", type=int, help="The SuperNode's PID: stop when it exits.")
+    parser.add_argument("--label", default="", help="Shown in the process list (e.g. the device's partition).")
+    parser.add_argument("--max-tasks", type=int, default=4, help="Children running at once (default 4).")
+    args = parser.parse_args(argv)
+    _log_to_stderr()
+    interval = poll_interval()
+    started = time.monotonic()
+    entry_point = warm_up()
+    logger.info(
+        "%s (pid %d%s): %s imported in %.1f s; polling every %g s",
+        READY_LINE,
+        os.getpid(),
+        f", {args.label}" if args.label else "",
+        ", ".join(WARM_MODULES),
+        time.monotonic() - started,
+        interval,
+    )
+    target = RuntimeTarget(args.runtime_api_address, args.insecure, args.root_certificates)
+    return serve_tasks(target, ForkExecutor(entry_point, max_children=args.max_tasks), interval, args.parent_pid)
+
+
+def command(runtime_api_address: str, supernode_pid: int, label: str = "") -> list[str]:
+    """The command line that starts the warm executor of one SuperNode (plain HTTP on its loopback Runtime API).
+
+    Run as a script with ``-P``: neither the ``deploy`` package nor the script's folder gets onto the
+    parent's import path, so no module of the project is preloaded for the children.
+    """
+    script = str(Path(__file__).resolve())
+    line = [sys.executable, "-P", script, "--runtime-api-address", runtime_api_address, "--insecure"]
+    line += ["--parent-pid", str(supernode_pid)]
+    return [*line, "--label", label] if label else line
+
+
+def fast_polling(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with SuperExec's task poll at ``FAST_POLL_SECONDS`` (Flower's: 1 s), unless the user set it.
+
+    Flower's own SuperExec (the SuperLink's, and a cold SuperNode's) reads the same variable.
+    """
+    return env if POLL_INTERVAL_ENV in env else env | {POLL_INTERVAL_ENV: str(FAST_POLL_SECONDS)}
+
+
+def start(
+    runtime_port: int, supernode: subprocess.Popen[bytes], env: dict[str, str], label: str, **popen: Any
+) -> subprocess.Popen[bytes]:
+    """The warm executor of ``supernode`` (whose Runtime API listens on 127.0.0.1:``runtime_port``)."""
+    line = command(f"127.0.0.1:{runtime_port}", supernode.pid, label)
+    return subprocess.Popen(line, env=fast_polling(env), **popen)
+
+
+def supervise(
+    supernode: subprocess.Popen[bytes],
+    runtime_port: int,
+    env: dict[str, str],
+    label: str,
+    started: list[subprocess.Popen[bytes]],
+) -> int:
+    """Run ``supernode``'s warm executor until the SuperNode exits (its exit code), restarting it if it dies.
+
+    Each executor started is appended to ``started`` (the caller stops them all). One that dies within
+    ``MIN_LIFETIME_SECONDS`` of its start is not restarted: the node stops with an error instead.
+    """
+    while True:
+        executor = start(runtime_port, supernode, env, label)
+        started.append(executor)
+        born = time.monotonic()
+        while executor.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return supernode.wait(timeout=1.0)
+        if supernode.poll() is not None:
+            return supernode.returncode
+        if time.monotonic() - born < MIN_LIFETIME_SECONDS:
+            logger.error("the warm executor exited with %d right after its start; stopping", executor.returncode)
+            return 1
+        logger.warning("the warm executor exited with %d; starting a new one", executor.returncode)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The warm executor's pieces without Flower running: the ClientApp's arguments, forking, reaping, fork safety.
+
+The deployment itself (several rounds from one warm parent, a task that raises) is in test_warm_devices.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from waiting import scaled
+
+from deploy import node as node_module
+from deploy import warm_executor
+from deploy.warm_executor import ForkExecutor
+from simulations.processes import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_poll_interval_reads_flowers_variable_with_its_bounds() -> None:
+    assert warm_executor.poll_interval({}) == 1.0  # Flower's default
+    assert warm_executor.poll_interval({warm_executor.POLL_INTERVAL_ENV: "0.1"}) == 0.1
+    for bad in ("0", "0.001", "61", "nan", "inf", "fast"):
+        with pytest.raises(ValueError, match=warm_executor.POLL_INTERVAL_ENV):
+            warm_executor.poll_interval({warm_executor.POLL_INTERVAL_ENV: bad})
+
+
+def test_fast_polling_sets_the_interval_unless_the_user_did() -> None:
+    assert warm_executor.fast_polling({})[warm_executor.POLL_INTERVAL_ENV] == "0.1"
+    mine = {warm_executor.POLL_INTERVAL_ENV: "2"}
+    assert warm_executor.fast_polling(mine) == mine
+
+
+def test_clientapp_arguments_are_the_ones_flowers_subprocess_executor_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec, SubprocessExecutor, subprocess_executor
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(subprocess_executor.subprocess, "Popen", lambda args, **_: launched.append(args))
+    cases = [(True, None, 7, False), (False, "/ca.crt", None, False), (False, None, 9, True)]
+    for insecure, certificates, parent, install in cases:
+        spec = ExecutionSpec(
+            task_type=TaskType.CLIENT_APP,
+            runtime_api_address="127.0.0.1:9094",
+            token="tok",
+            insecure=insecure,
+            root_certificates_path=certificates,
+            runtime_dependency_install=install,
+            parent_pid=parent,
+            suppress_output=False,
+            task_id=3,
+        )
+        SubprocessExecutor().launch(spec)
+        ours = warm_executor.clientapp_argv("127.0.0.1:9094", "tok", insecure, certificates, parent, install)
+        assert launched[-1] == [warm_executor.CLIENTAPP_COMMAND, *ours]
+    assert warm_executor.CLIENTAPP_TASK == TaskType.CLIENT_APP
+
+
+def test_the_entry_point_is_flowers_clientapp_command() -> None:
+    entry = warm_executor.load_clientapp_entry_point()
+    assert (entry.__module__, entry.__name__) == ("flwr.supernode.cli.flwr_clientapp", "flwr_clientapp")
+
+
+def test_app_modules_are_told_apart_from_third_party_ones() -> None:
+    names = ["torch", "fedadapt", "fedadapt.model", "clients.client_app", "server", "deploy.node", "serverless"]
+    assert warm_executor.app_modules_loaded(names) == [
+        "clients.client_app",
+        "deploy.node",
+        "fedadapt",
+        "fedadapt.model",
+        "server",
+    ]
+    with pytest.raises(RuntimeError, match="app modules"):  # this test process has imported fedadapt
+        warm_executor.warm_up(modules=())
+
+
+def test_a_node_runs_in_process_isolation_unless_cold() -> None:
+    base = {"superlink": "127.0.0.1:9092", "partition_id": 0, "num_partitions": 2, "insecure": True}
+    warm = node_module.NodeConfig(**base).command(port=9999)
+    assert warm[warm.index("--isolation") + 1] == "process" and warm[warm.index("--port") + 1] == "9999"
+    assert "--isolation" not in node_module.NodeConfig(**base, cold=True).command()
+
+
+def test_the_executor_command_keeps_the_project_off_the_parents_path() -> None:
+    line = warm_executor.command("127.0.0.1:9094", 123, "partition-id=1")
+    assert line[:3] == [sys.executable, "-P", str(ROOT / "deploy" / "warm_executor.py")]
+    assert line[line.index("--parent-pid") + 1] == "123" and line[-2:] == ["--label", "partition-id=1"]
+
+
+# --- forking and reaping (fake entry points: no Flower) ------------------------------------------------------------
+
+
+def _report(path: Path) -> None:
+    """A fake entry point: write this child's PID, parent PID and argv, then act as argv[-1] says."""
+    import numpy
+
+    path.with_name(f"{os.getpid()}.txt").write_text(
+        f"{os.getpid()} {os.getppid()} {numpy.random.randint(2**31)} {' '.join(sys.argv)}"
+    )
+    action = sys.argv[-1]
+    if action == "raise":
+        raise ValueError("the ClientApp failed")
+    if action == "exit3":
+        sys.exit(3)
+    if action == "segv":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "sleep":
+        time.sleep(60)
+
+
+def _wait_reaped(executor: ForkExecutor, count: int) -> list[tuple[int, int, int]]:
+    done: list[tuple[int, int, int]] = []
+    deadline = time.monotonic() + scaled(30)
+    while len(done) < count and time.monotonic() < deadline:
+        done += executor.reap()
+        time.sleep(0.05)
+    return done
+
+
+def test_each_task_gets_its_own_child_of_one_parent_and_failures_do_not_stop_it(tmp_path: Path) -> None:
+    executor = ForkExecutor(lambda: _report(tmp_path / "x"), app_modules=list)  # this process holds fedadapt
+    actions = ["ok", "raise", "exit3", "segv", "ok"]
+    pids = [executor.launch(task_id, ["--token", "t", action]) for task_id, action in enumerate(actions, start=1)]
+    done = _wait_reaped(executor, len(actions))
+    assert sorted(done) == [(1, pids[0], 0), (2, pids[1], 1), (3, pids[2], 3), (4, pids[3], -9), (5, pids[4], 0)]
+    assert executor.forked == 5 and executor.children == {}  # nothing per task is kept
+    reports = [(tmp_path / f"{pid}.txt").read_text().split() for pid in pids]
+    assert len(set(pids)) == 5 and os.getpid() not in pids
+    assert all(int(r[1]) == os.getpid() for r in reports)  # one parent: this (warm) process
+    assert reports[0][3:] == [warm_executor.CLIENTAPP_COMMAND, "--token", "t", "ok"]  # Flower's argv
+    assert len({r[2] for r in reports}) == 5  # each child has its own random state, as a fresh process has
+
+
+def test_capacity_and_close_stop_running_children(tmp_path: Path) -> None:
+    executor = ForkExecutor(lambda: _report(tmp_path / "x"), max_children=2, app_modules=list)
+    first = executor.launch(1, ["sleep"])
+    executor.launch(2, ["sleep"])
+    assert not executor.has_capacity()
+    executor.close(grace=scaled(10))
+    assert executor.children == {}
+    with pytest.raises(ChildProcessError):
+        os.waitpid(first, os.WNOHANG)  # reaped
+
+
+def test_the_parent_refuses_to_fork_while_it_holds_app_modules() -> None:
+    executor = ForkExecutor(lambda: None)
+    with pytest.raises(RuntimeError, match="refusing to fork"):  # this test process has imported fedadapt
+        executor.launch(1, [])
+    assert executor.forked == 0
+
+
+def test_supervise_gives_up_on_an_executor_that_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    started: list[subprocess.Popen[bytes]] = []
+    monkeypatch.setattr(warm_executor, "start", lambda *_: subprocess.Popen([sys.executable, "-c", "pass"]))
+    try:
+        assert warm_executor.supervise(supernode, 1, {}, "", started) == 1
+        assert len(started) == 1
+    finally:
+        supernode.kill()
+        supernode.wait()
+
+
+def test_the_loop_retries_an_unreachable_runtime_api_and_stops_when_the_supernode_is_gone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])  # exits, unreaped: a zombie
+    target = warm_executor.RuntimeTarget(f"127.0.0.1:{free_port()}", insecure=True)  # nothing listens there
+    handler = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    try:
+        with caplog.at_level("INFO", logger=warm_executor.logger.name):
+            assert warm_executor.serve_tasks(target, ForkExecutor(lambda: None), 0.1, supernode.pid) == 0
+    finally:
+        supernode.kill()
+        supernode.wait()
+    assert time.monotonic() - started < scaled(30)
+    assert signal.getsignal(signal.SIGTERM) == handler  # the loop's own handlers are gone again
+    failures = [r for r in caplog.records if "AcquireTask failed" in r.getMessage()]
+    assert len(failures) == 1  # logged once for the streak, retried quietly
+    assert any("has exited: stopping" in r.getMessage() for r in caplog.records)
+
+
+# --- fork safety in a warm parent (a fresh interpreter: this one has run torch) -------------------------------
+
+FORK_CHECK = """
+import os, sys
+from deploy import warm_executor as w
+sys.modules.pop("deploy.warm_executor"); sys.modules.pop("deploy")  # the check below is about the warm-up
+entry = w.warm_up()
+assert w.app_modules_loaded() == [], w.app_modules_loaded()
+import threading
+from flwr.supercore.exit import exit_handler
+assert threading.active_count() == 1  # no thread of the parent's holds a lock a child would inherit
+assert exit_handler.registered_exit_handlers == []  # a child's flwr_exit runs only the handlers it adds itself
+import torch
+def task():
+    torch.set_num_interop_threads(1)  # raises if the parent had started torch's inter-op pool
+    torch.set_num_threads(2)
+    x = torch.randn(64, 64)
+    for _ in range(5):
+        x = torch.tanh(x @ x)  # hangs if the parent had started an OpenMP pool
+    print("child ok", torch.get_num_threads(), flush=True)
+executor = w.ForkExecutor(task)
+for task_id in (1, 2):
+    executor.launch(task_id, [])
+import time
+while executor.children:
+    executor.reap(); time.sleep(0.05)
+print("threads", len(os.listdir("/proc/self/task")), "parent ok", flush=True)
+"""
+
+
+def test_a_warm_parent_forks_children_that_can_size_and_use_torchs_thread_pools() -> None:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_CHECK], capture_output=True, text=True, env=env, timeout=scaled(180), cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("child ok 2") == 2, result.stdout + result.stderr[-2000:]
+    # After the forks only the main thread is left: no OpenMP pool; numpy's OpenBLAS stops its threads at fork.
+    assert "threads 1 parent ok" in result.stdout, result.stdout
