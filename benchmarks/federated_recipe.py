@@ -53,7 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # fleet_bench, beside 
 from fleet_bench import (  # noqa: E402
     PROJECT_ROOT,
     ProcessPeaks,
-    chain_rounds,
     full_test_accuracy,
     read_metrics,
     run_figures,
@@ -65,6 +64,7 @@ from fedadapt.fleet.data import DATA_FIELDS  # noqa: E402
 from fedadapt.fleet.scenario import ScenarioConfig  # noqa: E402
 from fedadapt.fleet.scenario_file import load_scenario  # noqa: E402
 from fedadapt.fleet.variants import full_model_variant, head_warmup_variant  # noqa: E402
+from simulations.report import chain_rounds  # noqa: E402
 
 SIMULATIONS = PROJECT_ROOT / "simulations"
 FLEETS = {"banking77": SIMULATIONS / "banking77-dirichlet.toml", "synthetic": SIMULATIONS / "quickstart.toml"}

@@ -30,7 +30,7 @@ if str(PROJECT_ROOT) not in sys.path:
 from fedadapt.fleet.scenario import ScenarioConfig  # noqa: E402
 from fedadapt.fleet.scenario_file import load_scenario  # noqa: E402
 from fedadapt.privacy.config import PrivacyConfig  # noqa: E402
-from simulations.report import best_accuracy, time_to_target  # noqa: E402
+from simulations.report import best_accuracy, mean_per, time_to_target  # noqa: E402
 
 Record = Mapping[str, Any]
 
@@ -75,15 +75,6 @@ def write_scenario(scenario: ScenarioConfig, path: Path) -> Path:
 # --- a run's figures --------------------------------------------------------------------------------------------
 
 
-def chain_rounds(*phases: Sequence[Record]) -> list[dict[str, Any]]:
-    """The per-round records of runs made one after another (a warm start, then the run), numbered 1..n."""
-    chained: list[dict[str, Any]] = []
-    for phase in phases:
-        for record in phase:
-            chained.append({**record, "round": len(chained) + 1})
-    return chained
-
-
 def wall_curve(records: Sequence[Record]) -> list[tuple[float, float]]:
     """(seconds since the first round began, accuracy) after every scored round."""
     elapsed, points = 0.0, []
@@ -111,14 +102,8 @@ def device_message_seconds(records: Sequence[Record]) -> float | None:
     return statistics.fmean(seconds) if seconds else None
 
 
-def bytes_up_per_upload(records: Sequence[Record]) -> float | None:
-    """Bytes a device sent per round, over every upload of the run."""
-    uploads = sum(int(r.get("uploads", 0)) for r in records)
-    return sum(int(r["bytes_up"]) for r in records) / uploads if uploads else None
-
-
 def run_figures(records: Sequence[Record], targets: Sequence[float]) -> dict[str, Any]:
-    """The figures of one row from its per-round records (``chain_rounds`` of its phases)."""
+    """The figures of one row from its per-round records (``simulations.report.chain_rounds`` of its phases)."""
     figures: dict[str, Any] = {
         "rounds": len(records),
         "seconds": sum(float(r["seconds"]) for r in records),
@@ -126,7 +111,7 @@ def run_figures(records: Sequence[Record], targets: Sequence[float]) -> dict[str
         "final_sample_accuracy": records[-1].get("accuracy") if records else None,
         "device_compute_seconds": device_compute_seconds(records),
         "device_message_seconds": device_message_seconds(records),
-        "bytes_up_per_device_round": bytes_up_per_upload(records),
+        "bytes_up_per_device_round": mean_per(records, "bytes_up", "uploads"),
         "server_peak_rss_mb": max((r.get("server_peak_rss_mb") or 0.0 for r in records), default=None),
     }
     for target in targets:

@@ -78,6 +78,21 @@ def _difference(first: float | None, second: float | None) -> float | None:
     return None if first is None or second is None else first - second
 
 
+def chain_rounds(*phases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The per-round records of runs made one after another (a warm start, then the run), numbered 1..n."""
+    chained: list[dict[str, Any]] = []
+    for phase in phases:
+        for record in phase:
+            chained.append({**record, "round": len(chained) + 1})
+    return chained
+
+
+def mean_per(rounds: Sequence[Mapping[str, Any]], total: str, count: str) -> float | None:
+    """``total`` over ``count`` summed across ``rounds`` (bytes per upload, say); None when nothing counted."""
+    counted = sum(int(r.get(count, 0)) for r in rounds)
+    return sum(float(r[total]) for r in rounds) / counted if counted else None
+
+
 def chain_head_warmup(warmup: Mapping[str, Any], rest: Mapping[str, Any]) -> dict[str, Any]:
     """The record of a run with a head warm-up: the warm-up's rounds, then the rest's, numbered on.
 
@@ -85,19 +100,12 @@ def chain_head_warmup(warmup: Mapping[str, Any], rest: Mapping[str, Any]) -> dic
     include the warm-up; accuracies and the rest are the last phase's. ``head_warmup`` keeps the
     warm-up's own summary.
     """
-    offset = len(warmup["rounds"])
-    rounds = [{**record, "phase": "head-warmup"} for record in warmup["rounds"]]
-    rounds += [{**record, "round": offset + int(record["round"])} for record in rest["rounds"]]
+    rounds = chain_rounds([{**record, "phase": "head-warmup"} for record in warmup["rounds"]], rest["rounds"])
     summary = dict(rest["summary"]) | {
         "rounds": len(rounds),
-        "head_warmup_rounds": offset,
+        "head_warmup_rounds": len(warmup["rounds"]),
         "seconds": sum(float(r["seconds"]) for r in rounds),
-        "bytes_up_per_client_round": _per(rounds, "bytes_up", "uploads"),
-        "bytes_down_per_client_round": _per(rounds, "bytes_down", "clients"),
+        "bytes_up_per_client_round": mean_per(rounds, "bytes_up", "uploads"),
+        "bytes_down_per_client_round": mean_per(rounds, "bytes_down", "clients"),
     }
     return {**rest, "rounds": rounds, "summary": summary, "head_warmup": {"summary": warmup["summary"]}}
-
-
-def _per(rounds: Sequence[Mapping[str, Any]], total: str, count: str) -> float | None:
-    counted = sum(int(r[count]) for r in rounds)
-    return sum(float(r[total]) for r in rounds) / counted if counted else None

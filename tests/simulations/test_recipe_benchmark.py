@@ -15,6 +15,7 @@ import federated_recipe as recipe  # noqa: E402
 import fleet_bench  # noqa: E402
 
 from fedadapt.fleet.scenario_file import load_scenario  # noqa: E402
+from simulations.report import chain_rounds  # noqa: E402
 
 
 def _round(number: int, seconds: float, accuracy: float | None, devices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -44,7 +45,7 @@ MAIN = [
 
 
 def test_a_warm_start_and_its_run_are_one_row_numbered_on() -> None:
-    records = fleet_bench.chain_rounds(WARM, MAIN)
+    records = chain_rounds(WARM, MAIN)
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
     figures = fleet_bench.run_figures(records, (0.85, 0.90))
 
