@@ -9,9 +9,10 @@ recipe's number of rounds:
   head     federated head only: method ``head`` (a federated linear probe; every device trains from its
            cached embeddings), the recipe's local epochs, plain FedAvg (the average of a linear layer);
   lora     the full-depth LoRA of before issue 19, as banking77-lora-baseline.toml has it;
-  recipe   simulations/banking77-dirichlet.toml, the recipe: its first ``head-warmup-rounds`` rounds are
-           the ``head`` row's scenario, whose final head starts the rest (scenario key ``initial-head``),
-           as ``fedadapt simulate`` runs them; its rounds, seconds and bytes include the warm start's;
+  recipe   simulations/banking77-dirichlet.toml, the recipe, run as ``fedadapt simulate`` runs it: its first
+           ``head-warmup-rounds`` rounds train the head only (the ``head`` row's scenario) in
+           ``recipe/head-warmup`` and the rest start from that head; its rounds, seconds and bytes include
+           the warm-up's;
   full     full-model FedAvg (banking77-lora-baseline.toml's ``full-model`` variant);
   central  the recipe's model trained centrally on the union of the devices' training splits
            (CENTRAL_EPOCHS epochs, through the frozen-prefix cache): the upper bound;
@@ -61,10 +62,10 @@ from fleet_bench import (  # noqa: E402
 )
 
 from fedadapt.fleet.data import DATA_FIELDS  # noqa: E402
+from fedadapt.fleet.run_config import PHASE_HEAD_WARMUP as HEAD_WARMUP_PHASE  # noqa: E402
 from fedadapt.fleet.scenario import ScenarioConfig  # noqa: E402
 from fedadapt.fleet.scenario_file import load_scenario  # noqa: E402
 from fedadapt.fleet.variants import full_model_variant, head_warmup_variant  # noqa: E402
-from simulations.report import chain_rounds  # noqa: E402
 
 SIMULATIONS = PROJECT_ROOT / "simulations"
 FLEETS = {"banking77": SIMULATIONS / "banking77-dirichlet.toml", "synthetic": SIMULATIONS / "quickstart.toml"}
@@ -106,30 +107,37 @@ class Plan:
     show: bool = True
 
     def on_fleet(self, scenario: ScenarioConfig, row: str, **changes: Any) -> ScenarioConfig:
-        """``scenario`` on the benchmark's fleet: its data, partition, sampling, seed and rounds."""
+        """``scenario`` on the benchmark's fleet: its data, partition, sampling, seed and rounds; no warm-up
+        unless ``changes`` ask for one (only the recipe's rows do: recipe_scenario)."""
         fleet = {name: getattr(self.fleet, name) for name in (*DATA_FIELDS, "clients_per_round")}
-        return dataclasses.replace(
-            scenario,
+        settings = {
             **fleet,
-            name=f"{self.data}-{row}",
-            rounds=self.rounds,
-            full_model=False,
-            head_warmup_rounds=0,  # the benchmark runs the recipe's warm-up itself (recipe_records), as simulate does
-            local_max_steps=self.local_max_steps or scenario.local_max_steps,
-            **changes,
-        )
+            "name": f"{self.data}-{row}",
+            "rounds": self.rounds,
+            "full_model": False,
+            "head_warmup_rounds": 0,
+            "local_max_steps": self.local_max_steps or scenario.local_max_steps,
+        }
+        return dataclasses.replace(scenario, **(settings | changes))
 
     def head(self, row: str = "head", **changes: Any) -> ScenarioConfig:
         """The head-only row: the recipe's head warm-up (method ``head``, plain FedAvg) for every round."""
         scenario = self.on_fleet(head_warmup_variant(self.recipe, rounds=self.rounds), row)
         return dataclasses.replace(scenario, **changes)
 
+    def recipe_scenario(self, row: str, **changes: Any) -> ScenarioConfig:
+        """The recipe on the fleet with its head warm-up, which simulate runs as a phase of its own."""
+        warmup_rounds = min(self.warmup_rounds, self.rounds - 1)
+        return self.on_fleet(self.recipe, row, **changes, head_warmup_rounds=warmup_rounds)
+
     def row_scenario(self, row: str) -> ScenarioConfig:
         if row == "head":
             return self.head()
         if row in ("lora", "full"):
             return self.on_fleet(self.today, row)
-        return self.on_fleet(self.recipe, row)
+        if row == "central":  # trained in one go: no warm-up phase
+            return self.on_fleet(self.recipe, row)
+        return self.recipe_scenario(row)
 
 
 # --- running the rows ---------------------------------------------------------------------------------------------
@@ -176,25 +184,10 @@ def _refuse_other_scenario(path: Path, scenario: ScenarioConfig, folder: Path) -
 
 
 def row_records(plan: Plan, row: str) -> tuple[list[dict[str, Any]], Path, ScenarioConfig]:
-    """Run (or read) a fleet row; its per-round records (warm start first), final adapter and scenario."""
+    """Run (or read) a fleet row; its per-round records (the recipe's warm-up first), final adapter and scenario."""
     scenario = plan.row_scenario(row)
-    if row == "recipe":
-        return recipe_records(plan, "recipe", scenario)
     metrics = run_fleet_row(plan, row, scenario, full_model=row == "full")
     return metrics["rounds"], plan.out / row, full_model_variant(scenario) if row == "full" else scenario
-
-
-def recipe_records(
-    plan: Plan, name: str, recipe: ScenarioConfig, **fleet_changes: Any
-) -> tuple[list[dict[str, Any]], Path, ScenarioConfig]:
-    """The head warm start, then the recipe from its head, for ``plan.rounds`` rounds in all."""
-    warmup_rounds = min(plan.warmup_rounds, plan.rounds - 1)
-    warm_name = f"{name}-warm-start"
-    warm = run_fleet_row(plan, warm_name, plan.head(warm_name, rounds=warmup_rounds, **fleet_changes))
-    start = (plan.out / warm_name / "final_adapter").resolve()
-    main = dataclasses.replace(recipe, rounds=plan.rounds - warmup_rounds, initial_head=str(start), **fleet_changes)
-    metrics = run_fleet_row(plan, name, main)
-    return chain_rounds(warm["rounds"], metrics["rounds"]), plan.out / name, main
 
 
 def fleet_row(plan: Plan, row: str) -> dict[str, Any]:
@@ -204,23 +197,20 @@ def fleet_row(plan: Plan, row: str) -> dict[str, Any]:
         bench["whole_test_accuracy"] = full_test_accuracy(folder / "final_adapter", scenario, plan.test_examples)
         (folder / BENCH_JSON).write_text(json.dumps(bench, indent=2) + "\n")
     figures = run_figures(records, TARGETS)
-    peaks = [bench.get("device_peak_rss_mib")]
-    if row == "recipe":  # its warm start ran on other workers
-        peaks.append(json.loads((plan.out / "recipe-warm-start" / BENCH_JSON).read_text()).get("device_peak_rss_mib"))
     if row == "recipe":
-        figures["second_start_seconds"] = second_start_seconds(read_metrics(plan.out / "recipe") or {})
+        figures["second_start_seconds"] = second_start_seconds(records)
     return figures | {
         "row": row,
         "final_accuracy": bench["whole_test_accuracy"],
-        "device_peak_rss_mib": max((p for p in peaks if p is not None), default=None),
+        "device_peak_rss_mib": bench.get("device_peak_rss_mib"),  # both phases: sampled across the whole run
         "curve": wall_curve(records),
     }
 
 
-def second_start_seconds(metrics: Mapping[str, Any]) -> float | None:
-    """What the recipe's second simulation adds to its round 1 (its first round less its median round):
-    the warm start and the recipe are two simulations here, each starting its workers and models once."""
-    seconds = [float(r["seconds"]) for r in metrics.get("rounds", [])]
+def second_start_seconds(records: Sequence[Mapping[str, Any]]) -> float | None:
+    """What the recipe's second simulation adds to the first round after its head warm-up (that round less
+    the median of the later ones): the warm-up is a simulation of its own, starting workers and models once more."""
+    seconds = [float(r["seconds"]) for r in records if r.get("phase") != HEAD_WARMUP_PHASE]
     return seconds[0] - statistics.median(seconds[1:]) if len(seconds) > 2 else None
 
 
@@ -285,9 +275,9 @@ def personal_part(plan: Plan) -> dict[str, Any]:
         print(f"\n== personal: reading {path}", flush=True)
         return dict(json.loads(path.read_text()))
     if plan.fleet.partition == "dirichlet":
-        name, changes = "alpha-0.1", {"alpha": PERSONAL_ALPHA}
-        recipe = dataclasses.replace(plan.row_scenario("recipe"), name=f"{plan.data}-alpha-0.1", **changes)
-        _, folder, scenario = recipe_records(plan, name, recipe, **changes)
+        name, changes = f"alpha-{PERSONAL_ALPHA:g}", {"alpha": PERSONAL_ALPHA}
+        scenario, folder = plan.recipe_scenario(name, **changes), plan.out / name
+        run_fleet_row(plan, name, scenario)
     else:  # one user per device already: the recipe row's own fleet
         _, folder, scenario = row_records(plan, "recipe")
         changes = {}
@@ -333,8 +323,7 @@ def finished(plan: Plan, row: str) -> bool:
         return (plan.out / "central" / "central.json").is_file()
     if row == "personal":
         return (plan.out / "personal.json").is_file()
-    folders = ("recipe-warm-start", "recipe") if row == "recipe" else (row,)
-    return all(read_metrics(plan.out / folder) is not None for folder in folders)
+    return read_metrics(plan.out / row) is not None
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
@@ -500,7 +489,7 @@ def report(plan: Plan, rows: Mapping[str, Mapping[str, Any]], command: str) -> s
         lines += [
             "",
             f"The recipe's wall seconds include a second simulation start ({extra:,.0f} s: its round 1 less its "
-            "median round), since its head warm start runs as a simulation of its own here.",
+            "median round), since its head warm-up runs as a simulation of its own.",
         ]
     if "personal" in rows:
         part = rows["personal"]

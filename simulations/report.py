@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedadapt.fleet.run_config import PHASE_HEAD_WARMUP
+
 
 def best_accuracy(rounds: Sequence[Mapping[str, Any]]) -> float | None:
     """The highest per-round accuracy of a run (None when no round was scored)."""
@@ -100,7 +102,7 @@ def chain_head_warmup(warmup: Mapping[str, Any], rest: Mapping[str, Any]) -> dic
     include the warm-up; accuracies and the rest are the last phase's. ``head_warmup`` keeps the
     warm-up's own summary.
     """
-    rounds = chain_rounds([{**record, "phase": "head-warmup"} for record in warmup["rounds"]], rest["rounds"])
+    rounds = chain_rounds([{**record, "phase": PHASE_HEAD_WARMUP} for record in warmup["rounds"]], rest["rounds"])
     summary = dict(rest["summary"]) | {
         "rounds": len(rounds),
         "head_warmup_rounds": len(warmup["rounds"]),

@@ -61,6 +61,14 @@ def test_a_warm_start_and_its_run_are_one_row_numbered_on() -> None:
     assert fleet_bench.wall_curve(records) == [(30.0, 0.70), (70.0, 0.80), (80.0, 0.86), (102.0, 0.91)]
 
 
+def test_the_second_start_is_read_from_the_first_round_after_the_warm_up() -> None:
+    warm = [{**record, "phase": recipe.HEAD_WARMUP_PHASE} for record in WARM]
+    records = chain_rounds(warm, MAIN)
+    # round 2 (the rest's first, 40 s) less the median of the rest's later rounds (10, 10, 12)
+    assert recipe.second_start_seconds(records) == pytest.approx(30.0)
+    assert recipe.second_start_seconds(records[:3]) is None  # too few rounds after the warm-up to tell
+
+
 def test_a_target_never_reached_has_no_rounds_or_seconds() -> None:
     figures = fleet_bench.run_figures(MAIN, (0.95,))
     assert figures["rounds_to_0.95"] is None and figures["seconds_to_0.95"] is None
@@ -93,8 +101,9 @@ def test_every_row_runs_on_the_same_fleet() -> None:
         assert all(getattr(scenario, f) == getattr(rows["lora"], f) for f in fleet_fields)
     assert rows["head"].method == "head" and rows["head"].server_optimizer == "fedavg"
     assert rows["lora"].method_settings == () and rows["recipe"].method_settings == (("drop_layers", 4),)
-    # The benchmark runs the recipe's warm-up itself (recipe_records), with the scenario's own head-warmup-rounds.
-    assert all(scenario.head_warmup_rounds == 0 for scenario in rows.values())
+    # Only the recipe warms up, as simulate runs it, with the scenario's own head-warmup-rounds.
+    assert [row for row, scenario in rows.items() if scenario.head_warmup_rounds] == ["recipe"]
+    assert rows["recipe"].head_warmup_rounds == 3 and rows["recipe"].initial_head is None
     assert load_scenario(recipe.RECIPE).head_warmup_rounds == 3
     assert recipe.make_plan(recipe_args()).warmup_rounds == 3
 
