@@ -18,7 +18,10 @@ executor serve agent, model and connector tasks, never ClientApps). This process
   the token handshake, the task's inputs, the reply and the error reply stay Flower's;
 - a child that raises is reported by Flower's own code in the child (an error reply and a FAILED task
   status); one that dies is reaped and logged, and the task expires as Flower's would. The parent holds
-  nothing per task, so its memory does not grow, and it serves the next task either way.
+  nothing per task, so its memory does not grow, and it serves the next task either way;
+- a child that runs longer than ``--max-task-seconds`` (default 30 minutes) is stopped with everything
+  it started (each child leads its own process group): a hung ClientApp would otherwise hold a task
+  slot forever, and four of them would stop the device.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ FAST_POLL_SECONDS = 0.1  # what `fedadapt node` and `serve` set (Flower's defaul
 _POLL_BOUNDS = (0.01, 60.0)
 _ERROR_BACKOFF_SECONDS = 1.0
 _STOP_GRACE_SECONDS = 10.0
+_EXPIRE_GRACE_SECONDS = 5.0  # short: the loop serves no other task while it stops an expired one
+MAX_TASK_SECONDS_ENV = "FEDADAPT_MAX_TASK_SECONDS"  # the default of --max-task-seconds; launchers pass it on
+DEFAULT_MAX_TASK_SECONDS = 30 * 60.0  # far above a round's training on a device; a hung child ends sooner
 READY_LINE = "warm executor ready"  # logged once per parent: tests count these
 TASK_LINE = "forked task"  # logged once per task, with the parent's and the child's PIDs
 SUPERNODE_FLAGS = ["--isolation", "process"]  # the SuperNode leaves its tasks to this executor
@@ -74,6 +80,31 @@ def poll_interval(environ: dict[str, str] | os._Environ[str] = os.environ) -> fl
     if not (math.isfinite(value) and low <= value <= high):
         raise ValueError(f"{POLL_INTERVAL_ENV} must be seconds in [{low}, {high}], got {raw!r}")
     return value
+
+
+def max_task_seconds(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
+    """Seconds a task's child may run, from ``FEDADAPT_MAX_TASK_SECONDS`` (default 30 minutes)."""
+    raw = environ.get(MAX_TASK_SECONDS_ENV)
+    if raw is None:
+        return DEFAULT_MAX_TASK_SECONDS
+    try:
+        return TaskLimits(max_task_seconds=float(raw)).max_task_seconds
+    except ValueError:
+        raise ValueError(f"{MAX_TASK_SECONDS_ENV} must be seconds > 0, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """How many children run at once, and how long each may run before it is stopped."""
+
+    max_children: int = 4
+    max_task_seconds: float = DEFAULT_MAX_TASK_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.max_children < 1:
+            raise ValueError(f"max_children must be 1 or more, got {self.max_children!r}")
+        if not (math.isfinite(self.max_task_seconds) and self.max_task_seconds > 0):
+            raise ValueError(f"max_task_seconds must be seconds > 0, got {self.max_task_seconds!r}")
 
 
 def app_modules_loaded(modules: Iterable[str] | None = None) -> list[str]:
@@ -136,6 +167,8 @@ def run_child(entry_point: Callable[[], Any], argv: Sequence[str]) -> NoReturn:
     """
     code = 1
     try:
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)  # its own process group, so that a timeout stops what it started too
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)  # Flower's entry point installs its own
         _reseed()
@@ -174,18 +207,26 @@ def _reseed() -> None:
         torch.seed()
 
 
+@dataclass(frozen=True)
+class Child:
+    """A running task's child: which task it serves, and since when (``time.monotonic``)."""
+
+    task_id: int
+    started: float
+
+
 @dataclass
 class ForkExecutor:
     """Forks one child per task from this (warm) process, reaps the children, and stops them on close."""
 
     entry_point: Callable[[], Any]
-    max_children: int = 4
+    limits: TaskLimits = field(default_factory=TaskLimits)
     app_modules: Callable[[], list[str]] = app_modules_loaded  # what must not be loaded when it forks
-    children: dict[int, int] = field(default_factory=dict)  # pid -> task id
+    children: dict[int, Child] = field(default_factory=dict)  # by pid
     forked: int = 0  # tasks started so far (a start-up counter for tests and logs)
 
     def has_capacity(self) -> bool:
-        return len(self.children) < self.max_children
+        return len(self.children) < self.limits.max_children
 
     def launch(self, task_id: int, argv: Sequence[str]) -> int:
         """Fork a child running the ClientApp entry point with ``argv``; its PID."""
@@ -197,7 +238,9 @@ class ForkExecutor:
         pid = os.fork()
         if pid == 0:
             run_child(self.entry_point, argv)
-        self.children[pid] = task_id
+        with contextlib.suppress(OSError):  # the child does the same: whichever runs first, the group exists
+            os.setpgid(pid, pid)
+        self.children[pid] = Child(task_id, time.monotonic())
         self.forked += 1
         logger.info(
             "%s %d: child pid %d, warm parent pid %d, task #%d, parent rss %.1f MiB",
@@ -213,7 +256,7 @@ class ForkExecutor:
     def reap(self) -> list[tuple[int, int, int]]:
         """Collect the children that have exited: (task id, pid, exit status as ``waitstatus_to_exitcode``)."""
         done = []
-        for pid, task_id in list(self.children.items()):
+        for pid, child in list(self.children.items()):
             try:
                 waited, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
@@ -222,32 +265,67 @@ class ForkExecutor:
                 continue
             del self.children[pid]
             code = os.waitstatus_to_exitcode(status)
-            done.append((task_id, pid, code))
-            if code == 0:
-                logger.info("task %d: child pid %d finished", task_id, pid)
-            elif code < 0:
-                logger.warning(
-                    "task %d: child pid %d was killed by signal %d; the device serves on", task_id, pid, -code
-                )
-            else:
-                logger.warning("task %d: child pid %d exited with code %d; the device serves on", task_id, pid, code)
+            done.append((child.task_id, pid, code))
+            _log_exit(child.task_id, pid, code)
         return done
+
+    def expire(self, grace: float = _EXPIRE_GRACE_SECONDS) -> list[tuple[int, int, int]]:
+        """Stop the children that have run longer than ``max_task_seconds``: (task id, pid, exit status) each.
+
+        The task's status is left to the Runtime API's expiry, as for a child that died.
+        """
+        now, limit = time.monotonic(), self.limits.max_task_seconds
+        late = [pid for pid, child in self.children.items() if now - child.started > limit]
+        for pid in late:
+            logger.error(
+                "task %d: child pid %d exceeded max task time %g s; stopping it to free its slot",
+                self.children[pid].task_id,
+                pid,
+                limit,
+            )
+        return self._stop(late, grace)
 
     def close(self, grace: float = _STOP_GRACE_SECONDS) -> None:
         """SIGTERM every child (Flower's handler pushes its status), SIGKILL those still alive after ``grace``."""
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        for task_id, pid, code in self._stop(list(self.children), grace):
+            _log_exit(task_id, pid, code)
+
+    def _stop(self, pids: list[int], grace: float) -> list[tuple[int, int, int]]:
+        """SIGTERM the process groups of ``pids`` (children, not reaped yet), SIGKILL them after ``grace``, reap.
+
+        Each child leads its own group; while it is unreaped its PID, and so its group, cannot belong to
+        another process. The group is killed before its leader is reaped: what the child started dies too.
+        """
+        _signal_groups(pids, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while self.children and time.monotonic() < deadline:
-            self.reap()
+        while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for pid in list(self.children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _signal_groups(pids, signal.SIGKILL)  # also what ignored SIGTERM below a child that obeyed it
+        stopped = []
+        for pid in pids:
+            status = 0
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            del self.children[pid]
+                status = os.waitpid(pid, 0)[1]
+            stopped.append((self.children.pop(pid).task_id, pid, os.waitstatus_to_exitcode(status)))
+        return stopped
+
+
+def _signal_groups(pids: Iterable[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.killpg(pid, signum)
+        except OSError:  # no such group (its setpgid failed): the child alone, still ours until reaped
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+
+def _log_exit(task_id: int, pid: int, code: int) -> None:
+    if code == 0:
+        logger.info("task %d: child pid %d finished", task_id, pid)
+    elif code < 0:
+        logger.warning("task %d: child pid %d was killed by signal %d; the device serves on", task_id, pid, -code)
+    else:
+        logger.warning("task %d: child pid %d exited with code %d; the device serves on", task_id, pid, code)
 
 
 @dataclass(frozen=True)
@@ -312,6 +390,7 @@ def serve_tasks(target: RuntimeTarget, executor: ForkExecutor, interval: float, 
     try:
         while not stop.requested:
             executor.reap()
+            executor.expire()  # a hung child would hold its slot forever
             if parent_pid is not None and not _pid_alive(parent_pid):
                 logger.info("the SuperNode (pid %d) has exited: stopping", parent_pid)
                 break
@@ -372,22 +451,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, help="The SuperNode's PID: stop when it exits.")
     parser.add_argument("--label", default="", help="Shown in the process list (e.g. the device's partition).")
     parser.add_argument("--max-tasks", type=int, default=4, help="Children running at once (default 4).")
+    parser.add_argument(
+        "--max-task-seconds",
+        type=float,
+        default=max_task_seconds(),
+        help=f"Stop a task's child after this long (default {MAX_TASK_SECONDS_ENV}, else 30 minutes).",
+    )
     args = parser.parse_args(argv)
     _log_to_stderr()
     interval = poll_interval()
+    limits = TaskLimits(max_children=args.max_tasks, max_task_seconds=args.max_task_seconds)
     started = time.monotonic()
     entry_point = warm_up()
     logger.info(
-        "%s (pid %d%s): %s imported in %.1f s; polling every %g s",
+        "%s (pid %d%s): %s imported in %.1f s; polling every %g s, tasks stopped after %g s",
         READY_LINE,
         os.getpid(),
         f", {args.label}" if args.label else "",
         ", ".join(WARM_MODULES),
         time.monotonic() - started,
         interval,
+        limits.max_task_seconds,
     )
     target = RuntimeTarget(args.runtime_api_address, args.insecure, args.root_certificates)
-    return serve_tasks(target, ForkExecutor(entry_point, max_children=args.max_tasks), interval, args.parent_pid)
+    return serve_tasks(target, ForkExecutor(entry_point, limits), interval, args.parent_pid)
 
 
 def command(runtime_api_address: str, supernode_pid: int, label: str = "") -> list[str]:

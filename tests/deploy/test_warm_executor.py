@@ -18,6 +18,7 @@ from waiting import scaled
 from deploy import node as node_module
 from deploy import warm_executor
 from deploy.warm_executor import ForkExecutor
+from simulations import processes
 from simulations.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,7 +139,8 @@ def test_each_task_gets_its_own_child_of_one_parent_and_failures_do_not_stop_it(
 
 
 def test_capacity_and_close_stop_running_children(tmp_path: Path) -> None:
-    executor = ForkExecutor(lambda: _report(tmp_path / "x"), max_children=2, app_modules=list)
+    limits = warm_executor.TaskLimits(max_children=2)
+    executor = ForkExecutor(lambda: _report(tmp_path / "x"), limits, app_modules=list)
     first = executor.launch(1, ["sleep"])
     executor.launch(2, ["sleep"])
     assert not executor.has_capacity()
@@ -146,6 +148,95 @@ def test_capacity_and_close_stop_running_children(tmp_path: Path) -> None:
     assert executor.children == {}
     with pytest.raises(ChildProcessError):
         os.waitpid(first, os.WNOHANG)  # reaped
+
+
+def _hang(path: Path) -> None:
+    """A fake entry point that hangs: it ignores SIGTERM, starts a grandchild that hangs too, and sleeps."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    grandchild = os.fork()
+    if grandchild == 0:
+        time.sleep(60)
+        os._exit(0)
+    path.write_text(f"{os.getpid()} {grandchild}")
+    time.sleep(60)
+
+
+def test_limits_are_checked_and_read_from_the_environment() -> None:
+    assert warm_executor.max_task_seconds({}) == 30 * 60
+    assert warm_executor.max_task_seconds({warm_executor.MAX_TASK_SECONDS_ENV: "90"}) == 90
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(ValueError, match=warm_executor.MAX_TASK_SECONDS_ENV):
+            warm_executor.max_task_seconds({warm_executor.MAX_TASK_SECONDS_ENV: bad})
+    with pytest.raises(ValueError, match="max_children"):
+        warm_executor.TaskLimits(max_children=0)
+
+
+def test_a_child_over_the_max_task_time_is_stopped_with_what_it_started(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    report = tmp_path / "pids.txt"
+    limits = warm_executor.TaskLimits(max_children=1, max_task_seconds=0.2)
+    executor = ForkExecutor(lambda: _hang(report), limits, app_modules=list)
+    pid = executor.launch(7, [])
+    deadline = time.monotonic() + scaled(30)
+    while not report.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child, grandchild = map(int, report.read_text().split())
+    stopped: list[tuple[int, int, int]] = []
+    with caplog.at_level("INFO", logger=warm_executor.logger.name):
+        while not stopped and time.monotonic() < deadline:
+            stopped = executor.expire(grace=0.5)
+            time.sleep(0.05)
+    assert child == pid and stopped == [(7, pid, -signal.SIGKILL)]  # it ignored SIGTERM
+    assert executor.children == {} and executor.has_capacity()  # the slot is free
+    lines = [r.getMessage() for r in caplog.records if "exceeded" in r.getMessage()]
+    assert lines == [f"task 7: child pid {pid} exceeded max task time 0.2 s; stopping it to free its slot"]
+    while processes.alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes.alive(grandchild)  # its process group went with it
+
+
+class _FakeRuntime:
+    """The SuperNode's Runtime API: a ClientApp task per AcquireTask; after ``tasks`` of them, a stop request."""
+
+    def __init__(self, tasks: int) -> None:
+        self.tasks, self.handed = tasks, 0
+
+    def AcquireTask(self, request: object) -> object:  # noqa: N802 - Flower's name
+        from flwr.proto.runtime_pb2 import AcquireTaskResponse
+
+        if self.handed == self.tasks:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler: stop after this pass
+            return AcquireTaskResponse()
+        self.handed += 1
+        reply = AcquireTaskResponse(token="tok")
+        reply.task.task_id, reply.task.type = self.handed, warm_executor.CLIENTAPP_TASK
+        return reply
+
+    def close(self) -> None:
+        pass
+
+
+def _fake_runtime(monkeypatch: pytest.MonkeyPatch, tasks: int) -> _FakeRuntime:
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    runtime = _FakeRuntime(tasks)
+    monkeypatch.setattr(RuntimeHttpClient, "from_server_address", staticmethod(lambda **_: runtime))
+    return runtime
+
+
+def test_hung_tasks_lose_their_slot_and_the_device_serves_the_next(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _fake_runtime(monkeypatch, tasks=3)
+    limits = warm_executor.TaskLimits(max_children=1, max_task_seconds=0.2)
+    executor = ForkExecutor(lambda: time.sleep(60), limits, app_modules=list)  # every task hangs
+    target = warm_executor.RuntimeTarget("127.0.0.1:1", insecure=True)
+    with caplog.at_level("INFO", logger=warm_executor.logger.name):
+        assert warm_executor.serve_tasks(target, executor, 0.01, None) == 0
+    assert executor.forked == 3 and executor.children == {}  # one slot, three tasks: each hung one was stopped
+    expired = [r.getMessage().split(":")[0] for r in caplog.records if "exceeded max task time" in r.getMessage()]
+    assert expired == ["task 1", "task 2", "task 3"]
 
 
 def test_the_parent_refuses_to_fork_while_it_holds_app_modules() -> None:
