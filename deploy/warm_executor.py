@@ -11,7 +11,8 @@ executor serve agent, model and connector tasks, never ClientApps). This process
 
 - at start it imports the heavy third-party modules once (never an app module: Flower's ``load_app``
   reuses a module already in ``sys.modules``, so a preloaded ``clients`` or ``fedadapt`` would run
-  instead of the signed FAB's copy) and runs no torch operation, so no OpenMP pool exists to fork;
+  instead of the signed FAB's copy) and runs no torch operation, so no OpenMP pool exists to fork,
+  and never CUDA: it refuses to fork (and exits) once CUDA is initialised, which children cannot use;
 - it polls ``AcquireTask`` like ``flwr/supercore/superexec/run_superexec.py:run_superexec`` (every
   ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds) and, for each ClientApp task, forks a child that runs
   Flower's ``flwr-clientapp`` entry point with the arguments ``SubprocessExecutor.launch`` would pass:
@@ -65,6 +66,19 @@ READY_LINE = "warm executor ready"  # logged once per parent: tests count these
 TASK_LINE = "forked task"  # logged once per task, with the parent's and the child's PIDs
 SUPERNODE_FLAGS = ["--isolation", "process"]  # the SuperNode leaves its tasks to this executor
 MIN_LIFETIME_SECONDS = 30.0  # an executor that dies sooner is not restarted: it cannot start at all
+FORK_REFUSED_EXIT = 3  # the parent's exit code when it must not fork (its log line says why)
+# torch's fork-safe CUDA check: with it, torch.cuda.is_available() asks NVML instead of calling cuInit,
+# which would leave forked children a CUDA driver they cannot use.
+NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
+CUDA_IN_PARENT = (
+    "CUDA is initialised in the warm parent, and children forked after that cannot use it: nothing in the "
+    "parent may run a CUDA operation (the ClientApp may, in its child). Restart the executor (`fedadapt node` "
+    "restarts one that has run 30 s or more), or run with --cold-devices"
+)
+
+
+class ForkRefused(RuntimeError):
+    """The warm parent must not fork in its state; the message says why and what to do."""
 
 
 def poll_interval(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
@@ -122,19 +136,29 @@ def load_clientapp_entry_point() -> Callable[[], Any]:
     raise RuntimeError(f"`{CLIENTAPP_COMMAND}` is not installed: pip install 'flwr[simulation]~=1.41.0'")
 
 
+def cuda_initialized() -> bool:
+    """Whether this process has initialised CUDA; never imports torch to find out."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.cuda.is_initialized())
+
+
 def warm_up(modules: Sequence[str] = WARM_MODULES) -> Callable[[], Any]:
     """Import ``modules`` and Flower's ClientApp entry point once; the entry point.
 
     Runs no torch operation: a parent that had started torch's OpenMP pool would fork children whose
     first parallel operation hangs (GNU libgomp is not fork-safe). OpenBLAS (numpy's) stops its own
     threads at fork (its atfork handler), and Python's ``random`` reseeds itself in each child.
+    A library that asks ``torch.cuda.is_available()`` at import gets NVML's answer, not a CUDA driver.
     """
+    os.environ.setdefault(NVML_CHECK_ENV, "1")  # before torch is imported; the children inherit it (harmless)
     for name in modules:
         importlib.import_module(name)
     entry_point = load_clientapp_entry_point()
     loaded = app_modules_loaded()
     if loaded:
         raise RuntimeError(f"the warm parent imported app modules {loaded}: a ClientApp would run them, not the FAB's")
+    if cuda_initialized():
+        raise ForkRefused(f"the warm-up initialised CUDA. {CUDA_IN_PARENT}")
     return entry_point
 
 
@@ -230,9 +254,11 @@ class ForkExecutor:
 
     def launch(self, task_id: int, argv: Sequence[str]) -> int:
         """Fork a child running the ClientApp entry point with ``argv``; its PID."""
+        if cuda_initialized():  # checked at every fork: the parent must never run a CUDA operation
+            raise ForkRefused(CUDA_IN_PARENT)
         loaded = self.app_modules()
         if loaded:  # checked at every fork: nothing the parent does may import them
-            raise RuntimeError(f"the warm parent holds app modules {loaded}; refusing to fork")
+            raise ForkRefused(f"the warm parent holds app modules {loaded}; refusing to fork")
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # or the child would print the parent's buffered lines again
         pid = os.fork()
@@ -442,7 +468,7 @@ def _log_to_stderr() -> None:
     logger.propagate = False
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="A warm SuperExec for one SuperNode in process isolation.")
     parser.add_argument("--runtime-api-address", required=True, help="The SuperNode's Runtime API, HOST:PORT.")
     security = parser.add_mutually_exclusive_group(required=True)
@@ -457,24 +483,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=max_task_seconds(),
         help=f"Stop a task's child after this long (default {MAX_TASK_SECONDS_ENV}, else 30 minutes).",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
     _log_to_stderr()
     interval = poll_interval()
     limits = TaskLimits(max_children=args.max_tasks, max_task_seconds=args.max_task_seconds)
-    started = time.monotonic()
-    entry_point = warm_up()
-    logger.info(
-        "%s (pid %d%s): %s imported in %.1f s; polling every %g s, tasks stopped after %g s",
-        READY_LINE,
-        os.getpid(),
-        f", {args.label}" if args.label else "",
-        ", ".join(WARM_MODULES),
-        time.monotonic() - started,
-        interval,
-        limits.max_task_seconds,
-    )
     target = RuntimeTarget(args.runtime_api_address, args.insecure, args.root_certificates)
-    return serve_tasks(target, ForkExecutor(entry_point, limits), interval, args.parent_pid)
+    started = time.monotonic()
+    try:
+        entry_point = warm_up()
+        logger.info(
+            "%s (pid %d%s): %s imported in %.1f s; polling every %g s, tasks stopped after %g s",
+            READY_LINE,
+            os.getpid(),
+            f", {args.label}" if args.label else "",
+            ", ".join(WARM_MODULES),
+            time.monotonic() - started,
+            interval,
+            limits.max_task_seconds,
+        )
+        return serve_tasks(target, ForkExecutor(entry_point, limits), interval, args.parent_pid)
+    except ForkRefused as error:  # a task it claimed expires, as a failed launch would; a new parent starts clean
+        logger.error("refusing to fork, exiting: %s", error)
+        return FORK_REFUSED_EXIT
 
 
 def command(runtime_api_address: str, supernode_pid: int, label: str = "") -> list[str]:

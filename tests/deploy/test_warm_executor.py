@@ -246,6 +246,39 @@ def test_the_parent_refuses_to_fork_while_it_holds_app_modules() -> None:
     assert executor.forked == 0
 
 
+def test_the_parent_refuses_to_fork_once_cuda_is_initialised(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    executor = ForkExecutor(lambda: None, app_modules=list)
+    with pytest.raises(warm_executor.ForkRefused, match="CUDA is initialised in the warm parent"):
+        executor.launch(1, [])
+    assert executor.forked == 0 and executor.children == {}
+    monkeypatch.setattr(warm_executor, "app_modules_loaded", list)  # this process holds fedadapt
+    monkeypatch.delenv(warm_executor.NVML_CHECK_ENV, raising=False)
+    with pytest.raises(warm_executor.ForkRefused, match="the warm-up initialised CUDA"):
+        warm_executor.warm_up(modules=())
+    assert os.environ[warm_executor.NVML_CHECK_ENV] == "1"  # torch's fork-safe is_available()
+
+
+def test_a_parent_with_cuda_exits_non_zero_saying_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    runtime = _fake_runtime(monkeypatch, tasks=1)
+    monkeypatch.setattr(warm_executor, "warm_up", lambda: lambda: None)
+    monkeypatch.setattr(warm_executor, "_log_to_stderr", lambda: None)  # it would take the records from caplog
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as if something in the parent ran CUDA
+    with caplog.at_level("INFO", logger=warm_executor.logger.name):
+        code = warm_executor.main(["--runtime-api-address", "127.0.0.1:1", "--insecure"])
+    assert code == warm_executor.FORK_REFUSED_EXIT != 0 and runtime.handed == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("refusing to fork, exiting: CUDA is initialised")
+    assert "Restart the executor" in errors[0] and "--cold-devices" in errors[0]
+    assert not any(warm_executor.TASK_LINE in r.getMessage() for r in caplog.records)  # nothing was forked
+
+
 def test_supervise_gives_up_on_an_executor_that_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
     supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     started: list[subprocess.Popen[bytes]] = []
@@ -285,6 +318,8 @@ import os, sys
 from deploy import warm_executor as w
 sys.modules.pop("deploy.warm_executor"); sys.modules.pop("deploy")  # the check below is about the warm-up
 entry = w.warm_up()
+import torch
+assert not torch.cuda.is_initialized() and os.environ[w.NVML_CHECK_ENV] == "1"
 assert w.app_modules_loaded() == [], w.app_modules_loaded()
 import threading
 from flwr.supercore.exit import exit_handler
