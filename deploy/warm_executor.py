@@ -76,6 +76,11 @@ CUDA_IN_PARENT = (
     "restarts one that has run 30 s or more), or run with --cold-devices"
 )
 
+NO_FORK = (
+    "this platform has no os.fork (Windows), which warm devices need: running cold devices instead, a fresh "
+    "ClientApp process per message (as --cold-devices does)"
+)
+
 
 class ForkRefused(RuntimeError):
     """The warm parent must not fork in its state; the message says why and what to do."""
@@ -521,6 +526,17 @@ def command(runtime_api_address: str, supernode_pid: int, label: str = "") -> li
     line = [sys.executable, "-P", script, "--runtime-api-address", runtime_api_address, "--insecure"]
     line += ["--parent-pid", str(supernode_pid)]
     return [*line, "--label", label] if label else line
+
+
+def run_cold(cold: bool) -> bool:
+    """Whether devices run cold: asked for (``--cold-devices``), or forced where ``os.fork`` is missing.
+
+    Called once by each launcher (``fedadapt node``, ``serve --local-supernodes``); the forced case logs why.
+    """
+    if cold or hasattr(os, "fork"):
+        return cold
+    logger.warning(NO_FORK)
+    return True
 
 
 def fast_polling(env: dict[str, str]) -> dict[str, str]:

@@ -88,6 +88,67 @@ def test_a_node_runs_in_process_isolation_unless_cold() -> None:
     assert "--isolation" not in node_module.NodeConfig(**base, cold=True).command()
 
 
+class _FakePopen:
+    """A started process that records its command line and exits at once with 0."""
+
+    def __init__(self, launched: list[list[str]], args: list[str], **_: object) -> None:
+        launched.append(list(args))
+        self.pid, self.returncode = 4242, 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+    def poll(self) -> int:
+        return 0
+
+
+def _no_warm_executor(*_: object, **__: object) -> None:
+    raise AssertionError("a warm executor was started")
+
+
+def test_a_node_runs_cold_where_there_is_no_fork(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    launched: list[list[str]] = []
+    monkeypatch.delattr(os, "fork")  # as on Windows
+    monkeypatch.setattr(node_module.subprocess, "Popen", lambda args, **kw: _FakePopen(launched, args, **kw))
+    monkeypatch.setattr(node_module, "stop_process_trees", lambda processes: None)
+    monkeypatch.setattr(warm_executor, "supervise", _no_warm_executor)
+    config = node_module.NodeConfig(superlink="127.0.0.1:9092", partition_id=0, num_partitions=2, insecure=True)
+    with caplog.at_level("WARNING", logger=warm_executor.logger.name):
+        assert node_module.run_node(config) == 0
+    assert len(launched) == 1 and launched[0][0].endswith("flower-supernode")
+    assert "--isolation" not in launched[0]  # Flower's default: a fresh flower-superexec, a fresh ClientApp
+    assert [r.getMessage() for r in caplog.records] == [warm_executor.NO_FORK]
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_local_supernodes_run_cold_where_there_is_no_fork(
+    fork: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    from deploy import serve as serve_module
+
+    launched: list[list[str]] = []
+    executors: list[str] = []
+    if not fork:
+        monkeypatch.delattr(os, "fork")
+    monkeypatch.setattr(serve_module.subprocess, "Popen", lambda args, **kw: _FakePopen(launched, args, **kw))
+    monkeypatch.setattr(warm_executor, "start", lambda port, node, env, label, **_: executors.append(label))
+    deployment = serve_module.Deployment(insecure=True, local_supernodes=2)
+    plan = SimpleNamespace(out_dir=tmp_path)
+    with caplog.at_level("WARNING", logger=warm_executor.logger.name):
+        serve_module._supernodes(tmp_path, {}, plan, "127.0.0.1:9092", deployment, None)  # type: ignore[arg-type]
+    assert len(launched) == 2
+    if fork:
+        assert all("--isolation" in line for line in launched)
+        assert executors == ["partition-id=0", "partition-id=1"] and caplog.records == []
+    else:
+        assert not any("--isolation" in line for line in launched) and executors == []
+        assert [r.getMessage() for r in caplog.records] == [warm_executor.NO_FORK]  # once, not once a node
+
+
 def test_the_executor_command_keeps_the_project_off_the_parents_path() -> None:
     line = warm_executor.command("127.0.0.1:9094", 123, "partition-id=1")
     assert line[:3] == [sys.executable, "-P", str(ROOT / "deploy" / "warm_executor.py")]
