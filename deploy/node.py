@@ -15,6 +15,7 @@ Flower's "FAB verification failed" log line and an error reply.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,7 @@ def run_node(config: NodeConfig) -> int:
     interrupted; its exit code."""
     if config.insecure:
         print(f"WARNING: {INSECURE_NOTE}")
+    config = dataclasses.replace(config, cold=warm_executor.run_cold(config.cold))  # no os.fork: cold
     env = warm_executor.fast_polling(flower_env())
     port = config.port or free_port()
     with terminate_gracefully():

@@ -152,11 +152,7 @@ def serve(
     flwr_home = Path(tempfile.mkdtemp(prefix="fedadapt-serve-"))
     try:
         with terminate_gracefully(), _superlink(flwr_home, plan.out_dir, deployment, certs) as link:
-            nodes = [
-                process
-                for index in range(deployment.local_supernodes)
-                for process in _supernode(flwr_home, link.env, plan, link.address, index, deployment, certs)
-            ]
+            nodes = _supernodes(flwr_home, link.env, plan, link.address, deployment, certs)
             try:
                 code = _run_app(plan, flwr_home, link.env, show, link.app)
             finally:
@@ -346,6 +342,25 @@ def _register(flwr_home: Path, env: dict[str, str], public: Path, log_file: Path
         result = subprocess.run(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=60)
     if result.returncode != 0:
         raise SimulationError(f"registering {public} with the SuperLink failed; see {log_file}{log_tail(log_file)}")
+
+
+def _supernodes(
+    flwr_home: Path,
+    env: dict[str, str],
+    plan: SimulationPlan,
+    address: str,
+    deployment: Deployment,
+    certs: _Certs | None,
+) -> list[subprocess.Popen[bytes]]:
+    """The local SuperNodes and their warm executors (cold devices if asked, or where there is no os.fork)."""
+    if not deployment.local_supernodes:
+        return []
+    deployment = dataclasses.replace(deployment, cold_devices=warm_executor.run_cold(deployment.cold_devices))
+    return [
+        process
+        for index in range(deployment.local_supernodes)
+        for process in _supernode(flwr_home, env, plan, address, index, deployment, certs)
+    ]
 
 
 def _supernode(

@@ -11,14 +11,18 @@ executor serve agent, model and connector tasks, never ClientApps). This process
 
 - at start it imports the heavy third-party modules once (never an app module: Flower's ``load_app``
   reuses a module already in ``sys.modules``, so a preloaded ``clients`` or ``fedadapt`` would run
-  instead of the signed FAB's copy) and runs no torch operation, so no OpenMP pool exists to fork;
+  instead of the signed FAB's copy) and runs no torch operation, so no OpenMP pool exists to fork,
+  and never CUDA: it refuses to fork (and exits) once CUDA is initialised, which children cannot use;
 - it polls ``AcquireTask`` like ``flwr/supercore/superexec/run_superexec.py:run_superexec`` (every
   ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds) and, for each ClientApp task, forks a child that runs
   Flower's ``flwr-clientapp`` entry point with the arguments ``SubprocessExecutor.launch`` would pass:
   the token handshake, the task's inputs, the reply and the error reply stay Flower's;
 - a child that raises is reported by Flower's own code in the child (an error reply and a FAILED task
   status); one that dies is reaped and logged, and the task expires as Flower's would. The parent holds
-  nothing per task, so its memory does not grow, and it serves the next task either way.
+  nothing per task, so its memory does not grow, and it serves the next task either way;
+- a child that runs longer than ``--max-task-seconds`` (default 30 minutes) is stopped with everything
+  it started (each child leads its own process group): a hung ClientApp would otherwise hold a task
+  slot forever, and four of them would stop the device.
 """
 
 from __future__ import annotations
@@ -55,10 +59,31 @@ FAST_POLL_SECONDS = 0.1  # what `fedadapt node` and `serve` set (Flower's defaul
 _POLL_BOUNDS = (0.01, 60.0)
 _ERROR_BACKOFF_SECONDS = 1.0
 _STOP_GRACE_SECONDS = 10.0
+_EXPIRE_GRACE_SECONDS = 5.0  # short: the loop serves no other task while it stops an expired one
+MAX_TASK_SECONDS_ENV = "FEDADAPT_MAX_TASK_SECONDS"  # the default of --max-task-seconds; launchers pass it on
+DEFAULT_MAX_TASK_SECONDS = 30 * 60.0  # far above a round's training on a device; a hung child ends sooner
 READY_LINE = "warm executor ready"  # logged once per parent: tests count these
 TASK_LINE = "forked task"  # logged once per task, with the parent's and the child's PIDs
 SUPERNODE_FLAGS = ["--isolation", "process"]  # the SuperNode leaves its tasks to this executor
 MIN_LIFETIME_SECONDS = 30.0  # an executor that dies sooner is not restarted: it cannot start at all
+FORK_REFUSED_EXIT = 3  # the parent's exit code when it must not fork (its log line says why)
+# torch's fork-safe CUDA check: with it, torch.cuda.is_available() asks NVML instead of calling cuInit,
+# which would leave forked children a CUDA driver they cannot use.
+NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
+CUDA_IN_PARENT = (
+    "CUDA is initialised in the warm parent, and children forked after that cannot use it: nothing in the "
+    "parent may run a CUDA operation (the ClientApp may, in its child). Restart the executor (`fedadapt node` "
+    "restarts one that has run 30 s or more), or run with --cold-devices"
+)
+
+NO_FORK = (
+    "this platform has no os.fork (Windows), which warm devices need: running cold devices instead, a fresh "
+    "ClientApp process per message (as --cold-devices does)"
+)
+
+
+class ForkRefused(RuntimeError):
+    """The warm parent must not fork in its state; the message says why and what to do."""
 
 
 def poll_interval(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
@@ -76,6 +101,31 @@ def poll_interval(environ: dict[str, str] | os._Environ[str] = os.environ) -> fl
     return value
 
 
+def max_task_seconds(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
+    """Seconds a task's child may run, from ``FEDADAPT_MAX_TASK_SECONDS`` (default 30 minutes)."""
+    raw = environ.get(MAX_TASK_SECONDS_ENV)
+    if raw is None:
+        return DEFAULT_MAX_TASK_SECONDS
+    try:
+        return TaskLimits(max_task_seconds=float(raw)).max_task_seconds
+    except ValueError:
+        raise ValueError(f"{MAX_TASK_SECONDS_ENV} must be seconds > 0, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """How many children run at once, and how long each may run before it is stopped."""
+
+    max_children: int = 4
+    max_task_seconds: float = DEFAULT_MAX_TASK_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.max_children < 1:
+            raise ValueError(f"max_children must be 1 or more, got {self.max_children!r}")
+        if not (math.isfinite(self.max_task_seconds) and self.max_task_seconds > 0):
+            raise ValueError(f"max_task_seconds must be seconds > 0, got {self.max_task_seconds!r}")
+
+
 def app_modules_loaded(modules: Iterable[str] | None = None) -> list[str]:
     """Modules of the project's packages in ``sys.modules`` (or ``modules``): a forked ClientApp would reuse them."""
     names = sys.modules if modules is None else modules
@@ -91,19 +141,29 @@ def load_clientapp_entry_point() -> Callable[[], Any]:
     raise RuntimeError(f"`{CLIENTAPP_COMMAND}` is not installed: pip install 'flwr[simulation]~=1.41.0'")
 
 
+def cuda_initialized() -> bool:
+    """Whether this process has initialised CUDA; never imports torch to find out."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.cuda.is_initialized())
+
+
 def warm_up(modules: Sequence[str] = WARM_MODULES) -> Callable[[], Any]:
     """Import ``modules`` and Flower's ClientApp entry point once; the entry point.
 
     Runs no torch operation: a parent that had started torch's OpenMP pool would fork children whose
     first parallel operation hangs (GNU libgomp is not fork-safe). OpenBLAS (numpy's) stops its own
     threads at fork (its atfork handler), and Python's ``random`` reseeds itself in each child.
+    A library that asks ``torch.cuda.is_available()`` at import gets NVML's answer, not a CUDA driver.
     """
+    os.environ.setdefault(NVML_CHECK_ENV, "1")  # before torch is imported; the children inherit it (harmless)
     for name in modules:
         importlib.import_module(name)
     entry_point = load_clientapp_entry_point()
     loaded = app_modules_loaded()
     if loaded:
         raise RuntimeError(f"the warm parent imported app modules {loaded}: a ClientApp would run them, not the FAB's")
+    if cuda_initialized():
+        raise ForkRefused(f"the warm-up initialised CUDA. {CUDA_IN_PARENT}")
     return entry_point
 
 
@@ -136,6 +196,8 @@ def run_child(entry_point: Callable[[], Any], argv: Sequence[str]) -> NoReturn:
     """
     code = 1
     try:
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)  # its own process group, so that a timeout stops what it started too
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)  # Flower's entry point installs its own
         _reseed()
@@ -174,30 +236,42 @@ def _reseed() -> None:
         torch.seed()
 
 
+@dataclass(frozen=True)
+class Child:
+    """A running task's child: which task it serves, and since when (``time.monotonic``)."""
+
+    task_id: int
+    started: float
+
+
 @dataclass
 class ForkExecutor:
     """Forks one child per task from this (warm) process, reaps the children, and stops them on close."""
 
     entry_point: Callable[[], Any]
-    max_children: int = 4
+    limits: TaskLimits = field(default_factory=TaskLimits)
     app_modules: Callable[[], list[str]] = app_modules_loaded  # what must not be loaded when it forks
-    children: dict[int, int] = field(default_factory=dict)  # pid -> task id
+    children: dict[int, Child] = field(default_factory=dict)  # by pid
     forked: int = 0  # tasks started so far (a start-up counter for tests and logs)
 
     def has_capacity(self) -> bool:
-        return len(self.children) < self.max_children
+        return len(self.children) < self.limits.max_children
 
     def launch(self, task_id: int, argv: Sequence[str]) -> int:
         """Fork a child running the ClientApp entry point with ``argv``; its PID."""
+        if cuda_initialized():  # checked at every fork: the parent must never run a CUDA operation
+            raise ForkRefused(CUDA_IN_PARENT)
         loaded = self.app_modules()
         if loaded:  # checked at every fork: nothing the parent does may import them
-            raise RuntimeError(f"the warm parent holds app modules {loaded}; refusing to fork")
+            raise ForkRefused(f"the warm parent holds app modules {loaded}; refusing to fork")
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # or the child would print the parent's buffered lines again
         pid = os.fork()
         if pid == 0:
             run_child(self.entry_point, argv)
-        self.children[pid] = task_id
+        with contextlib.suppress(OSError):  # the child does the same: whichever runs first, the group exists
+            os.setpgid(pid, pid)
+        self.children[pid] = Child(task_id, time.monotonic())
         self.forked += 1
         logger.info(
             "%s %d: child pid %d, warm parent pid %d, task #%d, parent rss %.1f MiB",
@@ -213,7 +287,7 @@ class ForkExecutor:
     def reap(self) -> list[tuple[int, int, int]]:
         """Collect the children that have exited: (task id, pid, exit status as ``waitstatus_to_exitcode``)."""
         done = []
-        for pid, task_id in list(self.children.items()):
+        for pid, child in list(self.children.items()):
             try:
                 waited, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
@@ -222,32 +296,67 @@ class ForkExecutor:
                 continue
             del self.children[pid]
             code = os.waitstatus_to_exitcode(status)
-            done.append((task_id, pid, code))
-            if code == 0:
-                logger.info("task %d: child pid %d finished", task_id, pid)
-            elif code < 0:
-                logger.warning(
-                    "task %d: child pid %d was killed by signal %d; the device serves on", task_id, pid, -code
-                )
-            else:
-                logger.warning("task %d: child pid %d exited with code %d; the device serves on", task_id, pid, code)
+            done.append((child.task_id, pid, code))
+            _log_exit(child.task_id, pid, code)
         return done
+
+    def expire(self, grace: float = _EXPIRE_GRACE_SECONDS) -> list[tuple[int, int, int]]:
+        """Stop the children that have run longer than ``max_task_seconds``: (task id, pid, exit status) each.
+
+        The task's status is left to the Runtime API's expiry, as for a child that died.
+        """
+        now, limit = time.monotonic(), self.limits.max_task_seconds
+        late = [pid for pid, child in self.children.items() if now - child.started > limit]
+        for pid in late:
+            logger.error(
+                "task %d: child pid %d exceeded max task time %g s; stopping it to free its slot",
+                self.children[pid].task_id,
+                pid,
+                limit,
+            )
+        return self._stop(late, grace)
 
     def close(self, grace: float = _STOP_GRACE_SECONDS) -> None:
         """SIGTERM every child (Flower's handler pushes its status), SIGKILL those still alive after ``grace``."""
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        for task_id, pid, code in self._stop(list(self.children), grace):
+            _log_exit(task_id, pid, code)
+
+    def _stop(self, pids: list[int], grace: float) -> list[tuple[int, int, int]]:
+        """SIGTERM the process groups of ``pids`` (children, not reaped yet), SIGKILL them after ``grace``, reap.
+
+        Each child leads its own group; while it is unreaped its PID, and so its group, cannot belong to
+        another process. The group is killed before its leader is reaped: what the child started dies too.
+        """
+        _signal_groups(pids, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while self.children and time.monotonic() < deadline:
-            self.reap()
+        while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for pid in list(self.children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _signal_groups(pids, signal.SIGKILL)  # also what ignored SIGTERM below a child that obeyed it
+        stopped = []
+        for pid in pids:
+            status = 0
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            del self.children[pid]
+                status = os.waitpid(pid, 0)[1]
+            stopped.append((self.children.pop(pid).task_id, pid, os.waitstatus_to_exitcode(status)))
+        return stopped
+
+
+def _signal_groups(pids: Iterable[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.killpg(pid, signum)
+        except OSError:  # no such group (its setpgid failed): the child alone, still ours until reaped
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+
+def _log_exit(task_id: int, pid: int, code: int) -> None:
+    if code == 0:
+        logger.info("task %d: child pid %d finished", task_id, pid)
+    elif code < 0:
+        logger.warning("task %d: child pid %d was killed by signal %d; the device serves on", task_id, pid, -code)
+    else:
+        logger.warning("task %d: child pid %d exited with code %d; the device serves on", task_id, pid, code)
 
 
 @dataclass(frozen=True)
@@ -312,6 +421,7 @@ def serve_tasks(target: RuntimeTarget, executor: ForkExecutor, interval: float, 
     try:
         while not stop.requested:
             executor.reap()
+            executor.expire()  # a hung child would hold its slot forever
             if parent_pid is not None and not _pid_alive(parent_pid):
                 logger.info("the SuperNode (pid %d) has exited: stopping", parent_pid)
                 break
@@ -363,7 +473,7 @@ def _log_to_stderr() -> None:
     logger.propagate = False
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="A warm SuperExec for one SuperNode in process isolation.")
     parser.add_argument("--runtime-api-address", required=True, help="The SuperNode's Runtime API, HOST:PORT.")
     security = parser.add_mutually_exclusive_group(required=True)
@@ -372,22 +482,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, help="The SuperNode's PID: stop when it exits.")
     parser.add_argument("--label", default="", help="Shown in the process list (e.g. the device's partition).")
     parser.add_argument("--max-tasks", type=int, default=4, help="Children running at once (default 4).")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--max-task-seconds",
+        type=float,
+        default=max_task_seconds(),
+        help=f"Stop a task's child after this long (default {MAX_TASK_SECONDS_ENV}, else 30 minutes).",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
     _log_to_stderr()
     interval = poll_interval()
-    started = time.monotonic()
-    entry_point = warm_up()
-    logger.info(
-        "%s (pid %d%s): %s imported in %.1f s; polling every %g s",
-        READY_LINE,
-        os.getpid(),
-        f", {args.label}" if args.label else "",
-        ", ".join(WARM_MODULES),
-        time.monotonic() - started,
-        interval,
-    )
+    limits = TaskLimits(max_children=args.max_tasks, max_task_seconds=args.max_task_seconds)
     target = RuntimeTarget(args.runtime_api_address, args.insecure, args.root_certificates)
-    return serve_tasks(target, ForkExecutor(entry_point, max_children=args.max_tasks), interval, args.parent_pid)
+    started = time.monotonic()
+    try:
+        entry_point = warm_up()
+        logger.info(
+            "%s (pid %d%s): %s imported in %.1f s; polling every %g s, tasks stopped after %g s",
+            READY_LINE,
+            os.getpid(),
+            f", {args.label}" if args.label else "",
+            ", ".join(WARM_MODULES),
+            time.monotonic() - started,
+            interval,
+            limits.max_task_seconds,
+        )
+        return serve_tasks(target, ForkExecutor(entry_point, limits), interval, args.parent_pid)
+    except ForkRefused as error:  # a task it claimed expires, as a failed launch would; a new parent starts clean
+        logger.error("refusing to fork, exiting: %s", error)
+        return FORK_REFUSED_EXIT
 
 
 def command(runtime_api_address: str, supernode_pid: int, label: str = "") -> list[str]:
@@ -400,6 +526,17 @@ def command(runtime_api_address: str, supernode_pid: int, label: str = "") -> li
     line = [sys.executable, "-P", script, "--runtime-api-address", runtime_api_address, "--insecure"]
     line += ["--parent-pid", str(supernode_pid)]
     return [*line, "--label", label] if label else line
+
+
+def run_cold(cold: bool) -> bool:
+    """Whether devices run cold: asked for (``--cold-devices``), or forced where ``os.fork`` is missing.
+
+    Called once by each launcher (``fedadapt node``, ``serve --local-supernodes``); the forced case logs why.
+    """
+    if cold or hasattr(os, "fork"):
+        return cold
+    logger.warning(NO_FORK)
+    return True
 
 
 def fast_polling(env: dict[str, str]) -> dict[str, str]:

@@ -18,6 +18,7 @@ from waiting import scaled
 from deploy import node as node_module
 from deploy import warm_executor
 from deploy.warm_executor import ForkExecutor
+from simulations import processes
 from simulations.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +88,67 @@ def test_a_node_runs_in_process_isolation_unless_cold() -> None:
     assert "--isolation" not in node_module.NodeConfig(**base, cold=True).command()
 
 
+class _FakePopen:
+    """A started process that records its command line and exits at once with 0."""
+
+    def __init__(self, launched: list[list[str]], args: list[str], **_: object) -> None:
+        launched.append(list(args))
+        self.pid, self.returncode = 4242, 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+    def poll(self) -> int:
+        return 0
+
+
+def _no_warm_executor(*_: object, **__: object) -> None:
+    raise AssertionError("a warm executor was started")
+
+
+def test_a_node_runs_cold_where_there_is_no_fork(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    launched: list[list[str]] = []
+    monkeypatch.delattr(os, "fork")  # as on Windows
+    monkeypatch.setattr(node_module.subprocess, "Popen", lambda args, **kw: _FakePopen(launched, args, **kw))
+    monkeypatch.setattr(node_module, "stop_process_trees", lambda processes: None)
+    monkeypatch.setattr(warm_executor, "supervise", _no_warm_executor)
+    config = node_module.NodeConfig(superlink="127.0.0.1:9092", partition_id=0, num_partitions=2, insecure=True)
+    with caplog.at_level("WARNING", logger=warm_executor.logger.name):
+        assert node_module.run_node(config) == 0
+    assert len(launched) == 1 and launched[0][0].endswith("flower-supernode")
+    assert "--isolation" not in launched[0]  # Flower's default: a fresh flower-superexec, a fresh ClientApp
+    assert [r.getMessage() for r in caplog.records] == [warm_executor.NO_FORK]
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_local_supernodes_run_cold_where_there_is_no_fork(
+    fork: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    from deploy import serve as serve_module
+
+    launched: list[list[str]] = []
+    executors: list[str] = []
+    if not fork:
+        monkeypatch.delattr(os, "fork")
+    monkeypatch.setattr(serve_module.subprocess, "Popen", lambda args, **kw: _FakePopen(launched, args, **kw))
+    monkeypatch.setattr(warm_executor, "start", lambda port, node, env, label, **_: executors.append(label))
+    deployment = serve_module.Deployment(insecure=True, local_supernodes=2)
+    plan = SimpleNamespace(out_dir=tmp_path)
+    with caplog.at_level("WARNING", logger=warm_executor.logger.name):
+        serve_module._supernodes(tmp_path, {}, plan, "127.0.0.1:9092", deployment, None)  # type: ignore[arg-type]
+    assert len(launched) == 2
+    if fork:
+        assert all("--isolation" in line for line in launched)
+        assert executors == ["partition-id=0", "partition-id=1"] and caplog.records == []
+    else:
+        assert not any("--isolation" in line for line in launched) and executors == []
+        assert [r.getMessage() for r in caplog.records] == [warm_executor.NO_FORK]  # once, not once a node
+
+
 def test_the_executor_command_keeps_the_project_off_the_parents_path() -> None:
     line = warm_executor.command("127.0.0.1:9094", 123, "partition-id=1")
     assert line[:3] == [sys.executable, "-P", str(ROOT / "deploy" / "warm_executor.py")]
@@ -138,7 +200,8 @@ def test_each_task_gets_its_own_child_of_one_parent_and_failures_do_not_stop_it(
 
 
 def test_capacity_and_close_stop_running_children(tmp_path: Path) -> None:
-    executor = ForkExecutor(lambda: _report(tmp_path / "x"), max_children=2, app_modules=list)
+    limits = warm_executor.TaskLimits(max_children=2)
+    executor = ForkExecutor(lambda: _report(tmp_path / "x"), limits, app_modules=list)
     first = executor.launch(1, ["sleep"])
     executor.launch(2, ["sleep"])
     assert not executor.has_capacity()
@@ -148,11 +211,133 @@ def test_capacity_and_close_stop_running_children(tmp_path: Path) -> None:
         os.waitpid(first, os.WNOHANG)  # reaped
 
 
+def _hang(path: Path) -> None:
+    """A fake entry point that hangs: it ignores SIGTERM, starts a grandchild that hangs too, and sleeps."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    grandchild = os.fork()
+    if grandchild == 0:
+        time.sleep(60)
+        os._exit(0)
+    path.write_text(f"{os.getpid()} {grandchild}")
+    time.sleep(60)
+
+
+def test_limits_are_checked_and_read_from_the_environment() -> None:
+    assert warm_executor.max_task_seconds({}) == 30 * 60
+    assert warm_executor.max_task_seconds({warm_executor.MAX_TASK_SECONDS_ENV: "90"}) == 90
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(ValueError, match=warm_executor.MAX_TASK_SECONDS_ENV):
+            warm_executor.max_task_seconds({warm_executor.MAX_TASK_SECONDS_ENV: bad})
+    with pytest.raises(ValueError, match="max_children"):
+        warm_executor.TaskLimits(max_children=0)
+
+
+def test_a_child_over_the_max_task_time_is_stopped_with_what_it_started(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    report = tmp_path / "pids.txt"
+    limits = warm_executor.TaskLimits(max_children=1, max_task_seconds=0.2)
+    executor = ForkExecutor(lambda: _hang(report), limits, app_modules=list)
+    pid = executor.launch(7, [])
+    deadline = time.monotonic() + scaled(30)
+    while not report.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child, grandchild = map(int, report.read_text().split())
+    stopped: list[tuple[int, int, int]] = []
+    with caplog.at_level("INFO", logger=warm_executor.logger.name):
+        while not stopped and time.monotonic() < deadline:
+            stopped = executor.expire(grace=0.5)
+            time.sleep(0.05)
+    assert child == pid and stopped == [(7, pid, -signal.SIGKILL)]  # it ignored SIGTERM
+    assert executor.children == {} and executor.has_capacity()  # the slot is free
+    lines = [r.getMessage() for r in caplog.records if "exceeded" in r.getMessage()]
+    assert lines == [f"task 7: child pid {pid} exceeded max task time 0.2 s; stopping it to free its slot"]
+    while processes.alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes.alive(grandchild)  # its process group went with it
+
+
+class _FakeRuntime:
+    """The SuperNode's Runtime API: a ClientApp task per AcquireTask; after ``tasks`` of them, a stop request."""
+
+    def __init__(self, tasks: int) -> None:
+        self.tasks, self.handed = tasks, 0
+
+    def AcquireTask(self, request: object) -> object:  # noqa: N802 - Flower's name
+        from flwr.proto.runtime_pb2 import AcquireTaskResponse
+
+        if self.handed == self.tasks:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler: stop after this pass
+            return AcquireTaskResponse()
+        self.handed += 1
+        reply = AcquireTaskResponse(token="tok")
+        reply.task.task_id, reply.task.type = self.handed, warm_executor.CLIENTAPP_TASK
+        return reply
+
+    def close(self) -> None:
+        pass
+
+
+def _fake_runtime(monkeypatch: pytest.MonkeyPatch, tasks: int) -> _FakeRuntime:
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    runtime = _FakeRuntime(tasks)
+    monkeypatch.setattr(RuntimeHttpClient, "from_server_address", staticmethod(lambda **_: runtime))
+    return runtime
+
+
+def test_hung_tasks_lose_their_slot_and_the_device_serves_the_next(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _fake_runtime(monkeypatch, tasks=3)
+    limits = warm_executor.TaskLimits(max_children=1, max_task_seconds=0.2)
+    executor = ForkExecutor(lambda: time.sleep(60), limits, app_modules=list)  # every task hangs
+    target = warm_executor.RuntimeTarget("127.0.0.1:1", insecure=True)
+    with caplog.at_level("INFO", logger=warm_executor.logger.name):
+        assert warm_executor.serve_tasks(target, executor, 0.01, None) == 0
+    assert executor.forked == 3 and executor.children == {}  # one slot, three tasks: each hung one was stopped
+    expired = [r.getMessage().split(":")[0] for r in caplog.records if "exceeded max task time" in r.getMessage()]
+    assert expired == ["task 1", "task 2", "task 3"]
+
+
 def test_the_parent_refuses_to_fork_while_it_holds_app_modules() -> None:
     executor = ForkExecutor(lambda: None)
     with pytest.raises(RuntimeError, match="refusing to fork"):  # this test process has imported fedadapt
         executor.launch(1, [])
     assert executor.forked == 0
+
+
+def test_the_parent_refuses_to_fork_once_cuda_is_initialised(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    executor = ForkExecutor(lambda: None, app_modules=list)
+    with pytest.raises(warm_executor.ForkRefused, match="CUDA is initialised in the warm parent"):
+        executor.launch(1, [])
+    assert executor.forked == 0 and executor.children == {}
+    monkeypatch.setattr(warm_executor, "app_modules_loaded", list)  # this process holds fedadapt
+    monkeypatch.delenv(warm_executor.NVML_CHECK_ENV, raising=False)
+    with pytest.raises(warm_executor.ForkRefused, match="the warm-up initialised CUDA"):
+        warm_executor.warm_up(modules=())
+    assert os.environ[warm_executor.NVML_CHECK_ENV] == "1"  # torch's fork-safe is_available()
+
+
+def test_a_parent_with_cuda_exits_non_zero_saying_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    runtime = _fake_runtime(monkeypatch, tasks=1)
+    monkeypatch.setattr(warm_executor, "warm_up", lambda: lambda: None)
+    monkeypatch.setattr(warm_executor, "_log_to_stderr", lambda: None)  # it would take the records from caplog
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as if something in the parent ran CUDA
+    with caplog.at_level("INFO", logger=warm_executor.logger.name):
+        code = warm_executor.main(["--runtime-api-address", "127.0.0.1:1", "--insecure"])
+    assert code == warm_executor.FORK_REFUSED_EXIT != 0 and runtime.handed == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("refusing to fork, exiting: CUDA is initialised")
+    assert "Restart the executor" in errors[0] and "--cold-devices" in errors[0]
+    assert not any(warm_executor.TASK_LINE in r.getMessage() for r in caplog.records)  # nothing was forked
 
 
 def test_supervise_gives_up_on_an_executor_that_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,6 +379,8 @@ import os, sys
 from deploy import warm_executor as w
 sys.modules.pop("deploy.warm_executor"); sys.modules.pop("deploy")  # the check below is about the warm-up
 entry = w.warm_up()
+import torch
+assert not torch.cuda.is_initialized() and os.environ[w.NVML_CHECK_ENV] == "1"
 assert w.app_modules_loaded() == [], w.app_modules_loaded()
 import threading
 from flwr.supercore.exit import exit_handler
