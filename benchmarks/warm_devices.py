@@ -20,8 +20,9 @@ longest):
 Under secagg+ the devices report no timings (they would reveal their example counts), so a secagg+ round
 is split into its stages' exchanges and the server's work only.
 Memory: every process below this one is sampled from /proc every 0.25 s, each sample filed under the
-round in progress (metrics.json's rounds + 1): a warm executor's parent (its command line names
-``warm_executor.py``) and its forked children; for cold devices each ``flwr-clientapp`` process.
+round in progress (metrics.json's rounds + 1; none after the last round): each warm executor parent's RSS
+(its command line names ``warm_executor.py``), the summed PSS of a parent and its forked children, and for
+cold devices the RSS of each ``flwr-clientapp`` process.
 
 Goals (issue 20; ratios from this run, steady rounds 2+, 3 SuperNodes, warm devices):
   per-message overhead beyond compute (start-up + flower) <= 1.5 s + the SuperNode's 3 s idle pull
@@ -138,9 +139,10 @@ class DeviceMemory:
     """Samples the devices' processes below this one; per round in progress, the peak resident sizes (MiB)."""
 
     metrics_file: Path
+    rounds: int  # samples taken after the last round (the run's teardown) are not filed
     interval: float = 0.25
     parents: dict[int, dict[int, float]] = field(default_factory=dict)  # round -> warm parent pid -> peak RSS
-    devices: dict[int, float] = field(default_factory=dict)  # round -> peak of one parent + its children
+    devices: dict[int, float] = field(default_factory=dict)  # round -> peak PSS of one parent + its children
     clientapps: dict[int, float] = field(default_factory=dict)  # round -> peak RSS of one cold ClientApp
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -170,15 +172,18 @@ class DeviceMemory:
         return self._seen[1] + 1
 
     def sample(self, server_round: int) -> None:
+        if server_round > self.rounds:
+            return
         commands = {pid: _cmdline(pid) for pid in descendants(os.getpid())}
         warm = {pid for pid, argv in commands.items() if any(a.endswith(WARM_SCRIPT) for a in argv)}
         totals: dict[int, float] = {}
         for pid in warm:
             parent = _ppid(pid)
-            rss = proc_kib(pid, "status", "VmRSS:") / 1024
             owner = parent if parent in warm else pid
-            totals[owner] = totals.get(owner, 0.0) + rss
+            # PSS for the device: a child shares its parent's pages copy-on-write, and RSS would count them twice.
+            totals[owner] = totals.get(owner, 0.0) + proc_kib(pid, "smaps_rollup", "Pss:") / 1024
             if owner == pid:
+                rss = proc_kib(pid, "status", "VmRSS:") / 1024
                 peaks = self.parents.setdefault(server_round, {})
                 peaks[pid] = max(peaks.get(pid, 0.0), rss)
         if totals:
@@ -237,7 +242,7 @@ def run_variant(nodes: int, devices: str, privacy: str, args: argparse.Namespace
     scenario = write_scenario(folder, nodes, rounds, privacy, args)
     deployment = Deployment(local_supernodes=nodes, cold_devices=devices == "cold")
     started = time.perf_counter()
-    with DeviceMemory(folder / "run" / "metrics.json") as memory:
+    with DeviceMemory(folder / "run" / "metrics.json", rounds) as memory:
         metrics = serve(scenario, deployment, rounds=rounds, out=folder / "run", show=True)
     rows = [round_split(r) for r in metrics["rounds"]]
     return {
@@ -247,7 +252,7 @@ def run_variant(nodes: int, devices: str, privacy: str, args: argparse.Namespace
         "rounds": rows,
         "failures": sum(len(r.get("rejected", [])) + ("error" in r) for r in metrics["rounds"]),
         "warm_parent_peak_rss_mib": memory.parents,
-        "warm_device_peak_rss_mib": memory.devices,
+        "warm_device_peak_pss_mib": memory.devices,
         "cold_clientapp_peak_rss_mib": memory.clientapps,
         "warm_parent_growth": memory.parent_growth(),
         "wall_s": time.perf_counter() - started,
@@ -285,7 +290,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     """Medians over the steady rounds; per message = the round's exchange over its messages per device."""
     rows = steady(result["rounds"])
-    memory = result["warm_device_peak_rss_mib"] or result["cold_clientapp_peak_rss_mib"]
+    memory = result["warm_device_peak_pss_mib"] or result["cold_clientapp_peak_rss_mib"]
     return {
         "round_s": median(rows, "round_s"),
         "message_s": statistics.median(r["exchange_s"] / r["messages"] for r in rows),
@@ -305,11 +310,11 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Medians of rounds 2+. Per message: the exchange over the messages each device answers per round (1 plain,"
         " 5 secagg+); compute, start-up and Flower's waits are the critical device's in a plain round (secagg+"
-        " devices report no timings). Device memory: peak RSS of one warm parent with its children, or of one"
-        " cold ClientApp process.",
+        " devices report no timings). Device memory: peak PSS of one warm parent with its children (their shared"
+        " pages counted once), or peak RSS of one cold ClientApp process.",
         "",
         "| nodes | devices | rounds | round (s) | per message (s) | compute (s) | start-up (s) | Flower waits (s)"
-        " | server work (s) | device peak RSS (MiB) | failures |",
+        " | server work (s) | device peak (MiB) | failures |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in report["results"]:

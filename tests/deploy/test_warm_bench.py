@@ -89,12 +89,16 @@ def test_the_sampler_files_a_warm_parent_and_its_child_under_one_device(monkeypa
     monkeypatch.setattr(bench, "descendants", lambda pid: list(commands))
     monkeypatch.setattr(bench, "_cmdline", commands.__getitem__)
     monkeypatch.setattr(bench, "_ppid", parents.__getitem__)
-    monkeypatch.setattr(bench, "proc_kib", lambda pid, file, name: rss[pid] * 1024)
-    memory = bench.DeviceMemory(metrics_file=bench.Path("/nonexistent"))
+    pss = {10: 300.0, 11: 50.0}  # the child shares most of its parent's pages
+    monkeypatch.setattr(bench, "proc_kib", lambda pid, file, name: (rss if name == "VmRSS:" else pss)[pid] * 1024)
+    memory = bench.DeviceMemory(metrics_file=bench.Path("/nonexistent"), rounds=3)
     memory.sample(2)
     rss[10] = 410.0
     memory.sample(3)
     assert memory.parents == {2: {10: 400.0}, 3: {10: 410.0}}
-    assert memory.devices == {2: 550.0, 3: 560.0}
+    assert memory.devices == {2: 350.0, 3: 350.0}
     assert memory.clientapps == {2: 700.0, 3: 700.0}
     assert memory.parent_growth() == pytest.approx(0.025)  # from round 2 to the last
+    rss[10] = 900.0
+    memory.sample(4)  # after the last round: the run's teardown, not filed
+    assert 4 not in memory.parents and memory.parent_growth() == pytest.approx(0.025)
