@@ -293,7 +293,7 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     memory = result["warm_device_peak_pss_mib"] or result["cold_clientapp_peak_rss_mib"]
     return {
         "round_s": median(rows, "round_s"),
-        "message_s": statistics.median(r["exchange_s"] / r["messages"] for r in rows),
+        "message_s": statistics.median(r["exchange_s"] / max(1, r["messages"]) for r in rows),
         "compute_s": median(rows, "compute_s"),
         "startup_s": median(rows, "startup_s"),
         "flower_s": median(rows, "flower_s"),
