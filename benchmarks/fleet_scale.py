@@ -60,14 +60,15 @@ class TreeMemory:
             pids = descendants(os.getpid())
             pss = rss = 0.0
             for pid in pids:
-                pss += _kib(pid, "smaps_rollup", "Pss:") / 1024
-                rss = max(rss, _kib(pid, "status", "VmRSS:") / 1024)
+                pss += proc_kib(pid, "smaps_rollup", "Pss:") / 1024
+                rss = max(rss, proc_kib(pid, "status", "VmRSS:") / 1024)
             self.peak_pss_mib = max(self.peak_pss_mib, pss)
             self.peak_rss_mib = max(self.peak_rss_mib, rss)
             self.peak_processes = max(self.peak_processes, len(pids))
 
 
-def _kib(pid: int, file: str, field: str) -> float:
+def proc_kib(pid: int, file: str, field: str) -> float:
+    """A ``field`` of /proc/``pid``/``file`` in KiB (0 when the process is gone or the field is absent)."""
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
             if line.startswith(field):

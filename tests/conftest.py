@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -15,49 +14,24 @@ from pathlib import Path
 import pytest
 import torch
 from flower_starts import GUARD
-from tiny_vocab import VOCAB
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from tiny_bert import write_tiny_bert
+from transformers import BertTokenizerFast
 from waiting import TIME_SCALE_VARIABLE, time_scale
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _write_tiny_bert(folder: Path, sentence_transformers: bool) -> Path:
-    torch.manual_seed(1234)
-    config = BertConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(folder)
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(VOCAB) + "\n")
-    BertTokenizerFast(vocab=str(vocab_file)).save_pretrained(folder)
-    if sentence_transformers:
-        (folder / "1_Pooling").mkdir()
-        (folder / "1_Pooling" / "config.json").write_text(
-            json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
-        )
-        (folder / "modules.json").write_text(
-            json.dumps([{"idx": 2, "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
-        )
-    return folder
-
-
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT folder laid out like a sentence-transformers model (mean pooling, normalize)."""
-    return _write_tiny_bert(tmp_path_factory.mktemp("tiny-bert-st"), sentence_transformers=True)
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert-st"), sentence_transformers=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_bert_plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny plain BERT folder (no pooling declaration: CLS pooling)."""
-    return _write_tiny_bert(tmp_path_factory.mktemp("tiny-bert-plain"), sentence_transformers=False)
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert-plain"), sentence_transformers=False)
 
 
 @pytest.fixture
