@@ -158,12 +158,20 @@ def test_the_executor_command_keeps_the_project_off_the_parents_path() -> None:
 # --- forking and reaping (fake entry points: no Flower) ------------------------------------------------------------
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name, then rename: a reader never sees half of it."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def _report(path: Path) -> None:
     """A fake entry point: write this child's PID, parent PID and argv, then act as argv[-1] says."""
     import numpy
 
-    path.with_name(f"{os.getpid()}.txt").write_text(
-        f"{os.getpid()} {os.getppid()} {numpy.random.randint(2**31)} {' '.join(sys.argv)}"
+    _write_whole(
+        path.with_name(f"{os.getpid()}.txt"),
+        f"{os.getpid()} {os.getppid()} {numpy.random.randint(2**31)} {' '.join(sys.argv)}",
     )
     action = sys.argv[-1]
     if action == "raise":
@@ -218,7 +226,7 @@ def _hang(path: Path) -> None:
     if grandchild == 0:
         time.sleep(60)
         os._exit(0)
-    path.write_text(f"{os.getpid()} {grandchild}")
+    _write_whole(path, f"{os.getpid()} {grandchild}")
     time.sleep(60)
 
 
@@ -316,7 +324,9 @@ def test_the_parent_refuses_to_fork_once_cuda_is_initialised(monkeypatch: pytest
         executor.launch(1, [])
     assert executor.forked == 0 and executor.children == {}
     monkeypatch.setattr(warm_executor, "app_modules_loaded", list)  # this process holds fedadapt
-    monkeypatch.delenv(warm_executor.NVML_CHECK_ENV, raising=False)
+    # set, then removed: monkeypatch records the variable's absence and restores it after warm_up sets it
+    monkeypatch.setenv(warm_executor.NVML_CHECK_ENV, "0")
+    monkeypatch.delenv(warm_executor.NVML_CHECK_ENV)
     with pytest.raises(warm_executor.ForkRefused, match="the warm-up initialised CUDA"):
         warm_executor.warm_up(modules=())
     assert os.environ[warm_executor.NVML_CHECK_ENV] == "1"  # torch's fork-safe is_available()
