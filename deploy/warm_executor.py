@@ -12,11 +12,15 @@ executor serve agent, model and connector tasks, never ClientApps). This process
 - at start it imports the heavy third-party modules once (never an app module: Flower's ``load_app``
   reuses a module already in ``sys.modules``, so a preloaded ``clients`` or ``fedadapt`` would run
   instead of the signed FAB's copy) and runs no torch operation, so no OpenMP pool exists to fork,
-  and never CUDA: it refuses to fork (and exits) once CUDA is initialised, which children cannot use;
+  and never CUDA, which children cannot use;
 - it polls ``AcquireTask`` like ``flwr/supercore/superexec/run_superexec.py:run_superexec`` (every
   ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds) and, for each ClientApp task, forks a child that runs
   Flower's ``flwr-clientapp`` entry point with the arguments ``SubprocessExecutor.launch`` would pass:
   the token handshake, the task's inputs, the reply and the error reply stay Flower's;
+- before each claim it checks that it may still fork (CUDA not initialised, no app module loaded); once
+  it may not, it claims no more tasks, lets its running children finish and exits with
+  ``FORK_REFUSED_EXIT``: a claimed task it could not fork would be lost, and so would its siblings' if
+  it stopped them;
 - a child that raises is reported by Flower's own code in the child (an error reply and a FAILED task
   status); one that dies is reaped and logged, and the task expires as Flower's would. The parent holds
   nothing per task, so its memory does not grow, and it serves the next task either way;
@@ -72,8 +76,9 @@ FORK_REFUSED_EXIT = 3  # the parent's exit code when it must not fork (its log l
 NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
 CUDA_IN_PARENT = (
     "CUDA is initialised in the warm parent, and children forked after that cannot use it: nothing in the "
-    "parent may run a CUDA operation (the ClientApp may, in its child). Restart the executor (`fedadapt node` "
-    "restarts one that has run 30 s or more), or run with --cold-devices"
+    "parent may run a CUDA operation (the ClientApp may, in its child). `fedadapt node` starts a new executor "
+    "if this one ran 30 s or more; `fedadapt serve --local-supernodes` does not, and this device takes no "
+    "more tasks in that run. Or run with --cold-devices"
 )
 
 NO_FORK = (
@@ -257,13 +262,20 @@ class ForkExecutor:
     def has_capacity(self) -> bool:
         return len(self.children) < self.limits.max_children
 
+    def refusal(self) -> str | None:
+        """Why this parent must not fork now, or None. The serve loop asks before it claims each task."""
+        if cuda_initialized():  # the parent must never run a CUDA operation
+            return CUDA_IN_PARENT
+        loaded = self.app_modules()
+        if loaded:  # nothing the parent does may import them
+            return f"the warm parent holds app modules {loaded}, which a forked ClientApp would run, not the FAB's"
+        return None
+
     def launch(self, task_id: int, argv: Sequence[str]) -> int:
         """Fork a child running the ClientApp entry point with ``argv``; its PID."""
-        if cuda_initialized():  # checked at every fork: the parent must never run a CUDA operation
-            raise ForkRefused(CUDA_IN_PARENT)
-        loaded = self.app_modules()
-        if loaded:  # checked at every fork: nothing the parent does may import them
-            raise ForkRefused(f"the warm parent holds app modules {loaded}; refusing to fork")
+        refused = self.refusal()  # a last guard: the serve loop has checked before claiming the task
+        if refused is not None:
+            raise ForkRefused(refused)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # or the child would print the parent's buffered lines again
         pid = os.fork()
@@ -405,8 +417,9 @@ def serve_tasks(target: RuntimeTarget, executor: ForkExecutor, interval: float, 
     without Flower's retry invoker: it retries a refused connection forever inside one call (and
     answers a 401 by sending itself SIGINT), so neither a stop request nor the SuperNode's exit would
     be seen. Here a failed poll (the SuperNode not up yet, or gone) is retried by this loop.
+    Before each claim it asks whether it may still fork: once it may not, it claims nothing more, lets
+    the running children finish (the max task time still applies) and returns ``FORK_REFUSED_EXIT``.
     """
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.runtime import RuntimeHttpClient
 
@@ -417,7 +430,8 @@ def serve_tasks(target: RuntimeTarget, executor: ForkExecutor, interval: float, 
         root_certificates=target.root_certificates,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
     )
-    failing = full = False
+    claims = _Claims(client, executor, target, interval)
+    refused: str | None = None
     try:
         while not stop.requested:
             executor.reap()
@@ -425,26 +439,15 @@ def serve_tasks(target: RuntimeTarget, executor: ForkExecutor, interval: float, 
             if parent_pid is not None and not _pid_alive(parent_pid):
                 logger.info("the SuperNode (pid %d) has exited: stopping", parent_pid)
                 break
-            pause = interval
-            if not executor.has_capacity() and not full:  # once per streak: a hung child would stop the device
-                logger.warning(
-                    "all task slots are busy (children %s); no new task until one ends", sorted(executor.children)
-                )
-            full = not executor.has_capacity()
-            if not full:
-                try:
-                    reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=[CLIENTAPP_TASK]))
-                except Exception as error:  # noqa: BLE001 - the SuperNode restarting must not end the device
-                    if not failing:  # once per streak, not once a second
-                        logger.warning("AcquireTask failed (%s); retrying every %g s", error, _ERROR_BACKOFF_SECONDS)
-                    failing, pause = True, max(interval, _ERROR_BACKOFF_SECONDS)
-                else:
-                    if failing:
-                        logger.info("AcquireTask works again")
-                    failing = False
-                    if reply.HasField("task") and reply.token:
-                        _launch(executor, target, reply.task, reply.token)
-            time.sleep(pause)
+            if refused is None and (refused := executor.refusal()) is not None:
+                running = len(executor.children)
+                logger.error("refusing to fork, exiting once the running tasks (%d) end: %s", running, refused)
+            if refused is None:
+                time.sleep(claims.claim())
+            elif executor.children:
+                time.sleep(interval)
+            else:
+                return FORK_REFUSED_EXIT
     finally:
         executor.close()
         client.close()
@@ -452,14 +455,53 @@ def serve_tasks(target: RuntimeTarget, executor: ForkExecutor, interval: float, 
     return 0
 
 
+@dataclass
+class _Claims:
+    """Claims a task when a slot is free and forks its child; a failing or a full streak is logged once."""
+
+    client: Any  # Flower's RuntimeHttpClient
+    executor: ForkExecutor
+    target: RuntimeTarget
+    interval: float
+    failing: bool = False
+    full: bool = False
+
+    def claim(self) -> float:
+        """One poll of ``AcquireTask`` (none while every slot is busy); the seconds to wait before the next."""
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
+        if not self.executor.has_capacity():
+            if not self.full:  # once per streak: a hung child would stop the device
+                children = sorted(self.executor.children)
+                logger.warning("all task slots are busy (children %s); no new task until one ends", children)
+            self.full = True
+            return self.interval
+        self.full = False
+        try:
+            reply = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[CLIENTAPP_TASK]))
+        except Exception as error:  # noqa: BLE001 - the SuperNode restarting must not end the device
+            if not self.failing:  # once per streak, not once a second
+                logger.warning("AcquireTask failed (%s); retrying every %g s", error, _ERROR_BACKOFF_SECONDS)
+            self.failing = True
+            return max(self.interval, _ERROR_BACKOFF_SECONDS)
+        if self.failing:
+            logger.info("AcquireTask works again")
+        self.failing = False
+        if reply.HasField("task") and reply.token:
+            _launch(self.executor, self.target, reply.task, reply.token)
+        return self.interval
+
+
 def _launch(executor: ForkExecutor, target: RuntimeTarget, task: Any, token: str) -> None:
     if task.type != CLIENTAPP_TASK:  # not requested; Flower's plugin refuses such a task the same way
         logger.error("unknown task type %r for task_id %d", task.type, task.task_id)
         return
     argv = clientapp_argv(target.address, token, target.insecure, target.root_certificates, os.getpid())
+    # A fork that fails (memory, process limits) or is refused (checked before the claim: only if that changed
+    # since) leaves the task to expire as a failed launch would; the loop's next check stops the claims.
     try:
         executor.launch(task.task_id, argv)
-    except OSError as error:  # fork failed (memory, process limits): the task expires as a failed launch would
+    except (OSError, ForkRefused) as error:
         logger.error("could not fork for task_id %d: %s", task.task_id, error)
 
 
@@ -500,20 +542,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         entry_point = warm_up()
-        logger.info(
-            "%s (pid %d%s): %s imported in %.1f s; polling every %g s, tasks stopped after %g s",
-            READY_LINE,
-            os.getpid(),
-            f", {args.label}" if args.label else "",
-            ", ".join(WARM_MODULES),
-            time.monotonic() - started,
-            interval,
-            limits.max_task_seconds,
-        )
-        return serve_tasks(target, ForkExecutor(entry_point, limits), interval, args.parent_pid)
-    except ForkRefused as error:  # a task it claimed expires, as a failed launch would; a new parent starts clean
+    except ForkRefused as error:  # the warm-up itself initialised CUDA; no task was claimed
         logger.error("refusing to fork, exiting: %s", error)
         return FORK_REFUSED_EXIT
+    logger.info(
+        "%s (pid %d%s): %s imported in %.1f s; polling every %g s, tasks stopped after %g s",
+        READY_LINE,
+        os.getpid(),
+        f", {args.label}" if args.label else "",
+        ", ".join(WARM_MODULES),
+        time.monotonic() - started,
+        interval,
+        limits.max_task_seconds,
+    )
+    return serve_tasks(target, ForkExecutor(entry_point, limits), interval, args.parent_pid)
 
 
 def command(runtime_api_address: str, supernode_pid: int, label: str = "") -> list[str]:

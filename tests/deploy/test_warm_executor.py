@@ -22,6 +22,7 @@ from simulations import processes
 from simulations.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+ARGS = ["--runtime-api-address", "127.0.0.1:1", "--insecure"]  # the warm executor's own, on plain HTTP
 
 
 def test_poll_interval_reads_flowers_variable_with_its_bounds() -> None:
@@ -269,11 +270,12 @@ class _FakeRuntime:
     """The SuperNode's Runtime API: a ClientApp task per AcquireTask; after ``tasks`` of them, a stop request."""
 
     def __init__(self, tasks: int) -> None:
-        self.tasks, self.handed = tasks, 0
+        self.tasks, self.handed, self.calls = tasks, 0, 0
 
     def AcquireTask(self, request: object) -> object:  # noqa: N802 - Flower's name
         from flwr.proto.runtime_pb2 import AcquireTaskResponse
 
+        self.calls += 1
         if self.handed == self.tasks:
             os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler: stop after this pass
             return AcquireTaskResponse()
@@ -310,7 +312,7 @@ def test_hung_tasks_lose_their_slot_and_the_device_serves_the_next(
 
 def test_the_parent_refuses_to_fork_while_it_holds_app_modules() -> None:
     executor = ForkExecutor(lambda: None)
-    with pytest.raises(RuntimeError, match="refusing to fork"):  # this test process has imported fedadapt
+    with pytest.raises(warm_executor.ForkRefused, match="holds app modules"):  # this test process has imported fedadapt
         executor.launch(1, [])
     assert executor.forked == 0
 
@@ -332,7 +334,7 @@ def test_the_parent_refuses_to_fork_once_cuda_is_initialised(monkeypatch: pytest
     assert os.environ[warm_executor.NVML_CHECK_ENV] == "1"  # torch's fork-safe is_available()
 
 
-def test_a_parent_with_cuda_exits_non_zero_saying_what_to_do(
+def test_a_parent_with_cuda_claims_no_task_and_exits_non_zero_saying_what_to_do(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import torch
@@ -342,12 +344,55 @@ def test_a_parent_with_cuda_exits_non_zero_saying_what_to_do(
     monkeypatch.setattr(warm_executor, "_log_to_stderr", lambda: None)  # it would take the records from caplog
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as if something in the parent ran CUDA
     with caplog.at_level("INFO", logger=warm_executor.logger.name):
-        code = warm_executor.main(["--runtime-api-address", "127.0.0.1:1", "--insecure"])
-    assert code == warm_executor.FORK_REFUSED_EXIT != 0 and runtime.handed == 1
+        code = warm_executor.main(ARGS)
+    assert code == warm_executor.FORK_REFUSED_EXIT != 0 and runtime.calls == 0  # no task was claimed, none lost
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and errors[0].startswith("refusing to fork, exiting: CUDA is initialised")
-    assert "Restart the executor" in errors[0] and "--cold-devices" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith("refusing to fork") and warm_executor.CUDA_IN_PARENT in errors[0]
+    assert "`fedadapt serve --local-supernodes` does not" in errors[0] and "--cold-devices" in errors[0]
     assert not any(warm_executor.TASK_LINE in r.getMessage() for r in caplog.records)  # nothing was forked
+
+
+def _finish_late(path: Path) -> None:
+    """A fake entry point that works a little, then records that it finished."""
+    time.sleep(0.5)
+    _write_whole(path, "finished")
+
+
+def test_a_parent_that_must_stop_forking_claims_no_task_and_lets_the_running_ones_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = _fake_runtime(monkeypatch, tasks=3)
+    done = tmp_path / "done.txt"
+    limits = warm_executor.TaskLimits(max_children=4, max_task_seconds=scaled(60))
+
+    def loaded() -> list[str]:  # as if the parent imported an app module after its first fork
+        return ["fedadapt"] if executor.forked else []
+
+    executor = ForkExecutor(lambda: _finish_late(done), limits, app_modules=loaded)
+    target = warm_executor.RuntimeTarget("127.0.0.1:1", insecure=True)
+    with caplog.at_level("INFO", logger=warm_executor.logger.name):
+        code = warm_executor.serve_tasks(target, executor, 0.01, None)
+    assert code == warm_executor.FORK_REFUSED_EXIT and runtime.calls == 1  # one task claimed, then none
+    assert executor.forked == 1 and executor.children == {} and done.read_text() == "finished"  # not stopped
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if m.startswith("refusing to fork")] == [
+        "refusing to fork, exiting once the running tasks (1) end: the warm parent holds app modules ['fedadapt'], "
+        "which a forked ClientApp would run, not the FAB's"
+    ]
+    assert any(m.startswith("task 1: child pid") and m.endswith("finished") for m in messages)
+
+
+def test_a_refusal_at_the_fork_itself_loses_only_that_task(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = _fake_runtime(monkeypatch, tasks=3)
+    answers = iter([[], ["fedadapt"]])  # allowed when the loop checks, refused when launch checks again
+    executor = ForkExecutor(lambda: None, app_modules=lambda: next(answers, ["fedadapt"]))
+    target = warm_executor.RuntimeTarget("127.0.0.1:1", insecure=True)
+    with caplog.at_level("INFO", logger=warm_executor.logger.name):
+        assert warm_executor.serve_tasks(target, executor, 0.01, None) == warm_executor.FORK_REFUSED_EXIT
+    assert runtime.calls == 1 and executor.forked == 0
+    assert any(r.getMessage().startswith("could not fork for task_id 1: the warm parent") for r in caplog.records)
 
 
 def test_supervise_gives_up_on_an_executor_that_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -367,11 +412,12 @@ def test_the_loop_retries_an_unreachable_runtime_api_and_stops_when_the_supernod
 ) -> None:
     supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])  # exits, unreaped: a zombie
     target = warm_executor.RuntimeTarget(f"127.0.0.1:{free_port()}", insecure=True)  # nothing listens there
+    executor = ForkExecutor(lambda: None, app_modules=list)  # this process holds fedadapt
     handler = signal.getsignal(signal.SIGTERM)
     started = time.monotonic()
     try:
         with caplog.at_level("INFO", logger=warm_executor.logger.name):
-            assert warm_executor.serve_tasks(target, ForkExecutor(lambda: None), 0.1, supernode.pid) == 0
+            assert warm_executor.serve_tasks(target, executor, 0.1, supernode.pid) == 0
     finally:
         supernode.kill()
         supernode.wait()
