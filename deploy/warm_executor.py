@@ -74,6 +74,7 @@ FORK_REFUSED_EXIT = 3  # the parent's exit code when it must not fork (its log l
 # torch's fork-safe CUDA check: with it, torch.cuda.is_available() asks NVML instead of calling cuInit,
 # which would leave forked children a CUDA driver they cannot use.
 NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
+CUDA_DRIVER = "libcuda.so"  # how the CUDA driver library's file name starts (libcuda.so.1, libcuda.so.550.54.15)
 CUDA_IN_PARENT = (
     "CUDA is initialised in the warm parent, and children forked after that cannot use it: nothing in the "
     "parent may run a CUDA operation (the ClientApp may, in its child). `fedadapt node` starts a new executor "
@@ -146,10 +147,37 @@ def load_clientapp_entry_point() -> Callable[[], Any]:
     raise RuntimeError(f"`{CLIENTAPP_COMMAND}` is not installed: pip install 'flwr[simulation]~=1.41.0'")
 
 
-def cuda_initialized() -> bool:
-    """Whether this process has initialised CUDA; never imports torch to find out."""
+def read_maps() -> list[str]:
+    """The lines of this process's memory map (Linux /proc; none elsewhere)."""
+    try:
+        return Path("/proc/self/maps").read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def cuda_driver_mapped(maps: Iterable[str]) -> bool:
+    """Whether a line of a /proc/PID/maps (address, perms, offset, dev, inode, path) maps the CUDA driver."""
+    for line in maps:
+        if CUDA_DRIVER not in line:  # most lines: the loop reads the map before every claim
+            continue
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and os.path.basename(fields[5]).startswith(CUDA_DRIVER):
+            return True
+    return False
+
+
+def cuda_initialized(maps: Callable[[], Iterable[str]] | None = None) -> bool:
+    """Whether this process has initialised CUDA; never imports torch to find out.
+
+    ``torch.cuda.is_initialized()`` misses a ``torch.cuda.is_available()`` that called cuInit without
+    setting torch's flag (NVML failing, MIG UUIDs in CUDA_VISIBLE_DEVICES, PYTORCH_NVML_BASED_CUDA_CHECK
+    unset or 0); cuInit loads the driver library, so a mapped ``libcuda.so*`` counts as initialised too.
+    ``maps``: the lines of a memory map (tests); by default this process's.
+    """
     torch = sys.modules.get("torch")
-    return torch is not None and bool(torch.cuda.is_initialized())
+    if torch is not None and bool(torch.cuda.is_initialized()):
+        return True
+    return cuda_driver_mapped((maps or read_maps)())
 
 
 def warm_up(modules: Sequence[str] = WARM_MODULES) -> Callable[[], Any]:
@@ -160,7 +188,7 @@ def warm_up(modules: Sequence[str] = WARM_MODULES) -> Callable[[], Any]:
     threads at fork (its atfork handler), and Python's ``random`` reseeds itself in each child.
     A library that asks ``torch.cuda.is_available()`` at import gets NVML's answer, not a CUDA driver.
     """
-    os.environ.setdefault(NVML_CHECK_ENV, "1")  # before torch is imported; the children inherit it (harmless)
+    os.environ.setdefault(NVML_CHECK_ENV, "1")  # before torch is imported; `main` has children drop it again
     for name in modules:
         importlib.import_module(name)
     entry_point = load_clientapp_entry_point()
@@ -193,9 +221,10 @@ def clientapp_argv(
     return argv
 
 
-def run_child(entry_point: Callable[[], Any], argv: Sequence[str]) -> NoReturn:
+def run_child(entry_point: Callable[[], Any], argv: Sequence[str], unset: Sequence[str] = ()) -> NoReturn:
     """In a forked child: run Flower's ClientApp entry point with ``argv``, then leave with its exit code.
 
+    ``unset``: variables the parent set for itself alone, removed from the child's environment.
     ``os._exit``: the parent's atexit handlers, its open Runtime API connection and its buffers are the
     parent's; a child never runs their clean-up.
     """
@@ -203,6 +232,8 @@ def run_child(entry_point: Callable[[], Any], argv: Sequence[str]) -> NoReturn:
     try:
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)  # its own process group, so that a timeout stops what it started too
+        for name in unset:
+            os.environ.pop(name, None)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)  # Flower's entry point installs its own
         _reseed()
@@ -256,6 +287,7 @@ class ForkExecutor:
     entry_point: Callable[[], Any]
     limits: TaskLimits = field(default_factory=TaskLimits)
     app_modules: Callable[[], list[str]] = app_modules_loaded  # what must not be loaded when it forks
+    child_unset: tuple[str, ...] = ()  # variables the parent set for itself alone (run_child removes them)
     children: dict[int, Child] = field(default_factory=dict)  # by pid
     forked: int = 0  # tasks started so far (a start-up counter for tests and logs)
 
@@ -280,7 +312,7 @@ class ForkExecutor:
             stream.flush()  # or the child would print the parent's buffered lines again
         pid = os.fork()
         if pid == 0:
-            run_child(self.entry_point, argv)
+            run_child(self.entry_point, argv, self.child_unset)
         with contextlib.suppress(OSError):  # the child does the same: whichever runs first, the group exists
             os.setpgid(pid, pid)
         self.children[pid] = Child(task_id, time.monotonic())
@@ -540,6 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = TaskLimits(max_children=args.max_tasks, max_task_seconds=args.max_task_seconds)
     target = RuntimeTarget(args.runtime_api_address, args.insecure, args.root_certificates)
     started = time.monotonic()
+    # The NVML check is the warm-up's, set for the parent's imports; a child's is_available() behaves as on a
+    # cold device unless the user set the variable.
+    child_unset: tuple[str, ...] = () if NVML_CHECK_ENV in os.environ else (NVML_CHECK_ENV,)
     try:
         entry_point = warm_up()
     except ForkRefused as error:  # the warm-up itself initialised CUDA; no task was claimed
@@ -555,7 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         interval,
         limits.max_task_seconds,
     )
-    return serve_tasks(target, ForkExecutor(entry_point, limits), interval, args.parent_pid)
+    executor = ForkExecutor(entry_point, limits, child_unset=child_unset)
+    return serve_tasks(target, executor, interval, args.parent_pid)
 
 
 def command(runtime_api_address: str, supernode_pid: int, label: str = "") -> list[str]:

@@ -5,11 +5,13 @@ The deployment itself (several rounds from one warm parent, a task that raises) 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -332,6 +334,53 @@ def test_the_parent_refuses_to_fork_once_cuda_is_initialised(monkeypatch: pytest
     with pytest.raises(warm_executor.ForkRefused, match="the warm-up initialised CUDA"):
         warm_executor.warm_up(modules=())
     assert os.environ[warm_executor.NVML_CHECK_ENV] == "1"  # torch's fork-safe is_available()
+
+
+DRIVER = "7f2a1c000000-7f2a1c200000 r-xp 00000000 103:02 1835 /usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15"
+MAPS = [
+    "55d4c8a00000-55d4c8a21000 r--p 00000000 103:02 42 /usr/bin/python3.11",
+    "7f2a1b000000-7f2a1b100000 r-xp 00000000 103:02 1836 /venv/lib/nvidia/cuda_runtime/lib/libcudart.so.12",
+    "7f2a1a000000-7f2a1a100000 r-xp 00000000 103:02 1837 /home/me/libcuda.so.d/libtorch_cuda.so",
+    "7ffd5c000000-7ffd5c021000 rw-p 00000000 00:00 0                          [stack]",
+    "7ffd5c100000-7ffd5c101000 rw-p 00000000 00:00 0",
+]
+
+
+def test_a_mapped_cuda_driver_counts_as_initialised_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    # torch's flag misses a cuInit from is_available() (NVML failing, MIG UUIDs, the NVML check off)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert not warm_executor.cuda_initialized(lambda: MAPS)  # the runtime library alone, or a folder's name
+    assert warm_executor.cuda_initialized(lambda: [*MAPS, DRIVER])
+    assert warm_executor.cuda_initialized(lambda: [f"{DRIVER.rsplit('/', 1)[0]}/libcuda.so.1 (deleted)"])
+    monkeypatch.setattr(warm_executor, "read_maps", lambda: [*MAPS, DRIVER])  # as if this process had loaded it
+    assert ForkExecutor(lambda: None, app_modules=list).refusal() == warm_executor.CUDA_IN_PARENT
+
+
+@pytest.mark.parametrize("users", [None, "0"])
+def test_children_lose_the_nvml_check_only_if_the_parent_set_it(
+    users: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = warm_executor.NVML_CHECK_ENV
+    monkeypatch.setenv(name, users or "0")  # first set: monkeypatch then restores even an absent variable
+    if users is None:
+        monkeypatch.delenv(name)
+    executors: list[ForkExecutor] = []
+
+    def warm_up() -> Callable[[], None]:
+        os.environ.setdefault(name, "1")  # as the real warm-up does
+        return lambda: _write_whole(tmp_path / f"{os.getpid()}.env", os.environ.get(name, "absent"))
+
+    monkeypatch.setattr(warm_executor, "warm_up", warm_up)
+    monkeypatch.setattr(warm_executor, "_log_to_stderr", lambda: None)
+    monkeypatch.setattr(warm_executor, "serve_tasks", lambda target, ex, *_: executors.append(ex) or 0)
+    assert warm_executor.main(ARGS) == 0
+    executor = dataclasses.replace(executors[0], app_modules=list)  # this process holds fedadapt
+    pid = executor.launch(1, [])
+    assert _wait_reaped(executor, 1) == [(1, pid, 0)]
+    assert (tmp_path / f"{pid}.env").read_text() == ("absent" if users is None else users)
+    assert os.environ[name] == ("1" if users is None else users)  # the parent keeps its own
 
 
 def test_a_parent_with_cuda_claims_no_task_and_exits_non_zero_saying_what_to_do(
