@@ -394,8 +394,10 @@ def _supernode(
         if deployment.cold_devices:
             return [node]
         label = f"partition-id={index}"
+        # Its tasks may run as long as the server waits for a reply: the scenario's round-timeout (plus a margin).
+        executor_env = warm_executor.task_time_limit(env, plan.scenario.round_timeout)
         executor = warm_executor.start(
-            runtime_port, node, env, label, cwd=flwr_home, stdout=log, stderr=subprocess.STDOUT
+            runtime_port, node, executor_env, label, cwd=flwr_home, stdout=log, stderr=subprocess.STDOUT
         )
     return [node, executor]
 

@@ -24,9 +24,9 @@ executor serve agent, model and connector tasks, never ClientApps). This process
 - a child that raises is reported by Flower's own code in the child (an error reply and a FAILED task
   status); one that dies is reaped and logged, and the task expires as Flower's would. The parent holds
   nothing per task, so its memory does not grow, and it serves the next task either way;
-- a child that runs longer than ``--max-task-seconds`` (default 30 minutes) is stopped with everything
-  it started (each child leads its own process group): a hung ClientApp would otherwise hold a task
-  slot forever, and four of them would stop the device.
+- a child that runs longer than ``--max-task-seconds`` is stopped with everything it started (each child
+  leads its own process group): a hung ClientApp would otherwise hold a task slot forever, and four of
+  them would stop the device.
 """
 
 from __future__ import annotations
@@ -65,7 +65,15 @@ _ERROR_BACKOFF_SECONDS = 1.0
 _STOP_GRACE_SECONDS = 10.0
 _EXPIRE_GRACE_SECONDS = 5.0  # short: the loop serves no other task while it stops an expired one
 MAX_TASK_SECONDS_ENV = "FEDADAPT_MAX_TASK_SECONDS"  # the default of --max-task-seconds; launchers pass it on
-DEFAULT_MAX_TASK_SECONDS = 30 * 60.0  # far above a round's training on a device; a hung child ends sooner
+# A task may take as long as the server waits for its reply (the scenario's round-timeout), plus its child's
+# start and reply: a shorter limit would kill tasks the server still accepts. `serve --local-supernodes` knows
+# its scenario and passes round-timeout + TASK_MARGIN_SECONDS; `fedadapt node` cannot know the server's, so
+# its default is the largest round-timeout a scenario allows (fedadapt/fleet/scenario.py: one day; a test
+# checks the two agree, as this script imports nothing of the project).
+TASK_MARGIN_SECONDS = 60.0
+MAX_ROUND_TIMEOUT = 86_400.0
+DEFAULT_MAX_TASK_SECONDS = MAX_ROUND_TIMEOUT + TASK_MARGIN_SECONDS
+MIN_TASK_SECONDS = 1.0  # the least --max-task-seconds (or its variable) takes: a smaller one is a typo
 READY_LINE = "warm executor ready"  # logged once per parent: tests count these
 TASK_LINE = "forked task"  # logged once per task, with the parent's and the child's PIDs
 SUPERNODE_FLAGS = ["--isolation", "process"]  # the SuperNode leaves its tasks to this executor
@@ -107,15 +115,33 @@ def poll_interval(environ: dict[str, str] | os._Environ[str] = os.environ) -> fl
     return value
 
 
+def task_seconds(raw: str) -> float:
+    """A task time limit from text: finite seconds, at least ``MIN_TASK_SECONDS``; ValueError otherwise."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= MIN_TASK_SECONDS):
+        raise ValueError(f"must be seconds >= {MIN_TASK_SECONDS:g}, got {raw!r}")
+    return value
+
+
 def max_task_seconds(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
-    """Seconds a task's child may run, from ``FEDADAPT_MAX_TASK_SECONDS`` (default 30 minutes)."""
+    """Seconds a task's child may run, from ``FEDADAPT_MAX_TASK_SECONDS`` (default ``DEFAULT_MAX_TASK_SECONDS``)."""
     raw = environ.get(MAX_TASK_SECONDS_ENV)
     if raw is None:
         return DEFAULT_MAX_TASK_SECONDS
     try:
-        return TaskLimits(max_task_seconds=float(raw)).max_task_seconds
-    except ValueError:
-        raise ValueError(f"{MAX_TASK_SECONDS_ENV} must be seconds > 0, got {raw!r}") from None
+        return task_seconds(raw)
+    except ValueError as error:
+        raise ValueError(f"{MAX_TASK_SECONDS_ENV} {error}") from None
+
+
+def task_time_limit(env: dict[str, str], round_timeout: float) -> dict[str, str]:
+    """``env`` with the max task time of a scenario's devices (its round-timeout + a margin), unless the user set it."""
+    if MAX_TASK_SECONDS_ENV in env:
+        return env
+    return env | {MAX_TASK_SECONDS_ENV: repr(max(MIN_TASK_SECONDS, round_timeout + TASK_MARGIN_SECONDS))}
 
 
 @dataclass(frozen=True)
@@ -558,11 +584,24 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tasks", type=int, default=4, help="Children running at once (default 4).")
     parser.add_argument(
         "--max-task-seconds",
-        type=float,
-        default=max_task_seconds(),
-        help=f"Stop a task's child after this long (default {MAX_TASK_SECONDS_ENV}, else 30 minutes).",
+        type=_task_seconds_argument,
+        help=f"Stop a task's child after this long, at least {MIN_TASK_SECONDS:g} s (default {MAX_TASK_SECONDS_ENV}, "
+        f"else {DEFAULT_MAX_TASK_SECONDS:g} s: the largest round-timeout a scenario allows, plus a margin).",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_task_seconds is None:  # read only now: a bad variable must not break --help
+        try:
+            args.max_task_seconds = max_task_seconds()
+        except ValueError as error:
+            parser.error(str(error))
+    return args
+
+
+def _task_seconds_argument(raw: str) -> float:
+    try:
+        return task_seconds(raw)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

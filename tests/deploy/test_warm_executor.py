@@ -140,7 +140,7 @@ def test_local_supernodes_run_cold_where_there_is_no_fork(
     monkeypatch.setattr(serve_module.subprocess, "Popen", lambda args, **kw: _FakePopen(launched, args, **kw))
     monkeypatch.setattr(warm_executor, "start", lambda port, node, env, label, **_: executors.append(label))
     deployment = serve_module.Deployment(insecure=True, local_supernodes=2)
-    plan = SimpleNamespace(out_dir=tmp_path)
+    plan = SimpleNamespace(out_dir=tmp_path, scenario=SimpleNamespace(round_timeout=600.0))
     with caplog.at_level("WARNING", logger=warm_executor.logger.name):
         serve_module._supernodes(tmp_path, {}, plan, "127.0.0.1:9092", deployment, None)  # type: ignore[arg-type]
     assert len(launched) == 2
@@ -150,6 +150,26 @@ def test_local_supernodes_run_cold_where_there_is_no_fork(
     else:
         assert not any("--isolation" in line for line in launched) and executors == []
         assert [r.getMessage() for r in caplog.records] == [warm_executor.NO_FORK]  # once, not once a node
+
+
+@pytest.mark.parametrize("mine", [None, "90"])
+def test_local_executors_may_run_a_task_as_long_as_the_round_timeout_allows(
+    mine: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from deploy import serve as serve_module
+
+    envs: list[dict[str, str]] = []
+    monkeypatch.setattr(serve_module.subprocess, "Popen", lambda args, **kw: _FakePopen([], args, **kw))
+    monkeypatch.setattr(warm_executor, "start", lambda port, node, env, label, **_: envs.append(env))
+    deployment = serve_module.Deployment(insecure=True, local_supernodes=2)
+    plan = SimpleNamespace(out_dir=tmp_path, scenario=SimpleNamespace(round_timeout=7200.0))
+    env = {} if mine is None else {warm_executor.MAX_TASK_SECONDS_ENV: mine}
+    serve_module._supernodes(tmp_path, env, plan, "127.0.0.1:9092", deployment, None)  # type: ignore[arg-type]
+    expected = 7200.0 + warm_executor.TASK_MARGIN_SECONDS if mine is None else 90.0  # the user's value is kept
+    assert len(envs) == 2
+    assert all(warm_executor.max_task_seconds(e) == expected for e in envs)
 
 
 def test_the_executor_command_keeps_the_project_off_the_parents_path() -> None:
@@ -233,14 +253,53 @@ def _hang(path: Path) -> None:
     time.sleep(60)
 
 
+BAD_TASK_SECONDS = ("0", "0.5", "-1", "nan", "inf", "-inf", "soon")
+
+
 def test_limits_are_checked_and_read_from_the_environment() -> None:
-    assert warm_executor.max_task_seconds({}) == 30 * 60
+    assert warm_executor.max_task_seconds({}) == warm_executor.DEFAULT_MAX_TASK_SECONDS
     assert warm_executor.max_task_seconds({warm_executor.MAX_TASK_SECONDS_ENV: "90"}) == 90
-    for bad in ("0", "-1", "nan", "inf", "soon"):
-        with pytest.raises(ValueError, match=warm_executor.MAX_TASK_SECONDS_ENV):
+    for bad in BAD_TASK_SECONDS:
+        with pytest.raises(ValueError, match=f"{warm_executor.MAX_TASK_SECONDS_ENV} must be seconds >= 1"):
             warm_executor.max_task_seconds({warm_executor.MAX_TASK_SECONDS_ENV: bad})
     with pytest.raises(ValueError, match="max_children"):
         warm_executor.TaskLimits(max_children=0)
+
+
+def test_a_node_lets_a_task_run_as_long_as_any_scenario_lets_the_server_wait() -> None:
+    from fedadapt.fleet.scenario import SCENARIO_BOUNDS
+
+    longest = SCENARIO_BOUNDS["round-timeout"].high  # the warm executor imports nothing of the project
+    assert longest == warm_executor.MAX_ROUND_TIMEOUT
+    assert longest <= warm_executor.DEFAULT_MAX_TASK_SECONDS
+
+
+@pytest.mark.parametrize("bad", BAD_TASK_SECONDS)
+def test_a_bad_max_task_time_is_a_usage_error(
+    bad: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(warm_executor.MAX_TASK_SECONDS_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        warm_executor._parse_args([*ARGS, f"--max-task-seconds={bad}"])
+    assert exit_.value.code == 2 and "--max-task-seconds" in capsys.readouterr().err
+    monkeypatch.setenv(warm_executor.MAX_TASK_SECONDS_ENV, bad)
+    with pytest.raises(SystemExit) as exit_:
+        warm_executor._parse_args(ARGS)
+    assert exit_.value.code == 2 and f"{warm_executor.MAX_TASK_SECONDS_ENV} must be" in capsys.readouterr().err
+    assert warm_executor._parse_args([*ARGS, "--max-task-seconds", "90"]).max_task_seconds == 90  # the flag wins
+    with pytest.raises(SystemExit) as exit_:
+        warm_executor._parse_args(["--help"])  # the variable is not read for --help
+    assert exit_.value.code == 0
+
+
+def test_the_max_task_time_comes_from_the_flag_else_the_variable_else_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(warm_executor.MAX_TASK_SECONDS_ENV, raising=False)
+    assert warm_executor._parse_args(ARGS).max_task_seconds == warm_executor.DEFAULT_MAX_TASK_SECONDS
+    monkeypatch.setenv(warm_executor.MAX_TASK_SECONDS_ENV, "120")
+    assert warm_executor._parse_args(ARGS).max_task_seconds == 120
+    assert warm_executor._parse_args([*ARGS, "--max-task-seconds", "1"]).max_task_seconds == 1
 
 
 def test_a_child_over_the_max_task_time_is_stopped_with_what_it_started(
