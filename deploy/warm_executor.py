@@ -25,8 +25,8 @@ executor serve agent, model and connector tasks, never ClientApps). This process
   status); one that dies is reaped and logged, and the task expires as Flower's would. The parent holds
   nothing per task, so its memory does not grow, and it serves the next task either way;
 - a child that runs longer than ``--max-task-seconds`` is stopped with everything it started (each child
-  leads its own process group): a hung ClientApp would otherwise hold a task slot forever, and four of
-  them would stop the device.
+  leads its own process group), and so is whatever a finished child left running: a hung ClientApp
+  would otherwise hold a task slot forever, and four of them would stop the device.
 """
 
 from __future__ import annotations
@@ -355,14 +355,14 @@ class ForkExecutor:
         return pid
 
     def reap(self) -> list[tuple[int, int, int]]:
-        """Collect the children that have exited: (task id, pid, exit status as ``waitstatus_to_exitcode``)."""
+        """Collect the children that have exited: (task id, pid, exit status as ``waitstatus_to_exitcode``).
+
+        What an exited child left running in its process group is killed with it (``_collect``).
+        """
         done = []
         for pid, child in list(self.children.items()):
-            try:
-                waited, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                waited, status = pid, 0
-            if waited == 0:
+            status = _collect(pid)
+            if status is None:
                 continue
             del self.children[pid]
             code = os.waitstatus_to_exitcode(status)
@@ -418,6 +418,26 @@ def _signal_groups(pids: Iterable[int], signum: int) -> None:
         except OSError:  # no such group (its setpgid failed): the child alone, still ours until reaped
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+
+
+def _collect(pid: int) -> int | None:
+    """Reap child ``pid`` if it has exited (its wait status), else None; first kill what is left in its group.
+
+    The group is killed while the child is an unreaped zombie: until ``waitpid`` its PID, and so the group's
+    id, cannot belong to another process. Without ``os.waitid`` (macOS before Python 3.13) it is only reaped.
+    """
+    waitid = getattr(os, "waitid", None)
+    try:
+        if waitid is None:
+            waited, status = os.waitpid(pid, os.WNOHANG)
+            return None if waited == 0 else status
+        if waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return None  # still running
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # no group left, or none of its own
+            os.killpg(pid, signal.SIGKILL)
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:  # reaped elsewhere already
+        return 0
 
 
 def _log_exit(task_id: int, pid: int, code: int) -> None:

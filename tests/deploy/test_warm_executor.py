@@ -5,6 +5,7 @@ The deployment itself (several rounds from one warm parent, a task that raises) 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -251,6 +252,31 @@ def _hang(path: Path) -> None:
         os._exit(0)
     _write_whole(path, f"{os.getpid()} {grandchild}")
     time.sleep(60)
+
+
+def _leave_a_grandchild(path: Path) -> None:
+    """A fake entry point that starts a grandchild that hangs, then returns (the child exits with 0)."""
+    grandchild = os.fork()
+    if grandchild == 0:
+        time.sleep(60)
+        os._exit(0)
+    _write_whole(path, str(grandchild))
+
+
+def test_what_a_finished_child_left_running_is_stopped_when_it_is_reaped(tmp_path: Path) -> None:
+    report = tmp_path / "grandchild.txt"
+    executor = ForkExecutor(lambda: _leave_a_grandchild(report), app_modules=list)
+    pid = executor.launch(1, [])
+    assert _wait_reaped(executor, 1) == [(1, pid, 0)]
+    grandchild = int(report.read_text())
+    try:
+        deadline = time.monotonic() + scaled(10)
+        while processes.alive(grandchild) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not processes.alive(grandchild)  # killed with its group, not left to init
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
 
 
 BAD_TASK_SECONDS = ("0", "0.5", "-1", "nan", "inf", "-inf", "soon")
