@@ -16,13 +16,21 @@ longest):
   start-up  its process's life before that (``process-seconds`` - ``client-seconds``): a cold process's
             start and imports, or a forked child's Flower entry point (task pull, FAB, app load);
   flower    the exchange (sent until the last reply) minus that process's life: Flower's waits;
-  server    the round minus the exchange: waiting for nodes, aggregation, evaluation, checkpoint.
+  server    the round minus the exchange: waiting for nodes, aggregation, evaluation (and proxy training,
+            if the scenario has any). Not the checkpoint: server/federation.py takes a round's ``seconds``
+            before ``save_checkpoint``, so no round has it.
 Under secagg+ the devices report no timings (they would reveal their example counts), so a secagg+ round
-is split into its stages' exchanges and the server's work only.
-Memory: every process below this one is sampled from /proc every 0.25 s, each sample filed under the
-round in progress (metrics.json's rounds + 1; none after the last round): each warm executor parent's RSS
-(its command line names ``warm_executor.py``), the summed PSS of a parent and its forked children, and for
-cold devices the RSS of each ``flwr-clientapp`` process.
+is split into its stages' exchanges and the server's work only; a round that failed before any stage has
+no per-message figure.
+Memory: every 2 s the devices' processes below this one are read from /proc, cold and warm alike (each
+one's stat, smaps_rollup and status), each sample filed under the round in progress (metrics.json's
+rounds + 1; none after the last round). A device's memory is the PSS summed over its processes: a warm
+executor's parent (its command line names ``warm_executor.py``) with its forked children, or the
+``flwr-clientapp`` processes of one cold device's SuperExec. PSS splits each shared page among all the
+processes that map it, on this device or another (a child's copy-on-write pages with its parent, a
+library's with every process that loaded it): no page is counted twice, and a device's figure is its
+share. Each warm parent's RSS is kept too, for the growth goal. A peak shorter than 2 s can fall between
+samples, for either kind of device.
 
 Goals (issue 20; ratios from this run, steady rounds 2+, 3 SuperNodes, warm devices):
   per-message overhead beyond compute (start-up + flower) <= 1.5 s + the SuperNode's 3 s idle pull
@@ -41,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +89,7 @@ def plain_round_split(record: dict[str, Any]) -> dict[str, float]:
         "round": record["round"],
         "round_s": record["seconds"],
         "exchange_s": exchange,
+        "message_s": exchange,  # one message per device
         "compute_s": compute,
         "startup_s": process - compute,
         "flower_s": exchange - process,
@@ -90,13 +100,17 @@ def plain_round_split(record: dict[str, Any]) -> dict[str, float]:
 
 
 def secure_round_split(record: dict[str, Any]) -> dict[str, Any]:
-    """A secagg+ round's seconds: each stage's exchange, their sum, and the server's work beside them."""
+    """A secagg+ round's seconds: each stage's exchange, their sum, and the server's work beside them.
+
+    Per message: the exchange over the stages run; None for a round that failed before any stage.
+    """
     stages = {name: float(s["seconds"]) for name, s in record.get("stages", {}).items()}
     exchange = sum(stages.values())
     return {
         "round": record["round"],
         "round_s": record["seconds"],
         "exchange_s": exchange,
+        "message_s": exchange / len(stages) if stages else None,
         "server_s": record["seconds"] - exchange,
         "stages_s": stages,
         "messages": len(stages),
@@ -112,17 +126,35 @@ def steady(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows[1:] or rows
 
 
+def median_of(values: Iterable[float | None]) -> float | None:
+    """The median of the known values; None when there are none."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def median(rows: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return statistics.median(values) if values else None
+    return median_of(r.get(key) for r in rows)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``; None when either is unknown or the denominator is not positive."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def busy_ratio(row: dict[str, Any]) -> float | None:
+    """A plain round over the work in it: round / (compute + server)."""
+    compute, server = row.get("compute_s"), row.get("server_s")
+    return None if compute is None or server is None else ratio(row.get("round_s"), compute + server)
 
 
 def memory_growth(rss_by_round: dict[int, float]) -> float | None:
     """Growth of a resident size from round 2 to the last round (a fraction); None with fewer than 3 rounds."""
     rounds = sorted(r for r in rss_by_round if r >= 2)
-    if len(rounds) < 2 or rss_by_round[rounds[0]] <= 0:
+    if len(rounds) < 2:
         return None
-    return rss_by_round[rounds[-1]] / rss_by_round[rounds[0]] - 1.0
+    return ratio(rss_by_round[rounds[-1]] - rss_by_round[rounds[0]], rss_by_round[rounds[0]])
 
 
 def verdict(value: float | None, limit: float) -> str:
@@ -136,14 +168,18 @@ def verdict(value: float | None, limit: float) -> str:
 
 @dataclass
 class DeviceMemory:
-    """Samples the devices' processes below this one; per round in progress, the peak resident sizes (MiB)."""
+    """Samples the devices' processes below this one; per round in progress, peak sizes in MiB.
+
+    A device is a warm parent with its forked children, or the cold ClientApps below one SuperNode's
+    SuperExec. Every device process is read alike, cold or warm: its stat, smaps_rollup and status.
+    """
 
     metrics_file: Path
     rounds: int  # samples taken after the last round (the run's teardown) are not filed
-    interval: float = 0.25
+    interval: float = 2.0
+    devices: dict[int, dict[int, float]] = field(default_factory=dict)  # round -> device -> peak PSS summed
+    processes: dict[int, float] = field(default_factory=dict)  # round -> peak RSS of one device process
     parents: dict[int, dict[int, float]] = field(default_factory=dict)  # round -> warm parent pid -> peak RSS
-    devices: dict[int, float] = field(default_factory=dict)  # round -> peak PSS of one parent + its children
-    clientapps: dict[int, float] = field(default_factory=dict)  # round -> peak RSS of one cold ClientApp
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _seen: tuple[float, int] = (0.0, 0)  # metrics.json mtime, rounds finished
@@ -174,24 +210,22 @@ class DeviceMemory:
     def sample(self, server_round: int) -> None:
         if server_round > self.rounds:
             return
-        commands = {pid: _cmdline(pid) for pid in descendants(os.getpid())}
-        warm = {pid for pid, argv in commands.items() if any(a.endswith(WARM_SCRIPT) for a in argv)}
+        kinds = {pid: _kind(_cmdline(pid)) for pid in descendants(os.getpid())}
         totals: dict[int, float] = {}
-        for pid in warm:
+        for pid, kind in kinds.items():
+            if kind is None:
+                continue
             parent = _ppid(pid)
-            owner = parent if parent in warm else pid
-            # PSS for the device: a child shares its parent's pages copy-on-write, and RSS would count them twice.
-            totals[owner] = totals.get(owner, 0.0) + proc_kib(pid, "smaps_rollup", "Pss:") / 1024
-            if owner == pid:
-                rss = proc_kib(pid, "status", "VmRSS:") / 1024
-                peaks = self.parents.setdefault(server_round, {})
-                peaks[pid] = max(peaks.get(pid, 0.0), rss)
-        if totals:
-            self.devices[server_round] = max(self.devices.get(server_round, 0.0), *totals.values())
-        for pid, argv in commands.items():
-            if any(a.endswith(CLIENTAPP_COMMAND) for a in argv[:2]):
-                rss = proc_kib(pid, "status", "VmRSS:") / 1024
-                self.clientapps[server_round] = max(self.clientapps.get(server_round, 0.0), rss)
+            pss = proc_kib(pid, "smaps_rollup", "Pss:") / 1024
+            rss = proc_kib(pid, "status", "VmRSS:") / 1024
+            self.processes[server_round] = max(self.processes.get(server_round, 0.0), rss)
+            leads = kind == "warm" and kinds.get(parent) != "warm"  # a warm parent, not one of its children
+            device = pid if leads else parent  # a cold ClientApp's parent: its SuperNode's SuperExec
+            totals[device] = totals.get(device, 0.0) + pss
+            if leads:
+                _keep_peak(self.parents.setdefault(server_round, {}), pid, rss)
+        for device, pss in totals.items():
+            _keep_peak(self.devices.setdefault(server_round, {}), device, pss)
 
     def parent_growth(self) -> float | None:
         """The largest growth of one warm parent's peak RSS from round 2 to the last (None: cold or < 3 rounds)."""
@@ -199,6 +233,19 @@ class DeviceMemory:
         growths = [memory_growth({r: p[pid] for r, p in self.parents.items() if pid in p}) for pid in pids]
         known = [g for g in growths if g is not None]
         return max(known) if known else None
+
+
+def _keep_peak(peaks: dict[int, float], key: int, value: float) -> None:
+    peaks[key] = max(peaks.get(key, 0.0), value)
+
+
+def _kind(argv: list[str]) -> str | None:
+    """What a command line runs: a warm executor (parent or forked child), a cold ClientApp, or neither (None)."""
+    if any(a.endswith(WARM_SCRIPT) for a in argv):
+        return "warm"
+    if any(a.endswith(CLIENTAPP_COMMAND) for a in argv[:2]):
+        return "cold"
+    return None
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -251,29 +298,29 @@ def run_variant(nodes: int, devices: str, privacy: str, args: argparse.Namespace
         "privacy": privacy,
         "rounds": rows,
         "failures": sum(len(r.get("rejected", [])) + ("error" in r) for r in metrics["rounds"]),
+        "device_peak_pss_mib": memory.devices,
+        "process_peak_rss_mib": memory.processes,
         "warm_parent_peak_rss_mib": memory.parents,
-        "warm_device_peak_pss_mib": memory.devices,
-        "cold_clientapp_peak_rss_mib": memory.clientapps,
         "warm_parent_growth": memory.parent_growth(),
         "wall_s": time.perf_counter() - started,
     }
 
 
 def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's four goals from the warm runs at 3 SuperNodes: value, limit, verdict."""
+    """The issue's four goals from the warm runs at 3 SuperNodes: value, limit, verdict (None: not measured)."""
     found = {(r["nodes"], r["devices"], r["privacy"]): r for r in results}
     plain, secure = found.get((3, "warm", "plain")), found.get((3, "warm", "secagg+"))
-    overhead = ratio = secagg = growth = None
+    overhead = busy = secagg = growth = None
     if plain:
         rows = steady(plain["rounds"])
         overhead = median(rows, "overhead_s")
-        ratio = statistics.median(r["round_s"] / max(1e-9, r["compute_s"] + r["server_s"]) for r in rows)
-        growth = plain["warm_parent_growth"]
+        busy = median_of(busy_ratio(r) for r in rows)
+        growth = plain.get("warm_parent_growth")
         if secure:
-            secagg = median(steady(secure["rounds"]), "round_s") / median(rows, "round_s")  # type: ignore[operator]
+            secagg = ratio(median(steady(secure["rounds"]), "round_s"), median(rows, "round_s"))
     lines = [
         ("per-message overhead beyond device compute (s)", overhead, OVERHEAD_GOAL_S),
-        ("plain round / (compute + server)", ratio, PLAIN_ROUND_RATIO),
+        ("plain round / (compute + server)", busy, PLAIN_ROUND_RATIO),
         ("secagg+ round / plain round", secagg, SECAGG_RATIO),
         ("warm parent RSS growth after round 2", growth, MEMORY_GROWTH),
     ]
@@ -288,17 +335,18 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def summary_row(result: dict[str, Any]) -> dict[str, Any]:
-    """Medians over the steady rounds; per message = the round's exchange over its messages per device."""
+    """Medians over the steady rounds (per message: a round's exchange over its messages per device); peaks."""
     rows = steady(result["rounds"])
-    memory = result["warm_device_peak_pss_mib"] or result["cold_clientapp_peak_rss_mib"]
+    devices = [mib for per_device in result["device_peak_pss_mib"].values() for mib in per_device.values()]
     return {
         "round_s": median(rows, "round_s"),
-        "message_s": statistics.median(r["exchange_s"] / max(1, r["messages"]) for r in rows),
+        "message_s": median(rows, "message_s"),
         "compute_s": median(rows, "compute_s"),
         "startup_s": median(rows, "startup_s"),
         "flower_s": median(rows, "flower_s"),
         "server_s": median(rows, "server_s"),
-        "device_peak_mib": max(memory.values()) if memory else None,
+        "device_peak_mib": max(devices, default=None),
+        "process_peak_mib": max(result["process_peak_rss_mib"].values(), default=None),
     }
 
 
@@ -310,19 +358,22 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Medians of rounds 2+. Per message: the exchange over the messages each device answers per round (1 plain,"
         " 5 secagg+); compute, start-up and Flower's waits are the critical device's in a plain round (secagg+"
-        " devices report no timings). Device memory: peak PSS of one warm parent with its children (their shared"
-        " pages counted once), or peak RSS of one cold ClientApp process.",
+        " devices report no timings). Device peak: the largest PSS summed over one device's processes (a warm"
+        " parent with its children, or a cold device's flwr-clientapp processes); PSS splits each shared page"
+        " among the processes that map it. Process peak: the largest RSS of one of those processes. Both sampled"
+        " every 2 s, cold and warm alike.",
         "",
         "| nodes | devices | rounds | round (s) | per message (s) | compute (s) | start-up (s) | Flower waits (s)"
-        " | server work (s) | device peak (MiB) | failures |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | server work (s) | device peak PSS (MiB) | process peak RSS (MiB) | failures |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in report["results"]:
         s = summary_row(result)
         lines.append(
             f"| {result['nodes']} | {result['devices']} | {result['privacy']} | {_fmt(s['round_s'])}"
             f" | {_fmt(s['message_s'])} | {_fmt(s['compute_s'])} | {_fmt(s['startup_s'])} | {_fmt(s['flower_s'])}"
-            f" | {_fmt(s['server_s'])} | {_fmt(s['device_peak_mib'], 0)} | {result['failures']} |"
+            f" | {_fmt(s['server_s'])} | {_fmt(s['device_peak_mib'], 0)} | {_fmt(s['process_peak_mib'], 0)}"
+            f" | {result['failures']} |"
         )
     lines += ["", "| warm parent | " + " | ".join(f"round {r}" for r in _memory_rounds(report)) + " |"]
     lines.append("|---" * (1 + len(_memory_rounds(report))) + "|")
@@ -344,6 +395,16 @@ def goal_line(goal: dict[str, Any]) -> str:
     return f"- {goal['goal']}: {_fmt(goal['value'], 3)} (goal <= {goal['limit']:g}): {goal['verdict']}"
 
 
+def write_report(out: Path, mode: str, results: list[dict[str, Any]]) -> str:
+    """results.json and results.md in ``out`` for the variants run so far; the markdown."""
+    report = {"command": " ".join(sys.argv), "mode": mode, "results": results, "goals": goals(results)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (out / "results.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[3], help="local SuperNodes per run, e.g. 3 20")
@@ -361,20 +422,16 @@ def main() -> None:
     chosen = [(d, p) for d, p in VARIANTS if f"{d}-{p}" in args.variants]
     check_resources(args)
     out = (args.out / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    mode = "quick smoke run: tiny BERT, not a measurement" if args.quick else "MiniLM on Banking77"
+    results: list[dict[str, Any]] = []
+    text = ""
     with tempfile.TemporaryDirectory(prefix="warm-bench-") as scratch:
         if args.quick:
             args.tiny_bert = _tiny_bert(Path(scratch))
-        results = [run_variant(n, d, p, args, out) for n in args.nodes for d, p in chosen]
-    report = {
-        "command": " ".join(sys.argv),
-        "mode": "quick smoke run: tiny BERT, not a measurement" if args.quick else "MiniLM on Banking77",
-        "results": results,
-    }
-    report["goals"] = goals(results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (out / "results.md").write_text(text)
+        for nodes in args.nodes:
+            for devices, privacy in chosen:
+                results.append(run_variant(nodes, devices, privacy, args, out))
+                text = write_report(out, mode, results)  # after each variant: a later failure keeps these
     print("\n" + text)
     print(f"results: {out / 'results.md'} and results.json")
 

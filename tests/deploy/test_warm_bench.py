@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from benchmarks import warm_devices as bench
@@ -81,24 +84,75 @@ def test_goals_from_hand_written_runs() -> None:
     assert {g["verdict"] for g in bench.goals([])} == {"not measured"}
 
 
-def test_the_sampler_files_a_warm_parent_and_its_child_under_one_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    argv = ["python", "-P", f"/x/deploy/{bench.WARM_SCRIPT}", "--runtime-api-address", "127.0.0.1:1"]
-    commands = {10: argv, 11: argv, 20: ["python", "/bin/flwr-clientapp", "--token", "t"], 30: ["flower-supernode"]}
-    parents = {10: 1, 11: 10, 20: 30, 30: 1}
-    rss = {10: 400.0, 11: 150.0, 20: 700.0, 30: 90.0}
+def test_the_sampler_sums_each_devices_pss_alike_for_warm_and_cold_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    warm = ["python", "-P", f"/x/deploy/{bench.WARM_SCRIPT}", "--runtime-api-address", "127.0.0.1:1"]
+    cold = ["python", "/bin/flwr-clientapp", "--token", "t"]
+    # 10: a warm parent, 11 its forked child; 20 and 21: cold ClientApps of SuperExec 30; 40: a SuperNode
+    commands = {10: warm, 11: warm, 20: cold, 21: cold, 30: ["flower-superexec"], 40: ["flower-supernode"]}
+    parents = {10: 1, 11: 10, 20: 30, 21: 30, 30: 40, 40: 1}
+    rss = {10: 400.0, 11: 150.0, 20: 700.0, 21: 300.0, 30: 90.0, 40: 90.0}
+    pss = {10: 300.0, 11: 50.0, 20: 600.0, 21: 100.0, 30: 80.0, 40: 80.0}  # a child shares most of its parent's
+    read: list[tuple[int, str]] = []
+
+    def proc_kib(pid: int, file: str, name: str) -> float:
+        read.append((pid, file))
+        return (rss if name == "VmRSS:" else pss)[pid] * 1024
+
     monkeypatch.setattr(bench, "descendants", lambda pid: list(commands))
     monkeypatch.setattr(bench, "_cmdline", commands.__getitem__)
     monkeypatch.setattr(bench, "_ppid", parents.__getitem__)
-    pss = {10: 300.0, 11: 50.0}  # the child shares most of its parent's pages
-    monkeypatch.setattr(bench, "proc_kib", lambda pid, file, name: (rss if name == "VmRSS:" else pss)[pid] * 1024)
-    memory = bench.DeviceMemory(metrics_file=bench.Path("/nonexistent"), rounds=3)
+    monkeypatch.setattr(bench, "proc_kib", proc_kib)
+    memory = bench.DeviceMemory(metrics_file=Path("/nonexistent"), rounds=3)
     memory.sample(2)
+    # the devices' processes only, each read alike: its PSS and its RSS
+    assert sorted(read) == [(pid, file) for pid in (10, 11, 20, 21) for file in ("smaps_rollup", "status")]
     rss[10] = 410.0
     memory.sample(3)
+    assert memory.devices == {2: {10: 350.0, 30: 700.0}, 3: {10: 350.0, 30: 700.0}}  # summed PSS per device
+    assert memory.processes == {2: 700.0, 3: 700.0}
     assert memory.parents == {2: {10: 400.0}, 3: {10: 410.0}}
-    assert memory.devices == {2: 350.0, 3: 350.0}
-    assert memory.clientapps == {2: 700.0, 3: 700.0}
     assert memory.parent_growth() == pytest.approx(0.025)  # from round 2 to the last
     rss[10] = 900.0
     memory.sample(4)  # after the last round: the run's teardown, not filed
-    assert 4 not in memory.parents and memory.parent_growth() == pytest.approx(0.025)
+    assert 4 not in memory.parents and 4 not in memory.devices and memory.parent_growth() == pytest.approx(0.025)
+    assert bench.DeviceMemory(metrics_file=Path("/nonexistent"), rounds=3).interval == 2.0
+
+
+def test_a_secure_round_that_failed_before_any_stage_has_no_per_message_figure() -> None:
+    failed = bench.secure_round_split({"round": 2, "seconds": 6.0, "stages": {}})
+    assert failed["message_s"] is None and failed["messages"] == 0
+    rows = [bench.secure_round_split(SECURE | {"round": 1}), failed, bench.secure_round_split(SECURE | {"round": 3})]
+    result = {"rounds": rows, "device_peak_pss_mib": {}, "process_peak_rss_mib": {}}
+    assert bench.summary_row(result)["message_s"] == pytest.approx(7.0)  # 35 s over 5 stages; the failed round skipped
+
+
+def test_goals_and_summaries_of_runs_without_figures_are_not_measured() -> None:
+    empty = {"nodes": 3, "devices": "warm", "rounds": [], "warm_parent_growth": None}
+    results = [empty | {"privacy": "plain"}, empty | {"privacy": "secagg+"}]
+    assert {g["verdict"] for g in bench.goals(results)} == {"not measured"}
+    row = bench.summary_row(empty | {"device_peak_pss_mib": {}, "process_peak_rss_mib": {}})
+    assert set(row.values()) == {None}
+    assert bench.ratio(1.0, 0.0) is None and bench.median_of([None, 3.0, None, 5.0]) == 4.0
+
+
+def test_results_are_written_after_each_variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain_rows = [bench.plain_round_split(PLAIN | {"round": r}) for r in (1, 2, 3)]
+    done = {"devices": "cold", "nodes": 3, "privacy": "plain", "rounds": plain_rows, "failures": 0}
+    done |= {"device_peak_pss_mib": {2: {30: 700.0}}, "process_peak_rss_mib": {2: 700.0}}
+    done |= {"warm_parent_peak_rss_mib": {}, "warm_parent_growth": None}
+
+    def run_variant(nodes: int, devices: str, privacy: str, *_: object) -> dict[str, object]:
+        if devices == "warm":
+            raise RuntimeError("the second variant failed")
+        return done
+
+    monkeypatch.setattr(bench, "run_variant", run_variant)
+    monkeypatch.setattr(bench, "check_resources", lambda args: None)
+    argv = ["warm_devices.py", "--out", str(tmp_path), "--variants", "cold-plain", "warm-plain"]
+    monkeypatch.setattr(bench.sys, "argv", argv)
+    with pytest.raises(RuntimeError, match="second variant"):
+        bench.main()
+    (folder,) = tmp_path.iterdir()
+    report = json.loads((folder / "results.json").read_text())
+    assert [(r["devices"], r["privacy"]) for r in report["results"]] == [("cold", "plain")]
+    assert "| 3 | cold | plain |" in (folder / "results.md").read_text()
