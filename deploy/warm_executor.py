@@ -192,18 +192,26 @@ def cuda_driver_mapped(maps: Iterable[str]) -> bool:
     return False
 
 
-def cuda_initialized(maps: Callable[[], Iterable[str]] | None = None) -> bool:
-    """Whether this process has initialised CUDA; never imports torch to find out.
-
-    ``torch.cuda.is_initialized()`` misses a ``torch.cuda.is_available()`` that called cuInit without
-    setting torch's flag (NVML failing, MIG UUIDs in CUDA_VISIBLE_DEVICES, PYTORCH_NVML_BASED_CUDA_CHECK
-    unset or 0); cuInit loads the driver library, so a mapped ``libcuda.so*`` counts as initialised too.
-    ``maps``: the lines of a memory map (tests); by default this process's.
-    """
+def cuda_initialized() -> bool:
+    """Whether torch has initialised CUDA in this process; never imports torch to find out."""
     torch = sys.modules.get("torch")
-    if torch is not None and bool(torch.cuda.is_initialized()):
-        return True
-    return cuda_driver_mapped((maps or read_maps)())
+    return torch is not None and bool(torch.cuda.is_initialized())
+
+
+def cuda_driver_warning(maps: Callable[[], Iterable[str]] | None = None) -> str | None:
+    """A warning when the CUDA driver library is mapped here though torch has not initialised CUDA.
+
+    ``torch.cuda.is_available()`` can call cuInit without setting torch's flag (NVML failing, MIG UUIDs in
+    CUDA_VISIBLE_DEVICES, PYTORCH_NVML_BASED_CUDA_CHECK=0), which loads the driver. A warning, not a
+    refusal: whether a CUDA build of torch maps ``libcuda.so`` at import alone is not checked on a GPU
+    here, and a refusal would then stop every warm device on GPU machines. ``maps``: a memory map's lines.
+    """
+    if not cuda_driver_mapped((maps or read_maps)()):
+        return None
+    return (
+        "the CUDA driver (libcuda.so) is loaded in the warm parent: if a ClientApp fails to use CUDA in its "
+        "forked child, run with --cold-devices"
+    )
 
 
 def warm_up(modules: Sequence[str] = WARM_MODULES) -> Callable[[], Any]:
@@ -223,6 +231,9 @@ def warm_up(modules: Sequence[str] = WARM_MODULES) -> Callable[[], Any]:
         raise RuntimeError(f"the warm parent imported app modules {loaded}: a ClientApp would run them, not the FAB's")
     if cuda_initialized():
         raise ForkRefused(f"the warm-up initialised CUDA. {CUDA_IN_PARENT}")
+    warning = cuda_driver_warning()
+    if warning:
+        logger.warning(warning)
     return entry_point
 
 
