@@ -30,6 +30,8 @@ from helpers import write_tiny_scenario
 from test_deployment import BIN, _flower_env, _popen, _stop, _Tree, _watch, no_process_left  # noqa: F401
 from waiting import scaled
 
+from deploy.serve import SUPERNODE_LOG
+from deploy.warm_executor import TASK_LINE
 from fedadapt.fleet.device_data import personal_path
 from fedadapt.privacy.secagg.stages import MASKED
 from simulations.processes import descendants, free_port
@@ -113,22 +115,25 @@ class _Serve:
     def checkpointed(self, server_round: int) -> bool:
         return (self.out / "checkpoints" / f"round-{server_round:04d}.safetensors").exists()
 
-    def clientapps_of(self, partition: int) -> set[int]:
-        """The ClientApps partition's warm executor has forked and that still run."""
-        return _executor_of(partition, self.proc.pid)[1]
+    def forks_of(self, partition: int) -> int:
+        """How many ClientApps partition's warm executor has forked so far (its log names each fork).
 
-    def kill_mid_round(self, partition: int, stage: int, before: set[int]) -> None:
-        """SIGKILL partition's device (its SuperNode, its warm executor and all below them) once its
-        ``stage``-th new ClientApp of the round runs."""
+        Counted from the log, not from live processes: a warm child of a cheap secagg+ stage can start and
+        end between two looks at the process list, and a missed stage would shift the kill to a later one.
+        """
+        log = self.out / SUPERNODE_LOG.format(index=partition)
+        return log.read_text(errors="replace").count(TASK_LINE) if log.is_file() else 0
+
+    def kill_mid_round(self, partition: int, stage: int, forks_before: int) -> None:
+        """SIGKILL partition's device (its SuperNode, its warm executor and all below them) once it has
+        forked the ClientApp of the round's ``stage``-th message."""
         node = _supernode_of(partition, self.proc.pid)
         executor = _executor_of(partition, self.proc.pid)[0]
-        seen: set[int] = set()
-
-        def started() -> bool:
-            seen.update(self.clientapps_of(partition) - before)
-            return len(seen) >= stage
-
-        self.until(started, 240, f"ClientApp {stage} of partition {partition} in the round")
+        self.until(
+            lambda: self.forks_of(partition) - forks_before >= stage,
+            240,
+            f"ClientApp {stage} of partition {partition} in the round",
+        )
         _kill_tree(node)
         _kill_tree(executor)
 
@@ -170,13 +175,15 @@ LOST = ("Node Unavailable", "no reply within the round timeout")
 @pytest.mark.timeout(960)
 def test_killed_node_and_straggler_are_left_out_then_both_rejoin(tiny_bert: Path, tmp_path: Path) -> None:
     _skip_without_flower()
-    stall = (2, 1, "stall")
-    serve = _Serve(tmp_path, _scenario(tmp_path, tiny_bert, [stall], **{"personal-head": True}))
+    # Device 1 straggles in round 2. Device 2 stalls too, so that the kill below lands while its ClientApp
+    # runs, however fast a warm child trains.
+    stalls = [(2, 1, "stall"), (2, 2, "stall")]
+    serve = _Serve(tmp_path, _scenario(tmp_path, tiny_bert, stalls, **{"personal-head": True}))
     try:
         serve.until(lambda: serve.checkpointed(1), 300, "round 1")
         head = personal_path(serve.out / "clients", 2)
         saved = head.read_bytes()  # the personal part partition 2 kept after round 1
-        serve.kill_mid_round(2, stage=1, before=serve.clientapps_of(2))
+        serve.kill_mid_round(2, stage=1, forks_before=serve.forks_of(2))
         serve.until(lambda: serve.checkpointed(2), 300, "round 2")
         assert head.read_bytes() == saved, "the killed device's personal part changed on disk"
         serve.restart_node(2)
@@ -205,12 +212,14 @@ def test_secagg_fails_beyond_its_tolerance_then_recovers_a_node_killed_mid_round
 ) -> None:
     _skip_without_flower()
     privacy = {"mode": "secagg+", "num-shares": 3, "reconstruction-threshold": 2}
-    faults = [(2, 1, "stall"), (2, 2, "stall")]
+    # Round 3's stall of device 2 holds its masked-input ClientApp past the kill below, so the kill lands in
+    # that stage however fast the warm child trains (a kill after it replied would hit the consistency stage).
+    faults = [(2, 1, "stall"), (2, 2, "stall"), (3, 2, "stall")]
     serve = _Serve(tmp_path, _scenario(tmp_path, tiny_bert, faults, privacy=privacy))
     try:
         serve.until(lambda: serve.checkpointed(2), 600, "round 2")
-        before = serve.clientapps_of(2)  # round 2's straggling ClientApp may still be running
-        serve.kill_mid_round(2, stage=3, before=before)  # setup, share-keys, then the masked input
+        forks = serve.forks_of(2)  # round 2's, its straggling ClientApp's included
+        serve.kill_mid_round(2, stage=3, forks_before=forks)  # setup, share-keys, then the masked input
         metrics = serve.finish()
     finally:
         serve.stop()
