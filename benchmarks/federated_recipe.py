@@ -120,19 +120,14 @@ class Plan:
         }
         return dataclasses.replace(scenario, **(settings | changes))
 
-    def head(self, row: str = "head", **changes: Any) -> ScenarioConfig:
-        """The head-only row: the recipe's head warm-up (method ``head``, plain FedAvg) for every round."""
-        scenario = self.on_fleet(head_warmup_variant(self.recipe, rounds=self.rounds), row)
-        return dataclasses.replace(scenario, **changes)
-
     def recipe_scenario(self, row: str, **changes: Any) -> ScenarioConfig:
         """The recipe on the fleet with its head warm-up, which simulate runs as a phase of its own."""
         warmup_rounds = min(self.warmup_rounds, self.rounds - 1)
         return self.on_fleet(self.recipe, row, **changes, head_warmup_rounds=warmup_rounds)
 
     def row_scenario(self, row: str) -> ScenarioConfig:
-        if row == "head":
-            return self.head()
+        if row == "head":  # the recipe's head warm-up (method ``head``, plain FedAvg) for every round
+            return self.on_fleet(head_warmup_variant(self.recipe, rounds=self.rounds), row)
         if row in ("lora", "full"):
             return self.on_fleet(self.today, row)
         if row == "central":  # trained in one go: no warm-up phase

@@ -62,7 +62,7 @@ from benchmarks.deployment_load import write_scenario as write_load_scenario  # 
 from benchmarks.fleet_scale import proc_kib  # noqa: E402
 from deploy import warm_executor  # noqa: E402
 from deploy.serve import Deployment, serve  # noqa: E402
-from simulations.processes import descendants  # noqa: E402
+from simulations.processes import descendants, parent_pid  # noqa: E402
 
 SUPERNODE_PULL_S = 3.0  # flwr 1.41 supernode/start_client_internal.py: time.sleep(3) when no message was pulled
 OVERHEAD_GOAL_S = 1.5 + SUPERNODE_PULL_S
@@ -215,7 +215,7 @@ class DeviceMemory:
         for pid, kind in kinds.items():
             if kind is None:
                 continue
-            parent = _ppid(pid)
+            parent = parent_pid(pid) or 0
             pss = proc_kib(pid, "smaps_rollup", "Pss:") / 1024
             rss = proc_kib(pid, "status", "VmRSS:") / 1024
             self.processes[server_round] = max(self.processes.get(server_round, 0.0), rss)
@@ -253,13 +253,6 @@ def _cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return []
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 # --- the runs -------------------------------------------------------------------------------------------------

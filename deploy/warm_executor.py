@@ -105,25 +105,28 @@ def poll_interval(environ: dict[str, str] | os._Environ[str] = os.environ) -> fl
     raw = environ.get(POLL_INTERVAL_ENV)
     if raw is None:
         return 1.0
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
     low, high = _POLL_BOUNDS
-    if not (math.isfinite(value) and low <= value <= high):
+    value = _seconds_within(raw, low, high)
+    if value is None:
         raise ValueError(f"{POLL_INTERVAL_ENV} must be seconds in [{low}, {high}], got {raw!r}")
     return value
 
 
 def task_seconds(raw: str) -> float:
     """A task time limit from text: finite seconds, at least ``MIN_TASK_SECONDS``; ValueError otherwise."""
+    value = _seconds_within(raw, MIN_TASK_SECONDS, math.inf)
+    if value is None:
+        raise ValueError(f"must be seconds >= {MIN_TASK_SECONDS:g}, got {raw!r}")
+    return value
+
+
+def _seconds_within(raw: str, low: float, high: float) -> float | None:
+    """``raw`` as finite seconds in [``low``, ``high``]; None for anything else (text, nan, inf, out of range)."""
     try:
         value = float(raw)
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= MIN_TASK_SECONDS):
-        raise ValueError(f"must be seconds >= {MIN_TASK_SECONDS:g}, got {raw!r}")
-    return value
+        return None
+    return value if math.isfinite(value) and low <= value <= high else None
 
 
 def max_task_seconds(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
@@ -184,7 +187,7 @@ def read_maps() -> list[str]:
 def cuda_driver_mapped(maps: Iterable[str]) -> bool:
     """Whether a line of a /proc/PID/maps (address, perms, offset, dev, inode, path) maps the CUDA driver."""
     for line in maps:
-        if CUDA_DRIVER not in line:  # most lines: the loop reads the map before every claim
+        if CUDA_DRIVER not in line:  # most lines: a cheap test before splitting
             continue
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and os.path.basename(fields[5]).startswith(CUDA_DRIVER):

@@ -65,13 +65,25 @@ def stop_process_trees(processes: list[subprocess.Popen[bytes]]) -> None:
     _signal_all_until_gone(below)  # the SuperLink's SuperExec and the ClientApps normally exit with them
 
 
+def _stat_fields(stat: Path) -> list[str]:
+    """The fields of a /proc/PID/stat after the command name (state, parent PID, ...); the name may hold spaces."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of ``pid`` (Linux /proc); None when it is gone or there is no /proc."""
+    try:
+        return int(_stat_fields(Path(f"/proc/{pid}/stat"))[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def descendants(pid: int) -> list[int]:
     """PIDs below ``pid`` (Linux /proc; empty elsewhere), deepest last."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+            children.setdefault(int(_stat_fields(stat)[1]), []).append(int(stat.parent.name))
     found, queue = [], [pid]
     while queue:
         for child in children.get(queue.pop(), []):
@@ -97,7 +109,7 @@ def _signal_all_until_gone(pids: list[int]) -> None:
 
 def alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = _stat_fields(Path(f"/proc/{pid}/stat"))[0]
     except (OSError, IndexError):
         return False
     return state != "Z"  # a zombie has exited; its parent reaps it

@@ -34,7 +34,7 @@ from deploy.serve import SUPERNODE_LOG
 from deploy.warm_executor import TASK_LINE
 from fedadapt.fleet.device_data import personal_path
 from fedadapt.privacy.secagg.stages import MASKED
-from simulations.processes import descendants, free_port
+from simulations.processes import descendants, free_port, parent_pid
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -76,17 +76,10 @@ def _supernode_of(partition: int, root_pid: int) -> int:
 def _executor_of(partition: int, root_pid: int) -> tuple[int, set[int]]:
     """The warm executor of ``partition`` and its forked ClientApps (which share its command line)."""
     found = set(_below(root_pid, b"warm_executor.py", f"partition-id={partition} ".encode()))
-    parents = {pid: _parent(pid) for pid in found}
+    parents = {pid: parent_pid(pid) for pid in found}
     executors = [pid for pid in found if parents[pid] not in found]
     assert len(executors) == 1, f"expected one warm executor for partition {partition}, found {executors}"
     return executors[0], found - set(executors)
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _kill_tree(pid: int) -> None:

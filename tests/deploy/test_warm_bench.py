@@ -100,7 +100,7 @@ def test_the_sampler_sums_each_devices_pss_alike_for_warm_and_cold_devices(monke
 
     monkeypatch.setattr(bench, "descendants", lambda pid: list(commands))
     monkeypatch.setattr(bench, "_cmdline", commands.__getitem__)
-    monkeypatch.setattr(bench, "_ppid", parents.__getitem__)
+    monkeypatch.setattr(bench, "parent_pid", parents.__getitem__)
     monkeypatch.setattr(bench, "proc_kib", proc_kib)
     memory = bench.DeviceMemory(metrics_file=Path("/nonexistent"), rounds=3)
     memory.sample(2)
