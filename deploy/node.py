@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy import warm_executor
+from deploy import executors, warm_executor
 from fedadapt.errors import ConfigError
 from fedadapt.privacy.config import MODES
 from simulations.processes import find_tool, free_port, stop_process_trees, terminate_gracefully
@@ -111,8 +111,8 @@ def run_node(config: NodeConfig) -> int:
     interrupted; its exit code."""
     if config.insecure:
         print(f"WARNING: {INSECURE_NOTE}")
-    config = dataclasses.replace(config, cold=warm_executor.run_cold(config.cold))  # no os.fork: cold
-    env = warm_executor.fast_polling(flower_env())
+    config = dataclasses.replace(config, cold=executors.run_cold(config.cold))  # no os.fork: cold
+    env = executors.fast_polling(flower_env())
     port = config.port or free_port()
     with terminate_gracefully():
         process = subprocess.Popen(config.command(port), env=env)
@@ -121,6 +121,7 @@ def run_node(config: NodeConfig) -> int:
             if config.cold:
                 return process.wait()
             label = f"partition-id={config.partition_id}"
-            return warm_executor.supervise(process, port, env, label, started)
+            spec = executors.ExecutorSpec(port, env, label)
+            return executors.supervise(process, spec, started)
         finally:
             stop_process_trees(started)  # Ctrl-C or an error here: the SuperNode, the executor and the ClientApps

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy import warm_executor
+from deploy import executors, warm_executor
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.run_config import CLIENT_STATE_FOLDER
 from fedadapt.fleet.variants import with_overrides
@@ -152,14 +152,17 @@ def serve(
     flwr_home = Path(tempfile.mkdtemp(prefix="fedadapt-serve-"))
     try:
         with terminate_gracefully(), _superlink(flwr_home, plan.out_dir, deployment, certs) as link:
-            nodes = _supernodes(flwr_home, link.env, plan, link.address, deployment, certs)
+            supervisors = executors.Supervisors()
+            nodes: list[subprocess.Popen[bytes]] = []
             try:
+                _supernodes(flwr_home, link.env, plan, link.address, deployment, certs, supervisors, nodes)
                 code = _run_app(plan, flwr_home, link.env, show, link.app)
             finally:
                 # The SuperLink (and the ServerApp below it) first: with the nodes gone first, the
                 # ServerApp would close the interrupted round as failed and mark the run complete.
                 stop_process_trees([link.superlink, link.gateway])
-                stop_process_trees(nodes)
+                # Then every executor ever started (none restarts once stop() returns) with its SuperNode.
+                stop_process_trees(supervisors.stop() + nodes)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
     metrics = finished_metrics(plan, code, "the run")
@@ -260,7 +263,7 @@ def _superlink(flwr_home: Path, out_dir: Path, deployment: Deployment, certs: _C
     inner = free_port()
     exposed = "127.0.0.1" if deployment.host in ("0.0.0.0", "::") else deployment.host
     address = f"[{exposed}]:{port}" if ":" in exposed else f"{exposed}:{port}"
-    env = {k: v for k, v in warm_executor.fast_polling(flower_env(flwr_home)).items() if k not in _LEGACY_GRPC_ENV}
+    env = {k: v for k, v in executors.fast_polling(flower_env(flwr_home)).items() if k not in _LEGACY_GRPC_ENV}
     command = [find_tool("flower-superlink"), "--host", "127.0.0.1", "--port", str(inner)]
     command += ["--disable-runtime-dependency-installation", "--database", str(flwr_home / "superlink.db")]
     if certs is None:
@@ -351,16 +354,17 @@ def _supernodes(
     address: str,
     deployment: Deployment,
     certs: _Certs | None,
-) -> list[subprocess.Popen[bytes]]:
-    """The local SuperNodes and their warm executors (cold devices if asked, or where there is no os.fork)."""
+    supervisors: executors.Supervisors,
+    nodes: list[subprocess.Popen[bytes]],
+) -> None:
+    """Start the local SuperNodes, each appended to ``nodes`` as it starts (the caller stops them, also after
+    an error); their warm executors run under ``supervisors`` (none for cold devices, as asked or where there
+    is no os.fork)."""
     if not deployment.local_supernodes:
-        return []
-    deployment = dataclasses.replace(deployment, cold_devices=warm_executor.run_cold(deployment.cold_devices))
-    return [
-        process
-        for index in range(deployment.local_supernodes)
-        for process in _supernode(flwr_home, env, plan, address, index, deployment, certs)
-    ]
+        return
+    deployment = dataclasses.replace(deployment, cold_devices=executors.run_cold(deployment.cold_devices))
+    for index in range(deployment.local_supernodes):
+        nodes.append(_supernode(flwr_home, env, plan, address, index, deployment, certs, supervisors))
 
 
 def _supernode(
@@ -371,8 +375,10 @@ def _supernode(
     index: int,
     deployment: Deployment,
     certs: _Certs | None,
-) -> list[subprocess.Popen[bytes]]:
-    """Local SuperNode ``index`` dialling the gateway over loopback, and its warm executor (unless cold)."""
+    supervisors: executors.Supervisors,
+) -> subprocess.Popen[bytes]:
+    """Local SuperNode ``index`` dialling the gateway over loopback; its warm executor under ``supervisors``
+    (unless cold), restarted like ``fedadapt node``'s if it exits."""
     count, runtime_port = deployment.local_supernodes, free_port()
     command = [find_tool("flower-supernode"), "--superlink", address, "--port", str(runtime_port)]
     if not deployment.cold_devices:
@@ -391,15 +397,12 @@ def _supernode(
     env = share_cores(env, count)
     with log_file.open("ab") as log:
         node = subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)
-        if deployment.cold_devices:
-            return [node]
-        label = f"partition-id={index}"
+    if not deployment.cold_devices:
         # Its tasks may run as long as the server waits for a reply: the scenario's round-timeout (plus a margin).
-        executor_env = warm_executor.task_time_limit(env, plan.scenario.round_timeout)
-        executor = warm_executor.start(
-            runtime_port, node, executor_env, label, cwd=flwr_home, stdout=log, stderr=subprocess.STDOUT
-        )
-    return [node, executor]
+        executor_env = executors.task_time_limit(env, plan.scenario.round_timeout)
+        label = f"partition-id={index}"
+        supervisors.add(node, executors.ExecutorSpec(runtime_port, executor_env, label, log_file, flwr_home))
+    return node
 
 
 def share_cores(env: dict[str, str], local_nodes: int) -> dict[str, str]:

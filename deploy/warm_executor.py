@@ -38,7 +38,6 @@ import logging
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -77,7 +76,6 @@ MIN_TASK_SECONDS = 1.0  # the least --max-task-seconds (or its variable) takes: 
 READY_LINE = "warm executor ready"  # logged once per parent: tests count these
 TASK_LINE = "forked task"  # logged once per task, with the parent's and the child's PIDs
 SUPERNODE_FLAGS = ["--isolation", "process"]  # the SuperNode leaves its tasks to this executor
-MIN_LIFETIME_SECONDS = 30.0  # an executor that dies sooner is not restarted: it cannot start at all
 FORK_REFUSED_EXIT = 3  # the parent's exit code when it must not fork (its log line says why)
 # torch's fork-safe CUDA check: with it, torch.cuda.is_available() asks NVML instead of calling cuInit,
 # which would leave forked children a CUDA driver they cannot use.
@@ -85,9 +83,8 @@ NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
 CUDA_DRIVER = "libcuda.so"  # how the CUDA driver library's file name starts (libcuda.so.1, libcuda.so.550.54.15)
 CUDA_IN_PARENT = (
     "CUDA is initialised in the warm parent, and children forked after that cannot use it: nothing in the "
-    "parent may run a CUDA operation (the ClientApp may, in its child). `fedadapt node` starts a new executor "
-    "if this one ran 30 s or more; `fedadapt serve --local-supernodes` does not, and this device takes no "
-    "more tasks in that run. Or run with --cold-devices"
+    "parent may run a CUDA operation (the ClientApp may, in its child). `fedadapt node` and `fedadapt serve "
+    "--local-supernodes` start a new executor if this one ran 30 s or more. Or run with --cold-devices"
 )
 
 NO_FORK = (
@@ -138,13 +135,6 @@ def max_task_seconds(environ: dict[str, str] | os._Environ[str] = os.environ) ->
         return task_seconds(raw)
     except ValueError as error:
         raise ValueError(f"{MAX_TASK_SECONDS_ENV} {error}") from None
-
-
-def task_time_limit(env: dict[str, str], round_timeout: float) -> dict[str, str]:
-    """``env`` with the max task time of a scenario's devices (its round-timeout + a margin), unless the user set it."""
-    if MAX_TASK_SECONDS_ENV in env:
-        return env
-    return env | {MAX_TASK_SECONDS_ENV: repr(max(MIN_TASK_SECONDS, round_timeout + TASK_MARGIN_SECONDS))}
 
 
 @dataclass(frozen=True)
@@ -665,72 +655,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     executor = ForkExecutor(entry_point, limits, child_unset=child_unset)
     return serve_tasks(target, executor, interval, args.parent_pid)
-
-
-def command(runtime_api_address: str, supernode_pid: int, label: str = "") -> list[str]:
-    """The command line that starts the warm executor of one SuperNode (plain HTTP on its loopback Runtime API).
-
-    Run as a script with ``-P``: neither the ``deploy`` package nor the script's folder gets onto the
-    parent's import path, so no module of the project is preloaded for the children.
-    """
-    script = str(Path(__file__).resolve())
-    line = [sys.executable, "-P", script, "--runtime-api-address", runtime_api_address, "--insecure"]
-    line += ["--parent-pid", str(supernode_pid)]
-    return [*line, "--label", label] if label else line
-
-
-def run_cold(cold: bool) -> bool:
-    """Whether devices run cold: asked for (``--cold-devices``), or forced where ``os.fork`` is missing.
-
-    Called once by each launcher (``fedadapt node``, ``serve --local-supernodes``); the forced case logs why.
-    """
-    if cold or hasattr(os, "fork"):
-        return cold
-    logger.warning(NO_FORK)
-    return True
-
-
-def fast_polling(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with SuperExec's task poll at ``FAST_POLL_SECONDS`` (Flower's: 1 s), unless the user set it.
-
-    Flower's own SuperExec (the SuperLink's, and a cold SuperNode's) reads the same variable.
-    """
-    return env if POLL_INTERVAL_ENV in env else env | {POLL_INTERVAL_ENV: str(FAST_POLL_SECONDS)}
-
-
-def start(
-    runtime_port: int, supernode: subprocess.Popen[bytes], env: dict[str, str], label: str, **popen: Any
-) -> subprocess.Popen[bytes]:
-    """The warm executor of ``supernode`` (whose Runtime API listens on 127.0.0.1:``runtime_port``)."""
-    line = command(f"127.0.0.1:{runtime_port}", supernode.pid, label)
-    return subprocess.Popen(line, env=fast_polling(env), **popen)
-
-
-def supervise(
-    supernode: subprocess.Popen[bytes],
-    runtime_port: int,
-    env: dict[str, str],
-    label: str,
-    started: list[subprocess.Popen[bytes]],
-) -> int:
-    """Run ``supernode``'s warm executor until the SuperNode exits (its exit code), restarting it if it dies.
-
-    Each executor started is appended to ``started`` (the caller stops them all). One that dies within
-    ``MIN_LIFETIME_SECONDS`` of its start is not restarted: the node stops with an error instead.
-    """
-    while True:
-        executor = start(runtime_port, supernode, env, label)
-        started.append(executor)
-        born = time.monotonic()
-        while executor.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                return supernode.wait(timeout=1.0)
-        if supernode.poll() is not None:
-            return supernode.returncode
-        if time.monotonic() - born < MIN_LIFETIME_SECONDS:
-            logger.error("the warm executor exited with %d right after its start; stopping", executor.returncode)
-            return 1
-        logger.warning("the warm executor exited with %d; starting a new one", executor.returncode)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from waiting import scaled
 
+from deploy import executors, warm_executor
 from deploy import node as node_module
-from deploy import warm_executor
 from deploy.warm_executor import ForkExecutor
 from simulations import processes
 from simulations.processes import free_port
@@ -37,9 +37,9 @@ def test_poll_interval_reads_flowers_variable_with_its_bounds() -> None:
 
 
 def test_fast_polling_sets_the_interval_unless_the_user_did() -> None:
-    assert warm_executor.fast_polling({})[warm_executor.POLL_INTERVAL_ENV] == "0.1"
+    assert executors.fast_polling({})[warm_executor.POLL_INTERVAL_ENV] == "0.1"
     mine = {warm_executor.POLL_INTERVAL_ENV: "2"}
-    assert warm_executor.fast_polling(mine) == mine
+    assert executors.fast_polling(mine) == mine
 
 
 def test_clientapp_arguments_are_the_ones_flowers_subprocess_executor_passes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,6 +106,16 @@ class _FakePopen:
         return 0
 
 
+class _Supervised:
+    """Stands in for ``executors.Supervisors``: records what each SuperNode's executor would start with."""
+
+    def __init__(self) -> None:
+        self.specs: list[executors.ExecutorSpec] = []
+
+    def add(self, supernode: object, spec: executors.ExecutorSpec) -> None:
+        self.specs.append(spec)
+
+
 def _no_warm_executor(*_: object, **__: object) -> None:
     raise AssertionError("a warm executor was started")
 
@@ -117,9 +127,9 @@ def test_a_node_runs_cold_where_there_is_no_fork(
     monkeypatch.delattr(os, "fork")  # as on Windows
     monkeypatch.setattr(node_module.subprocess, "Popen", lambda args, **kw: _FakePopen(launched, args, **kw))
     monkeypatch.setattr(node_module, "stop_process_trees", lambda processes: None)
-    monkeypatch.setattr(warm_executor, "supervise", _no_warm_executor)
+    monkeypatch.setattr(executors, "supervise", _no_warm_executor)
     config = node_module.NodeConfig(superlink="127.0.0.1:9092", partition_id=0, num_partitions=2, insecure=True)
-    with caplog.at_level("WARNING", logger=warm_executor.logger.name):
+    with caplog.at_level("WARNING", logger=executors.logger.name):
         assert node_module.run_node(config) == 0
     assert len(launched) == 1 and launched[0][0].endswith("flower-supernode")
     assert "--isolation" not in launched[0]  # Flower's default: a fresh flower-superexec, a fresh ClientApp
@@ -135,21 +145,23 @@ def test_local_supernodes_run_cold_where_there_is_no_fork(
     from deploy import serve as serve_module
 
     launched: list[list[str]] = []
-    executors: list[str] = []
+    supervised = _Supervised()
     if not fork:
         monkeypatch.delattr(os, "fork")
     monkeypatch.setattr(serve_module.subprocess, "Popen", lambda args, **kw: _FakePopen(launched, args, **kw))
-    monkeypatch.setattr(warm_executor, "start", lambda port, node, env, label, **_: executors.append(label))
     deployment = serve_module.Deployment(insecure=True, local_supernodes=2)
     plan = SimpleNamespace(out_dir=tmp_path, scenario=SimpleNamespace(round_timeout=600.0))
-    with caplog.at_level("WARNING", logger=warm_executor.logger.name):
-        serve_module._supernodes(tmp_path, {}, plan, "127.0.0.1:9092", deployment, None)  # type: ignore[arg-type]
-    assert len(launched) == 2
+    nodes: list[subprocess.Popen[bytes]] = []
+    with caplog.at_level("WARNING", logger=executors.logger.name):
+        serve_module._supernodes(tmp_path, {}, plan, "127.0.0.1:9092", deployment, None, supervised, nodes)  # type: ignore[arg-type]
+    assert len(launched) == 2 and len(nodes) == 2
+    labels = [spec.label for spec in supervised.specs]
     if fork:
         assert all("--isolation" in line for line in launched)
-        assert executors == ["partition-id=0", "partition-id=1"] and caplog.records == []
+        assert labels == ["partition-id=0", "partition-id=1"] and caplog.records == []
+        assert all(spec.log_file == tmp_path / f"supernode-{i}.log" for i, spec in enumerate(supervised.specs))
     else:
-        assert not any("--isolation" in line for line in launched) and executors == []
+        assert not any("--isolation" in line for line in launched) and labels == []
         assert [r.getMessage() for r in caplog.records] == [warm_executor.NO_FORK]  # once, not once a node
 
 
@@ -161,20 +173,20 @@ def test_local_executors_may_run_a_task_as_long_as_the_round_timeout_allows(
 
     from deploy import serve as serve_module
 
-    envs: list[dict[str, str]] = []
+    supervised = _Supervised()
     monkeypatch.setattr(serve_module.subprocess, "Popen", lambda args, **kw: _FakePopen([], args, **kw))
-    monkeypatch.setattr(warm_executor, "start", lambda port, node, env, label, **_: envs.append(env))
     deployment = serve_module.Deployment(insecure=True, local_supernodes=2)
     plan = SimpleNamespace(out_dir=tmp_path, scenario=SimpleNamespace(round_timeout=7200.0))
     env = {} if mine is None else {warm_executor.MAX_TASK_SECONDS_ENV: mine}
-    serve_module._supernodes(tmp_path, env, plan, "127.0.0.1:9092", deployment, None)  # type: ignore[arg-type]
+    serve_module._supernodes(tmp_path, env, plan, "127.0.0.1:9092", deployment, None, supervised, [])  # type: ignore[arg-type]
+    envs = [spec.env for spec in supervised.specs]
     expected = 7200.0 + warm_executor.TASK_MARGIN_SECONDS if mine is None else 90.0  # the user's value is kept
     assert len(envs) == 2
     assert all(warm_executor.max_task_seconds(e) == expected for e in envs)
 
 
 def test_the_executor_command_keeps_the_project_off_the_parents_path() -> None:
-    line = warm_executor.command("127.0.0.1:9094", 123, "partition-id=1")
+    line = executors.command("127.0.0.1:9094", 123, "partition-id=1")
     assert line[:3] == [sys.executable, "-P", str(ROOT / "deploy" / "warm_executor.py")]
     assert line[line.index("--parent-pid") + 1] == "123" and line[-2:] == ["--label", "partition-id=1"]
 
@@ -483,7 +495,7 @@ def test_a_parent_with_cuda_claims_no_task_and_exits_non_zero_saying_what_to_do(
     assert code == warm_executor.FORK_REFUSED_EXIT != 0 and runtime.calls == 0  # no task was claimed, none lost
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith("refusing to fork") and warm_executor.CUDA_IN_PARENT in errors[0]
-    assert "`fedadapt serve --local-supernodes` does not" in errors[0] and "--cold-devices" in errors[0]
+    assert "start a new executor" in errors[0] and "--cold-devices" in errors[0]
     assert not any(warm_executor.TASK_LINE in r.getMessage() for r in caplog.records)  # nothing was forked
 
 
@@ -533,13 +545,51 @@ def test_a_refusal_at_the_fork_itself_loses_only_that_task(
 def test_supervise_gives_up_on_an_executor_that_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
     supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     started: list[subprocess.Popen[bytes]] = []
-    monkeypatch.setattr(warm_executor, "start", lambda *_: subprocess.Popen([sys.executable, "-c", "pass"]))
+    monkeypatch.setattr(executors, "start", lambda *_: subprocess.Popen([sys.executable, "-c", "pass"]))
     try:
-        assert warm_executor.supervise(supernode, 1, {}, "", started) == 1
+        assert executors.supervise(supernode, executors.ExecutorSpec(1, {}), started) == 1
         assert len(started) == 1
     finally:
         supernode.kill()
         supernode.wait()
+
+
+def test_local_supervisors_restart_a_dead_executor_until_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve's executors come back like `fedadapt node`'s, and none starts once stop() has returned."""
+    supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(executors, "MIN_LIFETIME_SECONDS", 0.0)  # each short-lived executor counts as one that ran
+    monkeypatch.setattr(executors, "_SUPERNODE_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(executors, "start", lambda *_: subprocess.Popen([sys.executable, "-c", "pass"]))
+    supervisors = executors.Supervisors()
+    try:
+        supervisors.add(supernode, executors.ExecutorSpec(1, {}, "partition-id=0"))
+        deadline = time.monotonic() + scaled(30)
+        while len(supervisors.started) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(supervisors.started) >= 3  # the first and two restarts
+        stopped = supervisors.stop()
+        assert stopped == supervisors.started
+        time.sleep(0.3)
+        assert len(supervisors.started) == len(stopped)  # nothing after stop()
+        assert supernode.poll() is None  # the SuperNode is the caller's to stop
+    finally:
+        supernode.kill()
+        supernode.wait()
+        for process in supervisors.started:
+            process.wait()
+
+
+def test_a_supervisor_ends_with_its_supernode(monkeypatch: pytest.MonkeyPatch) -> None:
+    supernode = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"])
+    executor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(executors, "start", lambda *_: executor)
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        assert executors.supervise(supernode, executors.ExecutorSpec(1, {}), started) == 7
+        assert started == [executor] and executor.poll() is None  # the caller stops what was started
+    finally:
+        executor.kill()
+        executor.wait()
 
 
 def test_the_loop_retries_an_unreachable_runtime_api_and_stops_when_the_supernode_is_gone(
