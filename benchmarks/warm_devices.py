@@ -12,9 +12,10 @@ rounds and for secagg+ rounds (``[privacy] mode = "secagg+"``, 5 messages per de
 
 A plain round is split from its metrics.json record (the critical device is the one whose process lived
 longest):
-  compute   that device's own time for the message (``client-seconds``);
-  start-up  its process's life before that (``process-seconds`` - ``client-seconds``): a cold process's
-            start and imports, or a forked child's Flower entry point (task pull, FAB, app load);
+  compute   that device's own time for the message (``client-seconds``) less the imports its handler
+            needed (``import-seconds``: torch, transformers and PEFT in a cold process, little in a warm one);
+  start-up  its process's life before that compute (``process-seconds`` - compute): a cold process's start
+            and imports, or a forked child's Flower entry point (task pull, FAB, app load) and app imports;
   flower    the exchange (sent until the last reply) minus that process's life: Flower's waits;
   server    the round minus the exchange: waiting for nodes, aggregation, evaluation (and proxy training,
             if the scenario has any). Not the checkpoint: server/federation.py takes a round's ``seconds``
@@ -82,8 +83,9 @@ def plain_round_split(record: dict[str, Any]) -> dict[str, float]:
     """A plain round's seconds: compute, start-up, flower, server (and overhead = start-up + flower)."""
     clients = record["client_results"]
     critical = max(clients, key=lambda c: c.get("process-seconds", c.get("client-seconds", 0.0)), default={})
-    compute = float(critical.get("client-seconds", 0.0))
-    process = float(critical.get("process-seconds", compute))
+    message = float(critical.get("client-seconds", 0.0))
+    compute = message - float(critical.get("import-seconds", 0.0))  # a cold process imports torch in its handler
+    process = float(critical.get("process-seconds", message))
     exchange = float(record["exchange_seconds"])
     return {
         "round": record["round"],

@@ -39,7 +39,11 @@ def train(msg: Message, context: Context) -> Message:
         return run_stage(msg, context, run, sealer, device)
     server_round = message_round(config, ConfigError)
     # Imported here, after the SecAgg+ stages returned: the round loads torch, which their key exchange never needs.
+    # Timed: in a fresh process this is most of its start-up (torch, transformers, PEFT), in a warm one little.
+    imports = time.perf_counter()
     from fedadapt.fleet.device_round import empty_client_round, run_client_round
+
+    import_seconds = time.perf_counter() - imports
 
     if run.empty_clients:
         reply = empty_client_round(device.in_scenario(run.scenario))
@@ -50,10 +54,11 @@ def train(msg: Message, context: Context) -> Message:
     metrics: dict[str, MetricRecordValues] = dict(reply.metrics)
     if sealer.server_public is None:  # sealed modes carry the FedAvg weight inside the envelope instead
         metrics[protocol.NUM_EXAMPLES] = reply.num_examples
-    # The device's cost of this message: its own work, and its whole process's life (in deployment a
-    # fresh process per message, so this adds the process start and imports); the server's figures
+    # The device's cost of this message: its own work (with the imports it needed), and its whole process's
+    # life (in deployment a fresh process per message, so this adds the process start); the server's figures
     # subtract these to find Flower's own message latency.
     metrics["client-seconds"] = time.perf_counter() - start
+    metrics["import-seconds"] = import_seconds  # part of client-seconds: what the message spent importing
     age = process_age_seconds()
     if age is not None:
         metrics["process-seconds"] = age

@@ -45,6 +45,15 @@ def test_a_plain_round_splits_at_the_device_whose_process_lived_longest() -> Non
     assert parts == pytest.approx(PLAIN["seconds"])
 
 
+def test_a_cold_handlers_imports_count_as_start_up_not_compute() -> None:
+    imported = {"client": "client 1", "client-seconds": 9.0, "import-seconds": 6.5, "process-seconds": 11.0}
+    split = bench.plain_round_split(PLAIN | {"client_results": [imported]})
+    assert split["compute_s"] == pytest.approx(2.5)
+    assert split["startup_s"] == pytest.approx(8.5)  # 2 s before the handler + 6.5 s of imports in it
+    assert split["overhead_s"] == pytest.approx(13.5)
+    assert split["flower_s"] == pytest.approx(5.0)  # the exchange less the process's life: unchanged
+
+
 def test_a_device_without_process_seconds_has_no_start_up() -> None:
     record = PLAIN | {"client_results": [{"client-seconds": 5.0}]}
     split = bench.plain_round_split(record)
