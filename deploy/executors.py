@@ -96,16 +96,20 @@ def supervise(
     spec: ExecutorSpec,
     started: list[subprocess.Popen[bytes]],
     stopping: threading.Event | None = None,
+    first: subprocess.Popen[bytes] | None = None,
 ) -> int:
     """Run ``supernode``'s warm executor until the SuperNode exits (its exit code), restarting it if it dies.
 
-    Each executor started is appended to ``started`` (the caller stops them all). One that dies within
-    ``MIN_LIFETIME_SECONDS`` of its start is not restarted: the node stops with an error instead (1).
-    ``stopping`` set: return 0 at once and start nothing more (the caller is tearing the node down).
+    Each executor started is appended to ``started`` (the caller stops them all); ``first``: one the caller
+    started already (and appended). One that dies within ``MIN_LIFETIME_SECONDS`` of its start is not
+    restarted: supervise returns 1 (``fedadapt node`` then stops with an error). ``stopping`` set: return 0
+    at once and start nothing more (the caller is tearing the node down).
     """
+    executor = first
     while stopping is None or not stopping.is_set():
-        executor = start(supernode, spec)
-        started.append(executor)
+        if executor is None:
+            executor = start(supernode, spec)
+            started.append(executor)
         born = time.monotonic()
         while executor.poll() is None:
             if stopping is not None and stopping.is_set():
@@ -117,9 +121,14 @@ def supervise(
         if stopping is not None and stopping.is_set():
             return 0
         if time.monotonic() - born < MIN_LIFETIME_SECONDS:
-            logger.error("the warm executor exited with %d right after its start; stopping", executor.returncode)
+            logger.error(
+                "the warm executor%s exited with %d right after its start; not restarting it",
+                f" of {spec.label}" if spec.label else "",
+                executor.returncode,
+            )
             return 1
         logger.warning("the warm executor exited with %d; starting a new one", executor.returncode)
+        executor = None
     return 0
 
 
@@ -136,12 +145,22 @@ class Supervisors:
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def add(self, supernode: subprocess.Popen[bytes], spec: ExecutorSpec) -> None:
+        """Start ``supernode``'s executor here (an error to start it is the caller's), then watch it in a thread."""
+        first = start(supernode, spec)
+        self.started.append(first)
         thread = threading.Thread(
-            target=supervise, args=(supernode, spec, self.started, self._stopping), name=f"executor {spec.label}"
+            target=self._supervise, args=(supernode, spec, first), name=f"executor {spec.label}", daemon=True
         )
-        thread.daemon = True  # never holds the interpreter open: stop() joins it on the way out
-        self._threads.append(thread)
         thread.start()
+        self._threads.append(thread)  # only once started: stop() joins what is in the list
+
+    def _supervise(
+        self, supernode: subprocess.Popen[bytes], spec: ExecutorSpec, first: subprocess.Popen[bytes]
+    ) -> None:
+        try:
+            supervise(supernode, spec, self.started, self._stopping, first)
+        except Exception:  # a thread's error reaches no caller: the log is where the operator looks
+            logger.exception("supervising the warm executor of %s failed; it is not restarted", spec.label)
 
     def stop(self) -> list[subprocess.Popen[bytes]]:
         """Start no more executors; every executor started, for the caller to stop."""

@@ -579,6 +579,57 @@ def test_local_supervisors_restart_a_dead_executor_until_stopped(monkeypatch: py
             process.wait()
 
 
+def test_an_executor_that_cannot_start_stops_serve_and_its_supernode_is_still_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from deploy import serve as serve_module
+
+    def refuse(*_: object) -> subprocess.Popen[bytes]:
+        raise OSError("no such interpreter")
+
+    monkeypatch.setattr(serve_module.subprocess, "Popen", lambda args, **kw: _FakePopen([], args, **kw))
+    monkeypatch.setattr(executors, "start", refuse)
+    supervisors = executors.Supervisors()
+    nodes: list[_FakePopen] = []
+    plan = SimpleNamespace(out_dir=tmp_path, scenario=SimpleNamespace(round_timeout=600.0))
+    deployment = serve_module.Deployment(insecure=True, local_supernodes=2)
+    with pytest.raises(OSError, match="no such interpreter"):  # the caller's error, not a thread's
+        serve_module._supernodes(tmp_path, {}, plan, "127.0.0.1:9092", deployment, None, supervisors, nodes)  # type: ignore[arg-type]
+    assert len(nodes) == 1  # the SuperNode whose executor failed is in the list the caller stops
+    assert supervisors.stop() == []  # no thread was started, so none is joined
+
+
+def test_a_supervisor_thread_that_fails_logs_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    starts = iter([subprocess.Popen([sys.executable, "-c", "pass"])])
+
+    def second_start_fails(*_: object) -> subprocess.Popen[bytes]:
+        return next(starts)  # StopIteration on the restart: an error inside the thread
+
+    monkeypatch.setattr(executors, "MIN_LIFETIME_SECONDS", 0.0)
+    monkeypatch.setattr(executors, "_SUPERNODE_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(executors, "start", second_start_fails)
+    supervisors = executors.Supervisors()
+    try:
+        with caplog.at_level("ERROR", logger=executors.logger.name):
+            supervisors.add(supernode, executors.ExecutorSpec(1, {}, "partition-id=4"))
+            supervisors._threads[0].join(scaled(30))
+        assert not supervisors._threads[0].is_alive()
+        assert [r.getMessage() for r in caplog.records] == [
+            "supervising the warm executor of partition-id=4 failed; it is not restarted"
+        ]
+    finally:
+        supervisors.stop()
+        supernode.kill()
+        supernode.wait()
+        for process in supervisors.started:
+            process.wait()
+
+
 def test_a_supervisor_ends_with_its_supernode(monkeypatch: pytest.MonkeyPatch) -> None:
     supernode = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"])
     executor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
