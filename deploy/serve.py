@@ -16,9 +16,9 @@ The same ClientApp and ServerApp as the simulation, on real processes that talk 
 - ``flwr run`` of the project against it, with the scenario and ``out-dir`` in the run config.
 
 Progress, ``metrics.json``, plots and ``final_adapter/`` are the simulation's. Every process this
-starts is stopped by PID, with everything below it, on success, error or Ctrl-C. Flower's state
-(its ``FLWR_HOME`` and the SuperLink's database) lives in a private temporary folder that is
-removed afterwards, and the SuperLink runs there: never in the project folder, whose live files
+starts is stopped by PID, with everything below it, on success, error or Ctrl-C. Flower's files
+(its ``FLWR_HOME``) live in a private temporary folder that is removed afterwards (the SuperLink keeps
+its state in memory), and the SuperLink runs there: never in the project folder, whose live files
 the apps could otherwise import instead of the packaged ones.
 """
 
@@ -162,7 +162,10 @@ def serve(
                 # ServerApp would close the interrupted round as failed and mark the run complete.
                 stop_process_trees([link.superlink, link.gateway])
                 # Then every executor ever started (none restarts once stop() returns) with its SuperNode.
-                stop_process_trees(supervisors.stop() + nodes)
+                try:
+                    supervisors.stop()
+                finally:
+                    stop_process_trees(supervisors.started + nodes)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
     metrics = finished_metrics(plan, code, "the run")
@@ -265,7 +268,10 @@ def _superlink(flwr_home: Path, out_dir: Path, deployment: Deployment, certs: _C
     address = f"[{exposed}]:{port}" if ":" in exposed else f"{exposed}:{port}"
     env = {k: v for k, v in executors.fast_polling(flower_env(flwr_home)).items() if k not in _LEGACY_GRPC_ENV}
     command = [find_tool("flower-superlink"), "--host", "127.0.0.1", "--port", str(inner)]
-    command += ["--disable-runtime-dependency-installation", "--database", str(flwr_home / "superlink.db")]
+    # No --database: Flower's in-memory state. Its SQLite state refused pushes with "database is locked"
+    # (HTTP 500) when 20 local devices replied at once on 2 busy cores, and the lost replies held the round
+    # until its timeout. Nothing reads that file: the run resumes from fedadapt's own checkpoints.
+    command += ["--disable-runtime-dependency-installation"]
     if certs is None:
         command.append("--insecure")
     else:
@@ -364,7 +370,7 @@ def _supernodes(
         return
     deployment = dataclasses.replace(deployment, cold_devices=executors.run_cold(deployment.cold_devices))
     for index in range(deployment.local_supernodes):
-        nodes.append(_supernode(flwr_home, env, plan, address, index, deployment, certs, supervisors))
+        _supernode(flwr_home, env, plan, address, index, deployment, certs, supervisors, nodes)
 
 
 def _supernode(
@@ -376,9 +382,10 @@ def _supernode(
     deployment: Deployment,
     certs: _Certs | None,
     supervisors: executors.Supervisors,
-) -> subprocess.Popen[bytes]:
-    """Local SuperNode ``index`` dialling the gateway over loopback; its warm executor under ``supervisors``
-    (unless cold), restarted like ``fedadapt node``'s if it exits."""
+    nodes: list[subprocess.Popen[bytes]],
+) -> None:
+    """Start local SuperNode ``index`` dialling the gateway over loopback (appended to ``nodes``); its warm
+    executor runs under ``supervisors`` (unless cold), restarted like ``fedadapt node``'s if it exits."""
     count, runtime_port = deployment.local_supernodes, free_port()
     command = [find_tool("flower-supernode"), "--superlink", address, "--port", str(runtime_port)]
     if not deployment.cold_devices:
@@ -397,12 +404,12 @@ def _supernode(
     env = share_cores(env, count)
     with log_file.open("ab") as log:
         node = subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)
+    nodes.append(node)  # before its executor: if that fails to start, the caller still stops the SuperNode
     if not deployment.cold_devices:
         # Its tasks may run as long as the server waits for a reply: the scenario's round-timeout (plus a margin).
         executor_env = executors.task_time_limit(env, plan.scenario.round_timeout)
         label = f"partition-id={index}"
         supervisors.add(node, executors.ExecutorSpec(runtime_port, executor_env, label, log_file, flwr_home))
-    return node
 
 
 def share_cores(env: dict[str, str], local_nodes: int) -> dict[str, str]:

@@ -107,7 +107,7 @@ def test_resume_with_fedyogi_equals_an_uninterrupted_run(tiny_bert: Path, tmp_pa
         assert torch.equal(tensor, final_b.optimizer.tensors[name]), name
 
 
-TIMINGS = ("train-seconds", "client-seconds", "process-seconds")
+TIMINGS = ("train-seconds", "client-seconds", "import-seconds", "process-seconds")
 
 
 def _without_seconds(results: list[dict[str, Any]], like: dict[str, Any]) -> list[dict[str, Any]]:
