@@ -105,29 +105,31 @@ def supervise(
     restarted: supervise returns 1 (``fedadapt node`` then stops with an error). ``stopping`` set: return 0
     at once and start nothing more (the caller is tearing the node down).
     """
+    stopping = stopping or threading.Event()  # never set: supervise until the SuperNode exits
+    named = f" of {spec.label}" if spec.label else ""
     executor = first
-    while stopping is None or not stopping.is_set():
+    while not stopping.is_set():
         if executor is None:
             executor = start(supernode, spec)
             started.append(executor)
         born = time.monotonic()
         while executor.poll() is None:
-            if stopping is not None and stopping.is_set():
+            if stopping.is_set():
                 return 0
             with contextlib.suppress(subprocess.TimeoutExpired):
                 return supernode.wait(timeout=_SUPERNODE_CHECK_SECONDS)
         if supernode.poll() is not None:
             return supernode.returncode
-        if stopping is not None and stopping.is_set():
+        if stopping.is_set():
             return 0
         if time.monotonic() - born < MIN_LIFETIME_SECONDS:
             logger.error(
                 "the warm executor%s exited with %d right after its start; not restarting it",
-                f" of {spec.label}" if spec.label else "",
+                named,
                 executor.returncode,
             )
             return 1
-        logger.warning("the warm executor exited with %d; starting a new one", executor.returncode)
+        logger.warning("the warm executor%s exited with %d; starting a new one", named, executor.returncode)
         executor = None
     return 0
 
