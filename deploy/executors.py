@@ -26,6 +26,7 @@ from deploy.warm_executor import (
     POLL_INTERVAL_ENV,
     TASK_MARGIN_SECONDS,
 )
+from simulations.processes import lowered_priority
 
 logger = logging.getLogger("fedadapt.executors")
 
@@ -73,18 +74,20 @@ def task_time_limit(env: dict[str, str], round_timeout: float) -> dict[str, str]
 
 @dataclass(frozen=True)
 class ExecutorSpec:
-    """What one SuperNode's executor is started with; ``log_file``: append its output there (else inherit)."""
+    """What one SuperNode's executor is started with; ``log_file``: append its output there (else inherit);
+    ``nice``: nice levels below the launcher (its ClientApps inherit them)."""
 
     runtime_port: int
     env: dict[str, str]
     label: str = ""
     log_file: Path | None = None
     cwd: Path | None = None
+    nice: int = 0
 
 
 def start(supernode: subprocess.Popen[bytes], spec: ExecutorSpec) -> subprocess.Popen[bytes]:
     """The warm executor of ``supernode`` (whose Runtime API listens on 127.0.0.1:``spec.runtime_port``)."""
-    line = command(f"127.0.0.1:{spec.runtime_port}", supernode.pid, spec.label)
+    line = lowered_priority(command(f"127.0.0.1:{spec.runtime_port}", supernode.pid, spec.label), spec.nice)
     if spec.log_file is None:
         return subprocess.Popen(line, env=fast_polling(spec.env), cwd=spec.cwd)
     with spec.log_file.open("ab") as log:  # the child keeps its own copy of the descriptor

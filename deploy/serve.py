@@ -45,7 +45,14 @@ from deploy import executors, warm_executor
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.run_config import CLIENT_STATE_FOLDER
 from fedadapt.fleet.variants import with_overrides
-from simulations.processes import find_tool, free_port, stop_process_tree, stop_process_trees, terminate_gracefully
+from simulations.processes import (
+    find_tool,
+    free_port,
+    lowered_priority,
+    stop_process_tree,
+    stop_process_trees,
+    terminate_gracefully,
+)
 from simulations.runner import (
     FLWR_LOG,
     PROJECT_ROOT,
@@ -68,6 +75,10 @@ logger = logging.getLogger(__name__)
 CONNECTION = "fedadapt"  # the name of the SuperLink connection in the private FLWR_HOME
 CERTS_FOLDER = "certs"
 SUPERNODE_LOG = "supernode-{index}.log"
+# Local devices (SuperNodes, executors, ClientApps) run this many nice levels below the server: on one machine
+# twenty devices training at once otherwise starve the SuperLink and the gateway, and nodes whose heartbeats
+# go unanswered are dropped from the round as unavailable (docs/deployment.md, the 20-SuperNode tries).
+LOCAL_DEVICE_NICE = 10
 GATEWAY_LOG = "gateway.log"
 FAB_VERIFICATIONS = "fab-verifications.json"  # in the private FLWR_HOME: the gateway's signature records
 INSECURE_WARNING = (
@@ -402,6 +413,7 @@ def _supernode(
         command += ["--auth-supernode-private-key", str(key), "--trusted-entities", str(certs.trusted_entities)]
     log_file = plan.out_dir / SUPERNODE_LOG.format(index=index)
     env = share_cores(env, count)
+    command = lowered_priority(command, LOCAL_DEVICE_NICE)
     with log_file.open("ab") as log:
         node = subprocess.Popen(command, cwd=flwr_home, env=env, stdout=log, stderr=subprocess.STDOUT)
     nodes.append(node)  # before its executor: if that fails to start, the caller still stops the SuperNode
@@ -409,7 +421,8 @@ def _supernode(
         # Its tasks may run as long as the server waits for a reply: the scenario's round-timeout (plus a margin).
         executor_env = executors.task_time_limit(env, plan.scenario.round_timeout)
         label = f"partition-id={index}"
-        supervisors.add(node, executors.ExecutorSpec(runtime_port, executor_env, label, log_file, flwr_home))
+        spec = executors.ExecutorSpec(runtime_port, executor_env, label, log_file, flwr_home, LOCAL_DEVICE_NICE)
+        supervisors.add(node, spec)
 
 
 def share_cores(env: dict[str, str], local_nodes: int) -> dict[str, str]:

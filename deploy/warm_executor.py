@@ -644,10 +644,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("refusing to fork, exiting: %s", error)
         return FORK_REFUSED_EXIT
     logger.info(
-        "%s (pid %d%s): %s imported in %.1f s; polling every %g s, tasks stopped after %g s",
+        "%s (pid %d%s, nice %d): %s imported in %.1f s; polling every %g s, tasks stopped after %g s",
         READY_LINE,
         os.getpid(),
         f", {args.label}" if args.label else "",
+        os.nice(0),
         ", ".join(WARM_MODULES),
         time.monotonic() - started,
         interval,

@@ -40,6 +40,18 @@ def find_tool(name: str) -> str:
     return found
 
 
+def lowered_priority(command: list[str], increment: int) -> list[str]:
+    """``command`` run ``increment`` nice levels below this process (POSIX ``nice``), else as it is.
+
+    ``nice`` execs the command, so the PID a launcher holds is the command's own. Without ``nice``
+    (Windows) the command runs at this process's priority.
+    """
+    if increment <= 0:
+        return command
+    tool = shutil.which("nice")
+    return [tool, "-n", str(increment), *command] if tool else command
+
+
 def stop_process_tree(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM ``process``, then any of its descendants still alive; SIGKILL what ignores it."""
     stop_process_trees([process])

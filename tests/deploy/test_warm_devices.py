@@ -9,6 +9,7 @@ same parent; no ``flower-superexec`` (Flower's cold path) is started for the Sup
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -62,6 +63,8 @@ def test_each_device_serves_every_round_from_one_warm_parent_even_after_a_task_r
     for index in range(NODES):
         log = (out / serve_module.SUPERNODE_LOG.format(index=index)).read_text(errors="replace")
         assert log.count(warm_executor.READY_LINE) == 1, log[-3000:]  # warmed up once
+        # Below the server, so that training devices cannot starve the SuperLink's heartbeat answers.
+        assert f"nice {min(19, os.nice(0) + serve_module.LOCAL_DEVICE_NICE)})" in log, log[-3000:]
         assert "Starting Flower SuperExec" not in log  # Flower's cold SuperExec never ran for this node
         found = list(TASK.finditer(log))
         tasks = [tuple(int(g) for g in m.groups()[:4]) for m in found]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from simulations.processes import alive, descendants, stop_process_trees
+from simulations.processes import alive, descendants, lowered_priority, stop_process_trees
 
 # A parent that starts a child which ignores SIGTERM, then sleeps: the worst case a launcher meets.
 STUBBORN = """
@@ -55,6 +55,17 @@ def test_local_supernodes_split_the_cores_and_keep_a_users_setting() -> None:
     assert serve.share_cores({"PATH": "/bin"}, 1) == {"PATH": "/bin", "OMP_NUM_THREADS": str(cores)}
     assert serve.share_cores({}, 2 * cores)["OMP_NUM_THREADS"] == "1"  # never zero threads
     assert serve.share_cores({"OMP_NUM_THREADS": "3"}, 20)["OMP_NUM_THREADS"] == "3"
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="POSIX niceness")
+def test_a_lowered_command_runs_below_the_launcher_under_its_own_pid() -> None:
+    ours = os.nice(0)
+    report = "import os; print(os.getpid(), os.nice(0))"
+    proc = subprocess.Popen(lowered_priority([sys.executable, "-c", report], 5), stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=60)
+    pid, nice = (int(field) for field in out.split())
+    assert (pid, nice) == (proc.pid, min(19, ours + 5))  # `nice` execs: the launcher's PID is the command's
+    assert lowered_priority(["true"], 0) == ["true"]
 
 
 def test_a_finished_process_is_not_searched_for_children(monkeypatch: pytest.MonkeyPatch) -> None:
