@@ -9,24 +9,26 @@ and renames them into place afterwards, manifest.json last.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from export.bundle_files import committed_files as committed_files  # re-exported: the writers name them here
+from export.bundle_files import file_entries as file_entries
+from export.bundle_files import file_entry as file_entry
+from export.bundle_files import write_json as write_json
+from export.bundle_files import write_manifest as write_manifest
 from export.bundle_verify import (
     BUNDLE_FORMAT,
     LABELS_FILE,
     MANIFEST_FILE,
     load_manifest,
     read_manifest,
-    write_target,
 )
 from export.bundle_verify import MODEL_FILE as MODEL_FILE  # re-exported: the exporter names the files from here
 from export.bundle_verify import REPORT_FILE as REPORT_FILE
@@ -105,45 +107,9 @@ def is_swappable_bundle(folder: Path) -> bool:
     return _format_and_mode(folder) == (BUNDLE_FORMAT, "swappable")
 
 
-@contextlib.contextmanager
-def committed_files(folder: Path) -> Iterator[Callable[[str], Path]]:
-    """Yield ``temp(name)``: a temporary path beside ``folder / name`` to write that file's new content to.
-
-    On success each temporary file is renamed over its final path in the order ``temp`` was
-    called (so call it for manifest.json last: its rename commits the update); on any error
-    all of them are removed and ``folder`` is as it was. A ``name`` whose folders or file are
-    symlinks, or that leads outside ``folder``, is refused (BundleError), at ``temp`` and again
-    just before the rename.
-    """
-    pending: dict[str, Path] = {}
-
-    def temp(name: str) -> Path:
-        final = write_target(folder, name)
-        handle, path = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(handle)
-        pending[name] = Path(path)
-        return Path(path)
-
-    try:
-        yield temp
-        for name, path in pending.items():
-            final = write_target(folder, name)  # again: a symlink swapped in since ``temp`` is refused too
-            path.chmod(0o644)  # mkstemp's 0600 would hide the file from the app's build tools
-            os.replace(path, final)
-    except BaseException:
-        for path in pending.values():
-            path.unlink(missing_ok=True)
-        raise
-
-
 def tokenizer_padding(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """The pad token and its id: what a runtime without transformers pads batches with."""
     return {"pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id}
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Pretty, stable JSON (sorted keys, trailing newline)."""
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -159,36 +125,3 @@ def write_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
 def write_labels(folder: Path, labels: Sequence[str]) -> None:
     """Label names in class-id order: ``labels[argmax(logits)]`` is the prediction."""
     write_json(folder / LABELS_FILE, list(labels))
-
-
-def file_entries(folder: Path, skip: Sequence[str] = (MANIFEST_FILE,)) -> dict[str, dict[str, Any]]:
-    """Size in bytes and sha256 of every file under ``folder`` but ``skip``, by relative path."""
-    entries = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        if name not in skip:
-            entries[name] = file_entry(path)
-    return entries
-
-
-def file_entry(path: Path) -> dict[str, Any]:
-    """A manifest's record of one file: its size in bytes and sha256."""
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (graphs are tens of MB)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_manifest(
-    folder: Path, description: dict[str, Any], files: dict[str, dict[str, Any]] | None = None, path: Path | None = None
-) -> dict[str, Any]:
-    """manifest.json (or ``path``): ``description`` plus each file's size and sha256 (default: every other file)."""
-    manifest = {"format": BUNDLE_FORMAT, **description, "files": file_entries(folder) if files is None else files}
-    write_json(path or folder / MANIFEST_FILE, manifest)
-    return manifest

@@ -57,6 +57,13 @@ MAX_TEXT_CHARS = 1000  # a label name, pad token, method name or schema id
 MAX_SEQUENCE_LENGTH = 1 << 20
 MAX_TOKEN_ID = (1 << 32) - 1  # tokenizers stores ids as u32
 MAX_OPSET = 1000
+ON_DEVICE_SECTION = "on_device_training"  # export/on_device.py writes it, export/phone_trainer.py reads it
+ON_DEVICE_FILES = ("prefix", "train_step", "program")
+MAX_LAYERS = 10_000
+MAX_BATCH = 1024
+MAX_TRAIN_TOKENS = 4096
+MAX_HIDDEN = 1 << 20
+MAX_LEARNING_RATE = 100.0
 SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ_CHUNK = 1 << 20
 _SHOW = reprlib.Repr()
@@ -111,9 +118,11 @@ def graph_file(manifest: Mapping[str, Any]) -> str:
 
 
 def named_paths(manifest: Mapping[str, Any]) -> list[str]:
-    """Every path a checked manifest names: its files, graph, graphs and adapter files."""
+    """Every path a checked manifest names: its files, graph, graphs, adapter files and on-device graphs."""
     adapters = manifest.get("adapters", {})
-    return sorted({*manifest["files"], graph_file(manifest), *manifest.get("graphs", {}), *_files_of(adapters)})
+    on_device = manifest.get(ON_DEVICE_SECTION, {})
+    extra = [on_device[key] for key in ON_DEVICE_FILES if key in on_device]
+    return sorted({*manifest["files"], graph_file(manifest), *manifest.get("graphs", {}), *_files_of(adapters), *extra})
 
 
 def _files_of(adapters: Mapping[str, Any]) -> list[str]:
@@ -142,7 +151,11 @@ def check_manifest(manifest: Any, where: str) -> None:
     _check_tokenizer(_field(manifest, "tokenizer", dict, where, {}), where)
     # A swappable bundle needs its adapters; a merged one has none, but any it lists are checked all the same.
     _check_adapters(_field(manifest, "adapters", dict, where, None if mode == "swappable" else {}), listed, where)
-    _check_layout(_field(manifest, "layout", dict, where, {}), f"{where}: layout")
+    layout = _field(manifest, "layout", dict, where, {})
+    _check_layout(layout, f"{where}: layout")
+    if ON_DEVICE_SECTION in manifest:
+        on_device = _field(manifest, ON_DEVICE_SECTION, dict, where)
+        _check_on_device(on_device, layout, manifest, listed, f"{where}: {ON_DEVICE_SECTION}")
 
 
 def _check_file_entry(name: Any, entry: Any, where: str) -> None:
@@ -214,6 +227,47 @@ def _check_layout(layout: dict[str, Any], where: str) -> None:
         shape = _field(tensor, "shape", list, what)
         if not all(type(n) is int and 0 <= n <= MAX_FILE_BYTES for n in shape):
             raise BundleError(f"{what}: shape must be a list of sizes, got {show(shape)}")
+
+
+def _check_on_device(
+    section: dict[str, Any], layout: dict[str, Any], manifest: Mapping[str, Any], listed: Any, where: str
+) -> None:
+    """The on-device training section: listed files, sizes in range, and a place for every per-user tensor."""
+    if manifest.get("mode") != "swappable":
+        raise BundleError(f"{where}: only a swappable bundle can train on the device (its mode: {manifest['mode']})")
+    for key in ON_DEVICE_FILES:
+        listed(_path_field(section, key, where), f"{ON_DEVICE_SECTION}.{key}")
+    for key, high in (("train_layers", MAX_LAYERS), ("frozen_layers", MAX_LAYERS), ("hidden_size", MAX_HIDDEN)):
+        _int_field(section, key, 0 if key.endswith("layers") else 1, high, where)
+    _int_field(section, "batch_size", 1, MAX_BATCH, where)
+    _int_field(section, "sequence_length", 2, min(MAX_TRAIN_TOKENS, manifest["max_sequence_length"]), where)
+    prefix, trainable = _names(section, "prefix_inputs", where), _names(section, "trainable", where)
+    if not trainable:
+        raise BundleError(f"{where}: trainable lists no tensor, so nothing would train")
+    per_user = [tensor["name"] for tensor in layout.get("tensors", [])]
+    if set(prefix) & set(trainable) or sorted([*prefix, *trainable]) != sorted(per_user):
+        raise BundleError(
+            f"{where}: prefix_inputs and trainable must split the layout's {len(per_user)} per-user tensors between "
+            "them, each once; export the bundle again"
+        )
+    renames = _field(section, "program_parameters", dict, where)
+    if sorted(renames.values()) != sorted(trainable) or not all(isinstance(k, str) for k in renames):
+        raise BundleError(f"{where}: program_parameters must name each trainable tensor once")
+    optimizer = _field(section, "optimizer", dict, where)
+    if optimizer.get("name") != "sgd":
+        raise BundleError(f"{where}: optimizer.name must be 'sgd', got {show(optimizer.get('name'))}")
+    rate, momentum = optimizer.get("learning_rate"), optimizer.get("momentum")
+    if type(rate) not in (int, float) or not 0 < rate <= MAX_LEARNING_RATE:
+        raise BundleError(f"{where}: optimizer.learning_rate must be a number in (0, {MAX_LEARNING_RATE:g}]")
+    if type(momentum) not in (int, float) or not 0 <= momentum < 1:
+        raise BundleError(f"{where}: optimizer.momentum must be a number in [0, 1), got {show(momentum)}")
+
+
+def _names(section: Mapping[str, Any], key: str, where: str) -> list[str]:
+    names = _field(section, key, list, where)
+    if not all(isinstance(n, str) and 0 < len(n) <= MAX_TEXT_CHARS for n in names) or len(set(names)) != len(names):
+        raise BundleError(f"{where}: {key} must list distinct tensor names, got {show(names)}")
+    return names
 
 
 def check_labels(labels: Any, width: int | None, where: str, width_from: str = "the graph's logits have") -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,36 @@ PARITY_TEXTS: tuple[str, ...] = (
 """Banking-style queries of mixed lengths: padded together they exercise the attention mask."""
 
 
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_SEQUENCE_LENGTH = 64
+DEFAULT_LEARNING_RATE = 0.05
+DEFAULT_MOMENTUM = 0.9
+ON_DEVICE_EXTRA = "--on-device-training writes an ExecuTorch program: pip install -e '.[phone]' (or '.[dev]')"
+
+
+@dataclass(frozen=True)
+class OnDeviceConfig:
+    """How the phone trains: the top ``train_layers`` layers and the head, on B x T batches, with SGD."""
+
+    train_layers: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    sequence_length: int = DEFAULT_SEQUENCE_LENGTH
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    momentum: float = DEFAULT_MOMENTUM
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train_layers, int) or self.train_layers < 0:
+            raise ConfigError(f"--train-layers must be a number of top layers >= 0, got {self.train_layers!r}")
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 1024:
+            raise ConfigError(f"the on-device batch size must be 1 to 1024, got {self.batch_size!r}")
+        if not isinstance(self.sequence_length, int) or not 2 <= self.sequence_length <= 4096:
+            raise ConfigError(f"the on-device sequence length must be 2 to 4096 tokens, got {self.sequence_length!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"the on-device learning rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"the on-device momentum must be in [0, 1), got {self.momentum!r}")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """Export the adapter folder ``adapter`` (on ``backbone``, default: the one it records) to ``out``.
@@ -43,6 +74,8 @@ class ExportConfig:
     inside the bundle; default: the adapter folder's name. ``quantize="int8"`` adds a dynamically
     quantized copy of the graph, ``ort`` an ``.ort`` copy of every graph (ONNX Runtime Mobile), and
     ``eval_data`` (a labelled data set; its test split) the graphs' accuracy to the report.
+    ``on_device`` (swappable only) adds the graphs a phone trains the user's personal part with
+    (export/on_device.py).
     """
 
     adapter: Path
@@ -57,6 +90,7 @@ class ExportConfig:
     quantize: str | None = None
     ort: bool = False
     eval_data: Path | None = None
+    on_device: OnDeviceConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapter", Path(self.adapter))
@@ -79,6 +113,13 @@ class ExportConfig:
                 f"--eval-data {self.eval_data} does not exist; pass a labelled CSV/JSON/JSONL file or folder"
             )
         self._check_adapter_name()
+        if self.on_device is not None and self.mode != "swappable":
+            raise ConfigError(
+                "--on-device-training trains a user's adapter file on the phone, which only a swappable bundle "
+                "has: add --mode swappable"
+            )
+        if self.on_device is not None and importlib.util.find_spec("executorch") is None:
+            raise ConfigError(ON_DEVICE_EXTRA)
 
     @property
     def user_name(self) -> str:

@@ -39,6 +39,7 @@ from export.joining import join_bundle
 from export.layout import layout_of
 from export.loading import check_against_fresh_model, load_for_export, read_adapter_manifest
 from export.merged import export_merged
+from export.on_device import ON_DEVICE_SECTION, OnDeviceExport, write_on_device
 from export.ort_adapters import adapter_runner, write_adapter_file
 from export.parity import ParityResult, RunGraph, onnx_runner
 from export.report import ExportReport
@@ -83,6 +84,8 @@ def export_adapter(config: ExportConfig) -> ExportReport:
         variants = write_variants(
             config, staging, graph_file, _runner_maker(config, staging), _per_user(config, adapter_manifest)
         )
+        if written.on_device is not None:
+            variants.report[ON_DEVICE_SECTION] = written.on_device.report
         files = {name: entry["bytes"] for name, entry in file_entries(staging).items()}
         graph = describe_graph(staging / graph_file)
         report = ExportReport(
@@ -119,6 +122,7 @@ class _Written:
     labels: tuple[str, ...]
     max_length: int
     padding: dict[str, Any]
+    on_device: OnDeviceExport | None = None
 
 
 def _write_files(config: ExportConfig, staging: Path, export_graph: GraphExporter, graph_file: str) -> _Written:
@@ -131,9 +135,11 @@ def _write_files(config: ExportConfig, staging: Path, export_graph: GraphExporte
         write_adapter_file(staging / adapter_file(config.user_name), per_user_tensors(model))
         adapter_seconds = time.perf_counter() - started
     seconds = export_graph(model, staging / graph_file, config.opset) + adapter_seconds
+    on_device = None if config.on_device is None else write_on_device(model, config.on_device, staging, config.opset)
     write_tokenizer(staging, model.backbone.tokenizer)
     write_labels(staging, model.labels)
-    return _Written(seconds, model.labels, model.max_text_tokens, tokenizer_padding(model.backbone.tokenizer))
+    padding = tokenizer_padding(model.backbone.tokenizer)
+    return _Written(seconds, model.labels, model.max_text_tokens, padding, on_device)
 
 
 def _check_parity(config: ExportConfig, staging: Path, graph_file: str) -> ParityResult:
@@ -186,6 +192,8 @@ def _description(
         adapter = {"method": adapter_manifest["method"]["name"], "schema_id": adapter_manifest["schema_id"]}
         return {**description, "adapter": adapter, **graph}
     layout = layout_of(adapter_manifest)
+    if written.on_device is not None:
+        description[ON_DEVICE_SECTION] = written.on_device.manifest
     return {
         **description,
         "usage": USAGE,

@@ -3,19 +3,23 @@
 An ``.onnx_adapter`` file (``onnxruntime.AdapterFormat``, ONNX Runtime >= 1.20) holds named
 tensors; at run time ``RunOptions.add_active_adapter`` feeds them to the graph inputs of the
 same names. ONNX Runtime's API calls them LoRA adapters, but any tensors work: fedadapt puts
-every per-user tensor (adapter and head) of any single-adapter method in them.
+every per-user tensor (adapter and head) of any single-adapter method in them. Torch-free: the
+phone's trainer (export/phone_trainer.py) writes its users' files with it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from export.bundle_verify import check_adapter_fits
-from export.parity import Feeds, RunGraph
+
+if TYPE_CHECKING:  # the phone's trainer writes adapter files with this module and has no torch (export.parity has)
+    from export.parity import Feeds, RunGraph
 
 TOKEN_INPUTS = ("input_ids", "attention_mask")
 ADAPTER_VERSION = 1  # fedadapt's layout of the file: one tensor per per-user graph input

@@ -94,7 +94,7 @@ def open_phone_bundle(folder: str | Path) -> PhoneBundle:
     folder = Path(folder)
     manifest = read_manifest(folder)
     graph = read_verified(folder, manifest, graph_file(manifest), MAX_GRAPH_BYTES)
-    tokenizer = _load_tokenizer(folder, manifest)
+    tokenizer = load_tokenizer(folder, manifest)
     width, width_from = manifest.get("num_labels"), "the manifest's num_labels has"
     labels = check_labels(read_json(folder, manifest, LABELS_FILE), width, str(folder / LABELS_FILE), width_from)
     for name, entry in manifest.get("adapters", {}).items():
@@ -122,7 +122,7 @@ class PhoneClassifier:
         self.width = _logits_width(self.session, self.bundle / graph_file(self.manifest))
         check_labels(self.labels, self.width, str(self.bundle / LABELS_FILE))  # every labels list fits the logits
         for name in self.adapter_names:
-            check_labels(self._labels_of(name), self.width, f"{self.bundle / MANIFEST_FILE}: adapters[{name!r}].labels")
+            check_labels(self.labels_of(name), self.width, f"{self.bundle / MANIFEST_FILE}: adapters[{name!r}].labels")
         self.adapters: dict[str, ort.LoraAdapter] = {}  # loaded on first use, then kept (memory-mapped)
         self.active: str | None = None
         self._run_options: ort.RunOptions | None = None
@@ -144,7 +144,7 @@ class PhoneClassifier:
             raise ValueError(f"{self.bundle} is a merged bundle: its adapter is built into the graph; nothing to use")
         if adapter_name not in self.manifest["adapters"]:
             raise ValueError(f"no adapter {adapter_name!r} in {self.bundle}; it has {self.adapter_names}")
-        path = self._verified_adapter(adapter_name)
+        path = self.verified_adapter(adapter_name)
         if adapter_name not in self.adapters:
             adapter = ort.LoraAdapter()
             try:
@@ -165,7 +165,7 @@ class PhoneClassifier:
                 f"activate an adapter first with use(name), one of {self.adapter_names}: "
                 "backbone.onnx alone is not a valid model"
             )
-        feeds = self._encode(texts)
+        feeds = self.encode(texts)
         graph = self.bundle / graph_file(self.manifest)
         try:
             outputs = self.session.run([OUTPUT_NAME], feeds, self._run_options)
@@ -181,7 +181,7 @@ class PhoneClassifier:
         probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
         return [(labels[int(row.argmax())], float(row.max())) for row in probabilities]
 
-    def _verified_adapter(self, name: str) -> Path:
+    def verified_adapter(self, name: str) -> Path:
         """The path of adapter ``name``'s file, after its size, sha256 and fit to the graph were checked."""
         file = self.manifest["adapters"][name]["file"]
         check_files(self.bundle, self.manifest, [file])
@@ -191,12 +191,12 @@ class PhoneClassifier:
 
     def _active_labels(self) -> list[str]:
         """The active adapter's label names (users may name classes differently), else labels.json."""
-        return self.labels if self.active is None else self._labels_of(self.active)
+        return self.labels if self.active is None else self.labels_of(self.active)
 
-    def _labels_of(self, name: str) -> list[str]:
+    def labels_of(self, name: str) -> list[str]:
         return list(self.manifest["adapters"][name].get("labels", self.labels))
 
-    def _encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """input_ids and attention_mask (B, T), padded to the longest text."""
         texts = list(texts)
         if not texts:
@@ -209,7 +209,7 @@ class PhoneClassifier:
                     f"text {number} has {len(text)} characters; the phone classifies texts of at most "
                     f"{MAX_INPUT_CHARS} (the graph sees at most {self.manifest['max_sequence_length']} tokens)"
                 )
-        with _tokenizer_failures(self.bundle / TOKENIZER_FILE, "encoding the texts"):
+        with tokenizer_failures(self.bundle / TOKENIZER_FILE, "encoding the texts"):
             encodings = self.tokenizer.encode_batch(texts)
             return {
                 "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
@@ -250,20 +250,20 @@ def _checked_logits(logits: Any, rows: int, width: int, graph: Path) -> np.ndarr
     return logits
 
 
-def _load_tokenizer(folder: Path, manifest: dict[str, Any]) -> Tokenizer:
+def load_tokenizer(folder: Path, manifest: dict[str, Any]) -> Tokenizer:
     """tokenizer.json (verified), truncating to the positions the graph has and padding with the pad token."""
     text = read_verified(folder, manifest, TOKENIZER_FILE, MAX_TOKENIZER_BYTES)
-    with _tokenizer_failures(folder / TOKENIZER_FILE, "loading it"):
+    with tokenizer_failures(folder / TOKENIZER_FILE, "loading it"):
         tokenizer = Tokenizer.from_str(text.decode("utf-8"))
         tokenizer.enable_truncation(max_length=manifest["max_sequence_length"])
     pad_token, pad_id = _pad_token(folder, manifest, tokenizer)
-    with _tokenizer_failures(folder / TOKENIZER_FILE, "setting its padding"):
+    with tokenizer_failures(folder / TOKENIZER_FILE, "setting its padding"):
         tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
     return tokenizer
 
 
 @contextmanager
-def _tokenizer_failures(file: Path, doing: str) -> Iterator[None]:
+def tokenizer_failures(file: Path, doing: str) -> Iterator[None]:
     """Whatever tokenizers raises while ``doing`` something with ``file`` becomes a BundleError naming it.
 
     tokenizers raises plain Exception for its errors (a file it cannot parse, a text it cannot

@@ -430,11 +430,26 @@ def export_command(
             "on its test split, fp32 against int8."
         ),
     ] = None,
+    on_device_training: Annotated[
+        bool,
+        typer.Option(
+            help="Swappable only: also write the graphs a phone trains this user's personal part with (the frozen "
+            "prefix as ONNX, a training step as ONNX and as an ExecuTorch .pte); train with export/phone_trainer.py."
+        ),
+    ] = False,
+    train_layers: Annotated[
+        int,
+        typer.Option(help="With --on-device-training: the top layers whose adapter trains on the phone (0: the head)."),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Export an adapter with its backbone to ONNX for phones, checked against PyTorch."""
     config_module = _app("export options")
-    extra = {} if texts is None else {"texts": _read_texts(texts)}
+    extra: dict[str, Any] = {} if texts is None else {"texts": _read_texts(texts)}
+    if on_device_training:
+        extra["on_device"] = config_module.OnDeviceConfig(train_layers=train_layers)
+    elif train_layers:
+        raise ConfigError("--train-layers sets what trains on the phone: add --on-device-training")
     config = config_module.ExportConfig(
         adapter=adapter,
         out=out,

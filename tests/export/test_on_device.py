@@ -1,0 +1,315 @@
+"""On-device training (issue 21): the exported prefix and step graphs, the torch-free trainer, parity with torch.
+
+One swappable bundle of a trained tiny-BERT LoRA is exported per module with ``--on-device-training
+--train-layers 1`` (the head and the top layer's LoRA train on the phone). The trainer must compute
+torch's gradients (1e-5), follow torch's SGD step for step (1e-4), write an adapter the bundle's
+``backbone.onnx`` serves as torch scores it (1e-4), import no torch, and refuse bad input leaving the
+bundle byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import train_steps
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from export.bundle_verify import MANIFEST_FILE, ON_DEVICE_SECTION  # noqa: E402
+from export.config import ExportConfig, OnDeviceConfig  # noqa: E402
+from export.errors import BundleError  # noqa: E402
+from export.exporter import export_adapter  # noqa: E402
+from export.loading import load_for_export  # noqa: E402
+from export.ort_adapters import read_adapter_file  # noqa: E402
+from export.phone_demo import PhoneClassifier  # noqa: E402
+from export.phone_trainer import (  # noqa: E402
+    PersonalizeConfig,
+    PhoneTrainer,
+    personalize,
+    plan_batches,
+    read_examples,
+    split_examples,
+)
+from fedadapt.checkpoint.folder import save_adapter  # noqa: E402
+from fedadapt.errors import ConfigError  # noqa: E402
+from fedadapt.methods.registry import make_method_config  # noqa: E402
+from fedadapt.model.adapter_model import AdapterModel  # noqa: E402
+from fedadapt.model.backbone import BackboneConfig, load_backbone  # noqa: E402
+
+pytest.importorskip("executorch", reason="the dev extra installs ExecuTorch")
+
+LABELS = ("lost_card", "top_up", "declined")
+KEYWORDS = {"lost_card": ("card", "arrived"), "top_up": ("top", "up", "balance"), "declined": ("declined", "transfer")}
+FILLER = ("the", "a", "my", "is", "where", "yet", "not", "has", "why", "money", "account")
+TRAIN_TEXTS = ["my card has not arrived yet", "top up", "why is my transfer declined"]
+SEQUENCE = 16
+TRAINER = PROJECT_ROOT / "export" / "phone_trainer.py"
+
+
+def user_rows(count: int, seed: int) -> list[tuple[str, str]]:
+    """Texts whose label is given by a keyword among filler words: learnable from the pooled states."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(count):
+        label = LABELS[index % len(LABELS)]
+        words = [*rng.choice(FILLER, size=int(rng.integers(2, 6))), str(rng.choice(KEYWORDS[label]))]
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter trained a few steps, so that lora_B is not zero and every gradient is exercised."""
+    loaded = load_backbone(BackboneConfig(name_or_path=str(tiny_bert), num_labels=len(LABELS)))
+    model = AdapterModel(loaded, make_method_config("lora"), labels=LABELS)
+    batch = dict(model.backbone.tokenizer(TRAIN_TEXTS, padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([0, 1, 2])
+    train_steps(model, batch, steps=4, lr=5e-2)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "alice")
+
+
+@pytest.fixture(scope="module")
+def exported(adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "bundle"
+    on_device = OnDeviceConfig(train_layers=1, batch_size=4, sequence_length=SEQUENCE, learning_rate=0.2)
+    export_adapter(ExportConfig(adapter=adapter, out=out, mode="swappable", on_device=on_device))
+    return out
+
+
+@pytest.fixture
+def bundle(exported: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the exported bundle per test: personalizing writes into it."""
+    import shutil
+
+    return Path(shutil.copytree(exported, tmp_path / "bundle"))
+
+
+def torch_model(adapter: Path) -> AdapterModel:
+    return load_for_export(adapter, None).eval()
+
+
+def full_model_loss(model: AdapterModel, batch: dict[str, np.ndarray], input_ids: np.ndarray) -> torch.Tensor:
+    """The weighted cross-entropy of the whole torch model (no prefix cache) on one step's batch."""
+    rows = np.asarray(batch["rows"])
+    logits = model(
+        input_ids=torch.from_numpy(input_ids[rows]), attention_mask=torch.from_numpy(batch["attention_mask"])
+    ).logits
+    ce = torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch["labels"]), reduction="none")
+    weights = torch.from_numpy(batch["weights"])
+    return (ce * weights).sum() / weights.sum()
+
+
+def test_the_manifest_lists_the_on_device_graphs_and_splits_every_per_user_tensor(exported: Path) -> None:
+    manifest = json.loads((exported / MANIFEST_FILE).read_text())
+    section = manifest[ON_DEVICE_SECTION]
+    for key in ("prefix", "train_step", "program"):
+        assert section[key] in manifest["files"] and (exported / section[key]).stat().st_size > 0
+        assert len(manifest["files"][section[key]]["sha256"]) == 64
+    per_user = sorted(t["name"] for t in manifest["layout"]["tensors"])
+    assert sorted(section["prefix_inputs"] + section["trainable"]) == per_user
+    assert section["train_layers"] == 1 and section["frozen_layers"] == 1  # the tiny BERT has 2 layers
+    assert all(".layer.0." in name for name in section["prefix_inputs"]) and section["prefix_inputs"]
+    assert any(".layer.1." in name for name in section["trainable"])
+    assert any("classifier" in name for name in section["trainable"])
+    report = json.loads((exported / "report.json").read_text())[ON_DEVICE_SECTION]
+    assert report["gradient_max_abs_diff"] <= 1e-5
+
+
+def test_one_step_computes_torchs_gradients(bundle: Path, adapter: Path) -> None:
+    trainer = PhoneTrainer(bundle)
+    tensors = trainer.start_tensors("alice")
+    rows = user_rows(7, seed=1)
+    examples = read_examples(write_csv(bundle.parent / "data.csv", rows), LABELS)
+    states, masks = trainer.prefix_states(examples.texts, tensors)
+    batch = trainer.step_batch(states, masks, examples.labels, np.array([4, 0, 2]))  # 3 rows + 1 padding row
+    loss, gradients = trainer.step(batch, {n: tensors[n] for n in trainer.section["trainable"]})
+
+    model = torch_model(adapter)
+    params = dict(model.module.named_parameters())
+    input_ids = np.array([e.ids for e in trainer.tokenizer.encode_batch(list(examples.texts))], dtype=np.int64)
+    expected = full_model_loss(model, {**batch, "rows": [4, 0, 2, 4]}, input_ids)
+    expected.backward()
+    assert abs(loss - float(expected)) <= 1e-5
+    assert set(gradients) == set(trainer.section["trainable"])
+    for name, gradient in gradients.items():
+        reference = params[name].grad
+        assert reference is not None and float(reference.abs().max()) > 0  # a real gradient, not zeros
+        assert np.abs(gradient - reference.numpy()).max() <= 1e-5, name
+
+
+def test_n_steps_follow_torch_sgd_with_the_same_order(bundle: Path, adapter: Path) -> None:
+    trainer = PhoneTrainer(bundle)
+    tensors = trainer.start_tensors("alice")
+    examples = read_examples(write_csv(bundle.parent / "data.csv", user_rows(10, seed=2)), LABELS)
+    states, masks = trainer.prefix_states(examples.texts, tensors)
+    batches = plan_batches(len(examples), trainer.section["batch_size"], steps=6, seed=3)
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]  # partial batches are padded, with weight 0
+    losses = trainer.train(states, masks, examples.labels, tensors, batches, learning_rate=0.5)
+
+    model = torch_model(adapter)
+    params = dict(model.module.named_parameters())
+    trainable = trainer.section["trainable"]
+    optimizer = torch.optim.SGD(
+        [params[n] for n in trainable], lr=0.5, momentum=trainer.section["optimizer"]["momentum"]
+    )
+    input_ids = np.array([e.ids for e in trainer.tokenizer.encode_batch(list(examples.texts))], dtype=np.int64)
+    expected_losses = []
+    for rows in batches:
+        batch = trainer.step_batch(states, masks, examples.labels, rows)
+        padded = [*rows, *([rows[0]] * (trainer.section["batch_size"] - len(rows)))]
+        optimizer.zero_grad()
+        loss = full_model_loss(model, {**batch, "rows": padded}, input_ids)
+        loss.backward()
+        optimizer.step()
+        expected_losses.append(float(loss))
+    assert np.allclose(losses, expected_losses, atol=1e-4), (losses, expected_losses)
+    for name in trainable:
+        assert np.abs(tensors[name] - params[name].detach().numpy()).max() <= 1e-4, name
+    assert losses[-1] != losses[0]
+
+
+def test_personalize_writes_an_adapter_the_bundle_serves_as_torch_scores_it(bundle: Path, adapter: Path) -> None:
+    data = write_csv(bundle.parent / "bob.csv", user_rows(60, seed=4))
+    command = [sys.executable, str(TRAINER), "personalize", str(bundle), "--user", "bob", "--from", "alice"]
+    command += ["--data", str(data), "--epochs", "8", "--json", "--check-imports"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=bundle.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["forbidden_modules"] == []  # no torch, no transformers: what a phone has
+    assert report["eval_examples"] == 12 and report["train_examples"] == 48 and report["steps"] == 8 * 12
+    assert report["last_loss"] < report["first_loss"]
+    assert report["accuracy_after"] > report["accuracy_before"], report
+
+    phone = PhoneClassifier(bundle)  # verifies the rewritten manifest and the new file's sha256
+    assert phone.adapter_names == ["alice", "bob"]
+    phone.use("bob")
+    logits = phone.logits(TRAIN_TEXTS)
+    model = torch_model(adapter)
+    new = read_adapter_file(bundle / "adapters" / "bob.onnx_adapter")
+    model.load_state({name: torch.from_numpy(value) for name, value in new.items()})
+    encoded = {k: torch.from_numpy(v) for k, v in phone.encode(TRAIN_TEXTS).items()}
+    with torch.no_grad():
+        expected = model(**encoded).logits.numpy()
+    assert np.abs(logits - expected).max() <= 1e-4
+    alice = read_adapter_file(bundle / "adapters" / "alice.onnx_adapter")
+    changed = [n for n in new if not np.array_equal(new[n], alice[n])]
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    assert sorted(changed) == sorted(manifest[ON_DEVICE_SECTION]["trainable"])  # the prefix part is the user's own
+
+
+def test_training_twice_starts_from_the_users_own_adapter(bundle: Path) -> None:
+    data = write_csv(bundle.parent / "alice.csv", user_rows(20, seed=5))
+    first = personalize(PersonalizeConfig(bundle=bundle, user="alice", data=data, steps=3))
+    second = personalize(PersonalizeConfig(bundle=bundle, user="alice", data=data, steps=3))
+    assert first.start_from == second.start_from == "alice"
+    assert second.accuracy_before == first.accuracy_after  # the same held-out part, scored with the new file
+
+
+@pytest.mark.parametrize(
+    ("rows", "extra", "message"),
+    [
+        ([("top up", "refund")], [], "unknown label 'refund'"),
+        ([], [], "at least 2"),
+        ([("", "top_up"), ("x", "top_up")], [], "the text is empty"),
+        ([("top up", "top_up")] * 3, ["--user", "carol"], "start it from another user's with --from"),
+    ],
+)
+def test_bad_input_is_refused_and_leaves_the_bundle_as_it_was(
+    bundle: Path, rows: list[tuple[str, str]], extra: list[str], message: str
+) -> None:
+    before = digests(bundle)
+    data = write_csv(bundle.parent / "bad.csv", rows)
+    command = [sys.executable, str(TRAINER), "personalize", str(bundle), "--data", str(data)]
+    command += extra or ["--user", "alice"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert digests(bundle) == before
+
+
+def test_a_bundle_without_on_device_training_is_refused_with_what_to_do(adapter: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plain"
+    export_adapter(ExportConfig(adapter=adapter, out=out, mode="swappable"))
+    data = write_csv(tmp_path / "d.csv", user_rows(4, seed=6))
+    with pytest.raises(BundleError, match="--on-device-training"):
+        personalize(PersonalizeConfig(bundle=out, user="alice", data=data))
+
+
+def test_a_tampered_step_graph_is_refused_before_it_runs(bundle: Path) -> None:
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    step = bundle / manifest[ON_DEVICE_SECTION]["train_step"]
+    step.write_bytes(step.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(BundleError, match="on_device/train_step.onnx differs from the manifest"):
+        PhoneTrainer(bundle)
+
+
+def test_a_manifest_that_hides_a_per_user_tensor_from_the_trainer_is_refused(bundle: Path) -> None:
+    path = bundle / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest[ON_DEVICE_SECTION]["trainable"] = manifest[ON_DEVICE_SECTION]["trainable"][:-1]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="split the layout"):
+        PhoneTrainer(bundle)
+
+
+def test_the_executorch_program_computes_the_onnx_steps_gradients(bundle: Path) -> None:
+    onnx_trainer, et_trainer = PhoneTrainer(bundle), PhoneTrainer(bundle, runtime="executorch")
+    tensors = onnx_trainer.start_tensors("alice")
+    examples = read_examples(write_csv(bundle.parent / "data.csv", user_rows(9, seed=7)), LABELS)
+    states, masks = onnx_trainer.prefix_states(examples.texts, tensors)
+    batches = plan_batches(len(examples), 4, steps=5, seed=0)
+    via_onnx, via_program = dict(tensors), dict(tensors)
+    onnx_losses = onnx_trainer.train(states, masks, examples.labels, via_onnx, batches, learning_rate=0.5)
+    program_losses = et_trainer.train(states, masks, examples.labels, via_program, batches, learning_rate=0.5)
+    assert np.allclose(onnx_losses, program_losses, atol=1e-5)
+    for name in onnx_trainer.section["trainable"]:
+        assert np.abs(via_onnx[name] - via_program[name]).max() <= 1e-5, name
+        assert not np.array_equal(via_program[name], tensors[name])  # the program's parameters took the updates
+
+
+def test_on_device_training_needs_a_swappable_export_and_a_layer_count_the_backbone_has(
+    adapter: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="--mode swappable"):
+        ExportConfig(adapter=adapter, out=tmp_path / "m", on_device=OnDeviceConfig())
+    with pytest.raises(ConfigError, match="more than the backbone's 2 layers"):
+        export_adapter(
+            ExportConfig(
+                adapter=adapter, out=tmp_path / "s", mode="swappable", on_device=OnDeviceConfig(train_layers=3)
+            )
+        )
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_held_out_split_and_the_batch_plan_are_seeded_and_cover_every_row() -> None:
+    train, held_out = split_examples(10, 0.2, seed=0)
+    assert len(held_out) == 2 and sorted([*train, *held_out]) == list(range(10))
+    assert np.array_equal(split_examples(10, 0.2, seed=0)[1], held_out)
+    batches = plan_batches(10, 4, steps=3, seed=0)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(10))  # one epoch: every row once
