@@ -134,7 +134,11 @@ def step_times(adapter: Path, bundle: Path, layers: int, repeats: int) -> dict[s
     executorch = ExecuTorchStep(program.read_bytes(), trainer.section["program_parameters"], program)
     texts = [f"where is my card number {i} please tell me now" for i in range(BATCH)]
     below = {n: tensors[n] for n in trainer.section["prefix_inputs"]}
-    encoded = {k: torch.from_numpy(v) for k, v in trainer.classifier.encode(texts).items()}
+    fixed = trainer.tokenizer.encode_batch(texts)  # both prefixes see the step's 8 x 64 padded batch
+    encoded = {
+        "input_ids": torch.tensor([e.ids for e in fixed]),
+        "attention_mask": torch.tensor([e.attention_mask for e in fixed]),
+    }
     times = {
         "pytorch": median_seconds(torch_step, repeats),
         "onnxruntime": median_seconds(lambda: trainer.step(batch, trained), repeats),

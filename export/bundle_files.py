@@ -23,12 +23,16 @@ def committed_files(folder: Path) -> Iterator[Callable[[str], Path]]:
     """Yield ``temp(name)``: a temporary path beside ``folder / name`` to write that file's new content to.
 
     On success each temporary file is renamed over its final path in the order ``temp`` was
-    called (so call it for manifest.json last: its rename commits the update); on any error
-    all of them are removed and ``folder`` is as it was. A ``name`` whose folders or file are
-    symlinks, or that leads outside ``folder``, is refused (BundleError), at ``temp`` and again
-    just before the rename.
+    called (so call it for manifest.json last: its rename commits the update). On any error,
+    before or during the renames, the temporary files are removed, the files already renamed
+    are put back from hard-linked copies of what they replaced (or removed, if they were new),
+    and ``folder`` is as it was. A crash of the process between two renames is not covered: an
+    adapter renamed before its manifest then fails its sha256 check, which the phone reports.
+    A ``name`` whose folders or file are symlinks, or that leads outside ``folder``, is refused
+    (BundleError), at ``temp`` and again just before the rename.
     """
     pending: dict[str, Path] = {}
+    replaced: list[tuple[Path, Path | None]] = []  # (final path, the old file's hard link, None if it was new)
 
     def temp(name: str) -> Path:
         final = write_target(folder, name)
@@ -42,11 +46,39 @@ def committed_files(folder: Path) -> Iterator[Callable[[str], Path]]:
         for name, path in pending.items():
             final = write_target(folder, name)  # again: a symlink swapped in since ``temp`` is refused too
             path.chmod(0o644)  # mkstemp's 0600 would hide the file from the app's build tools
-            os.replace(path, final)
+            old = _keep_old(final)
+            try:
+                os.replace(path, final)
+            except BaseException:
+                if old is not None:
+                    old.unlink(missing_ok=True)
+                raise
+            replaced.append((final, old))
     except BaseException:
         for path in pending.values():
             path.unlink(missing_ok=True)
+        for final, old in reversed(replaced):  # each on its own: one that fails must not keep the rest back
+            with contextlib.suppress(OSError):
+                if old is None:
+                    final.unlink(missing_ok=True)
+                else:
+                    os.replace(old, final)
         raise
+    finally:
+        for _, old in replaced:
+            if old is not None:
+                old.unlink(missing_ok=True)
+
+
+def _keep_old(final: Path) -> Path | None:
+    """A hard link to the file at ``final`` (its bytes, kept when ``final`` is replaced); None if there is none."""
+    if not final.exists():
+        return None
+    handle, path = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent)
+    os.close(handle)
+    os.unlink(path)
+    os.link(final, path)
+    return Path(path)
 
 
 def write_json(path: Path, data: Any) -> None:

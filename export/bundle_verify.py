@@ -29,7 +29,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from export.config import ADAPTER_NAME, MODES
+from export.config import ADAPTER_NAME, MAX_LEARNING_RATE, MODES
 from export.errors import BundleError
 from fedadapt import jsonsafe
 from fedadapt.errors import JsonInputError
@@ -63,7 +63,6 @@ MAX_LAYERS = 10_000
 MAX_BATCH = 1024
 MAX_TRAIN_TOKENS = 4096
 MAX_HIDDEN = 1 << 20
-MAX_LEARNING_RATE = 100.0
 SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ_CHUNK = 1 << 20
 _SHOW = reprlib.Repr()
@@ -251,7 +250,8 @@ def _check_on_device(
             "them, each once; export the bundle again"
         )
     renames = _field(section, "program_parameters", dict, where)
-    if sorted(renames.values()) != sorted(trainable) or not all(isinstance(k, str) for k in renames):
+    named = all(isinstance(k, str) and isinstance(v, str) for k, v in renames.items())
+    if not named or sorted(renames.values()) != sorted(trainable):
         raise BundleError(f"{where}: program_parameters must name each trainable tensor once")
     optimizer = _field(section, "optimizer", dict, where)
     if optimizer.get("name") != "sgd":

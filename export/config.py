@@ -37,6 +37,7 @@ DEFAULT_BATCH_SIZE = 8
 DEFAULT_SEQUENCE_LENGTH = 64
 DEFAULT_LEARNING_RATE = 0.05
 DEFAULT_MOMENTUM = 0.9
+MAX_LEARNING_RATE = 100.0  # the bundle's reader (export/bundle_verify.py) refuses more
 ON_DEVICE_EXTRA = "--on-device-training writes an ExecuTorch program: pip install -e '.[phone]' (or '.[dev]')"
 
 
@@ -57,8 +58,10 @@ class OnDeviceConfig:
             raise ConfigError(f"the on-device batch size must be 1 to 1024, got {self.batch_size!r}")
         if not isinstance(self.sequence_length, int) or not 2 <= self.sequence_length <= 4096:
             raise ConfigError(f"the on-device sequence length must be 2 to 4096 tokens, got {self.sequence_length!r}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"the on-device learning rate must be > 0, got {self.learning_rate!r}")
+        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise ConfigError(
+                f"the on-device learning rate must be in (0, {MAX_LEARNING_RATE:g}], got {self.learning_rate!r}"
+            )
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"the on-device momentum must be in [0, 1), got {self.momentum!r}")
 

@@ -47,16 +47,21 @@ from export.bundle_files import committed_files, file_entry, write_manifest  # n
 from export.bundle_verify import (  # noqa: E402
     MANIFEST_FILE,
     MAX_GRAPH_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_MANIFEST_BYTES,
     ON_DEVICE_SECTION,
     ORT_ERRORS,
     TOKENIZER_FILE,
+    check_adapter_fits,
+    check_manifest,
     read_verified,
 )
 from export.config import ADAPTER_NAME  # noqa: E402
 from export.errors import BundleError  # noqa: E402
 from export.ort_adapters import read_adapter_file, write_adapter_file  # noqa: E402
 from export.phone_demo import MAX_INPUT_CHARS, PhoneClassifier, forbidden_modules, tokenizer_failures  # noqa: E402
-from fedadapt.errors import ConfigError, FedAdaptError  # noqa: E402
+from fedadapt import jsonsafe  # noqa: E402
+from fedadapt.errors import ConfigError, FedAdaptError, JsonInputError  # noqa: E402
 
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
@@ -64,7 +69,8 @@ STEP_INPUTS = ("hidden", "attention_mask", "labels", "weights")  # export/on_dev
 LOSS, LOGITS, GRAD_PREFIX = "loss", "logits", "grad."
 HIDDEN = "hidden"
 MAX_DATA_BYTES = 64 << 20
-MAX_EXAMPLES = 10_000  # their prefix states stay in memory: 10,000 x 64 tokens x 384 floats is 1 GB
+MAX_EXAMPLES = 10_000
+MAX_STATE_BYTES = 2 << 30  # the training examples' prefix states stay in memory: N x T x H float32
 MAX_STEPS = 1_000_000
 DEFAULT_EPOCHS = 5
 DEFAULT_EVAL_FRACTION = 0.2
@@ -94,12 +100,20 @@ def read_examples(path: Path, label_names: Sequence[str]) -> LabelledTexts:
     size = path.stat().st_size
     if size > MAX_DATA_BYTES:
         raise ConfigError(f"--data {path} has {size:,} bytes; the phone trains on at most {MAX_DATA_BYTES:,}")
+    with path.open("rb") as handle:
+        raw = handle.read(MAX_DATA_BYTES + 1)  # a file that grew since stat() is still read no further
+    if len(raw) > MAX_DATA_BYTES:
+        raise ConfigError(f"--data {path} has more than {MAX_DATA_BYTES:,} bytes; the phone trains on less")
+    if len(set(label_names)) != len(label_names):
+        raise ConfigError("this user's adapter names a label twice, so a label cannot be told apart; export it again")
     try:
-        content = path.read_bytes().decode("utf-8-sig")
+        content = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ConfigError(f"--data {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     ids = {name: index for index, name in enumerate(label_names)}
     reader = csv.DictReader(io.StringIO(content, newline=""))
+    if reader.fieldnames and len(set(reader.fieldnames)) != len(reader.fieldnames):
+        raise ConfigError(f"--data {path}: its header names a column twice: {reader.fieldnames}")
     if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
         raise ConfigError(f"--data {path} needs a header row with 'text' and 'label' columns, got {reader.fieldnames}")
     texts: list[str] = []
@@ -157,6 +171,10 @@ class SGD:
 
     def step(self, tensors: dict[str, np.ndarray], gradients: Mapping[str, np.ndarray]) -> None:
         for name, gradient in gradients.items():
+            if gradient.shape != tensors[name].shape:
+                raise BundleError(
+                    f"the step's gradient of {name} has shape {gradient.shape}, the tensor {tensors[name].shape}"
+                )
             if self.momentum:
                 previous = self.buffers.get(name)
                 gradient = gradient.copy() if previous is None else self.momentum * previous + gradient
@@ -195,7 +213,9 @@ class OrtStep:
             found = dict(zip(self.outputs, self.session.run(self.outputs, {**batch, **tensors}), strict=True))
         except ORT_ERRORS as err:
             raise BundleError(f"ONNX Runtime failed running {self.where}: {str(err)[:300]}") from None
-        loss = float(found[LOSS])
+        if np.asarray(found[LOSS]).size != 1:
+            raise BundleError(f"{self.where}'s loss is not one number: shape {np.asarray(found[LOSS]).shape}")
+        loss = float(np.asarray(found[LOSS]).reshape(()))
         gradients = {name: np.asarray(found[GRAD_PREFIX + name]) for name in self.trainable}
         if not math.isfinite(loss) or not all(np.isfinite(g).all() for g in gradients.values()):
             raise BundleError(f"{self.where} computed a non-finite loss or gradient; lower the learning rate")
@@ -225,16 +245,30 @@ class ExecuTorchStep:
         torch = self.torch
         inputs = [torch.from_numpy(np.ascontiguousarray(batch[name])) for name in STEP_INPUTS]
         if self.parameters is None:
-            self.module.forward_backward("forward", inputs)  # a throw-away step: it makes the parameters known
+            try:
+                self.module.forward_backward("forward", inputs)  # a throw-away step: it makes the parameters known
+            except RuntimeError as err:
+                raise BundleError(f"ExecuTorch failed running {self.where}: {str(err)[:300]}") from None
             self.parameters = self.module.named_parameters()
             if sorted(self.parameters) != sorted(self.renames):
                 raise BundleError(f"{self.where}'s parameters {sorted(self.parameters)[:4]} are not its manifest's")
         for name, schema in self.renames.items():  # the program's own parameter memory: the step reads it
+            shape = tuple(self.parameters[name].shape)
+            if shape != tensors[schema].shape:
+                raise BundleError(
+                    f"{self.where}: {name} has shape {shape}, the adapter's {schema} {tensors[schema].shape}"
+                )
             self.parameters[name].copy_(torch.from_numpy(np.ascontiguousarray(tensors[schema])))
-        outputs = self.module.forward_backward("forward", inputs)
-        gradients = self.module.named_gradients()
+        try:
+            outputs = self.module.forward_backward("forward", inputs)
+            gradients = self.module.named_gradients()
+        except RuntimeError as err:
+            raise BundleError(f"ExecuTorch failed running {self.where}: {str(err)[:300]}") from None
         found = {schema: gradients[name].detach().numpy().copy() for name, schema in self.renames.items()}
-        return float(outputs[0]), found
+        loss = float(outputs[0])
+        if not math.isfinite(loss) or not all(np.isfinite(g).all() for g in found.values()):
+            raise BundleError(f"{self.where} computed a non-finite loss or gradient; lower the learning rate")
+        return loss, found
 
 
 @dataclass(frozen=True)
@@ -333,7 +367,26 @@ class PhoneTrainer:
             program = read_verified(self.bundle, self.manifest, section["program"], MAX_GRAPH_BYTES)
             return ExecuTorchStep(program, section["program_parameters"], self.bundle / section["program"])
         graph = read_verified(self.bundle, self.manifest, section["train_step"], MAX_GRAPH_BYTES)
-        return OrtStep(graph, section["trainable"], self.options, self.bundle / section["train_step"])
+        step = OrtStep(graph, section["trainable"], self.options, self.bundle / section["train_step"])
+        self._check_step_shapes(step.session)
+        return step
+
+    def _check_step_shapes(self, session: ort.InferenceSession) -> None:
+        """BundleError unless the step graph's inputs have the shapes the manifest and the layout give them."""
+        batch, length, width = (self.section[k] for k in ("batch_size", "sequence_length", "hidden_size"))
+        expected: dict[str, list[int]] = {
+            "hidden": [batch, length, width],
+            "attention_mask": [batch, length],
+            "labels": [batch],
+            "weights": [batch],
+        }
+        expected |= {t["name"]: list(t["shape"]) for t in self.manifest.get("layout", {}).get("tensors", [])}
+        for graph_input in session.get_inputs():
+            if list(graph_input.shape) != expected.get(graph_input.name):
+                raise BundleError(
+                    f"{self.bundle / self.section['train_step']}: input {graph_input.name} has shape "
+                    f"{graph_input.shape}, the manifest says {expected.get(graph_input.name)}; export the bundle again"
+                )
 
     def _training_tokenizer(self) -> Tokenizer:
         """The bundle's tokenizer, truncating and padding every text to the step graph's fixed length."""
@@ -342,10 +395,20 @@ class PhoneTrainer:
         padding = self.classifier.tokenizer.padding or {}
         with tokenizer_failures(self.bundle / TOKENIZER_FILE, "setting the training length"):
             tokenizer.enable_truncation(max_length=length)
-            tokenizer.enable_padding(
-                length=length, pad_id=padding.get("pad_id", 0), pad_token=padding.get("pad_token", "[PAD]")
-            )
+            # The bundle's own padding (side, pad id and token) at a fixed length.
+            tokenizer.enable_padding(**{**padding, "length": length, "pad_to_multiple_of": None})
         return tokenizer
+
+    def check_memory(self, examples: int) -> None:
+        """ConfigError when ``examples`` prefix states (N x T x H float32) would take more than MAX_STATE_BYTES."""
+        section = self.section
+        needed = examples * section["sequence_length"] * section["hidden_size"] * 4
+        if needed > MAX_STATE_BYTES:
+            most = MAX_STATE_BYTES // (section["sequence_length"] * section["hidden_size"] * 4)
+            raise ConfigError(
+                f"{examples:,} examples need {needed / 2**30:.1f} GiB of prefix states on this bundle; "
+                f"train on at most {most:,} at a time"
+            )
 
     def start_tensors(self, name: str) -> dict[str, np.ndarray]:
         """Adapter ``name``'s per-user tensors, read after its file's size, sha256 and fit were checked."""
@@ -369,7 +432,14 @@ class PhoneTrainer:
                 )
             except ORT_ERRORS as err:
                 raise BundleError(f"ONNX Runtime failed running {self.section['prefix']}: {str(err)[:300]}") from None
-            states.append(np.asarray(hidden, dtype=np.float32))
+            hidden = np.asarray(hidden)
+            expected = (len(input_ids), self.section["sequence_length"], self.section["hidden_size"])
+            if hidden.shape != expected or hidden.dtype != np.float32:
+                raise BundleError(
+                    f"{self.section['prefix']} returned {hidden.dtype} {hidden.shape} states; the manifest says "
+                    f"float32 {expected}: export the bundle again"
+                )
+            states.append(hidden)
             masks.append(attention_mask)
         return np.concatenate(states), np.concatenate(masks)
 
@@ -438,9 +508,14 @@ def personalize(config: PersonalizeConfig) -> PersonalizeReport:
         raise ConfigError(
             f"--from {config.start_from!r}: {config.user!r} already has an adapter, which training starts from"
         )
-    label_names = trainer.classifier.labels_of(source if source in adapters else config.user)
+    if source not in adapters:
+        raise ConfigError(
+            f"--from {source!r}: no such adapter in {config.bundle}; it has {trainer.classifier.adapter_names}"
+        )
+    label_names = trainer.classifier.labels_of(source)
     tensors = trainer.start_tensors(source)
     examples = read_examples(config.data, label_names)
+    trainer.check_memory(len(examples))
     train_rows, eval_rows = split_examples(len(examples), config.eval_fraction, config.seed)
     training, held_out = examples.take(train_rows), examples.take(eval_rows)
     before = trainer.accuracy(trainer.classifier.verified_adapter(source), held_out) if len(held_out) else None
@@ -460,12 +535,16 @@ def personalize(config: PersonalizeConfig) -> PersonalizeReport:
     with committed_files(trainer.bundle) as temp:  # any error below: the bundle stays as it was
         adapter_path = temp(file)
         write_adapter_file(adapter_path, tensors)
+        check_adapter_fits(trainer.classifier.session, adapter_path)  # what the phone checks before serving it
         after = trainer.accuracy(adapter_path, held_out) if len(held_out) else None
         entry = {**adapters[source], "file": file, "labels": list(label_names)}
         description = {key: value for key, value in manifest.items() if key not in ("format", "files")}
         description["adapters"] = {**adapters, config.user: entry}
         files = {**manifest["files"], file: file_entry(adapter_path)}
-        write_manifest(trainer.bundle, description, files=files, path=temp(MANIFEST_FILE))  # last: commits
+        manifest_path = temp(MANIFEST_FILE)
+        write_manifest(trainer.bundle, description, files=files, path=manifest_path)
+        check_written_manifest(manifest_path)  # a manifest too big or wrong would lock the phone out of the bundle
+    # leaving the block renames the adapter, then the manifest: that commits
     return PersonalizeReport(
         user=config.user,
         start_from=source,
@@ -482,6 +561,17 @@ def personalize(config: PersonalizeConfig) -> PersonalizeReport:
         adapter_file=file,
         adapter_bytes=files[file]["bytes"],
     )
+
+
+def check_written_manifest(path: Path) -> None:
+    """BundleError unless the manifest written to ``path`` reads back within the limits and passes the checks."""
+    try:
+        written = jsonsafe.load_file(path, max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_JSON_DEPTH)
+    except JsonInputError as err:
+        raise BundleError(
+            f"the updated manifest would not be readable ({err}); the bundle was left as it was"
+        ) from None
+    check_manifest(written, f"the updated {MANIFEST_FILE}")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -239,6 +240,8 @@ def test_training_twice_starts_from_the_users_own_adapter(bundle: Path) -> None:
         ([], [], "at least 2"),
         ([("", "top_up"), ("x", "top_up")], [], "the text is empty"),
         ([("top up", "top_up")] * 3, ["--user", "carol"], "start it from another user's with --from"),
+        ([("top up", "top_up")] * 3, ["--user", "carol", "--from", "nobody"], "--from 'nobody': no such adapter"),
+        ([("x" * 10_001, "top_up"), ("top up", "top_up")], [], "a text of 10001 characters"),
     ],
 )
 def test_bad_input_is_refused_and_leaves_the_bundle_as_it_was(
@@ -251,6 +254,62 @@ def test_bad_input_is_refused_and_leaves_the_bundle_as_it_was(
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert digests(bundle) == before
+
+
+def test_a_failed_commit_puts_back_the_adapter_it_already_replaced(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter is renamed into place before the manifest: if the manifest's rename fails, alice's old
+    adapter file comes back, so the bundle still verifies."""
+    import export.bundle_files as bundle_files
+
+    before = digests(bundle)
+    real_replace = bundle_files.os.replace
+
+    def failing_replace(source: object, target: object) -> None:
+        if str(target).endswith(MANIFEST_FILE):
+            raise OSError("disk full")
+        real_replace(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bundle_files.os, "replace", failing_replace)
+    data = write_csv(bundle.parent / "alice.csv", user_rows(12, seed=8))
+    with pytest.raises(OSError, match="disk full"):
+        personalize(PersonalizeConfig(bundle=bundle, user="alice", data=data, steps=2))
+    monkeypatch.setattr(bundle_files.os, "replace", real_replace)
+    assert digests(bundle) == before  # no temporary or kept-back file left either
+    PhoneClassifier(bundle).use("alice")
+
+
+def test_csv_headers_and_labels_are_checked(tmp_path: Path) -> None:
+    doubled = tmp_path / "doubled.csv"
+    doubled.write_text("text,label,text\ntop up,top_up,x\nmy card,lost_card,y\n")
+    with pytest.raises(ConfigError, match="names a column twice"):
+        read_examples(doubled, LABELS)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufefftext,label\ntop up,top_up\nmy card,lost_card\n".encode())
+    assert read_examples(bom, LABELS).labels.tolist() == [1, 0]  # a spreadsheet's byte-order mark is fine
+    with pytest.raises(ConfigError, match="names a label twice"):
+        read_examples(bom, ("top_up", "lost_card", "top_up"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.update(batch_size=s["batch_size"] + 1), "input hidden has shape"),
+        (lambda s: s.update(hidden_size=s["hidden_size"] * 2), "input hidden has shape"),
+        (lambda s: s["program_parameters"].update({next(iter(s["program_parameters"])): 7}), "program_parameters"),
+        (lambda s: s["optimizer"].update(learning_rate=1e9), "learning_rate"),
+        (lambda s: s.update(sequence_length=10**9), "sequence_length"),
+        (lambda s: s.update(prefix="../outside.onnx"), "not a plain relative path"),
+    ],
+)
+def test_a_hostile_on_device_section_is_refused_by_name(bundle: Path, change: Any, message: str) -> None:
+    path = bundle / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    change(manifest[ON_DEVICE_SECTION])
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        PhoneTrainer(bundle)
 
 
 def test_a_bundle_without_on_device_training_is_refused_with_what_to_do(adapter: Path, tmp_path: Path) -> None:
