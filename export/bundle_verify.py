@@ -58,6 +58,13 @@ MAX_SEQUENCE_LENGTH = 1 << 20
 MAX_TOKEN_ID = (1 << 32) - 1  # tokenizers stores ids as u32
 MAX_OPSET = 1000
 ON_DEVICE_SECTION = "on_device_training"  # export/on_device.py writes it, export/phone_trainer.py reads it
+# The on-device step graph's interface (export/on_device.py writes it, export/phone_trainer.py runs it).
+HIDDEN = "hidden"
+STEP_INPUTS = (HIDDEN, "attention_mask", "labels", "weights")
+LOSS, LOGITS = "loss", "logits"
+GRAD_PREFIX = "grad."
+ADAPTERS_DIR = "adapters"  # a swappable bundle's users: adapters/<name>.onnx_adapter
+ADAPTER_SUFFIX = ".onnx_adapter"
 ON_DEVICE_FILES = ("prefix", "train_step", "program")
 MAX_LAYERS = 10_000
 MAX_BATCH = 1024

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.masking_utils import create_bidirectional_mask
 
+from export.bundle_verify import GRAD_PREFIX, HIDDEN, LOGITS, LOSS, STEP_INPUTS
 from export.bundle_verify import ON_DEVICE_SECTION as ON_DEVICE_SECTION  # re-exported for the exporter
 from export.config import ON_DEVICE_EXTRA, OnDeviceConfig
 from export.errors import ExportError
@@ -54,10 +55,6 @@ FOLDER = "on_device"
 PREFIX_FILE = f"{FOLDER}/prefix.onnx"
 TRAIN_STEP_FILE = f"{FOLDER}/train_step.onnx"
 PROGRAM_FILE = f"{FOLDER}/train_step.pte"
-HIDDEN = "hidden"
-STEP_INPUTS = (HIDDEN, "attention_mask", "labels", "weights")
-LOSS, LOGITS = "loss", "logits"
-GRAD_PREFIX = "grad."
 STEP_OPSET = 18  # torch's dynamo exporter (the only one that takes an ExportedProgram) writes 18 and up
 GRADIENT_ATOL = 1e-5  # the export's own check of the step's gradients against eager PyTorch
 

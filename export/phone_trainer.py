@@ -45,12 +45,19 @@ if not __package__:  # run as a script (python export/phone_trainer.py): make th
 
 from export.bundle_files import committed_files, file_entry, write_manifest  # noqa: E402
 from export.bundle_verify import (  # noqa: E402
+    ADAPTER_SUFFIX,
+    ADAPTERS_DIR,
+    GRAD_PREFIX,
+    HIDDEN,
+    LOGITS,
+    LOSS,
     MANIFEST_FILE,
     MAX_GRAPH_BYTES,
     MAX_JSON_DEPTH,
     MAX_MANIFEST_BYTES,
     ON_DEVICE_SECTION,
     ORT_ERRORS,
+    STEP_INPUTS,
     TOKENIZER_FILE,
     check_adapter_fits,
     check_manifest,
@@ -63,11 +70,6 @@ from export.phone_demo import MAX_INPUT_CHARS, PhoneClassifier, forbidden_module
 from fedadapt import jsonsafe  # noqa: E402
 from fedadapt.errors import ConfigError, FedAdaptError, JsonInputError  # noqa: E402
 
-ADAPTERS_DIR = "adapters"
-ADAPTER_SUFFIX = ".onnx_adapter"
-STEP_INPUTS = ("hidden", "attention_mask", "labels", "weights")  # export/on_device.py's names
-LOSS, LOGITS, GRAD_PREFIX = "loss", "logits", "grad."
-HIDDEN = "hidden"
 MAX_DATA_BYTES = 64 << 20
 MAX_EXAMPLES = 10_000
 MAX_STATE_BYTES = 2 << 30  # the training examples' prefix states stay in memory: N x T x H float32

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.bundle_verify import ADAPTER_SUFFIX, ADAPTERS_DIR
 from export.bundle_verify import BACKBONE_FILE as BACKBONE_FILE  # re-exported: the phone names it there, torch-free
 from export.graph import make_overridable, write_onnx
 from export.merged import OUTPUT_NAME, dummy_inputs
@@ -32,8 +33,6 @@ from fedadapt.model.adapter_model import AdapterModel
 
 logger = logging.getLogger(__name__)
 
-ADAPTERS_DIR = "adapters"
-ADAPTER_SUFFIX = ".onnx_adapter"
 USAGE = (
     "Exactly one adapter must be active per run: load adapters/<name>.onnx_adapter with onnxruntime.LoraAdapter "
     "and pass RunOptions.add_active_adapter(adapter) to InferenceSession.run. backbone.onnx alone is not a valid "
