@@ -61,6 +61,8 @@ from fedadapt.errors import FedAdaptError  # noqa: E402
 FORBIDDEN_MODULES = ("torch", "transformers")
 ALLOWED_FEDADAPT_MODULES = ("fedadapt", "fedadapt.errors", "fedadapt.jsonsafe")  # none of them imports torch
 OUTPUT_NAME = "logits"
+PRECISIONS = ("fp32", "int8")  # the graph variants an export writes (export/variants.py)
+FORMATS = ("onnx", "ort")
 FLOAT_TENSORS = ("tensor(float)", "tensor(float16)", "tensor(double)")  # what the logits output may be
 # A phone classifies messages, and the graph sees at most max_sequence_length tokens of each; the cap
 # bounds how long a pre-tokenizer's regex (tokenizer.json is the bundle's) can be driven by one text.
@@ -84,42 +86,66 @@ class PhoneBundle:
 
     folder: Path
     manifest: dict[str, Any]
+    graph_name: str  # the file ``graph`` was read from
     graph: bytes  # the bytes that were hashed are the bytes ONNX Runtime parses
     tokenizer: Tokenizer
     labels: list[str]
 
 
-def open_phone_bundle(folder: str | Path) -> PhoneBundle:
-    """Check ``folder``'s manifest and read the graph, tokenizer and labels it lists; BundleError if anything is off."""
+def choose_graph(manifest: dict[str, Any], precision: str | None, fmt: str | None, folder: Path) -> str:
+    """The graph file to run: the manifest's ``graph``, or its variant of ``precision`` (fp32, int8) and
+    ``fmt`` (onnx, ort) from the ``graphs`` table; BundleError naming what the bundle has when it has no such one."""
+    if precision is None and fmt is None:
+        return graph_file(manifest)
+    wanted = (precision or "fp32", fmt or "onnx")
+    graphs = manifest.get("graphs", {})
+    for name, entry in sorted(graphs.items()):
+        if (entry["precision"], entry["format"]) == wanted:
+            return str(name)
+    if wanted == ("fp32", "onnx"):  # bundles written before the graphs table
+        return graph_file(manifest)
+    have = sorted({f"{e['precision']} {e['format']}" for e in graphs.values()}) or ["fp32 onnx"]
+    raise BundleError(
+        f"{folder} has no {wanted[0]} graph in {wanted[1]} format (it has: {', '.join(have)}); "
+        "export it with --quantize int8 for int8 and --ort for the .ort format"
+    )
+
+
+def open_phone_bundle(folder: str | Path, precision: str | None = None, fmt: str | None = None) -> PhoneBundle:
+    """Check ``folder``'s manifest and read the graph (the variant asked for), tokenizer and labels it lists;
+    BundleError if anything is off."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    graph = read_verified(folder, manifest, graph_file(manifest), MAX_GRAPH_BYTES)
+    graph_name = choose_graph(manifest, precision, fmt, folder)
+    graph = read_verified(folder, manifest, graph_name, MAX_GRAPH_BYTES)
     tokenizer = load_tokenizer(folder, manifest)
     width, width_from = manifest.get("num_labels"), "the manifest's num_labels has"
     labels = check_labels(read_json(folder, manifest, LABELS_FILE), width, str(folder / LABELS_FILE), width_from)
     for name, entry in manifest.get("adapters", {}).items():
         where = f"{folder / MANIFEST_FILE}: adapters[{name!r}].labels"
         check_labels(entry.get("labels", labels), width, where, width_from)
-    return PhoneBundle(folder, manifest, graph, tokenizer, labels)
+    return PhoneBundle(folder, manifest, graph_name, graph, tokenizer, labels)
 
 
 class PhoneClassifier:
     """One InferenceSession over a verified bundle; ``use`` switches the active adapter, ``classify`` predicts."""
 
-    def __init__(self, bundle: str | Path) -> None:
-        verified = open_phone_bundle(bundle)
-        self.bundle, self.manifest = verified.folder, verified.manifest
+    def __init__(self, bundle: str | Path, precision: str | None = None, fmt: str | None = None) -> None:
+        verified = open_phone_bundle(bundle, precision, fmt)
+        self.bundle, self.manifest, self.graph_name = verified.folder, verified.manifest, verified.graph_name
         self.swappable = self.manifest["mode"] == "swappable"
         options = ort.SessionOptions()
         options.log_severity_level = 3  # one "initializer appears in graph inputs" warning per per-user tensor
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning drains the battery
+        if self.manifest.get("graphs", {}).get(self.graph_name, {}).get("format") == "ort":
+            options.add_session_config_entry("session.load_model_format", "ORT")  # bytes carry no file extension
         try:
             self.session = ort.InferenceSession(verified.graph, options, providers=["CPUExecutionProvider"])
         except ORT_ERRORS as err:
-            raise BundleError(f"ONNX Runtime cannot load {self.bundle / graph_file(self.manifest)}: {err}") from None
+            raise BundleError(f"ONNX Runtime cannot load {self.bundle / self.graph_name}: {err}") from None
         self.tokenizer = verified.tokenizer
         self.labels = verified.labels
-        self.width = _logits_width(self.session, self.bundle / graph_file(self.manifest))
+        self.width = _logits_width(self.session, self.bundle / self.graph_name)
         check_labels(self.labels, self.width, str(self.bundle / LABELS_FILE))  # every labels list fits the logits
         for name in self.adapter_names:
             check_labels(self.labels_of(name), self.width, f"{self.bundle / MANIFEST_FILE}: adapters[{name!r}].labels")
@@ -166,7 +192,7 @@ class PhoneClassifier:
                 "backbone.onnx alone is not a valid model"
             )
         feeds = self.encode(texts)
-        graph = self.bundle / graph_file(self.manifest)
+        graph = self.bundle / self.graph_name
         try:
             outputs = self.session.run([OUTPUT_NAME], feeds, self._run_options)
         except ORT_ERRORS as err:  # e.g. a Gather past its table, a Reshape to an impossible shape
@@ -311,6 +337,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--adapter", action="append", help="swappable bundles: adapter to use (repeatable; default: every adapter)"
     )
+    parser.add_argument("--precision", choices=PRECISIONS, help="run the bundle's fp32 or int8 graph (--quantize int8)")
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, help="run the .onnx or the .ort graph (--ort)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     # Tests: report which modules a phone would not have got imported (the answer must be none).
     parser.add_argument("--check-imports", action="store_true", help=argparse.SUPPRESS)
@@ -321,9 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Classify ``--text`` with each ``--adapter`` in turn in one session; print the predictions."""
     args = _parse(argv)
     try:
-        classifier = PhoneClassifier(args.bundle)
+        classifier = PhoneClassifier(args.bundle, args.precision, args.fmt)
         results = _classify_each(classifier, args.text, args.adapter)
-        report = _report(args, classifier.manifest["mode"], results)
+        report = _report(args, classifier, results)
     except REFUSED as err:  # a bad bundle or request: say so, exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -331,9 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace, mode: str, results: list[dict[str, Any]]) -> str:
+def _report(args: argparse.Namespace, classifier: PhoneClassifier, results: list[dict[str, Any]]) -> str:
     """The predictions as one JSON object (--json) or one line per text and adapter."""
-    output: dict[str, Any] = {"bundle": str(args.bundle), "mode": mode, "results": results}
+    output: dict[str, Any] = {"bundle": str(args.bundle), "mode": classifier.manifest["mode"], "results": results}
+    output["graph"] = classifier.graph_name
     if args.check_imports:
         output["forbidden_modules"] = forbidden_modules()
     if args.json:

@@ -33,7 +33,7 @@ if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
 import export.parity  # noqa: E402
 from export.bundle import file_entries  # noqa: E402
 from export.config import ExportConfig  # noqa: E402
-from export.errors import ExportError, ExportParityError  # noqa: E402
+from export.errors import BundleError, ExportError, ExportParityError  # noqa: E402
 from export.exporter import export_adapter  # noqa: E402
 from export.merged import export_merged  # noqa: E402
 from export.ort_adapters import AdapterRunner, read_adapter_file  # noqa: E402
@@ -801,6 +801,38 @@ def test_ort_files_load_and_agree_with_their_onnx(quantized: dict[str, Path], mo
         assert (ort_logits.argmax(-1) == onnx_logits.argmax(-1)).all()
     ort_report = _read_json(folder / "report.json")["ort"]
     assert ort_report[f"{stem}.ort"]["max_abs_diff_vs_onnx"] <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("precision", "fmt", "graph"),
+    [("int8", None, "backbone.int8.onnx"), ("int8", "ort", "backbone.int8.ort"), (None, "ort", "backbone.ort")],
+)
+def test_the_phone_runs_the_graph_variant_it_asks_for(
+    quantized: dict[str, Path], precision: str | None, fmt: str | None, graph: str
+) -> None:
+    folder = quantized["swappable"]
+    phone = PhoneClassifier(folder, precision, fmt)
+    assert phone.graph_name == graph
+    phone.use("bob")
+    expected = _runner(folder, graph, "bob")(PHONE_TEXTS)  # the same file, loaded by path
+    np.testing.assert_allclose(phone.logits(PHONE_TEXTS), expected, atol=1e-6)
+    command = [
+        sys.executable,
+        str(PROJECT_ROOT / "export" / "phone_demo.py"),
+        str(folder),
+        "--json",
+        "--text",
+        "top up",
+    ]
+    command += [*(["--precision", precision] if precision else []), *(["--format", fmt] if fmt else [])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)["graph"] == graph, done.stderr[-2000:]
+
+
+def test_a_graph_variant_the_bundle_lacks_is_refused_with_what_it_has(exported: Build) -> None:
+    with pytest.raises(BundleError, match="no int8 graph in ort format \\(it has: fp32 onnx\\); export it with"):
+        PhoneClassifier(exported("lora"), "int8", "ort")
+    assert PhoneClassifier(exported("lora"), "fp32", "onnx").graph_name == "model.onnx"
 
 
 def test_joining_needs_the_graphs_it_asks_for(two_users: Path, bob: Path, tmp_path: Path) -> None:
