@@ -42,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from export.bundle_verify import STEP_INPUTS  # noqa: E402
 from export.config import ExportConfig, OnDeviceConfig  # noqa: E402
 from export.exporter import export_adapter  # noqa: E402
 from export.loading import load_for_export  # noqa: E402
@@ -175,14 +176,12 @@ def torch_personalization(
     optimizer = torch.optim.SGD(
         [params[n] for n in names], lr=LEARNING_RATE, momentum=trainer.section["optimizer"]["momentum"]
     )
-    train_labels = torch.from_numpy(labels[train_rows])
     steps = epochs * -(-len(train_rows) // BATCH)
     for rows in plan_batches(len(train_rows), BATCH, steps, seed):
-        padded = torch.from_numpy(np.concatenate([rows, np.full(BATCH - len(rows), rows[0])]))
-        weights = torch.zeros(BATCH)
-        weights[: len(rows)] = 1.0
+        # The trainer's own padding of a short batch (zero-weight copies of its first row), on torch's states.
+        batch = trainer.step_batch(states.numpy(), masks.numpy(), labels[train_rows], rows)
         optimizer.zero_grad()
-        loss, _ = step(states[padded], masks[padded], train_labels[padded], weights)
+        loss, _ = step(*(torch.from_numpy(batch[name]) for name in STEP_INPUTS))
         loss.backward()
         optimizer.step()
     live = dict(model.module.named_parameters())

@@ -29,7 +29,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from export.config import ADAPTER_NAME, MAX_LEARNING_RATE, MODES
+from export.config import ADAPTER_NAME, MAX_LEARNING_RATE, MAX_TRAIN_BATCH, MAX_TRAIN_TOKENS, MODES
 from export.errors import BundleError
 from fedadapt import jsonsafe
 from fedadapt.errors import JsonInputError
@@ -67,8 +67,6 @@ ADAPTERS_DIR = "adapters"  # a swappable bundle's users: adapters/<name>.onnx_ad
 ADAPTER_SUFFIX = ".onnx_adapter"
 ON_DEVICE_FILES = ("prefix", "train_step", "program")
 MAX_LAYERS = 10_000
-MAX_BATCH = 1024
-MAX_TRAIN_TOKENS = 4096
 MAX_HIDDEN = 1 << 20
 SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ_CHUNK = 1 << 20
@@ -245,7 +243,7 @@ def _check_on_device(
         listed(_path_field(section, key, where), f"{ON_DEVICE_SECTION}.{key}")
     for key, high in (("train_layers", MAX_LAYERS), ("frozen_layers", MAX_LAYERS), ("hidden_size", MAX_HIDDEN)):
         _int_field(section, key, 0 if key.endswith("layers") else 1, high, where)
-    _int_field(section, "batch_size", 1, MAX_BATCH, where)
+    _int_field(section, "batch_size", 1, MAX_TRAIN_BATCH, where)
     _int_field(section, "sequence_length", 2, min(MAX_TRAIN_TOKENS, manifest["max_sequence_length"]), where)
     prefix, trainable = _names(section, "prefix_inputs", where), _names(section, "trainable", where)
     if not trainable:

@@ -37,7 +37,10 @@ DEFAULT_BATCH_SIZE = 8
 DEFAULT_SEQUENCE_LENGTH = 64
 DEFAULT_LEARNING_RATE = 0.05
 DEFAULT_MOMENTUM = 0.9
-MAX_LEARNING_RATE = 100.0  # the bundle's reader (export/bundle_verify.py) refuses more
+# The on-device bounds the export accepts and the bundle's reader (export/bundle_verify.py) enforces.
+MAX_LEARNING_RATE = 100.0
+MAX_TRAIN_BATCH = 1024
+MAX_TRAIN_TOKENS = 4096
 ON_DEVICE_EXTRA = "--on-device-training writes an ExecuTorch program: pip install -e '.[phone]' (or '.[dev]')"
 
 
@@ -54,10 +57,12 @@ class OnDeviceConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.train_layers, int) or self.train_layers < 0:
             raise ConfigError(f"--train-layers must be a number of top layers >= 0, got {self.train_layers!r}")
-        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 1024:
-            raise ConfigError(f"the on-device batch size must be 1 to 1024, got {self.batch_size!r}")
-        if not isinstance(self.sequence_length, int) or not 2 <= self.sequence_length <= 4096:
-            raise ConfigError(f"the on-device sequence length must be 2 to 4096 tokens, got {self.sequence_length!r}")
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= MAX_TRAIN_BATCH:
+            raise ConfigError(f"the on-device batch size must be 1 to {MAX_TRAIN_BATCH}, got {self.batch_size!r}")
+        if not isinstance(self.sequence_length, int) or not 2 <= self.sequence_length <= MAX_TRAIN_TOKENS:
+            raise ConfigError(
+                f"the on-device sequence length must be 2 to {MAX_TRAIN_TOKENS} tokens, got {self.sequence_length!r}"
+            )
         if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
             raise ConfigError(
                 f"the on-device learning rate must be in (0, {MAX_LEARNING_RATE:g}], got {self.learning_rate!r}"

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.masking_utils import create_bidirectional_mask
 
 from export.bundle_verify import GRAD_PREFIX, HIDDEN, LOGITS, LOSS, STEP_INPUTS
 from export.bundle_verify import ON_DEVICE_SECTION as ON_DEVICE_SECTION  # re-exported for the exporter
@@ -47,6 +46,7 @@ from export.swappable import parameters_replaced
 from fedadapt.errors import ConfigError
 from fedadapt.model.adapter_model import AdapterModel
 from fedadapt.train.frozen_prefix import EncoderParts, encoder_parts
+from fedadapt.train.prefix_cache import extended_mask, run_layers
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +126,7 @@ class TrainStep(nn.Module):
 def top_logits(step: TrainStep, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The logits ``step``'s top computes on prefix states (B, T, H)."""
     if len(step.layers):
-        mask = create_bidirectional_mask(
-            config=step.encoder_config, inputs_embeds=hidden, attention_mask=attention_mask
-        )
-        for layer in step.layers:
-            hidden = layer(hidden, mask)
+        hidden = run_layers(step.layers, hidden, extended_mask(step.encoder_config, hidden, attention_mask))
     backbone_pooled = step.bert_pooler(hidden) if step.bert_pooler is not None else None
     logits: torch.Tensor = step.head(step.pooling(hidden, attention_mask, backbone_pooled))
     return logits
@@ -278,14 +274,10 @@ class PrefixGraph(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *per_user: torch.Tensor) -> torch.Tensor:
         with parameters_replaced(self.module, dict(zip(self.names, per_user, strict=True))):
             hidden: torch.Tensor = self.module.get_submodule(self.embeddings)(input_ids=input_ids)
-            mask = create_bidirectional_mask(
-                config=self.encoder_config, inputs_embeds=hidden, attention_mask=attention_mask
-            )
             layers = self.module.get_submodule(self.layers)
             assert isinstance(layers, nn.ModuleList)
-            for layer in list(layers)[: self.frozen_layers]:
-                hidden = layer(hidden, mask)
-        return hidden
+            mask = extended_mask(self.encoder_config, hidden, attention_mask)
+            return run_layers(layers[: self.frozen_layers], hidden, mask)
 
 
 def write_prefix(model: AdapterModel, part: PersonalPart, config: OnDeviceConfig, path: Path, opset: int) -> float:

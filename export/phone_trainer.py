@@ -63,7 +63,7 @@ from export.bundle_verify import (  # noqa: E402
     check_manifest,
     read_verified,
 )
-from export.config import ADAPTER_NAME  # noqa: E402
+from export.config import ADAPTER_NAME, MAX_LEARNING_RATE  # noqa: E402
 from export.errors import BundleError  # noqa: E402
 from export.ort_adapters import read_adapter_file, write_adapter_file  # noqa: E402
 from export.phone_demo import MAX_INPUT_CHARS, PhoneClassifier, forbidden_modules, tokenizer_failures  # noqa: E402
@@ -188,6 +188,13 @@ StepFunction = Callable[[dict[str, np.ndarray], Mapping[str, np.ndarray]], tuple
 """(step inputs, trainable tensors) -> (loss, gradient per trainable tensor)."""
 
 
+def finite_step(loss: float, gradients: dict[str, np.ndarray], where: Path) -> tuple[float, dict[str, np.ndarray]]:
+    """``(loss, gradients)`` of one step of ``where``; BundleError if any of them is NaN or infinite."""
+    if not math.isfinite(loss) or not all(np.isfinite(g).all() for g in gradients.values()):
+        raise BundleError(f"{where} computed a non-finite loss or gradient; lower the learning rate")
+    return loss, gradients
+
+
 class OrtStep:
     """One forward and backward of ``train_step.onnx`` in ONNX Runtime."""
 
@@ -219,9 +226,7 @@ class OrtStep:
             raise BundleError(f"{self.where}'s loss is not one number: shape {np.asarray(found[LOSS]).shape}")
         loss = float(np.asarray(found[LOSS]).reshape(()))
         gradients = {name: np.asarray(found[GRAD_PREFIX + name]) for name in self.trainable}
-        if not math.isfinite(loss) or not all(np.isfinite(g).all() for g in gradients.values()):
-            raise BundleError(f"{self.where} computed a non-finite loss or gradient; lower the learning rate")
-        return loss, gradients
+        return finite_step(loss, gradients, self.where)
 
 
 class ExecuTorchStep:
@@ -267,10 +272,7 @@ class ExecuTorchStep:
         except RuntimeError as err:
             raise BundleError(f"ExecuTorch failed running {self.where}: {str(err)[:300]}") from None
         found = {schema: gradients[name].detach().numpy().copy() for name, schema in self.renames.items()}
-        loss = float(outputs[0])
-        if not math.isfinite(loss) or not all(np.isfinite(g).all() for g in found.values()):
-            raise BundleError(f"{self.where} computed a non-finite loss or gradient; lower the learning rate")
-        return loss, found
+        return finite_step(float(outputs[0]), found, self.where)
 
 
 @dataclass(frozen=True)
@@ -296,8 +298,8 @@ class PersonalizeConfig:
             raise ConfigError(f"--steps must be 1 to {MAX_STEPS:,}, got {self.steps}")
         if not 1 <= self.epochs <= 10_000:
             raise ConfigError(f"--epochs must be 1 to 10,000, got {self.epochs}")
-        if self.learning_rate is not None and not 0 < self.learning_rate <= 100:
-            raise ConfigError(f"--lr must be in (0, 100], got {self.learning_rate}")
+        if self.learning_rate is not None and not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise ConfigError(f"--lr must be in (0, {MAX_LEARNING_RATE:g}], got {self.learning_rate}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if not 0 <= self.threads <= 1024:

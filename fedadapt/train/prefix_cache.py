@@ -112,12 +112,12 @@ def _eval_mode(modules: Iterable[nn.Module]) -> Iterator[None]:
             module.training = mode
 
 
-def _extended_mask(config: PretrainedConfig, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Mask:
+def extended_mask(config: PretrainedConfig, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Mask:
     """The mask ``BertModel.forward`` builds for the config's attention implementation (sdpa, eager…)."""
     return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
 
 
-def _run_layers(layers: Iterable[nn.Module], hidden: torch.Tensor, mask: Mask) -> torch.Tensor:
+def run_layers(layers: Iterable[nn.Module], hidden: torch.Tensor, mask: Mask) -> torch.Tensor:
     for layer in layers:
         hidden = layer(hidden, mask)  # (B, T, H)
     return hidden
@@ -130,8 +130,8 @@ def prefix_states(model: AdapterModel, batch: Mapping[str, torch.Tensor], frozen
     prefix = prefix_modules(parts, frozen_layers)
     with _eval_mode(prefix):
         hidden = parts.embeddings(input_ids=batch["input_ids"])  # (B, T, H)
-        mask = _extended_mask(parts.config, hidden, batch["attention_mask"])
-        return _run_layers(prefix[1:], hidden, mask)
+        mask = extended_mask(parts.config, hidden, batch["attention_mask"])
+        return run_layers(prefix[1:], hidden, mask)
 
 
 def forward_from_cache(
@@ -148,7 +148,7 @@ def forward_from_cache(
     hidden = batch["hidden"]  # (B, T, H)
     upper = parts.layers[frozen_layers:]
     if len(upper):
-        hidden = _run_layers(upper, hidden, _extended_mask(parts.config, hidden, attention_mask))
+        hidden = run_layers(upper, hidden, extended_mask(parts.config, hidden, attention_mask))
     backbone_pooled = parts.pooler(hidden) if parts.pooler is not None else None
     return parts.classifier.classify(hidden, attention_mask, backbone_pooled, batch.get("labels"))
 
