@@ -462,6 +462,14 @@ def read_json(folder: Path, manifest: Mapping[str, Any], name: str) -> Any:
         raise BundleError(f"{err}; export the bundle again") from None
 
 
+def read_report(folder: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The bundle's report.json, verified against the manifest and read with size and depth limits."""
+    report = read_json(folder, manifest, REPORT_FILE)
+    if not isinstance(report, dict) or not isinstance(report.get("adapters", {}), dict):
+        raise BundleError(f"{folder / REPORT_FILE} must be an object whose adapters is an object, got {show(report)}")
+    return report
+
+
 def _open_regular(path: Path) -> Any:
     """``path`` opened for reading without following a symlink or blocking on a FIFO; BundleError if irregular."""
     try:

@@ -22,7 +22,7 @@ from export.bundle import (
     write_json,
     write_manifest,
 )
-from export.bundle_verify import bundle_path, check_files, read_json, show
+from export.bundle_verify import bundle_path, check_files, read_report
 from export.config import ExportConfig
 from export.errors import BundleError
 from export.layout import layout_differences, layout_of
@@ -40,7 +40,7 @@ def join_bundle(config: ExportConfig, adapter_manifest: dict[str, Any], started:
     bundle, name = config.out, config.user_name
     manifest = read_bundle_manifest(bundle)  # checked: fields, and every path it names stays inside the bundle
     _check_can_join(config, manifest, adapter_manifest)
-    earlier_report = _read_report(bundle, manifest)
+    earlier_report = read_report(bundle, manifest)
     earlier = earlier_report.get("adapters", {})
     # The graphs do not change: their int8 and .ort sections (measured with the first adapter) carry over.
     variants: dict[str, Any] = {key: earlier_report[key] for key in ("int8", "ort") if key in earlier_report}
@@ -122,14 +122,6 @@ def _check_graphs_requested(config: ExportConfig, manifest: dict[str, Any]) -> N
         )
     if config.eval_data is not None:
         raise ConfigError(f"--eval-data is not supported when adding an adapter to {where}; leave it out")
-
-
-def _read_report(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The bundle's report.json, verified against the manifest and read with size and depth limits."""
-    report = read_json(bundle, manifest, REPORT_FILE)
-    if not isinstance(report, dict) or not isinstance(report.get("adapters", {}), dict):
-        raise BundleError(f"{bundle / REPORT_FILE} must be an object whose adapters is an object, got {show(report)}")
-    return report
 
 
 def _write_adapter(config: ExportConfig, path: Path) -> float:

@@ -43,7 +43,7 @@ from tokenizers import Tokenizer
 if not __package__:  # run as a script (python export/phone_trainer.py): make the export package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from export.bundle_files import committed_files, file_entry, write_manifest  # noqa: E402
+from export.bundle_files import committed_files, file_entry, write_json, write_manifest  # noqa: E402
 from export.bundle_verify import (  # noqa: E402
     ADAPTER_SUFFIX,
     ADAPTERS_DIR,
@@ -53,14 +53,17 @@ from export.bundle_verify import (  # noqa: E402
     LOSS,
     MANIFEST_FILE,
     MAX_GRAPH_BYTES,
+    MAX_JSON_BYTES,
     MAX_JSON_DEPTH,
     MAX_MANIFEST_BYTES,
     ON_DEVICE_SECTION,
     ORT_ERRORS,
+    REPORT_FILE,
     STEP_INPUTS,
     TOKENIZER_FILE,
     check_adapter_fits,
     check_manifest,
+    read_report,
     read_verified,
 )
 from export.config import ADAPTER_NAME, MAX_LEARNING_RATE  # noqa: E402
@@ -317,6 +320,8 @@ class PersonalizeReport:
     train_examples: int
     eval_examples: int
     steps: int
+    learning_rate: float
+    seed: int
     runtime: str
     accuracy_before: float | None
     accuracy_after: float | None
@@ -517,6 +522,8 @@ def personalize(config: PersonalizeConfig) -> PersonalizeReport:
             f"--from {source!r}: no such adapter in {config.bundle}; it has {trainer.classifier.adapter_names}"
         )
     label_names = trainer.classifier.labels_of(source)
+    # Read (and verified) before training, so that a damaged report costs no training time.
+    earlier_report = read_report(trainer.bundle, manifest) if REPORT_FILE in manifest["files"] else None
     tensors = trainer.start_tensors(source)
     examples = read_examples(config.data, label_names)
     trainer.check_memory(len(examples))
@@ -545,37 +552,56 @@ def personalize(config: PersonalizeConfig) -> PersonalizeReport:
         description = {key: value for key, value in manifest.items() if key not in ("format", "files")}
         description["adapters"] = {**adapters, config.user: entry}
         files = {**manifest["files"], file: file_entry(adapter_path)}
+        report = PersonalizeReport(
+            user=config.user,
+            start_from=source,
+            train_examples=len(training),
+            eval_examples=len(held_out),
+            steps=steps,
+            learning_rate=learning_rate,
+            seed=config.seed,
+            runtime=config.runtime,
+            accuracy_before=before,
+            accuracy_after=after,
+            first_loss=float(np.mean(losses[:per_epoch])),
+            last_loss=float(np.mean(losses[-per_epoch:])),
+            prefix_seconds=prefix_seconds,
+            train_seconds=train_seconds,
+            adapter_file=file,
+            adapter_bytes=files[file]["bytes"],
+        )
+        if earlier_report is not None:  # the exporter's record learns what the phone did to this user
+            report_path = temp(REPORT_FILE)
+            write_json(report_path, recorded_report(earlier_report, entry["method"], report))
+            read_back(report_path, MAX_JSON_BYTES, REPORT_FILE)
+            files[REPORT_FILE] = file_entry(report_path)
         manifest_path = temp(MANIFEST_FILE)
         write_manifest(trainer.bundle, description, files=files, path=manifest_path)
         check_written_manifest(manifest_path)  # a manifest too big or wrong would lock the phone out of the bundle
-    # leaving the block renames the adapter, then the manifest: that commits
-    return PersonalizeReport(
-        user=config.user,
-        start_from=source,
-        train_examples=len(training),
-        eval_examples=len(held_out),
-        steps=steps,
-        runtime=config.runtime,
-        accuracy_before=before,
-        accuracy_after=after,
-        first_loss=float(np.mean(losses[:per_epoch])),
-        last_loss=float(np.mean(losses[-per_epoch:])),
-        prefix_seconds=prefix_seconds,
-        train_seconds=train_seconds,
-        adapter_file=file,
-        adapter_bytes=files[file]["bytes"],
-    )
+    # leaving the block renames the adapter (and report), then the manifest: that commits
+    return report
+
+
+def recorded_report(earlier: Mapping[str, Any], method: str, run: PersonalizeReport) -> dict[str, Any]:
+    """report.json with ``run.user``'s entry saying the phone trained it (no PyTorch parity check: none ran)."""
+    report = dict(earlier)
+    on_device = {key: value for key, value in run.to_dict().items() if key not in ("user", "adapter_file")}
+    entry = {"file": run.adapter_file, "method": method, "trained_on_device": on_device}
+    report["adapters"] = {**report.get("adapters", {}), run.user: entry}
+    return report
 
 
 def check_written_manifest(path: Path) -> None:
     """BundleError unless the manifest written to ``path`` reads back within the limits and passes the checks."""
+    check_manifest(read_back(path, MAX_MANIFEST_BYTES, MANIFEST_FILE), f"the updated {MANIFEST_FILE}")
+
+
+def read_back(path: Path, max_bytes: int, name: str) -> Any:
+    """The JSON just written to ``path`` for the bundle's ``name``; BundleError if the phone could not read it."""
     try:
-        written = jsonsafe.load_file(path, max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_JSON_DEPTH)
+        return jsonsafe.load_file(path, max_bytes=max_bytes, max_depth=MAX_JSON_DEPTH)
     except JsonInputError as err:
-        raise BundleError(
-            f"the updated manifest would not be readable ({err}); the bundle was left as it was"
-        ) from None
-    check_manifest(written, f"the updated {MANIFEST_FILE}")
+        raise BundleError(f"the updated {name} would not be readable ({err}); the bundle was left as it was") from None
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -26,7 +26,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from export.bundle_verify import MANIFEST_FILE, ON_DEVICE_SECTION  # noqa: E402
+from export.bundle_verify import MANIFEST_FILE, ON_DEVICE_SECTION, REPORT_FILE  # noqa: E402
 from export.config import ExportConfig, OnDeviceConfig  # noqa: E402
 from export.errors import BundleError  # noqa: E402
 from export.exporter import export_adapter  # noqa: E402
@@ -224,6 +224,14 @@ def test_personalize_writes_an_adapter_the_bundle_serves_as_torch_scores_it(bund
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     assert sorted(changed) == sorted(manifest[ON_DEVICE_SECTION]["trainable"])  # the prefix part is the user's own
 
+    recorded = json.loads((bundle / REPORT_FILE).read_text())  # verified above with every file the phone read
+    assert set(recorded["adapters"]) == {"alice", "bob"}
+    assert "parity" in recorded["adapters"]["alice"]  # the exporter's own record is kept as it was
+    bob = recorded["adapters"]["bob"]
+    assert bob["file"] == "adapters/bob.onnx_adapter" and bob["method"] == "lora" and "parity" not in bob
+    expected_record = {k: v for k, v in report.items() if k not in ("user", "adapter_file", "forbidden_modules")}
+    assert bob["trained_on_device"] == expected_record
+
 
 def test_training_twice_starts_from_the_users_own_adapter(bundle: Path) -> None:
     data = write_csv(bundle.parent / "alice.csv", user_rows(20, seed=5))
@@ -335,6 +343,36 @@ def test_a_manifest_that_hides_a_per_user_tensor_from_the_trainer_is_refused(bun
     path.write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="split the layout"):
         PhoneTrainer(bundle)
+
+
+def test_a_damaged_report_is_refused_before_training_and_the_bundle_is_kept(bundle: Path) -> None:
+    (bundle / REPORT_FILE).write_text((bundle / REPORT_FILE).read_text().replace("alice", "mallory"))
+    before = digests(bundle)
+    data = write_csv(bundle.parent / "alice.csv", user_rows(12, seed=8))
+    with pytest.raises(BundleError, match="report.json"):
+        personalize(PersonalizeConfig(bundle=bundle, user="alice", data=data, steps=2))
+    assert digests(bundle) == before
+
+
+def test_the_cli_trains_the_same_adapter_on_executorch_as_on_onnx_runtime(exported: Path, tmp_path: Path) -> None:
+    """``--runtime executorch`` end to end: same data, seed and steps give the same adapter file (1e-5)."""
+    import shutil
+
+    data = write_csv(tmp_path / "alice.csv", user_rows(20, seed=9))
+    written = {}
+    for runtime in ("onnxruntime", "executorch"):
+        copy = Path(shutil.copytree(exported, tmp_path / runtime))
+        command = [sys.executable, str(TRAINER), "personalize", str(copy), "--user", "alice", "--data", str(data)]
+        command += ["--steps", "6", "--runtime", runtime, "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout)["runtime"] == runtime
+        PhoneClassifier(copy).use("alice")  # the rewritten manifest and adapter verify
+        written[runtime] = read_adapter_file(copy / "adapters" / "alice.onnx_adapter")
+    for name, value in written["onnxruntime"].items():
+        assert np.abs(value - written["executorch"][name]).max() <= 1e-5, name
+    start = read_adapter_file(exported / "adapters" / "alice.onnx_adapter")
+    assert any(not np.array_equal(start[n], written["executorch"][n]) for n in start)  # it did train
 
 
 def test_the_executorch_program_computes_the_onnx_steps_gradients(bundle: Path) -> None:
