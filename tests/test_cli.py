@@ -1,4 +1,4 @@
-"""The `fedadapt info` command: JSON output, sizes on the default backbone, usage errors."""
+"""The `fedadapt info` and `synthetic` commands: JSON output, sizes on the default backbone, files, usage errors."""
 
 from __future__ import annotations
 
@@ -167,3 +167,29 @@ def test_help_loads_no_torch() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "simulate" in done.stdout and "export" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_synthetic_writes_one_csv_per_user_that_the_readers_take_and_never_overwrites(tmp_path: Path) -> None:
+    import csv
+
+    from fedadapt.data.readers import load_text_dataset
+    from fedadapt.data.synthetic import SyntheticConfig, make_synthetic_dataset
+
+    result = runner.invoke(app, ["synthetic", "--out", str(tmp_path), "--users", "3", "--examples-per-user", "7"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["user_00.csv", "user_01.csv", "user_02.csv"]
+    task = make_synthetic_dataset(SyntheticConfig(num_users=3, examples_per_user=7))
+    for index, path in enumerate(sorted(tmp_path.iterdir())):
+        with path.open(newline="") as handle:
+            rows = list(csv.reader(handle))
+        assert rows[0] == ["text", "label"]
+        assert [tuple(r) for r in rows[1:]] == list(zip(task.texts, task.labels, strict=True))[
+            7 * index : 7 * index + 7
+        ]
+    assert len(load_text_dataset(tmp_path / "user_01.csv").texts) == 7
+    before = (tmp_path / "user_00.csv").read_bytes()
+    again = runner.invoke(app, ["synthetic", "--out", str(tmp_path), "--users", "3"])
+    assert again.exit_code == 2 and "user_00.csv exists" in again.output
+    assert (tmp_path / "user_00.csv").read_bytes() == before
+    bad = runner.invoke(app, ["synthetic", "--out", str(tmp_path / "new"), "--users", "0"])
+    assert bad.exit_code == 2 and "num_users must be a positive integer" in bad.output

@@ -24,9 +24,11 @@ so personalization has a measurable margin to win. ``swap_fraction=0`` removes i
 
 from __future__ import annotations
 
+import csv
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedadapt.data.dataset import TextDataset
 from fedadapt.errors import ConfigError
@@ -181,6 +183,31 @@ def make_synthetic_dataset(config: SyntheticConfig) -> TextDataset:
     return TextDataset(
         texts=tuple(texts), labels=tuple(labels), user_ids=tuple(user_ids), source=f"synthetic(seed={config.seed})"
     )
+
+
+def write_user_files(config: SyntheticConfig, folder: Path) -> dict[str, Path]:
+    """One CSV per user in ``folder`` (``<user_id>.csv``: a ``text,label`` header, then the user's examples).
+
+    The files a phone's trainer reads (export/phone_trainer.py) or ``fedadapt train --data`` takes.
+    Existing files are not overwritten: ConfigError names the first one.
+    """
+    data = make_synthetic_dataset(config)
+    users = sorted(set(data.user_ids or ()))
+    paths = {user: folder / f"{user}.csv" for user in users}
+    taken = [path for path in paths.values() if path.exists()]
+    if taken:
+        raise ConfigError(f"{taken[0]} exists; choose another --out or remove it")
+    folder.mkdir(parents=True, exist_ok=True)
+    for user, path in paths.items():
+        with path.open("x", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows(
+                (text, label)
+                for text, label, owner in zip(data.texts, data.labels, data.user_ids or (), strict=True)
+                if owner == user
+            )
+    return paths
 
 
 def _draw_user(user_id: str, config: SyntheticConfig, rng: random.Random) -> SyntheticUser:
