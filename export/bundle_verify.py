@@ -328,8 +328,10 @@ def check_relative_path(name: Any, where: str) -> str:
     """``name`` if it is a relative POSIX path inside a bundle (no ``..``, ``.``, ``//``, ``\\`` or NUL)."""
     if not isinstance(name, str) or not 0 < len(name) <= MAX_PATH_CHARS:
         raise BundleError(f"{where}: a path must be a string of 1 to {MAX_PATH_CHARS} characters, got {show(name)}")
-    pure = PurePosixPath(name)
-    if pure.is_absolute() or str(pure) != name or {"..", "."} & set(pure.parts) or "\\" in name or "\x00" in name:
+    # Split by hand, not with PurePosixPath: pathlib interns every part, and a hostile manifest's names would
+    # grow (and now and then resize, megabytes at once) the interpreter's table of interned strings.
+    parts = name.split("/")  # an absolute path, "//" or a trailing "/" gives an empty part
+    if {"", ".", ".."} & set(parts) or "\\" in name or "\x00" in name:
         raise BundleError(
             f"{where}: {show(name)} is not a plain relative path inside the bundle (no '..', absolute paths, "
             "'.', '//', backslashes or NUL); export the bundle again"
@@ -344,7 +346,7 @@ def bundle_path(folder: Path, name: str, where: str, root: Path | None = None) -
     """
     check_relative_path(name, where)
     current = folder
-    for part in PurePosixPath(name).parts:
+    for part in name.split("/"):
         current = current / part
         found = _lstat(current)
         if found is not None and stat.S_ISLNK(found.st_mode):

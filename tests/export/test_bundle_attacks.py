@@ -516,16 +516,28 @@ def test_fuzzed_bundles_fail_only_with_named_errors_and_bounded_memory(fuzz_bund
     for _ in range(data.draw(st.integers(0, 3), label="changes")):
         _mutate(manifest, data, entries)
     _write_manifest(fuzz_bundle, manifest)
-    tracemalloc.start()
     try:
-        outcome = _verify(fuzz_bundle)
-        peak = tracemalloc.get_traced_memory()[1]
+        outcome, peak = _verify_peak(fuzz_bundle)
+        if peak >= MAX_PEAK_BYTES:
+            # Once in a few thousand runs a new interned string (pathlib interns every path part) makes the
+            # interpreter resize its table of interned strings: ~7.7 MB at once, the process's cost and not
+            # this input's. The same verification again shows the input's own peak.
+            outcome, peak = _verify_peak(fuzz_bundle)
     finally:
-        tracemalloc.stop()
         (fuzz_bundle / "labels.json").write_bytes(labels)
         _write_manifest(fuzz_bundle, original)
     event(outcome)
     assert peak < MAX_PEAK_BYTES, f"{outcome}: {peak} bytes at peak"
+
+
+def _verify_peak(bundle: Path) -> tuple[str, int]:
+    """``_verify(bundle)`` and the peak bytes Python allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        outcome = _verify(bundle)
+        return outcome, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 _full_runs = [0]
