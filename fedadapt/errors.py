@@ -83,3 +83,15 @@ class JsonInputError(FedAdaptError, ValueError):
 class ReplyError(FedAdaptError, ValueError):
     """A client's reply is malformed (missing or wrongly typed records, an oversize payload, bad metrics);
     the server leaves that client out of the round with this message as the reason."""
+
+
+class NonFiniteDeltaError(StateError):
+    """A delta holds NaN or inf, so it has no L2 norm to clip to: the sender is rejected with reason
+    ``non-finite-delta`` (``fedadapt.privacy.dp.clipping``)."""
+
+    reason = "non-finite-delta"
+
+
+class AccountantStateError(FedAdaptError, ValueError):
+    """A saved privacy-accountant state is malformed, out of range or made for another configuration
+    (``fedadapt.privacy.dp.accounting``); the run refuses to resume from it rather than misreport ε."""
