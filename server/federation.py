@@ -27,7 +27,8 @@ from typing import Any, cast
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedadapt.aggregate.fedavg import ReceivedDelta, aggregate_round
+from fedadapt.aggregate.dp_rounds import RECORD_KEY, DpRounds, DpSum
+from fedadapt.aggregate.fedavg import Averager, ReceivedDelta, aggregate_round
 from fedadapt.aggregate.server_optimizers import ServerOptimizer
 from fedadapt.aggregate.server_training import load_proxy, train_on_proxy
 from fedadapt.aggregate.validation import REASON_LIMIT, DeltaValidator
@@ -94,6 +95,10 @@ class Federation:
         if self.scenario.initial_head:  # a head warm start (a resumed run's checkpoint replaces it)
             self.global_state |= initial_head_state(self.model, self.scenario.initial_head, self.scenario.backbone)
         self.history: list[dict[str, Any]] = []
+        # Client-level differential privacy ([privacy.dp]): the noise is fixed (or solved) here, before round 1.
+        dp, scenario = self.privacy.dp, self.scenario
+        self.dp = None if dp is None else DpRounds(dp, scenario.num_clients, scenario.sample_size, scenario.rounds)
+        self.stopped: str | None = None  # why the run ended before its planned rounds (max-epsilon)
         self._started = False  # whether this process has run a round yet (the first waits for the fleet)
         self._key: bytes | None = None  # the checkpoint key, read or made when the first checkpoint is written
 
@@ -124,6 +129,8 @@ class Federation:
         if self.privacy.secure_aggregation and checkpoint.run_secret is not None:
             self.run_secret = checkpoint.run_secret
         self.history = checkpoint.history
+        if self.dp is not None:
+            self.dp.resume(self.history)  # the accountant and the clip norm, from the rounds' dp records
         logger.info("resumed %s after round %d", self.run.out_dir, checkpoint.round)
 
     # --- rounds -------------------------------------------------------------------------------------------------
@@ -131,7 +138,12 @@ class Federation:
     def run_rounds(self, grid: Grid) -> None:
         """Run the remaining rounds, checkpointing after each, then write the final adapter and metrics."""
         for server_round in range(self.completed_rounds + 1, self.scenario.rounds + 1):
-            record = self.run_round(grid, server_round)
+            try:
+                record = self.run_round(grid, server_round)
+            except BudgetSpent as spent:
+                self.stopped = str(spent)
+                logger.warning("stopping before round %d: %s", server_round, spent)
+                break
             self.history.append(record)
             save_checkpoint(self.run.out_dir, self._checkpoint(), self._checkpoint_key())
             self.write_metrics(complete=False)
@@ -152,6 +164,12 @@ class Federation:
         nodes = wait_for_nodes(grid, self.scenario.sample_size, timeout, minimum=None if first else minimum)
         rng = random.Random(self._secret_seed(server_round, "sampling")) if self.run_secret else self.rng
         sampled = sorted(rng.sample(sorted(nodes), min(self.scenario.sample_size, len(nodes))))
+        if self.dp is not None and self.dp.exceeds_budget(len(nodes), len(sampled)):
+            budget = self.dp.config.max_epsilon
+            raise BudgetSpent(
+                f"one more round would take ε above max-epsilon {budget} (ε = {self.dp.epsilon:.4g} after "
+                f"{self.completed_rounds} rounds); the last round's checkpoint and adapter are kept"
+            )
         self.opener.start_round(server_round)
         record: dict[str, Any] = {"round": server_round, "clients": len(sampled)}
         if server_round == 1 and self.scenario.server_warmup_epochs:
@@ -160,7 +178,12 @@ class Federation:
         if self.privacy.secure_aggregation:
             record, client_metrics = self._secure_round(grid, sampled, server_round, blob, record)
         else:
-            record, client_metrics = self._plain_round(grid, sampled, server_round, blob, record)
+            averager = None if self.dp is None else self.dp.central_sum(self.schema, len(sampled))
+            record, client_metrics = self._plain_round(grid, sampled, server_round, blob, record, averager)
+            if self.dp is not None:
+                bits = cast(DpSum, averager).clipped_bits
+                record[RECORD_KEY] = self.dp.finish_round(len(nodes), len(sampled), bits, record["accepted"] > 0)
+                record["epsilon"] = record[RECORD_KEY]["epsilon"]
         if self.scenario.server_finetune_epochs and record["accepted"]:
             epochs = self.scenario.server_finetune_epochs
             record["server_finetune"] = self._train_on_proxy(epochs, server_round, "fine-tuning")
@@ -171,7 +194,13 @@ class Federation:
         return record
 
     def _plain_round(
-        self, grid: Grid, sampled: list[int], server_round: int, blob: bytes, record: dict[str, Any]
+        self,
+        grid: Grid,
+        sampled: list[int],
+        server_round: int,
+        blob: bytes,
+        record: dict[str, Any],
+        averager: Averager | None = None,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Send the global state, open and validate each delta, stream the weighted mean into the optimizer."""
         content = RecordDict(
@@ -196,6 +225,7 @@ class Federation:
             max_payload=self.payload_limit,
             min_clients=self.scenario.min_clients,
             max_examples=self.scenario.max_examples_per_client,
+            averager=averager,
         )
         sent = time.perf_counter()
         arrivals = reply_stream(grid, messages, self.scenario.round_timeout)
@@ -345,6 +375,10 @@ class Federation:
         }
         # Each device's accuracy on its own test split after its latest local training: the model it
         # would use (the global adapter fine-tuned on its data, with its own head when heads are personal).
+        if self.dp is not None:
+            summary |= self.dp.summary()
+        if self.stopped is not None:
+            summary["stopped"] = self.stopped
         personalized = _latest_client_accuracy(self.history)
         if personalized:
             summary["personalized_accuracy"] = sum(personalized.values()) / len(personalized)
@@ -367,6 +401,7 @@ class ReplyPlan:
     max_payload: int  # the largest legal payload (delta blob, sealed in sealed modes)
     min_clients: int = 1
     max_examples: int | None = None  # one client's largest FedAvg weight
+    averager: Averager | None = None  # the accepted deltas' sum (default: example-weighted FedAvg; DP: clipped, noised)
 
 
 def fold_plain_replies(
@@ -383,7 +418,13 @@ def fold_plain_replies(
     fields: dict[str, Any]
     try:
         result = aggregate_round(
-            global_state, deltas, plan.validator, plan.optimizer, plan.min_clients, max_examples=plan.max_examples
+            global_state,
+            deltas,
+            plan.validator,
+            plan.optimizer,
+            plan.min_clients,
+            max_examples=plan.max_examples,
+            averager=plan.averager,
         )
         global_state, checked = result.state, result.rejected
         fields = {"accepted": result.accepted, "clipped": result.clipped}
@@ -518,10 +559,15 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, minimum: int | None 
     return nodes
 
 
+class BudgetSpent(Exception):
+    """One more round would spend more privacy than ``max-epsilon`` allows: the run stops before it."""
+
+
 def _round_line(record: dict[str, Any]) -> str:
     accuracy = record.get("accuracy")
     shown = "n/a" if accuracy is None else f"{accuracy:.3f}"
+    epsilon = f", ε = {record['epsilon']:.3f}" if "epsilon" in record else ""
     return (
-        f"accuracy {shown}, {record['accepted']}/{record['clients']} clients accepted, "
+        f"accuracy {shown}{epsilon}, {record['accepted']}/{record['clients']} clients accepted, "
         f"{record['bytes_up']:,} B up, {record['bytes_down']:,} B down, {record['seconds']:.1f} s"
     )

@@ -2,7 +2,9 @@
 
 ``accuracy.png`` shows accuracy by round (beside full-model FedAvg's when that run exists); ``bytes.png`` shows the
 cumulative bytes the clients uploaded, on a log scale, beside what full-model FedAvg uploaded (or would have
-uploaded), with the ratio between the two. Both read a run's ``metrics.json`` as ``server.federation`` writes it.
+uploaded), with the ratio between the two. A run under differential privacy also gets
+``accuracy_vs_epsilon.png``: accuracy against the ε spent so far, round by round. All read a run's ``metrics.json``
+as ``server.federation`` writes it.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from fedadapt.checkpoint.atomic_files import write_bytes_atomic
 
 ACCURACY_PNG = "accuracy.png"
 BYTES_PNG = "bytes.png"
+EPSILON_PNG = "accuracy_vs_epsilon.png"  # runs under [privacy.dp] only
 FIGSIZE = (8.0, 5.0)  # inches: 800 x 500 pixels at DPI
 DPI = 100
 FULL_LABEL = "full-model FedAvg"
 
 
 def write_plots(out_dir: Path, metrics: dict[str, Any], full_model: dict[str, Any] | None = None) -> list[Path]:
-    """Write accuracy.png and bytes.png into ``out_dir``; return their paths.
+    """Write accuracy.png and bytes.png (and accuracy_vs_epsilon.png under DP) into ``out_dir``; return their paths.
 
     ``metrics`` is a run's metrics.json; ``full_model``, when given, the metrics.json of the same scenario run as
     full-model FedAvg. Without it, the full-model bytes line is computed from ``summary.full_model_bytes``.
@@ -32,7 +35,11 @@ def write_plots(out_dir: Path, metrics: dict[str, Any], full_model: dict[str, An
         raise ValueError("metrics.json has no rounds yet: nothing to plot")
     out_dir = Path(out_dir)
     paths = [out_dir / ACCURACY_PNG, out_dir / BYTES_PNG]
-    for path, draw in zip(paths, (_draw_accuracy, _draw_bytes), strict=True):
+    draws = [_draw_accuracy, _draw_bytes]
+    if any(r.get("epsilon") is not None for r in metrics["rounds"]):
+        paths.append(out_dir / EPSILON_PNG)
+        draws.append(_draw_epsilon)
+    for path, draw in zip(paths, draws, strict=True):
         fig = _figure()
         draw(fig.add_subplot(), metrics, full_model)
         # Rendered in memory, then temp file + rename: a crash never leaves a half-written PNG.
@@ -146,3 +153,22 @@ def _annotate_ratio(ax: Any, rounds: list[int], adapter: list[int], full_rounds:
 def _at(rounds: list[int], cumulative: list[int], last: int) -> int:
     """The cumulative value at round ``last``: that of the latest record at or before it."""
     return next((value for r, value in zip(reversed(rounds), reversed(cumulative), strict=True) if r <= last), 0)
+
+
+def _draw_epsilon(ax: Any, metrics: dict[str, Any], full_model: dict[str, Any] | None) -> None:
+    """Accuracy against the ε spent after each round (δ as in the summary), each point labelled with its round."""
+    points = [(r["epsilon"], r["accuracy"], r["round"]) for r in metrics["rounds"] if r.get("epsilon") is not None]
+    points = [p for p in points if p[1] is not None]
+    if points:
+        epsilons, accuracies, rounds = zip(*points, strict=True)
+        ax.plot(epsilons, accuracies, marker="o", label=_run_label(metrics))
+        for epsilon, accuracy, number in points:
+            ax.annotate(str(number), (epsilon, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    delta = metrics.get("summary", {}).get("delta")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{metrics.get('scenario', {}).get('name', 'run')}: accuracy against privacy spent")
+    ax.set_xlabel("ε after the round" + (f" (δ = {delta:.2g})" if isinstance(delta, float) else ""))
+    ax.set_ylabel("accuracy")
+    ax.grid(True, alpha=0.3)
+    if points:
+        ax.legend(loc="best")

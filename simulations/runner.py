@@ -407,12 +407,16 @@ def follow_run(plan: SimulationPlan, process: subprocess.Popen[bytes], show: boo
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("acc {task.fields[accuracy]}  up {task.fields[up]}  rejected {task.fields[rejected]}"),
+        TextColumn(
+            "acc {task.fields[accuracy]}{task.fields[epsilon]}  up {task.fields[up]}  rejected {task.fields[rejected]}"
+        ),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=Console(stderr=True), disable=not show) as progress:
         scenario = plan.run_scenario
-        task = progress.add_task(f"{scenario.name}: rounds", total=scenario.rounds, accuracy="-", up="-", rejected=0)
+        task = progress.add_task(
+            f"{scenario.name}: rounds", total=scenario.rounds, accuracy="-", epsilon="", up="-", rejected=0
+        )
         while process.poll() is None:
             _show_rounds(progress, task, plan.metrics_file)
             time.sleep(0.5)
@@ -428,6 +432,7 @@ def _show_rounds(progress: Any, task: Any, metrics_file: Path) -> None:
         task,
         completed=last["round"],
         accuracy=_fmt_accuracy(last.get("accuracy")),
+        epsilon=f"  ε {last['epsilon']:.2f}" if last.get("epsilon") is not None else "",
         up=_fmt_bytes(sum(r["bytes_up"] for r in rounds)),
         rejected=sum(len(r["rejected"]) for r in rounds),
     )
@@ -491,13 +496,17 @@ def print_summary(metrics: dict[str, Any]) -> None:
     from rich.table import Table
 
     rounds = Table(title=f"{metrics['scenario']['name']}: rounds")
-    for name in ("round", "accuracy", "client acc.", "clients", "rejected", "bytes up", "bytes down", "seconds"):
+    private = any(r.get("epsilon") is not None for r in metrics["rounds"])
+    names = ("round", "accuracy", "client acc.", *(("ε",) if private else ()), "clients", "rejected")
+    for name in (*names, "bytes up", "bytes down", "seconds"):
         rounds.add_column(name, justify="right")
     for r in metrics["rounds"]:
+        epsilon = (f"{r['epsilon']:.3f}" if r.get("epsilon") is not None else "-",) if private else ()
         rounds.add_row(
             str(r["round"]),
             _fmt_accuracy(r.get("accuracy")),
             _fmt_accuracy(r.get("client_accuracy")),
+            *epsilon,
             f"{r['accepted']}/{r['clients']}",
             str(len(r["rejected"])),
             _fmt_bytes(r["bytes_up"]),

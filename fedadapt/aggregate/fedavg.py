@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -83,6 +83,17 @@ class StreamingFedAvg:
         return {s.name: (self._sums[s.name] / self.num_examples).to(getattr(torch, s.dtype)) for s in self.specs}
 
 
+class Averager(Protocol):
+    """What ``aggregate_round`` folds accepted deltas into: ``StreamingFedAvg``, or a DP sum (``dp_rounds.DpSum``)."""
+
+    num_clients: int
+    num_examples: int
+
+    def add(self, delta: CheckedDelta, num_examples: int) -> None: ...
+
+    def result(self) -> State: ...
+
+
 class ReceivedDelta(NamedTuple):
     """One client's delta as the server received it, not yet checked: the client's id (for logs), the serialized
     delta and the example count the client claims. (A device builds its reply as
@@ -113,13 +124,16 @@ def aggregate_round(
     optimizer: ServerOptimizer,
     min_clients: int = 1,
     max_examples: int | None = None,
+    averager: Averager | None = None,
 ) -> RoundResult:
     """Validate each reply, leave failing clients out with a logged reason, and step on the weighted mean.
 
     ``replies`` may be a generator: each blob is decoded, added and dropped before the next is read.
     A reply claiming more than ``max_examples`` is rejected (``num-examples N exceeds limit L``): one
-    client's weight is bounded. Raises EmptyAggregateError when fewer than ``min_clients`` replies are
-    accepted (the global state and the optimizer then stay as they are).
+    client's weight is bounded. ``averager`` (default: a fresh ``StreamingFedAvg``, example-weighted) takes the
+    accepted deltas; under differential privacy it is the round's clipped, noised sum. Raises
+    EmptyAggregateError when fewer than ``min_clients`` replies are accepted (the global state and the
+    optimizer then stay as they are).
     """
     if (validator.schema.schema_id, validator.part) != (optimizer.schema_id, optimizer.part):
         raise SchemaMismatch("validator and optimizer must be built for the same adapter schema and part")
@@ -127,7 +141,7 @@ def aggregate_round(
         raise ConfigError(f"min_clients must be a positive integer, got {min_clients!r}")
     if max_examples is not None and (isinstance(max_examples, bool) or max_examples < 1):
         raise ConfigError(f"max_examples must be a positive int or None, got {max_examples!r}")
-    fedavg = StreamingFedAvg(validator.schema, validator.part)
+    fedavg = StreamingFedAvg(validator.schema, validator.part) if averager is None else averager
     rejected: list[tuple[str, str]] = []
     clipped: list[str] = []
     seen: set[str] = set()

@@ -25,6 +25,7 @@ from fedadapt.fleet.method_settings import METHOD_SETTING_BOUNDS, Settings, chec
 from fedadapt.methods import METHODS, MethodConfig, make_method_config
 from fedadapt.methods.head import HeadConfig
 from fedadapt.privacy.config import PRIVACY_KEYS, PrivacyConfig
+from fedadapt.privacy.dp.config import dp_config_from_table
 
 SCHEMES = ("iid", "dirichlet", "natural")
 
@@ -370,7 +371,10 @@ def _privacy(table: Any, where: str) -> PrivacyConfig:
     values = {
         key.replace("-", "_"): _coerce(f"privacy.{key}", value, types[key.replace("-", "_")])
         for key, value in table.items()
+        if key != "dp"
     }
+    if "dp" in table:
+        values["dp"] = dp_config_from_table(table["dp"], where)
     return PrivacyConfig(**values)
 
 

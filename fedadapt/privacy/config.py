@@ -17,6 +17,7 @@ from typing import Literal
 
 from fedadapt.config_values import Bound
 from fedadapt.errors import ConfigError
+from fedadapt.privacy.dp.config import DpConfig
 
 PrivacyMode = Literal["none", "aead", "secagg+"]
 MODES: tuple[PrivacyMode, ...] = ("none", "aead", "secagg+")
@@ -59,6 +60,7 @@ class PrivacyConfig:
     quantization_range: int = 2**16
     modulus_bits: int = 32
     assume_honest_server: bool = False
+    dp: DpConfig | None = None  # the [privacy.dp] table: client-level differential privacy (fedadapt.privacy.dp)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -80,6 +82,24 @@ class PrivacyConfig:
             raise ConfigError(f"privacy modulus-bits must be one of {MODULUS_BITS}, got {self.modulus_bits!r}")
         if not isinstance(self.assume_honest_server, bool):
             raise ConfigError(f"privacy assume-honest-server must be true or false, got {self.assume_honest_server!r}")
+        if self.dp is not None and not isinstance(self.dp, DpConfig):
+            raise ConfigError(f"privacy dp must be a DpConfig, got {type(self.dp).__name__}")
+        if self.dp is not None and self.secure_aggregation:
+            # Under secagg+ the devices must clip (and, distributed, noise) before masking: not built yet.
+            raise ConfigError(
+                'privacy.dp with mode = "secagg+" is not available in this version: use [privacy] mode = "none" or '
+                '"aead" with [privacy.dp] mode = "central" (the server clips every delta and noises their sum)'
+            )
+        if self.dp is not None and self.dp.mode == "distributed" and not self.secure_aggregation:
+            raise ConfigError(
+                f'privacy.dp mode = "distributed" needs mode = "secagg+" (got {self.mode!r}): each device adds only '
+                "its share of the noise, so only a secure sum hides its delta; use secagg+, or central DP"
+            )
+        if self.dp is not None and self.dp.sampling == "poisson":
+            raise ConfigError(
+                'privacy.dp sampling = "poisson" is not what the round loop does: it samples a fixed number of the '
+                'connected devices without replacement; use sampling = "fixed-size" (the default)'
+            )
         if self.quantization_range >= 2**self.modulus_bits:
             raise ConfigError(
                 f"privacy quantization-range ({self.quantization_range}) must be below the modulus "

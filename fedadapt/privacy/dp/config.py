@@ -128,7 +128,14 @@ class DpConfig:
         if self.delta is not None:
             return float(self.delta)
         Bound("int", 2, 10**9).check("population of devices", population, where="privacy.dp")
-        return default_delta(population)
+        delta = default_delta(population)
+        if delta > DP_BOUNDS["delta"].high:
+            raise ConfigError(
+                f"privacy.dp: the default delta 1/n^1.1 is {delta:.3g} for {population} devices, above "
+                f"{DP_BOUNDS['delta'].high:g}, where (ε, δ) promises nothing; set delta yourself (e.g. 1e-3) or "
+                "run more devices"
+            )
+        return delta
 
     def clipped_count_stddev_for(self, expected_clients: int) -> float:
         """σ_b of the noisy unclipped count: the configured one, else expected devices per round / 20."""

@@ -1,0 +1,202 @@
+"""Differential privacy across a run's rounds, on the server: the noise, the clip norm, the budget and ε.
+
+``DpRounds`` is what the round loop holds when a scenario has ``[privacy.dp]``:
+
+- before round 1 it fixes the noise multiplier z (the configured one, or solved for ``target-epsilon`` over the
+  planned rounds of m of n devices) and δ (configured, or 1/n^1.1);
+- before each round ``exceeds_budget`` says whether one more round would take ε above ``max-epsilon`` (the loop
+  then stops, with the last round's checkpoint kept);
+- in central mode ``DpSum`` (built by ``central_sum``) clips each accepted delta to C, sums them unweighted and
+  adds N(0, (z_Δ·C)²) to the sum, which it divides by the m devices sampled (DP-FedAvg's fixed denominator);
+- after the round ``finish_round`` composes the round in the accountant with the noise the sum really carried
+  and moves an adaptive clip, and returns the round record's ``dp`` entry.
+
+Each record's ``dp`` entry holds the round's (z, n, m) and clip norm: a resumed run rebuilds its accountant and
+clip from the checkpointed history (``resume``), so it reports the same ε it would have without the restart.
+With an adaptive clip the budget z splits into z_Δ for the deltas and σ_b for the count of unclipped devices
+(Andrew et al., NeurIPS 2021); the accountant composes z, whose one Gaussian costs what the two together do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedadapt.aggregate.validation import CheckedDelta
+from fedadapt.delta.state import AdapterSchema, State, check_state
+from fedadapt.errors import AccountantStateError, ConfigError, EmptyAggregateError
+from fedadapt.privacy.dp.accounting import Accountant, solve_noise_multiplier
+from fedadapt.privacy.dp.adaptive_clip import AdaptiveClip, noisy_unclipped_fraction, split_noise_multiplier
+from fedadapt.privacy.dp.clipping import clip_delta
+from fedadapt.privacy.dp.config import DpConfig
+from fedadapt.privacy.dp.noise import add_gaussian, central_noise_std, make_rng
+
+logger = logging.getLogger(__name__)
+
+RECORD_KEY = "dp"
+
+
+@dataclass(frozen=True)
+class DpPlan:
+    """The run's fixed DP parameters: z (what the accountant composes), z_Δ (the deltas' share), σ_b, δ."""
+
+    noise_multiplier: float
+    delta_noise_multiplier: float
+    clipped_count_stddev: float | None
+    delta: float
+    population: int  # n: the scenario's devices
+    sample_size: int  # m: devices per round
+
+
+def plan_dp(config: DpConfig, population: int, sample_size: int, rounds: int) -> DpPlan:
+    """z, z_Δ, σ_b and δ for a run of ``rounds`` rounds of ``sample_size`` of ``population`` devices."""
+    if population < 2:
+        raise ConfigError("privacy.dp needs at least 2 devices: the privacy of one device among one is no privacy")
+    delta = config.delta_for(population)
+    if config.noise_multiplier is not None:
+        z = float(config.noise_multiplier)
+    else:
+        target = float(config.target_epsilon)  # type: ignore[arg-type]  # DpConfig: exactly one of the two
+        z = solve_noise_multiplier(target, delta, rounds, population, sample_size, config.sampling)
+        logger.info(
+            "privacy.dp: noise multiplier %.4f reaches ε = %g at δ = %.3g after %d rounds", z, target, delta, rounds
+        )
+    stddev = config.clipped_count_stddev_for(sample_size) if config.adaptive else None
+    z_delta = split_noise_multiplier(z, stddev) if stddev is not None else z
+    return DpPlan(z, z_delta, stddev, delta, population, sample_size)
+
+
+class DpSum:
+    """Σ clip(Δᵢ, C) over accepted deltas (unweighted: every device counts once), float64, then noised / m.
+
+    Quacks like ``StreamingFedAvg`` for ``aggregate_round``: ``add``, ``result``, ``num_clients`` and
+    ``num_examples``. The example counts clients claim are ignored: under DP one device's weight is bounded by C,
+    not by what it says about its data.
+    """
+
+    def __init__(
+        self, schema: AdapterSchema, clip: float, noise_std: float, denominator: int, rng: np.random.Generator
+    ):
+        self.specs = schema.specs("shared")
+        self.clip, self.noise_std, self.denominator, self.rng = clip, noise_std, denominator, rng
+        self._sum: State = {s.name: torch.zeros(s.shape, dtype=torch.float64) for s in self.specs}
+        self.clipped_bits: list[bool] = []
+        self.num_clients = 0
+        self.num_examples = 0
+
+    def add(self, delta: Mapping[str, torch.Tensor] | CheckedDelta, num_examples: int) -> None:
+        state = delta.state if isinstance(delta, CheckedDelta) else delta
+        check_state(state, self.specs, what="delta to aggregate")
+        clipped = clip_delta(state, self.clip)
+        for name, tensor in clipped.delta.items():
+            self._sum[name] += tensor.to(torch.float64)
+        self.clipped_bits.append(clipped.clipped)
+        self.num_clients += 1
+        self.num_examples += 1
+
+    def result(self) -> State:
+        """(Σ + N(0, σ²)) / m in the schema's dtypes: the noise is drawn even for one device."""
+        if self.num_clients == 0:
+            raise EmptyAggregateError("no client delta was added: a DP sum needs at least one")
+        noised = add_gaussian(self._sum, self.noise_std, self.rng)
+        return {s.name: (noised[s.name] / self.denominator).to(getattr(torch, s.dtype)) for s in self.specs}
+
+
+class DpRounds:
+    """The server's DP state over a run: plan, current clip norm, accountant, noise generator."""
+
+    def __init__(
+        self, config: DpConfig, population: int, sample_size: int, rounds: int, seed: int | None = None
+    ) -> None:
+        self.config = config
+        self.plan = plan_dp(config, population, sample_size, rounds)
+        self.accountant = Accountant(config.sampling, self.plan.delta)
+        self.adaptive = AdaptiveClip.from_config(config) if config.adaptive else None
+        self.clip = config.initial_clip_norm
+        self.rng = make_rng(seed)  # seed: tests only (known noise protects nothing)
+
+    @property
+    def epsilon(self) -> float:
+        return self.accountant.epsilon
+
+    def resume(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """Rebuild the accountant and the clip from the ``dp`` entries of a checkpointed history."""
+        events = []
+        for record in history:
+            entry = record.get(RECORD_KEY)
+            if entry is None:  # a round that did not run under DP cannot be resumed into a DP run
+                raise AccountantStateError(
+                    f"round {record.get('round')} of the checkpoint has no {RECORD_KEY!r} record: the run did not "
+                    "start with [privacy.dp]; resume it with the scenario that started it, or start a new run"
+                )
+            if not isinstance(entry, Mapping):
+                raise AccountantStateError(f"round {record.get('round')}: the dp record must be an object")
+            if entry.get("accounted"):
+                events.append([entry.get("noise_multiplier"), entry.get("population"), entry.get("sample_size")])
+        state = {"format": "fedadapt-dp-accountant/1", "sampling": self.config.sampling, "delta": self.plan.delta}
+        self.accountant = Accountant.from_json(
+            state | {"events": events}, sampling=self.config.sampling, delta=self.plan.delta
+        )
+        if history and self.adaptive is not None:
+            clip = history[-1][RECORD_KEY].get("next_clip")
+            if isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 < clip < math.inf:
+                raise AccountantStateError(f"the checkpoint's next_clip must be a positive number, got {clip!r}")
+            self.adaptive = AdaptiveClip(float(clip), self.adaptive.target_quantile, self.adaptive.learning_rate)
+            self.clip = float(clip)
+
+    def exceeds_budget(self, population: int, sample_size: int) -> bool:
+        """Whether one more round of m of n devices would take ε above max-epsilon (False without a budget)."""
+        if self.config.max_epsilon is None:
+            return False
+        return self.accountant.next_round_exceeds(
+            float(self.config.max_epsilon), self.plan.noise_multiplier, population, sample_size
+        )
+
+    def central_sum(self, schema: AdapterSchema, sampled: int) -> DpSum:
+        """The aggregator of a central-DP round over ``sampled`` devices (the fixed denominator)."""
+        std = central_noise_std(self.plan.delta_noise_multiplier, self.clip)
+        return DpSum(schema, self.clip, std, sampled, self.rng)
+
+    def finish_round(
+        self, population: int, sample_size: int, clipped_bits: Sequence[bool] | None, aggregated: bool
+    ) -> dict[str, Any]:
+        """Account the round (when a noised aggregate was released), move an adaptive clip; the record's entry."""
+        entry: dict[str, Any] = {
+            "mode": self.config.mode,
+            "clip": self.clip,
+            "noise_multiplier": self.plan.noise_multiplier,
+            "population": population,
+            "sample_size": sample_size,
+            "accounted": aggregated,
+        }
+        if aggregated:  # a round whose state stayed as it was released nothing (its accuracy is the last one's)
+            entry["epsilon"] = self.accountant.record_round(self.plan.noise_multiplier, population, sample_size)
+        else:
+            entry["epsilon"] = self.accountant.epsilon
+        entry["delta"] = self.plan.delta
+        if clipped_bits is not None:
+            entry["clipped"] = sum(bool(b) for b in clipped_bits)
+        if self.adaptive is not None and aggregated and clipped_bits is not None:
+            stddev = float(self.plan.clipped_count_stddev)  # type: ignore[arg-type]  # adaptive: plan_dp set it
+            unclipped = noisy_unclipped_fraction(clipped_bits, sample_size, stddev, self.rng)
+            self.adaptive = self.adaptive.next(unclipped)
+            self.clip = self.adaptive.clip
+            entry["noisy_unclipped_fraction"] = unclipped
+        entry["next_clip"] = self.clip
+        return entry
+
+    def summary(self) -> dict[str, Any]:
+        """The run's DP figures for metrics.json's summary."""
+        return {
+            "dp_mode": self.config.mode,
+            "epsilon": self.accountant.epsilon,
+            "delta": self.plan.delta,
+            "noise_multiplier": self.plan.noise_multiplier,
+            "dp_rounds": self.accountant.rounds,
+        }
