@@ -132,7 +132,7 @@ def step_times(adapter: Path, bundle: Path, layers: int, repeats: int) -> dict[s
     }
     assert isinstance(trainer.step, OrtStep)
     program = trainer.bundle / trainer.section["program"]
-    executorch = ExecuTorchStep(program.read_bytes(), trainer.section["program_parameters"], program)
+    executorch = ExecuTorchStep(program.read_bytes(), trainer.section["program_parameters"], program, threads=1)
     texts = [f"where is my card number {i} please tell me now" for i in range(BATCH)]
     below = {n: tensors[n] for n in trainer.section["prefix_inputs"]}
     fixed = trainer.tokenizer.encode_batch(texts)  # both prefixes see the step's 8 x 64 padded batch

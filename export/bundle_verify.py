@@ -66,6 +66,7 @@ GRAD_PREFIX = "grad."
 ADAPTERS_DIR = "adapters"  # a swappable bundle's users: adapters/<name>.onnx_adapter
 ADAPTER_SUFFIX = ".onnx_adapter"
 ON_DEVICE_FILES = ("prefix", "train_step", "program")
+PROGRAM_BACKENDS = ("xnnpack", "portable")  # what train_step.pte was lowered with: the runtime must register it
 MAX_LAYERS = 10_000
 MAX_HIDDEN = 1 << 20
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -258,6 +259,9 @@ def _check_on_device(
     named = all(isinstance(k, str) and isinstance(v, str) for k, v in renames.items())
     if not named or sorted(renames.values()) != sorted(trainable):
         raise BundleError(f"{where}: program_parameters must name each trainable tensor once")
+    backend = section.get("program_backend")
+    if backend not in PROGRAM_BACKENDS:
+        raise BundleError(f"{where}: program_backend must be one of {PROGRAM_BACKENDS}, got {show(backend)}")
     optimizer = _field(section, "optimizer", dict, where)
     if optimizer.get("name") != "sgd":
         raise BundleError(f"{where}: optimizer.name must be 'sgd', got {show(optimizer.get('name'))}")

@@ -14,6 +14,7 @@ phone runs the prefix once per example, keeps its states, and trains only the to
   backward pass is part of the graph and ONNX Runtime runs it as inference.
 - ``train_step.pte``: the same joint program for ExecuTorch's training runtime, whose C++ module
   runs it on phones (its Python runtime loads libtorch, so the torch-free trainer uses the ONNX graph).
+  Lowered with the XNNPACK delegate where that works, else portable (export/on_device_program.py).
 
 Both step graphs come from one joint program (``torch.export`` and then
 ``_export_forward_backward``, ExecuTorch's documented route), exported under eager attention: SDPA's
@@ -42,6 +43,7 @@ from export.bundle_verify import ON_DEVICE_SECTION as ON_DEVICE_SECTION  # re-ex
 from export.config import ON_DEVICE_EXTRA, OnDeviceConfig
 from export.errors import ExportError
 from export.graph import check_onnx, make_overridable, write_onnx
+from export.on_device_program import write_program
 from export.swappable import parameters_replaced
 from fedadapt.errors import ConfigError
 from fedadapt.model.adapter_model import AdapterModel
@@ -249,18 +251,6 @@ def write_train_step(joint: Any, names: Mapping[str, str], batch: tuple[torch.Te
     return time.perf_counter() - started
 
 
-def write_program(joint: Any, path: Path) -> float:
-    """``train_step.pte`` for ExecuTorch's training runtime; returns the seconds it took."""
-    started = time.perf_counter()
-    try:
-        from executorch.exir import to_edge
-    except ImportError as err:
-        raise ConfigError(f"{ON_DEVICE_EXTRA}: {err}") from None
-    with _quiet():
-        path.write_bytes(to_edge(joint).to_executorch().buffer)
-    return time.perf_counter() - started
-
-
 class PrefixGraph(nn.Module):
     """(input_ids, attention_mask, *prefix tensors) -> the states after layer F-1 (B, T, H)."""
 
@@ -357,7 +347,13 @@ def write_on_device(model: AdapterModel, config: OnDeviceConfig, folder: Path, o
     # One joint program each: torch.onnx and to_edge both change the program they are given.
     step_seconds = write_train_step(joint_program(step, batch), names, batch, folder / TRAIN_STEP_FILE)
     worst = check_gradients(folder / TRAIN_STEP_FILE, step, names, batch)
-    program_seconds = write_program(joint_program(step, batch), folder / PROGRAM_FILE)
+    try:
+        import executorch  # noqa: F401  # the program's lowering imports its parts lazily
+    except ImportError as err:
+        raise ConfigError(f"{ON_DEVICE_EXTRA}: {err}") from None
+    make_joint = lambda: joint_program(step, batch)  # noqa: E731  # each lowering changes the program it is given
+    with _quiet():
+        program = write_program(make_joint, step, names, batch, folder / PROGRAM_FILE, GRADIENT_ATOL)
     hidden_size = int(batch[0].shape[-1])
     section = {
         "prefix": PREFIX_FILE,
@@ -371,6 +367,7 @@ def write_on_device(model: AdapterModel, config: OnDeviceConfig, folder: Path, o
         "prefix_inputs": list(part.prefix_tensors),
         "trainable": [names[name] for name in names],
         "program_parameters": dict(names),  # ExecuTorch names the gradients by the step's own parameter names
+        "program_backend": program.backend,  # a phone's ExecuTorch runtime must register this backend to load it
         "optimizer": {"name": "sgd", "learning_rate": config.learning_rate, "momentum": config.momentum},
     }
     report = {
@@ -378,12 +375,18 @@ def write_on_device(model: AdapterModel, config: OnDeviceConfig, folder: Path, o
         "trainable_tensors": len(names),
         "trainable_parameters": int(sum(p.numel() for n, p in step.named_parameters() if n in names)),
         "gradient_max_abs_diff": worst,
-        "seconds": {"prefix": prefix_seconds, "train_step": step_seconds, "program": program_seconds},
+        "program_backend": program.backend,
+        "program_fallback_reason": program.fallback_reason,
+        "program_gradient_max_abs_diff": program.gradient_max_abs_diff,
+        "seconds": {"prefix": prefix_seconds, "train_step": step_seconds, "program": program.seconds},
     }
     logger.info(
-        "on-device training: prefix of %d layers, %d trainable tensors, gradients within %.1e of PyTorch",
+        "on-device training: prefix of %d layers, %d trainable tensors, gradients within %.1e of PyTorch; "
+        "train_step.pte lowered with %s, within %.1e",
         part.frozen_layers,
         len(names),
         worst,
+        program.backend,
+        program.gradient_max_abs_diff,
     )
     return OnDeviceExport(section, report)

@@ -235,12 +235,16 @@ class OrtStep:
 class ExecuTorchStep:
     """One forward and backward of ``train_step.pte`` in ExecuTorch's training runtime (loads torch)."""
 
-    def __init__(self, program: bytes, renames: Mapping[str, str], where: Path) -> None:
+    def __init__(self, program: bytes, renames: Mapping[str, str], where: Path, threads: int = 0) -> None:
         try:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
             from executorch.extension.training import _load_for_executorch_for_training_from_buffer
         except ImportError as err:
             raise ConfigError(f"--runtime executorch needs ExecuTorch: pip install -e '.[phone]' ({err})") from None
         import torch
+
+        if threads:  # the process's one pool, which XNNPACK and the optimized kernels share; no step is running yet
+            _unsafe_reset_threadpool(threads)
 
         self.torch = torch
         self.program = program  # ExecuTorch reads from this buffer without holding it: it must outlive the module
@@ -374,7 +378,8 @@ class PhoneTrainer:
         section = self.section
         if runtime == "executorch":
             program = read_verified(self.bundle, self.manifest, section["program"], MAX_GRAPH_BYTES)
-            return ExecuTorchStep(program, section["program_parameters"], self.bundle / section["program"])
+            where = self.bundle / section["program"]
+            return ExecuTorchStep(program, section["program_parameters"], where, self.options.intra_op_num_threads)
         graph = read_verified(self.bundle, self.manifest, section["train_step"], MAX_GRAPH_BYTES)
         step = OrtStep(graph, section["trainable"], self.options, self.bundle / section["train_step"])
         self._check_step_shapes(step.session)
@@ -619,7 +624,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--eval-fraction", type=float, default=DEFAULT_EVAL_FRACTION, help="held out to score before/after"
     )
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--threads", type=int, default=0, help="ONNX Runtime's intra-op threads (0: its default)")
+    run.add_argument("--threads", type=int, default=0, help="threads of ONNX Runtime and ExecuTorch (0: their default)")
     run.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--check-imports", action="store_true", help=argparse.SUPPRESS)  # tests: modules a phone lacks

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +27,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from export import on_device_program  # noqa: E402
 from export.bundle_verify import MANIFEST_FILE, ON_DEVICE_SECTION, REPORT_FILE  # noqa: E402
 from export.config import ExportConfig, OnDeviceConfig  # noqa: E402
 from export.errors import BundleError  # noqa: E402
 from export.exporter import export_adapter  # noqa: E402
 from export.loading import load_for_export  # noqa: E402
+from export.on_device import eager_train_step, example_batch, joint_program, personal_part  # noqa: E402
 from export.ort_adapters import read_adapter_file  # noqa: E402
 from export.phone_demo import PhoneClassifier  # noqa: E402
 from export.phone_trainer import (  # noqa: E402
@@ -141,6 +144,9 @@ def test_the_manifest_lists_the_on_device_graphs_and_splits_every_per_user_tenso
     assert any("classifier" in name for name in section["trainable"])
     report = json.loads((exported / "report.json").read_text())[ON_DEVICE_SECTION]
     assert report["gradient_max_abs_diff"] <= 1e-5
+    # The XNNPACK-delegated program, checked at export: so the ExecuTorch parity tests below run the delegate.
+    assert section["program_backend"] == report["program_backend"] == "xnnpack"
+    assert report["program_fallback_reason"] is None and report["program_gradient_max_abs_diff"] <= 1e-5
 
 
 def test_one_step_computes_torchs_gradients(bundle: Path, adapter: Path) -> None:
@@ -309,6 +315,7 @@ def test_csv_headers_and_labels_are_checked(tmp_path: Path) -> None:
         (lambda s: s["optimizer"].update(learning_rate=1e9), "learning_rate"),
         (lambda s: s.update(sequence_length=10**9), "sequence_length"),
         (lambda s: s.update(prefix="../outside.onnx"), "not a plain relative path"),
+        (lambda s: s.update(program_backend="vulkan"), "program_backend"),
     ],
 )
 def test_a_hostile_on_device_section_is_refused_by_name(bundle: Path, change: Any, message: str) -> None:
@@ -388,6 +395,56 @@ def test_the_executorch_program_computes_the_onnx_steps_gradients(bundle: Path) 
     for name in onnx_trainer.section["trainable"]:
         assert np.abs(via_onnx[name] - via_program[name]).max() <= 1e-5, name
         assert not np.array_equal(via_program[name], tensors[name])  # the program's parameters took the updates
+
+
+def test_a_program_xnnpack_cannot_lower_falls_back_to_portable_and_says_why(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(joint: Any) -> bytes:
+        raise RuntimeError("Output node 'aten__softmax_default' is already in the inputs")
+
+    monkeypatch.setitem(on_device_program.LOWERINGS, on_device_program.XNNPACK, refuse)
+    model = torch_model(adapter)
+    step, names = eager_train_step(model, personal_part(model, 1))
+    batch = example_batch(OnDeviceConfig(train_layers=1, batch_size=4, sequence_length=SEQUENCE), 32, len(LABELS))
+    path = tmp_path / "train_step.pte"
+    with caplog.at_level(logging.WARNING, logger="export.on_device_program"):
+        written = on_device_program.write_program(lambda: joint_program(step, batch), step, names, batch, path, 1e-5)
+    assert written.backend == "portable" and "already in the inputs" in (written.fallback_reason or "")
+    assert "writing the portable one" in caplog.text and "already in the inputs" in caplog.text
+    assert written.gradient_max_abs_diff <= 1e-5 and path.stat().st_size > 0
+
+
+class PackedAtLoad:
+    """A training module whose parameters, as the trainer sees them, are copies: writes to them never reach its
+    steps, as with weights a delegate packs when the program loads."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def forward_backward(self, method: str, inputs: list[torch.Tensor]) -> Any:
+        return self.module.forward_backward(method, inputs)
+
+    def named_gradients(self) -> Any:
+        return self.module.named_gradients()
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: value.clone() for name, value in self.module.named_parameters().items()}
+
+
+def test_a_program_that_ignores_written_parameters_fails_the_exports_check(
+    adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import executorch.extension.training as training
+
+    model = torch_model(adapter)
+    step, names = eager_train_step(model, personal_part(model, 1))
+    batch = example_batch(OnDeviceConfig(train_layers=1, batch_size=4, sequence_length=SEQUENCE), 32, len(LABELS))
+    program = on_device_program.lower_portable(joint_program(step, batch))
+    assert on_device_program.check_program(program, step, names, batch) <= 1e-5
+    load = training._load_for_executorch_for_training_from_buffer
+    monkeypatch.setattr(training, "_load_for_executorch_for_training_from_buffer", lambda b: PackedAtLoad(load(b)))
+    assert on_device_program.check_program(program, step, names, batch) > 1e-3
 
 
 def test_on_device_training_needs_a_swappable_export_and_a_layer_count_the_backbone_has(
