@@ -259,7 +259,7 @@ def _check_on_device(
     named = all(isinstance(k, str) and isinstance(v, str) for k, v in renames.items())
     if not named or sorted(renames.values()) != sorted(trainable):
         raise BundleError(f"{where}: program_parameters must name each trainable tensor once")
-    backend = section.get("program_backend")
+    backend = section.get("program_backend", "portable")  # bundles from before XNNPACK lowering lack the field
     if backend not in PROGRAM_BACKENDS:
         raise BundleError(f"{where}: program_backend must be one of {PROGRAM_BACKENDS}, got {show(backend)}")
     optimizer = _field(section, "optimizer", dict, where)
