@@ -88,9 +88,10 @@ class Federation:
         self.optimizer = ServerOptimizer(self.scenario.server_optimizer_config(), self.schema)
         self.rng = random.Random(self.scenario.seed)
         self.run_id = run_id
-        # SecAgg+ draws each round's sample and neighbour ring from this, not from the public seed (kept in
-        # the checkpoint so a resumed run goes on with it).
-        self.run_secret: bytes | None = secrets.token_bytes(32) if self.privacy.secure_aggregation else None
+        # SecAgg+ and DP draw each round's sample (and SecAgg+ its neighbour ring) from this, not from the public
+        # seed: colluding clients must not predict them, and DP's amplification by sampling needs a secret sample.
+        # Kept in the checkpoint so a resumed run goes on with it.
+        self.run_secret: bytes | None = secrets.token_bytes(32) if self.secret_sampling else None
         self.global_state: State = self.model.state("shared")
         if self.scenario.initial_head:  # a head warm start (a resumed run's checkpoint replaces it)
             self.global_state |= initial_head_state(self.model, self.scenario.initial_head, self.scenario.backbone)
@@ -101,6 +102,11 @@ class Federation:
         self.stopped: str | None = None  # why the run ended before its planned rounds (max-epsilon)
         self._started = False  # whether this process has run a round yet (the first waits for the fleet)
         self._key: bytes | None = None  # the checkpoint key, read or made when the first checkpoint is written
+
+    @property
+    def secret_sampling(self) -> bool:
+        """Whether each round's sample is drawn from the run secret (secagg+, DP) rather than the public seed."""
+        return self.privacy.secure_aggregation or self.privacy.dp is not None
 
     @property
     def completed_rounds(self) -> int:
@@ -126,7 +132,7 @@ class Federation:
         self.global_state = {s.name: checkpoint.global_state[s.name] for s in specs}
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.rng.setstate(rng_state_from_json(checkpoint.rng_state))
-        if self.privacy.secure_aggregation and checkpoint.run_secret is not None:
+        if self.secret_sampling and checkpoint.run_secret is not None:
             self.run_secret = checkpoint.run_secret
         self.history = checkpoint.history
         if self.dp is not None:
