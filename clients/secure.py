@@ -58,10 +58,14 @@ def run_stage(msg: Message, context: Context, run: FleetRun, sealer: ClientSeale
         vector, norm_clipped = _delta_vector(update, run.scenario.max_delta_norm)
         # The server can only check the total: an honest device keeps its own weight within the cap.
         num_examples = min(update.num_examples, run.scenario.max_examples_per_client)
+        if privacy.dp is not None:  # clipped (and noised, distributed) here: the server only sees the sum
+            vector = _private_vector(vector, run, config.get(protocol.DP_CLIP))
+            num_examples = 1  # DP-FedAvg: every device weighs the same, whatever its data
         step = secagg_client.mask(privacy, server_round, session, vector, num_examples)
         schema_id = update.schema.schema_id
         metrics = {k: v for k, v in update.metrics.items() if k not in COUNT_METRICS}  # the count is masked
-        metrics["norm-clipped"] = int(norm_clipped)
+        if privacy.dp is None:  # under DP whether this delta was clipped is the adaptive clip's private bit
+            metrics["norm-clipped"] = int(norm_clipped)
     elif stage == stages.CONSISTENCY:
         step = secagg_client.consistency(server_round, saved, request, device_identity(device, context))
     elif stage == stages.UNMASK:
@@ -110,6 +114,20 @@ def _train(msg: Message, run: FleetRun, device: Device, server_round: int) -> Lo
     if run.empty_clients:
         return empty_client_update(fleet_device)
     return train_client_update(fleet_device, payload_bytes(msg, protocol.ADAPTER_STATE), server_round)
+
+
+def _private_vector(vector: np.ndarray, run: FleetRun, server_clip: object) -> np.ndarray:
+    """The device's DP vector (fedadapt.privacy.dp.device): every parameter but the clip norm from its own scenario."""
+    from fedadapt.privacy.dp.device import private_vector, round_clip  # dp_accounting: DP runs only
+
+    scenario = run.scenario
+    dp = scenario.privacy.dp
+    assert dp is not None
+    try:
+        clip = round_clip(dp, server_clip)
+    except ConfigError as err:
+        raise SecAggError(f"the server's round config is unusable for DP: {err}") from None
+    return private_vector(vector, dp, clip, scenario.num_clients, scenario.sample_size, scenario.rounds)
 
 
 def _delta_vector(update: LocalUpdate, max_norm: float | None) -> tuple[np.ndarray, bool]:

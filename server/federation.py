@@ -182,13 +182,14 @@ class Federation:
             record["server_warmup"] = self._train_on_proxy(self.scenario.server_warmup_epochs, 0, "warm start")
         blob = serialize_state(self.global_state, self.schema, "shared", "none")
         if self.privacy.secure_aggregation:
-            record, client_metrics = self._secure_round(grid, sampled, server_round, blob, record)
+            record, client_metrics = self._secure_round(grid, sampled, server_round, blob, record, len(nodes))
         else:
             averager = None if self.dp is None else self.dp.central_sum(self.schema, len(sampled))
             record, client_metrics = self._plain_round(grid, sampled, server_round, blob, record, averager)
             if self.dp is not None:
                 bits = cast(DpSum, averager).clipped_bits
-                record[RECORD_KEY] = self.dp.finish_round(len(nodes), len(sampled), bits, record["accepted"] > 0)
+                aggregated = record["accepted"] > 0
+                record[RECORD_KEY] = self.dp.finish_round(len(nodes), len(sampled), aggregated, clipped_bits=bits)
                 record["epsilon"] = record[RECORD_KEY]["epsilon"]
         if self.scenario.server_finetune_epochs and record["accepted"]:
             epochs = self.scenario.server_finetune_epochs
@@ -247,9 +248,13 @@ class Federation:
         return self.blob_limit + overhead
 
     def _secure_round(
-        self, grid: Grid, sampled: list[int], server_round: int, blob: bytes, record: dict[str, Any]
+        self, grid: Grid, sampled: list[int], server_round: int, blob: bytes, record: dict[str, Any], population: int
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """SecAgg+: the server learns only the sum; below min-clients contributors the state stays as it was."""
+        """SecAgg+: the server learns only the sum; below min-clients contributors the state stays as it was.
+
+        Under [privacy.dp] every device sends its clipped delta (noised, in distributed mode) with weight 1, and
+        the adaptive clip's centred bit as one more value; the server releases the noised sum / devices sampled.
+        """
         outcome = run_secure_round(
             grid,
             sampled,
@@ -262,8 +267,18 @@ class Federation:
             seed=self._secret_seed(server_round, "ring"),
             run_id=self.run_id,
             max_examples_per_client=self.scenario.max_examples_per_client,
+            extra_values=0 if self.dp is None else self.dp.extra_values,
+            stage_config={} if self.dp is None else {protocol.DP_CLIP: self.dp.clip},
         )
         record |= outcome.record
+        if self.dp is not None:
+            outcome.mean, unclipped = self._private_mean(outcome, record, len(sampled))
+            aggregated = outcome.mean is not None and record["accepted"] >= self.scenario.min_clients
+            survivors = record["accepted"] if aggregated else None
+            record[RECORD_KEY] = self.dp.finish_round(
+                population, len(sampled), aggregated, unclipped=unclipped, survivors=survivors
+            )
+            record["epsilon"] = record[RECORD_KEY]["epsilon"]
         if outcome.mean is not None and record["accepted"] < self.scenario.min_clients:
             minimum = self.scenario.min_clients
             record["error"] = f"only {record['accepted']} clients are in the sum, fewer than min-clients ({minimum})"
@@ -276,6 +291,25 @@ class Federation:
             {"client": d["client"], "reason": f"{d['stage']}: {d['reason']}"} for d in record["dropped"]
         ]
         return record, outcome.client_metrics
+
+    def _private_mean(self, outcome: Any, record: dict[str, Any], sampled: int) -> tuple[State | None, float | None]:
+        """The DP mean of a secure round (None when the round released nothing) and its noised unclipped fraction.
+
+        Each device weighs 1 under DP, so the decoded example total must equal the devices in the sum: a larger
+        one means a device claimed more weight than the DP analysis allows, and the round is refused.
+        """
+        assert self.dp is not None
+        if outcome.vector is None:
+            return None, None
+        if record["total_examples"] != record["accepted"]:
+            record["error"] = (
+                f"under DP every device weighs 1, but the sum carries a weight of {record['total_examples']} for "
+                f"{record['accepted']} devices: a device claimed more; the round is left out"
+            )
+            logger.warning("round %s: %s", record["round"], record["error"])
+            return None, None
+        flat_sum = outcome.vector * record["accepted"]  # SecAgg+ decodes the mean over the weights: 1 each
+        return self.dp.secure_sum(flat_sum, self.schema.specs("shared"), sampled)
 
     def _round_seed(self, server_round: int) -> int:
         """The server's own seed for a round (the SecAgg+ ring, proxy training): reproducible per scenario seed."""

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -70,6 +71,7 @@ class SecureRoundOutcome:
     """What a secure round produced: the mean delta (None when the round failed) and its record fields."""
 
     mean: State | None = None
+    vector: np.ndarray | None = None  # the decoded flat mean, with any extra values (None when the round failed)
     record: dict[str, Any] = field(default_factory=dict)
     client_metrics: list[dict[str, Any]] = field(default_factory=list)
 
@@ -87,22 +89,27 @@ def run_secure_round(
     seed: int,
     run_id: int = 0,
     max_examples_per_client: int | None = None,
+    extra_values: int = 0,
+    stage_config: dict[str, float] | None = None,
 ) -> SecureRoundOutcome:
     """One SecAgg+ round over ``sampled``; SecAggError inside is caught and recorded as a failed round.
 
     ``seed`` draws the neighbour ring; ``run_id`` is bound into the clients' signatures;
-    ``max_examples_per_client`` bounds the decoded example total (contributors × it).
+    ``max_examples_per_client`` bounds the decoded example total (contributors × it). ``extra_values`` follow
+    the delta's in every vector (DP's adaptive clip: the centred bit); ``stage_config`` goes into every message's
+    config (DP's clip norm).
     """
     specs = schema.specs("shared")
-    limits = stage_limits(privacy, schema.num_params("shared"), schema.schema_id)
-    talk = _Talk(grid, server_round, schema.schema_id, opener, timeout, limits)
+    length = schema.num_params("shared") + extra_values
+    limits = stage_limits(privacy, length, schema.schema_id)
+    talk = _Talk(grid, server_round, schema.schema_id, opener, timeout, limits, stage_config or {})
     outcome = SecureRoundOutcome()
     try:
         secagg = SecAggRound(
             privacy,
             server_round,
             sampled,
-            schema.num_params("shared"),
+            length,
             seed=seed,
             run_id=run_id,
             max_examples_per_client=max_examples_per_client,
@@ -128,7 +135,8 @@ def run_secure_round(
         outcome.record = talk.record(secagg, error=error)
         outcome.client_metrics = talk.client_metrics()
         return outcome
-    outcome.mean = unflatten_state(torch.from_numpy(result.mean), specs)
+    outcome.vector = result.mean
+    outcome.mean = unflatten_state(torch.from_numpy(result.mean[: length - extra_values]), specs)
     outcome.record = talk.record(secagg) | {
         "accepted": len(result.contributors),
         "total_examples": result.total_examples,
@@ -183,9 +191,11 @@ class _Talk:
         opener: ServerOpener,
         timeout: float,
         limits: dict[str, int],
+        extra_config: dict[str, float] | None = None,
     ) -> None:
         self.grid, self.server_round, self.schema_id = grid, server_round, schema_id
         self.opener, self.timeout, self.limits = opener, timeout, limits
+        self.extra_config = extra_config or {}
         self.stages: dict[str, dict[str, float | int]] = {}
         self._metrics: dict[int, dict[str, Any]] = {}
 
@@ -215,6 +225,7 @@ class _Talk:
                     protocol.SERVER_ROUND: self.server_round,
                     protocol.SCHEMA_ID: self.schema_id,
                     protocol.SECAGG_STAGE: stage,
+                    **self.extra_config,
                 }
             )
             content = RecordDict({protocol.ARRAYS: ArrayRecord(arrays), protocol.CONFIG: config})

@@ -22,54 +22,28 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedadapt.aggregate.validation import CheckedDelta
-from fedadapt.delta.state import AdapterSchema, State, check_state
+from fedadapt.delta.state import AdapterSchema, State, TensorSpec, check_state, unflatten_state
 from fedadapt.errors import AccountantStateError, ConfigError, EmptyAggregateError
-from fedadapt.privacy.dp.accounting import Accountant, solve_noise_multiplier
-from fedadapt.privacy.dp.adaptive_clip import AdaptiveClip, noisy_unclipped_fraction, split_noise_multiplier
+from fedadapt.privacy.dp.accounting import Accountant
+from fedadapt.privacy.dp.adaptive_clip import (
+    AdaptiveClip,
+    noisy_unclipped_fraction,
+    unclipped_fraction,
+)
 from fedadapt.privacy.dp.clipping import clip_delta
 from fedadapt.privacy.dp.config import DpConfig
-from fedadapt.privacy.dp.noise import add_gaussian, central_noise_std, make_rng
+from fedadapt.privacy.dp.noise import add_gaussian, central_noise_std, effective_noise_multiplier, make_rng
+from fedadapt.privacy.dp.plan import plan_dp
 
 logger = logging.getLogger(__name__)
 
 RECORD_KEY = "dp"
-
-
-@dataclass(frozen=True)
-class DpPlan:
-    """The run's fixed DP parameters: z (what the accountant composes), z_Δ (the deltas' share), σ_b, δ."""
-
-    noise_multiplier: float
-    delta_noise_multiplier: float
-    clipped_count_stddev: float | None
-    delta: float
-    population: int  # n: the scenario's devices
-    sample_size: int  # m: devices per round
-
-
-def plan_dp(config: DpConfig, population: int, sample_size: int, rounds: int) -> DpPlan:
-    """z, z_Δ, σ_b and δ for a run of ``rounds`` rounds of ``sample_size`` of ``population`` devices."""
-    if population < 2:
-        raise ConfigError("privacy.dp needs at least 2 devices: the privacy of one device among one is no privacy")
-    delta = config.delta_for(population)
-    if config.noise_multiplier is not None:
-        z = float(config.noise_multiplier)
-    else:
-        target = float(config.target_epsilon)  # type: ignore[arg-type]  # DpConfig: exactly one of the two
-        z = solve_noise_multiplier(target, delta, rounds, population, sample_size, config.sampling)
-        logger.info(
-            "privacy.dp: noise multiplier %.4f reaches ε = %g at δ = %.3g after %d rounds", z, target, delta, rounds
-        )
-    stddev = config.clipped_count_stddev_for(sample_size) if config.adaptive else None
-    z_delta = split_noise_multiplier(z, stddev) if stddev is not None else z
-    return DpPlan(z, z_delta, stddev, delta, population, sample_size)
 
 
 class DpSum:
@@ -163,31 +137,71 @@ class DpRounds:
         std = central_noise_std(self.plan.delta_noise_multiplier, self.clip)
         return DpSum(schema, self.clip, std, sampled, self.rng)
 
+    @property
+    def extra_values(self) -> int:
+        """Values a device appends to its delta under secure aggregation: the centred clipped bit when adaptive."""
+        return 1 if self.adaptive is not None else 0
+
+    def secure_sum(self, flat_sum: np.ndarray, specs: Sequence[TensorSpec], sampled: int) -> tuple[State, float | None]:
+        """The released mean of a secure round's sum of clipped deltas (+ the centred bits when adaptive).
+
+        Central mode adds the noise here, to the sum the server learnt; distributed mode's devices added theirs.
+        Returns the mean state (sum / devices sampled) and the noised unclipped fraction (adaptive) or None.
+        """
+        values = np.asarray(flat_sum, dtype=np.float64)
+        size = sum(math.prod(s.shape) for s in specs)
+        if values.shape != (size + self.extra_values,):
+            raise ConfigError(f"a secure DP sum must have {size + self.extra_values} values, got {values.shape}")
+        delta_sum, bit_sum = values[:size], float(values[size]) if self.extra_values else 0.0
+        if self.config.mode == "central":
+            delta_sum = add_gaussian(
+                delta_sum, central_noise_std(self.plan.delta_noise_multiplier, self.clip), self.rng
+            )
+            if self.plan.clipped_count_stddev is not None:
+                bit_sum += float(self.rng.normal(0.0, self.plan.clipped_count_stddev))
+        mean = unflatten_state(torch.from_numpy(delta_sum / sampled), tuple(specs))
+        return mean, (unclipped_fraction(bit_sum, sampled) if self.extra_values else None)
+
     def finish_round(
-        self, population: int, sample_size: int, clipped_bits: Sequence[bool] | None, aggregated: bool
+        self,
+        population: int,
+        sample_size: int,
+        aggregated: bool,
+        clipped_bits: Sequence[bool] | None = None,
+        unclipped: float | None = None,
+        survivors: int | None = None,
     ) -> dict[str, Any]:
-        """Account the round (when a noised aggregate was released), move an adaptive clip; the record's entry."""
+        """Account the round (when a noised aggregate was released), move an adaptive clip; the record's entry.
+
+        Central rounds pass the clipped bits (the server saw every delta); secure rounds pass the noised unclipped
+        fraction and, in distributed mode, the survivors whose noise shares are in the sum (z·√(s/k) accounted).
+        """
+        z = self.plan.noise_multiplier
+        if self.config.mode == "distributed" and survivors is not None:
+            z = effective_noise_multiplier(z, survivors, self.plan.sample_size)
         entry: dict[str, Any] = {
             "mode": self.config.mode,
             "clip": self.clip,
-            "noise_multiplier": self.plan.noise_multiplier,
+            "noise_multiplier": z,
             "population": population,
             "sample_size": sample_size,
             "accounted": aggregated,
         }
         if aggregated:  # a round whose state stayed as it was released nothing (its accuracy is the last one's)
-            entry["epsilon"] = self.accountant.record_round(self.plan.noise_multiplier, population, sample_size)
+            entry["epsilon"] = self.accountant.record_round(z, population, sample_size)
         else:
             entry["epsilon"] = self.accountant.epsilon
         entry["delta"] = self.plan.delta
         if clipped_bits is not None:
             entry["clipped"] = sum(bool(b) for b in clipped_bits)
-        if self.adaptive is not None and aggregated and clipped_bits is not None:
-            stddev = float(self.plan.clipped_count_stddev)  # type: ignore[arg-type]  # adaptive: plan_dp set it
-            unclipped = noisy_unclipped_fraction(clipped_bits, sample_size, stddev, self.rng)
-            self.adaptive = self.adaptive.next(unclipped)
-            self.clip = self.adaptive.clip
-            entry["noisy_unclipped_fraction"] = unclipped
+        if self.adaptive is not None and aggregated:
+            if unclipped is None and clipped_bits is not None:
+                stddev = float(self.plan.clipped_count_stddev)  # type: ignore[arg-type]  # adaptive: plan_dp set it
+                unclipped = noisy_unclipped_fraction(clipped_bits, sample_size, stddev, self.rng)
+            if unclipped is not None:
+                self.adaptive = self.adaptive.next(unclipped)
+                self.clip = self.adaptive.clip
+                entry["noisy_unclipped_fraction"] = unclipped
         entry["next_clip"] = self.clip
         return entry
 

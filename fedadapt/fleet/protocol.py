@@ -21,3 +21,4 @@ SERVER_ROUND = "server-round"
 SECAGG_STAGE = "secagg-stage"  # which SecAgg+ stage a TRAIN message runs (absent: a plain round)
 SECAGG_PAYLOAD = "secagg-payload"  # bytes of a fedadapt.privacy.secagg.wire payload, sealed when sent by a client
 SECAGG_SESSION = "secagg-session"  # context.state key of a client's SecAgg+ session (its round's secrets)
+DP_CLIP = "dp-clip"  # [privacy.dp] under secagg+: the round's L2 clip norm (float) a device clips its delta to

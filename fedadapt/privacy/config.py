@@ -84,12 +84,6 @@ class PrivacyConfig:
             raise ConfigError(f"privacy assume-honest-server must be true or false, got {self.assume_honest_server!r}")
         if self.dp is not None and not isinstance(self.dp, DpConfig):
             raise ConfigError(f"privacy dp must be a DpConfig, got {type(self.dp).__name__}")
-        if self.dp is not None and self.secure_aggregation:
-            # Under secagg+ the devices must clip (and, distributed, noise) before masking: not built yet.
-            raise ConfigError(
-                'privacy.dp with mode = "secagg+" is not available in this version: use [privacy] mode = "none" or '
-                '"aead" with [privacy.dp] mode = "central" (the server clips every delta and noises their sum)'
-            )
         if self.dp is not None and self.dp.mode == "distributed" and not self.secure_aggregation:
             raise ConfigError(
                 f'privacy.dp mode = "distributed" needs mode = "secagg+" (got {self.mode!r}): each device adds only '

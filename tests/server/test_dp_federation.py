@@ -139,7 +139,6 @@ def test_the_dp_sum_clips_every_delta_counts_each_device_once_and_adds_calibrate
     ("privacy", "message"),
     [
         ({"mode": "aead", "dp": {"mode": "distributed", "noise-multiplier": 1.0}}, 'needs mode = "secagg+"'),
-        ({"mode": "secagg+", "dp": {"mode": "central", "noise-multiplier": 1.0}}, "not available in this version"),
         ({"mode": "none", "dp": {"mode": "central", "noise-multiplier": 1.0, "sampling": "poisson"}}, "fixed-size"),
         ({"mode": "none", "dp": {"mode": "central"}}, "exactly one of noise-multiplier"),
         ({"mode": "none", "dp": {"noise-multiplier": 1.0, "clips": 1.0}}, "unknown keys ['clips']"),
@@ -149,6 +148,11 @@ def test_dp_configurations_that_cannot_hold_are_refused_with_what_to_do(privacy:
     with pytest.raises(ConfigError) as caught:
         scenario_from_dict({"num-clients": 20, "privacy": privacy})
     assert message in str(caught.value)
+
+
+def test_distributed_dp_under_secagg_is_accepted() -> None:
+    privacy = {"mode": "secagg+", "num-shares": 3, "dp": {"mode": "distributed", "noise-multiplier": 1.0}}
+    assert scenario_from_dict({"num-clients": 20, "clients-per-round": 5, "privacy": privacy}).privacy.dp is not None
 
 
 def test_the_default_delta_is_refused_for_a_fleet_too_small_for_it() -> None:

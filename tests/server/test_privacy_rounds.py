@@ -849,3 +849,68 @@ def test_too_few_devices_for_secagg_fail_that_round_cleanly_and_the_next_proceed
 def _device_root(run_config: dict[str, Any]) -> str:
     """Where the in-process devices keep their files: as in a simulation, ``<out-dir>/clients``."""
     return str(Path(str(run_config["out-dir"])) / "clients")
+
+
+# --- differential privacy under secagg+ (issue 22) --------------------------------------------------------------
+
+
+def _clipped_mean(grid: PrivacyGrid, scenario: Path, nodes: list[int], clip: float, folder: Path) -> dict[str, Any]:
+    """Σ clip(Δᵢ, C) / len(nodes) over the nodes' true round-1 deltas, each device weighing 1, and the plain mean."""
+    from fedadapt.privacy.dp.clipping import clip_delta
+
+    clipped: dict[str, torch.Tensor] = {}
+    plain: dict[str, torch.Tensor] = {}
+    for node in nodes:
+        delta = {n: t.double() for n, t in _retrain(grid, scenario, 1, node, folder).delta.items()}
+        for name, tensor in clip_delta(delta, clip).delta.items():
+            clipped[name] = clipped.get(name, 0) + tensor / len(nodes)
+            plain[name] = plain.get(name, 0) + delta[name] / len(nodes)
+    return {"clipped": clipped, "plain": plain}
+
+
+def _norm(state: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in state.values())))
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_secagg_with_dp_releases_the_mean_of_deltas_clipped_on_the_devices(
+    mode: str, tiny_bert: Path, tmp_path: Path, server_keys: KeyFiles
+) -> None:
+    """The server cannot clip what it cannot see: each device clips before masking, weighs 1, and the released
+    mean is Σ clip(Δᵢ, C) / m plus noise of std z·C / m (small here, so the clipped mean shows through)."""
+    clip, z = 0.02, 0.005
+    dp = {"mode": mode, "noise-multiplier": z, "clip": clip, "delta": 1e-3}
+    run = _shared_run(tiny_bert, tmp_path, {**PRIVACY_SECAGG, "dp": dp}, server_keys, rounds=1)
+    record = run.metrics["rounds"][0]
+    assert record["accepted"] == 3 and record["total_examples"] == 3  # every device weighs 1
+    assert record["dp"]["mode"] == mode and record["dp"]["noise_multiplier"] == pytest.approx(z)
+    assert record["epsilon"] > 0 and run.metrics["summary"]["epsilon"] == record["epsilon"]
+    assert all("norm-clipped" not in c for c in record["client_results"])
+    schema = _retrain(run.grid, run.scenario, 1, 101, tmp_path).schema
+    before = deserialize_state(run.grid.sent_state[(1, 101)], schema, "shared")
+    update = {n: t.double() - before[n].double() for n, t in _state(run.out, 1).items()}
+    means = _clipped_mean(run.grid, run.scenario, [101, 102, 103], clip, tmp_path)
+    error = _norm({n: update[n] - means["clipped"][n] for n in update})
+    values = sum(t.numel() for t in update.values())
+    noise = z * clip / 3 * values**0.5  # the expected norm of the noise on the mean
+    assert _norm(means["plain"]) > 5 * _norm(means["clipped"])  # the deltas are far above C: clipping matters
+    assert error < 3 * noise + values**0.5 * PrivacyConfig().quantization_step
+    assert error < 0.5 * _norm(means["clipped"])  # the release is the clipped mean, not noise alone
+    assert _norm({n: update[n] - means["plain"][n] for n in update}) > 3 * error  # not the unclipped mean
+
+
+def test_secagg_dp_refuses_a_device_that_claims_more_weight(
+    tiny_bert: Path, tmp_path: Path, server_keys: KeyFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device that masks its delta with weight 5 instead of 1 would count five times in the DP sum."""
+    real_mask = masking.encode
+
+    def heavy(delta: np.ndarray, num_examples: int, config: PrivacyConfig) -> Any:
+        return real_mask(delta, 5 if num_examples == 1 else num_examples, config)
+
+    monkeypatch.setattr(masking, "encode", heavy)
+    dp = {"mode": "central", "noise-multiplier": 1.0, "clip": 0.1, "delta": 1e-3}
+    run = _shared_run(tiny_bert, tmp_path, {**PRIVACY_SECAGG, "dp": dp}, server_keys, rounds=1)
+    record = run.metrics["rounds"][0]
+    assert "claimed more" in record["error"] and record["accepted"] == 0 and not record["dp"]["accounted"]
+    assert _max_difference(_state(run.out, 1), _initial_state(run.grid, run.out)) == 0.0

@@ -1,0 +1,65 @@
+"""A device's part of differential privacy under secure aggregation: clip, append the bit, add its noise share.
+
+Under secagg+ the server sees only the sum, so the clipping must happen on the device, before masking. The
+device decides everything that protects it from its own copy of the scenario, never from the server:
+
+- the noise multiplier z (z_Δ with an adaptive clip) and σ_b, derived as the server derives them
+  (``plan.cached_plan``: solving for a target ε takes a few seconds, so once per process);
+- k, the devices whose shares make up the full noise: the scenario's devices per round.
+
+Only the clip norm C comes from the server (an adaptive clip moves each round). That is safe: a device's noise
+share scales with C, so a larger C buys the server no less noise relative to the delta.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fedadapt.config_values import Bound
+from fedadapt.errors import ConfigError
+from fedadapt.privacy.dp.adaptive_clip import centered_bit
+from fedadapt.privacy.dp.clipping import clip_delta
+from fedadapt.privacy.dp.config import DpConfig
+from fedadapt.privacy.dp.noise import device_noise_std, make_rng
+from fedadapt.privacy.dp.plan import cached_plan
+
+CLIP_BOUND = Bound("float", 0, 1e6, low_open=True)
+
+
+def round_clip(config: DpConfig, server_clip: object) -> float:
+    """C for this round: the scenario's fixed clip, or (adaptive) the server's, checked to be a sane number."""
+    if not config.adaptive:
+        return float(config.clip)  # type: ignore[arg-type]  # a fixed clip is a number
+    if server_clip is None:
+        raise ConfigError("the server sent no clip norm (dp-clip) for an adaptive-clip DP round")
+    CLIP_BOUND.check("dp-clip", server_clip, where="the server's")
+    return float(server_clip)  # type: ignore[arg-type]  # checked above
+
+
+def private_vector(
+    vector: np.ndarray,
+    config: DpConfig,
+    clip: float,
+    population: int,
+    sample_size: int,
+    rounds: int,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """The float64 vector a device masks: its delta clipped to C, the centred bit when adaptive, and in
+    distributed mode its noise share N(0, (z_Δ·C)²/k) on the delta and N(0, σ_b²/k) on the bit."""
+    clipped = clip_delta(np.asarray(vector, dtype=np.float64), clip)
+    values = clipped.delta
+    if config.adaptive:
+        values = np.append(values, centered_bit(clipped.clipped))
+    if config.mode != "distributed":
+        return values
+    rng = make_rng() if rng is None else rng
+    plan = cached_plan(config, population, sample_size, rounds)
+    noised = values.copy()
+    size = vector.size
+    noised[:size] += rng.normal(0.0, device_noise_std(plan.delta_noise_multiplier, clip, sample_size), size=size)
+    if plan.clipped_count_stddev is not None:
+        noised[size] += rng.normal(0.0, plan.clipped_count_stddev / math.sqrt(sample_size))
+    return noised
