@@ -7,8 +7,9 @@ stdlib, numpy, onnxruntime, and fedadapt's errors and jsonsafe.
 Rules, each failure a BundleError naming the file and the field:
 - JSON files are read with a size and a nesting-depth limit (fedadapt.jsonsafe).
 - The manifest's fields have the types and ranges the readers rely on (``check_manifest``).
-- Every path the manifest names (``graph``, ``graphs``, adapter ``file``, ``files``) is a relative
-  POSIX path with no ``..``, no symlink anywhere along it inside the bundle, and resolves inside it.
+- Every path the manifest names (``graph``, ``graphs``, adapter ``file``, ``files``, the on-device
+  graphs, ``required_operators``) is a relative POSIX path with no ``..``, no symlink anywhere
+  along it inside the bundle, and resolves inside it.
 - A file is used only if ``files`` lists it, and only after its size (first: a huge file is refused
   without being read) and then its sha256 match the manifest; ``read_verified`` returns the bytes
   it hashed, so what was checked is what is used.
@@ -67,6 +68,9 @@ ADAPTERS_DIR = "adapters"  # a swappable bundle's users: adapters/<name>.onnx_ad
 ADAPTER_SUFFIX = ".onnx_adapter"
 ON_DEVICE_FILES = ("prefix", "train_step", "program")
 PROGRAM_BACKENDS = ("xnnpack", "portable")  # what train_step.pte was lowered with: the runtime must register it
+# ``--ort`` bundles: the operators a minimal ONNX Runtime build needs (export/required_operators.py).
+REQUIRED_OPERATORS = "required_operators"
+REQUIRED_OPERATORS_FILE = "required_operators.config"
 MAX_LAYERS = 10_000
 MAX_HIDDEN = 1 << 20
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -123,10 +127,11 @@ def graph_file(manifest: Mapping[str, Any]) -> str:
 
 
 def named_paths(manifest: Mapping[str, Any]) -> list[str]:
-    """Every path a checked manifest names: its files, graph, graphs, adapter files and on-device graphs."""
+    """Every path a checked manifest names: files, graph, graphs, adapter files, on-device graphs, operators list."""
     adapters = manifest.get("adapters", {})
     on_device = manifest.get(ON_DEVICE_SECTION, {})
     extra = [on_device[key] for key in ON_DEVICE_FILES if key in on_device]
+    extra += [manifest[REQUIRED_OPERATORS]] if REQUIRED_OPERATORS in manifest else []
     return sorted({*manifest["files"], graph_file(manifest), *manifest.get("graphs", {}), *_files_of(adapters), *extra})
 
 
@@ -150,6 +155,8 @@ def check_manifest(manifest: Any, where: str) -> None:
     listed = _listed(files, where)
     listed(_path_field(manifest, "graph", where, DEFAULT_GRAPHS[mode]), "graph")
     _check_graphs(_field(manifest, "graphs", dict, where, {}), listed, where)
+    if REQUIRED_OPERATORS in manifest:
+        listed(_path_field(manifest, REQUIRED_OPERATORS, where), REQUIRED_OPERATORS)
     _int_field(manifest, "max_sequence_length", 1, MAX_SEQUENCE_LENGTH, where)
     _int_field(manifest, "num_labels", 1, MAX_LABELS, where, required=False)
     _int_field(manifest, "opset", 1, MAX_OPSET, where, required=False)

@@ -3,7 +3,8 @@
 Steps: check the request, load the adapter, write the graph (per mode; swappable: with the
 user's ``.onnx_adapter``), tokenizer and labels into a staging folder, load a fresh copy of the
 adapter and compare it with the graph in ONNX Runtime, add the int8 and ``.ort`` copies and the
-``--eval-data`` accuracy asked for (export/variants.py), then write report and manifest and move
+``--eval-data`` accuracy asked for (export/variants.py), with ``.ort`` copies the operator list of a
+minimal ONNX Runtime build (export/required_operators.py), then write report and manifest and move
 the folder into place. A swappable export to an existing swappable bundle adds the adapter to
 that bundle instead (export/joining.py).
 """
@@ -33,16 +34,18 @@ from export.bundle import (
     write_manifest,
     write_tokenizer,
 )
+from export.bundle_verify import REQUIRED_OPERATORS, REQUIRED_OPERATORS_FILE
 from export.config import ExportConfig
 from export.graph import describe_graph
 from export.joining import join_bundle
 from export.layout import layout_of
 from export.loading import check_against_fresh_model, load_for_export, read_adapter_manifest
 from export.merged import export_merged
-from export.on_device import ON_DEVICE_SECTION, OnDeviceExport, write_on_device
+from export.on_device import ON_DEVICE_SECTION, ORT_GRAPHS, OnDeviceExport, write_on_device
 from export.ort_adapters import adapter_runner, write_adapter_file
 from export.parity import ParityResult, RunGraph, onnx_runner
 from export.report import ExportReport
+from export.required_operators import write_required_operators
 from export.swappable import (
     BACKBONE_FILE,
     USAGE,
@@ -86,6 +89,8 @@ def export_adapter(config: ExportConfig) -> ExportReport:
         )
         if written.on_device is not None:
             variants.report[ON_DEVICE_SECTION] = written.on_device.report
+        if config.ort:
+            variants.report[REQUIRED_OPERATORS] = _write_required_operators(staging, variants.graphs, written)
         files = {name: entry["bytes"] for name, entry in file_entries(staging).items()}
         graph = describe_graph(staging / graph_file)
         report = ExportReport(
@@ -102,7 +107,8 @@ def export_adapter(config: ExportConfig) -> ExportReport:
             **_swappable_report(config, adapter_manifest, parity),
         )
         write_json(staging / REPORT_FILE, report.to_dict())
-        write_manifest(staging, {**_description(config, adapter_manifest, graph, written), "graphs": variants.graphs})
+        description = _description(config, adapter_manifest, graph, written)
+        write_manifest(staging, {**description, "graphs": variants.graphs, **_operators_field(config)})
     logger.info("exported %s to %s (max abs diff %.1e)", config.adapter, config.out, parity.max_abs_diff)
     return report
 
@@ -157,6 +163,17 @@ def _runner_maker(config: ExportConfig, staging: Path) -> MakeRunner:
         adapter = staging / adapter_file(config.user_name)
         return lambda path: adapter_runner(path, adapter)
     return onnx_runner
+
+
+def _write_required_operators(staging: Path, graphs: dict[str, dict[str, str]], written: _Written) -> dict[str, Any]:
+    """required_operators.config for every graph the phone may run in ONNX Runtime: .ort copies, on-device graphs."""
+    ort_graphs = [name for name, entry in graphs.items() if entry["format"] == "ort"]
+    return write_required_operators(staging, ort_graphs, ORT_GRAPHS if written.on_device is not None else ())
+
+
+def _operators_field(config: ExportConfig) -> dict[str, str]:
+    """The manifest's ``required_operators`` (``--ort`` bundles only): where a minimal build's operator list is."""
+    return {REQUIRED_OPERATORS: REQUIRED_OPERATORS_FILE} if config.ort else {}
 
 
 def _per_user(config: ExportConfig, adapter_manifest: dict[str, Any]) -> list[str]:

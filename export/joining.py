@@ -22,7 +22,7 @@ from export.bundle import (
     write_json,
     write_manifest,
 )
-from export.bundle_verify import bundle_path, check_files, read_report
+from export.bundle_verify import REQUIRED_OPERATORS, bundle_path, check_files, read_report
 from export.config import ExportConfig
 from export.errors import BundleError
 from export.layout import layout_differences, layout_of
@@ -42,8 +42,9 @@ def join_bundle(config: ExportConfig, adapter_manifest: dict[str, Any], started:
     _check_can_join(config, manifest, adapter_manifest)
     earlier_report = read_report(bundle, manifest)
     earlier = earlier_report.get("adapters", {})
-    # The graphs do not change: their int8 and .ort sections (measured with the first adapter) carry over.
-    variants: dict[str, Any] = {key: earlier_report[key] for key in ("int8", "ort") if key in earlier_report}
+    # The graphs do not change: their int8, .ort and operator sections (made with the first adapter) carry over.
+    carried = ("int8", "ort", REQUIRED_OPERATORS)
+    variants: dict[str, Any] = {key: earlier_report[key] for key in carried if key in earlier_report}
     graph_file = manifest.get("graph", BACKBONE_FILE)
     where = str(bundle / MANIFEST_FILE)
     with committed_files(bundle) as temp:  # refuses adapters/ (or any target) that is a symlink

@@ -57,6 +57,7 @@ FOLDER = "on_device"
 PREFIX_FILE = f"{FOLDER}/prefix.onnx"
 TRAIN_STEP_FILE = f"{FOLDER}/train_step.onnx"
 PROGRAM_FILE = f"{FOLDER}/train_step.pte"
+ORT_GRAPHS = (PREFIX_FILE, TRAIN_STEP_FILE)  # what the phone's trainer runs in ONNX Runtime (the .pte: ExecuTorch)
 STEP_OPSET = 18  # torch's dynamo exporter (the only one that takes an ExportedProgram) writes 18 and up
 GRADIENT_ATOL = 1e-5  # the export's own check of the step's gradients against eager PyTorch
 

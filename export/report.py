@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from export.bundle import MODEL_FILE
+from export.bundle_verify import REQUIRED_OPERATORS
 from export.parity import ParityResult
 
 
@@ -27,7 +28,8 @@ class ExportReport:
     # holds every adapter of the bundle (name → {"file", "method", "parity"}), earlier ones as recorded.
     adapter: str | None = None
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Extra graphs (export/variants.py): "int8", "ort" and "eval" sections, when asked for.
+    # Extra graphs (export/variants.py): "int8", "ort" and "eval" sections, when asked for; with --ort also
+    # "required_operators" (export/required_operators.py).
     variants: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,6 +78,9 @@ class ExportReport:
             rows["int8_argmax_agreement"] = f"{int8['vs_pytorch']['argmax_agreement']:.0%}"
         if "ort" in self.variants:
             rows["ort_files"] = ", ".join(sorted(self.variants["ort"]))
+        if REQUIRED_OPERATORS in self.variants:
+            operators = self.variants[REQUIRED_OPERATORS]
+            rows[REQUIRED_OPERATORS] = f"{operators['file']} ({operators['operators']} operators)"
         if "eval" in self.variants:
             evaluation = self.variants["eval"]
             rows["eval_examples"] = evaluation["examples"]

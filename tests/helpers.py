@@ -151,3 +151,18 @@ def seed_with_one_crash(rounds: int, clients: int, dropout: float) -> tuple[int,
         if len(crashes) == 1:
             return seed, crashes[0]
     raise AssertionError("no seed gives exactly one crash")
+
+
+def onnx_operators(*graphs: Path) -> set[str]:
+    """The ai.onnx operator types of ``graphs``' nodes, read with onnx (not with ONNX Runtime)."""
+    import onnx
+
+    return {node.op_type for g in graphs for node in onnx.load(str(g)).graph.node if node.domain in ("", "ai.onnx")}
+
+
+def config_operators(config: Path) -> dict[str, set[str]]:
+    """domain → operators a required_operators.config names, read with the parser ONNX Runtime's build uses."""
+    from onnxruntime.tools.reduced_build_config_parser import parse_config
+
+    required, _ = parse_config(str(config))
+    return {domain: set().union(*opsets.values()) for domain, opsets in required.items()}

@@ -422,6 +422,7 @@ PATHS = st.sampled_from(
 KEYS = st.sampled_from(
     ["format", "mode", "graph", "graphs", "files", "adapters", "labels", "file", "bytes", "sha256", "num_labels"]
     + ["max_sequence_length", "tokenizer", "pad_token", "pad_token_id", "layout", "tensors", "shape", "opset", "alice"]
+    + ["required_operators"]
 )
 SCALARS = (
     st.none()
@@ -451,7 +452,8 @@ def _nodes(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, 
 def _repath(manifest: dict[str, Any], data: st.DataObject) -> None:
     """Point one of the paths the manifest names at a hostile path, listed in files with a real file's entry."""
     path = data.draw(PATHS, label="path")
-    field = data.draw(st.sampled_from(["graph", "adapter file", "files key", "graphs key"]), label="field")
+    fields = ["graph", "adapter file", "files key", "graphs key", "required_operators"]
+    field = data.draw(st.sampled_from(fields), label="field")
     event(f"repath: {field}")
     files = manifest.get("files")
     if isinstance(files, dict) and files:
@@ -463,6 +465,8 @@ def _repath(manifest: dict[str, Any], data: st.DataObject) -> None:
         adapter["file"] = path
     elif field == "graphs key" and isinstance(manifest.get("graphs"), dict):
         manifest["graphs"][path] = {"precision": "fp32", "format": "onnx"}
+    elif field == "required_operators":
+        manifest["required_operators"] = path
 
 
 def _mutate(manifest: dict[str, Any], data: st.DataObject, file_entries: list[dict[str, Any]]) -> None:

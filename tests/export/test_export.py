@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import train_steps
+from helpers import config_operators, onnx_operators, train_steps
 from safetensors.torch import load_file, save_file
 from tiny_vocab import VOCAB
 from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
@@ -31,7 +31,8 @@ if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
     sys.path.insert(0, str(PROJECT_ROOT))
 
 import export.parity  # noqa: E402
-from export.bundle import file_entries  # noqa: E402
+from export.bundle import file_entries, read_bundle_manifest  # noqa: E402
+from export.bundle_verify import check_files  # noqa: E402
 from export.config import ExportConfig  # noqa: E402
 from export.errors import BundleError, ExportError, ExportParityError  # noqa: E402
 from export.exporter import export_adapter  # noqa: E402
@@ -803,6 +804,57 @@ def test_ort_files_load_and_agree_with_their_onnx(quantized: dict[str, Path], mo
     assert ort_report[f"{stem}.ort"]["max_abs_diff_vs_onnx"] <= 1e-4
 
 
+@pytest.mark.parametrize("mode", ["merged", "swappable"])
+def test_ort_bundles_list_the_operators_of_their_ort_graphs(quantized: dict[str, Path], mode: str) -> None:
+    folder, stem = quantized[mode], GRAPHS[mode]
+    manifest, report = _read_json(folder / "manifest.json"), _read_json(folder / "report.json")
+    config = folder / "required_operators.config"
+    assert (
+        manifest["required_operators"] == "required_operators.config"
+        and "required_operators.config" in manifest["files"]
+    )
+    section = report["required_operators"]  # swappable: carried over when bob joined
+    assert section["graphs"] == [f"{stem}.ort", f"{stem}.int8.ort"] and section["file"] == "required_operators.config"
+    operators = config_operators(config)  # ONNX Runtime's build parser reads it
+    assert section["operators"] == sum(len(ops) for ops in operators.values())
+    fp32, int8 = onnx_operators(folder / f"{stem}.onnx"), onnx_operators(folder / f"{stem}.int8.onnx")
+    # Optimizing only removes or fuses ai.onnx operators (into com.microsoft ones): it names none the graphs lack,
+    assert operators["ai.onnx"] <= fp32 | int8 and operators["com.microsoft"]
+    # and it covers both graphs: the int8 graph's quantizer and the fp32 graph's head (int8 has no Gemm).
+    assert {"Gather", "LayerNormalization", "Softmax", "DynamicQuantizeLinear", "Gemm"} <= operators["ai.onnx"]
+    assert "DynamicQuantizeLinear" not in fp32 and "Gemm" not in int8
+    assert str(folder.parent) not in config.read_text()  # its comments name bundle files, not the export's scratch
+
+
+def test_a_tampered_operators_list_fails_verification(quantized: dict[str, Path], tmp_path: Path) -> None:
+    bundle = Path(shutil.copytree(quantized["swappable"], tmp_path / "bundle"))
+    config = bundle / "required_operators.config"
+    config.write_text(config.read_text().replace("Softmax", "SoftmaX"))  # same size, other sha256
+    with pytest.raises(BundleError, match=r"required_operators.config differs from the manifest \(sha256\)"):
+        check_files(bundle, read_bundle_manifest(bundle))
+    with pytest.raises(BundleError, match="required_operators.config differs"):  # adding a user checks every file
+        export_adapter(ExportConfig(adapter=quantized["bob"], out=bundle, mode="swappable", adapter_name="carol"))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (7, "required_operators must be a JSON str"),
+        ("../required_operators.config", "required_operators: '../required_operators.config' is not a plain"),
+        ("other.config", "required_operators 'other.config' is not listed in files"),
+    ],
+)
+def test_a_hostile_operators_field_is_refused_by_name(
+    quantized: dict[str, Path], tmp_path: Path, value: Any, message: str
+) -> None:
+    bundle = Path(shutil.copytree(quantized["merged"], tmp_path / "bundle"))
+    manifest = _read_json(bundle / "manifest.json")
+    manifest["required_operators"] = value
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        read_bundle_manifest(bundle)
+
+
 @pytest.mark.parametrize(
     ("precision", "fmt", "graph"),
     [("int8", None, "backbone.int8.onnx"), ("int8", "ort", "backbone.int8.ort"), (None, "ort", "backbone.ort")],
@@ -850,3 +902,5 @@ def test_cli_prints_int8_accuracy(quantized: dict[str, Path], tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     assert "int8_accuracy_change" in result.stdout and "accuracy model.int8.onnx" in result.stdout
     assert (tmp_path / "out" / "model.int8.onnx").is_file() and not (tmp_path / "out" / "model.ort").exists()
+    assert not (tmp_path / "out" / "required_operators.config").exists()  # written with --ort only
+    assert "required_operators" not in _read_json(tmp_path / "out" / "manifest.json")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import train_steps
+from helpers import config_operators, onnx_operators, train_steps
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
@@ -103,7 +103,8 @@ def adapter(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def exported(adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "bundle"
     on_device = OnDeviceConfig(train_layers=1, batch_size=4, sequence_length=SEQUENCE, learning_rate=0.2)
-    export_adapter(ExportConfig(adapter=adapter, out=out, mode="swappable", on_device=on_device))
+    # --ort: the operator list covers the on-device graphs too, and every trainer test runs on such a bundle.
+    export_adapter(ExportConfig(adapter=adapter, out=out, mode="swappable", on_device=on_device, ort=True))
     return out
 
 
@@ -147,6 +148,18 @@ def test_the_manifest_lists_the_on_device_graphs_and_splits_every_per_user_tenso
     # The XNNPACK-delegated program, checked at export: so the ExecuTorch parity tests below run the delegate.
     assert section["program_backend"] == report["program_backend"] == "xnnpack"
     assert report["program_fallback_reason"] is None and report["program_gradient_max_abs_diff"] <= 1e-5
+
+
+def test_the_operators_list_covers_the_on_device_graphs(exported: Path) -> None:
+    manifest = json.loads((exported / MANIFEST_FILE).read_text())
+    graphs = json.loads((exported / "report.json").read_text())["required_operators"]["graphs"]
+    assert graphs == ["backbone.ort", "on_device/prefix.onnx", "on_device/train_step.onnx"]
+    assert not (exported / "on_device" / "train_step.ort").exists()  # converted for the list only, not shipped
+    operators = config_operators(exported / manifest["required_operators"])["ai.onnx"]
+    inference, step = onnx_operators(exported / "backbone.onnx"), onnx_operators(exported / "on_device/train_step.onnx")
+    assert operators <= inference | step | onnx_operators(exported / "on_device/prefix.onnx")
+    # The step graph's loss and backward need operators no inference graph has: they must be in the list.
+    assert {"LogSoftmax", "ScatterElements"} <= operators and not {"LogSoftmax", "ScatterElements"} & inference
 
 
 def test_one_step_computes_torchs_gradients(bundle: Path, adapter: Path) -> None:
