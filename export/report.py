@@ -76,6 +76,10 @@ class ExportReport:
             rows["int8_size_ratio"] = f"{int8['size_ratio']:.2f}x smaller"
             rows["int8_max_abs_diff"] = f"{int8['vs_pytorch']['max_abs_diff']:.2e}"
             rows["int8_argmax_agreement"] = f"{int8['vs_pytorch']['argmax_agreement']:.0%}"
+            shipped = int8.get("shipped_graph_on_this_host")  # absent in bundles exported before it was added
+            if shipped is not None and int8["vs_pytorch"].get("measured_on") != shipped["graph"]:
+                rows["int8_measured_on"] = int8["vs_pytorch"]["measured_on"]
+                rows["int8_max_abs_diff shipped graph here"] = f"{shipped['max_abs_diff']:.2e}"
         if "ort" in self.variants:
             rows["ort_files"] = ", ".join(sorted(self.variants["ort"]))
         if REQUIRED_OPERATORS in self.variants:

@@ -2,12 +2,15 @@
 
 The fp32 graph has passed the parity check (1e-4) before any of this runs. An int8 graph is not
 held to that: its argmax agreement and max abs diff with a freshly loaded PyTorch model are
-reported, and the export fails only if the graph cannot be loaded or run. An ``.ort`` copy must
+reported, and the export fails only if the graph cannot be loaded or run. On x86 hosts those
+figures come from a ``reduce_range`` copy, which computes what the phone does (export/quantize.py);
+the shipped graph's own figures on this host are reported beside them. An ``.ort`` copy must
 compute what its ``.onnx`` does (fp32: within the parity tolerance; int8: reported).
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,7 +26,8 @@ from export.evaluation import evaluate
 from export.loading import bundled_batches, load_for_export
 from export.ort_format import convert_to_ort, ort_file
 from export.parity import Feeds, RunGraph, measure_parity
-from export.quantize import QUANTIZATION, int8_file, quantize_graph
+from export.quantize import QUANTIZATION, REDUCE_RANGE, int8_file, parity_quantization, quantize_graph
+from fedadapt.model.adapter_model import AdapterModel
 
 _T = TypeVar("_T")
 
@@ -53,9 +57,7 @@ def write_variants(
         quantized = int8_file(graph_file)
         seconds = quantize_graph(staging / graph_file, staging / quantized, per_user)
         runners[quantized] = _loaded(make_runner, staging / quantized)
-        parity = _run_checked(
-            quantized, lambda: measure_parity(runners[quantized], reference, batches, config.atol, len(config.texts))
-        )
+        measure = partial(_vs_pytorch, reference=reference, batches=batches, config=config)
         fp32_bytes, int8_bytes = (staging / graph_file).stat().st_size, (staging / quantized).stat().st_size
         variants.graphs[quantized] = {"precision": "int8", "format": "onnx", "source": graph_file}
         variants.report["int8"] = {
@@ -65,11 +67,7 @@ def write_variants(
             "bytes": int8_bytes,
             "fp32_bytes": fp32_bytes,
             "size_ratio": round(fp32_bytes / int8_bytes, 3),
-            "vs_pytorch": {
-                "max_abs_diff": parity.max_abs_diff,
-                "argmax_agreement": parity.argmax_agreement,
-                "texts": len(config.texts),
-            },
+            **_int8_parity(staging, graph_file, runners[quantized], make_runner, per_user, measure),
         }
     if config.ort:
         variants.report["ort"] = _write_ort(config, staging, runners, batches, variants.graphs, make_runner)
@@ -77,6 +75,40 @@ def write_variants(
         onnx_graphs = {file: runners[file] for file, entry in variants.graphs.items() if entry["format"] == "onnx"}
         variants.report["eval"] = evaluate(config.eval_data, reference, onnx_graphs)
     return variants
+
+
+def _int8_parity(
+    staging: Path,
+    graph_file: str,
+    shipped: RunGraph,
+    make_runner: MakeRunner,
+    per_user: Collection[str],
+    measure: Callable[[str, RunGraph], dict[str, Any]],
+) -> dict[str, Any]:
+    """``vs_pytorch``: what the phone computes (x86 hosts: a reduce_range copy); and the shipped graph on this host."""
+    quantized, how = int8_file(graph_file), parity_quantization()
+    on_host = measure(quantized, shipped)
+    measured_on, figures = quantized, on_host
+    if how["reduce_range"] != REDUCE_RANGE:
+        measured_on = f"a copy of {quantized} quantized with reduce_range={how['reduce_range']} (not in the bundle)"
+        # In the staging folder, removed before its files are listed for the manifest.
+        with tempfile.TemporaryDirectory(prefix=".int8-parity-", dir=staging) as scratch:
+            path = Path(scratch) / quantized
+            quantize_graph(staging / graph_file, path, per_user, reduce_range=how["reduce_range"])
+            figures = measure(measured_on, _loaded(make_runner, path))
+    return {
+        "vs_pytorch": {**figures, "measured_on": measured_on, **how},
+        "shipped_graph_on_this_host": {**on_host, "graph": quantized, "host": how["host"]},
+    }
+
+
+def _vs_pytorch(
+    name: str, run_graph: RunGraph, reference: AdapterModel, batches: dict[str, Feeds], config: ExportConfig
+) -> dict[str, Any]:
+    """Max abs diff and argmax agreement of ``run_graph`` with the freshly loaded PyTorch model on the parity texts."""
+    texts = len(config.texts)
+    parity = _run_checked(name, lambda: measure_parity(run_graph, reference, batches, config.atol, texts))
+    return {"max_abs_diff": parity.max_abs_diff, "argmax_agreement": parity.argmax_agreement, "texts": texts}
 
 
 def _write_ort(

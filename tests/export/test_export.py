@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,8 @@ if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
     sys.path.insert(0, str(PROJECT_ROOT))
 
 import export.parity  # noqa: E402
+import export.quantize  # noqa: E402
+import export.variants  # noqa: E402
 from export.bundle import file_entries, read_bundle_manifest  # noqa: E402
 from export.bundle_verify import check_files  # noqa: E402
 from export.config import ExportConfig  # noqa: E402
@@ -748,6 +751,10 @@ def test_int8_export_is_smaller_and_reports_agreement(quantized: dict[str, Path]
     assert int8["bytes"] == (folder / int8["graph"]).stat().st_size < (folder / f"{stem}.onnx").stat().st_size / 2
     assert int8["vs_pytorch"]["argmax_agreement"] >= 0.5 and 0 < int8["vs_pytorch"]["max_abs_diff"] < 1
     assert int8["quantization"]["weight_type"] == "QInt8" and int8["quantization"]["per_user_tensors"] == "float32"
+    assert int8["quantization"]["reduce_range"] is False  # what ships: phones are ARM
+    on_x86 = platform.machine().lower() in export.quantize.X86_MACHINES
+    assert int8["vs_pytorch"]["reduce_range"] is on_x86 and int8["vs_pytorch"]["host"] == platform.machine()
+    assert int8["shipped_graph_on_this_host"]["graph"] == f"{stem}.int8.onnx"
     assert manifest["graphs"] == {
         f"{stem}.onnx": {"precision": "fp32", "format": "onnx"},
         f"{stem}.int8.onnx": {"precision": "int8", "format": "onnx", "source": f"{stem}.onnx"},
@@ -756,6 +763,39 @@ def test_int8_export_is_smaller_and_reports_agreement(quantized: dict[str, Path]
     }
     assert manifest["graph"] == f"{stem}.onnx" and set(manifest["graphs"]) <= set(manifest["files"])
     assert manifest["files"] == file_entries(folder)
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "AMD64", "arm64", "aarch64"])
+def test_int8_parity_on_x86_uses_a_reduce_range_copy_and_ships_the_full_range_graph(
+    quantized: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, machine: str
+) -> None:
+    calls: list[bool] = []
+
+    def recorded(*args: Any, reduce_range: bool = False) -> float:
+        calls.append(reduce_range)
+        return export.quantize.quantize_graph(*args, reduce_range=reduce_range)
+
+    monkeypatch.setattr(export.quantize, "host_machine", lambda: machine)
+    monkeypatch.setattr(export.variants, "quantize_graph", recorded)
+    out = tmp_path / "out"
+    export_adapter(ExportConfig(adapter=quantized["alice"], out=out, quantize="int8"))
+    int8 = _read_json(out / "report.json")["int8"]
+    vs_pytorch, shipped = int8["vs_pytorch"], int8["shipped_graph_on_this_host"]
+    x86 = machine in ("x86_64", "AMD64")
+    assert calls == ([False, True] if x86 else [False]) and vs_pytorch["reduce_range"] is x86
+    assert vs_pytorch["host"] == shipped["host"] == machine and machine in vs_pytorch["reason"]
+    assert shipped["graph"] == "model.int8.onnx" and 0 < shipped["max_abs_diff"] < 1
+    if x86:  # the figure is the copy's: another graph, so other logits
+        assert "reduce_range=True" in vs_pytorch["measured_on"] and "not in the bundle" in vs_pytorch["measured_on"]
+        assert vs_pytorch["max_abs_diff"] != shipped["max_abs_diff"]
+    else:
+        assert vs_pytorch["measured_on"] == "model.int8.onnx"
+        assert {k: vs_pytorch[k] for k in ("max_abs_diff", "argmax_agreement")} == {
+            k: shipped[k] for k in ("max_abs_diff", "argmax_agreement")
+        }
+    # reduce_range never reaches the shipped graph: it is the same bytes whatever the host (the fixture's too).
+    assert (out / "model.int8.onnx").read_bytes() == (quantized["merged"] / "model.int8.onnx").read_bytes()
+    assert _read_json(out / "manifest.json")["files"] == file_entries(out)  # no scratch copy left behind
 
 
 def _runner(folder: Path, graph: str, user: str | None = None) -> Callable[[list[str]], np.ndarray]:
