@@ -752,8 +752,8 @@ def test_int8_export_is_smaller_and_reports_agreement(quantized: dict[str, Path]
     assert int8["vs_pytorch"]["argmax_agreement"] >= 0.5 and 0 < int8["vs_pytorch"]["max_abs_diff"] < 1
     assert int8["quantization"]["weight_type"] == "QInt8" and int8["quantization"]["per_user_tensors"] == "float32"
     assert int8["quantization"]["reduce_range"] is False  # what ships: phones are ARM
-    on_x86 = platform.machine().lower() in export.quantize.X86_MACHINES
-    assert int8["vs_pytorch"]["reduce_range"] is on_x86 and int8["vs_pytorch"]["host"] == platform.machine()
+    here = export.quantize.parity_quantization()  # this host: x86 without VNNI measures a reduce_range copy
+    assert {k: int8["vs_pytorch"][k] for k in here} == here and here["host"] == platform.machine()
     assert int8["shipped_graph_on_this_host"]["graph"] == f"{stem}.int8.onnx"
     assert manifest["graphs"] == {
         f"{stem}.onnx": {"precision": "fp32", "format": "onnx"},
@@ -765,9 +765,18 @@ def test_int8_export_is_smaller_and_reports_agreement(quantized: dict[str, Path]
     assert manifest["files"] == file_entries(folder)
 
 
-@pytest.mark.parametrize("machine", ["x86_64", "AMD64", "arm64", "aarch64"])
-def test_int8_parity_on_x86_uses_a_reduce_range_copy_and_ships_the_full_range_graph(
-    quantized: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, machine: str
+@pytest.mark.parametrize(
+    ("machine", "saturates", "copy"),
+    [("x86_64", True, True), ("AMD64", True, True), ("x86_64", False, False), ("arm64", True, False)],
+    ids=["x86-avx2", "windows-avx2", "x86-vnni", "arm64-not-probed"],
+)
+def test_int8_parity_on_a_saturating_x86_host_uses_a_reduce_range_copy_and_ships_the_full_range_graph(
+    quantized: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    machine: str,
+    saturates: bool,
+    copy: bool,
 ) -> None:
     calls: list[bool] = []
 
@@ -776,26 +785,35 @@ def test_int8_parity_on_x86_uses_a_reduce_range_copy_and_ships_the_full_range_gr
         return export.quantize.quantize_graph(*args, reduce_range=reduce_range)
 
     monkeypatch.setattr(export.quantize, "host_machine", lambda: machine)
+    monkeypatch.setattr(export.quantize, "int8_products_saturate", lambda: saturates)
     monkeypatch.setattr(export.variants, "quantize_graph", recorded)
     out = tmp_path / "out"
     export_adapter(ExportConfig(adapter=quantized["alice"], out=out, quantize="int8"))
     int8 = _read_json(out / "report.json")["int8"]
     vs_pytorch, shipped = int8["vs_pytorch"], int8["shipped_graph_on_this_host"]
-    x86 = machine in ("x86_64", "AMD64")
-    assert calls == ([False, True] if x86 else [False]) and vs_pytorch["reduce_range"] is x86
-    assert vs_pytorch["host"] == shipped["host"] == machine and machine in vs_pytorch["reason"]
-    assert shipped["graph"] == "model.int8.onnx" and 0 < shipped["max_abs_diff"] < 1
-    if x86:  # the figure is the copy's: another graph, so other logits
+    assert calls == ([False, True] if copy else [False]) and vs_pytorch["reduce_range"] is copy
+    assert vs_pytorch["host_saturates_u8s8"] is copy and vs_pytorch["host"] == shipped["host"] == machine
+    assert machine in vs_pytorch["reason"] and shipped["graph"] == "model.int8.onnx" and 0 < shipped["max_abs_diff"] < 1
+    if copy:  # the figure is the copy's: another graph, so other logits
         assert "reduce_range=True" in vs_pytorch["measured_on"] and "not in the bundle" in vs_pytorch["measured_on"]
         assert vs_pytorch["max_abs_diff"] != shipped["max_abs_diff"]
     else:
         assert vs_pytorch["measured_on"] == "model.int8.onnx"
-        assert {k: vs_pytorch[k] for k in ("max_abs_diff", "argmax_agreement")} == {
-            k: shipped[k] for k in ("max_abs_diff", "argmax_agreement")
-        }
+        figures = ("max_abs_diff", "argmax_agreement")
+        assert {k: vs_pytorch[k] for k in figures} == {k: shipped[k] for k in figures}
     # reduce_range never reaches the shipped graph: it is the same bytes whatever the host (the fixture's too).
     assert (out / "model.int8.onnx").read_bytes() == (quantized["merged"] / "model.int8.onnx").read_bytes()
     assert _read_json(out / "manifest.json")["files"] == file_entries(out)  # no scratch copy left behind
+
+
+def test_the_saturation_probe_tells_exact_from_saturated_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    depth = export.quantize.SATURATION_PROBE_DEPTH
+    saturated = (depth // 2) * 32767  # u8xs8 products added in int16 pairs, each pair clipped (vpmaddubsw)
+    assert 0 < export.quantize._probe_sum() <= export.quantize.SATURATION_PROBE_EXACT  # clipping can only lower it
+    monkeypatch.setattr(export.quantize, "_probe_sum", lambda: saturated)
+    assert export.quantize.int8_products_saturate() is True
+    monkeypatch.setattr(export.quantize, "_probe_sum", lambda: export.quantize.SATURATION_PROBE_EXACT)
+    assert export.quantize.int8_products_saturate() is False
 
 
 def _runner(folder: Path, graph: str, user: str | None = None) -> Callable[[list[str]], np.ndarray]:
