@@ -25,7 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dp_accounting
 import pytest
+from dp_accounting.rdp import RdpAccountant
 from helpers import write_tiny_scenario
 from test_deployment import BIN, _flower_env, _popen, _stop, _Tree, _watch, no_process_left  # noqa: F401
 from waiting import scaled
@@ -203,8 +205,11 @@ def test_killed_node_and_straggler_are_left_out_then_both_rejoin(tiny_bert: Path
 def test_secagg_fails_beyond_its_tolerance_then_recovers_a_node_killed_mid_round(
     tiny_bert: Path, tmp_path: Path
 ) -> None:
+    """With distributed DP on top (issue 22's loopback test): the failed round spends no privacy, and the round a
+    device is killed in is accounted with the noise of the two shares that made it into the sum."""
     _skip_without_flower()
-    privacy = {"mode": "secagg+", "num-shares": 3, "reconstruction-threshold": 2}
+    dp = {"mode": "distributed", "noise-multiplier": 1.0, "clip": 1.0, "delta": 1e-3}
+    privacy = {"mode": "secagg+", "num-shares": 3, "reconstruction-threshold": 2, "dp": dp}
     # Round 3's stall of device 2 holds its masked-input ClientApp past the kill below, so the kill lands in
     # that stage however fast the warm child trains (a kill after it replied would hit the consistency stage).
     faults = [(2, 1, "stall"), (2, 2, "stall"), (3, 2, "stall")]
@@ -233,6 +238,14 @@ def test_secagg_fails_beyond_its_tolerance_then_recovers_a_node_killed_mid_round
     assert third["accepted"] == 2 and "error" not in third, third
     assert [d["stage"] for d in third["dropped"]] == [MASKED] and "Node Unavailable" in third["dropped"][0]["reason"]
     assert third["stages"]["secagg-unmask"]["replies"] == 2
-    assert _partitions(third) == {0, 1} and 0 < third["total_examples"] < rounds[0]["total_examples"]
+    assert _partitions(third) == {0, 1} and (third["total_examples"], rounds[0]["total_examples"]) == (2, 3)
     assert third["loss"] != second["loss"]  # the aggregate moved the global state
+    # DP: every device weighs 1; round 2 released nothing; round 3 had 2 of the 3 planned noise shares.
+    assert [r["dp"]["accounted"] for r in rounds] == [True, False, True]
+    assert [r["dp"]["noise_multiplier"] for r in (rounds[0], third)] == [1.0, pytest.approx((2 / 3) ** 0.5)]
+    accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for z in (1.0, (2 / 3) ** 0.5):
+        accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(3, 3, dp_accounting.GaussianDpEvent(z / 2)))
+    assert metrics["summary"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-3), rel=1e-9)
+    assert second["epsilon"] == rounds[0]["epsilon"] < third["epsilon"]
     assert serve.tree.alive() == []
