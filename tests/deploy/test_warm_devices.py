@@ -1,4 +1,5 @@
 """Warm devices on a real loopback deployment (issue 20): one warm parent per device serves every round.
+The run uses central DP (issue 22), so it is also the central mode's loopback test.
 
 ``fedadapt serve --local-supernodes 2 --insecure``, the tiny BERT, 3 rounds; device 1 raises in round 2
 (a scripted crash: the ClientApp raises after training). Each device's log must show one warm parent that
@@ -41,7 +42,9 @@ def test_each_device_serves_every_round_from_one_warm_parent_even_after_a_task_r
         pytest.skip("flower-superlink is not installed beside this Python")
     values = {"data": "synthetic", "partition": "natural", "num-clients": NODES, "rounds": ROUNDS}
     values["scripted-faults"] = [{"round": 2, "client": 1, "fault": "crash"}]
-    scenario = write_tiny_scenario(tmp_path, tiny_bert, name="tiny-warm", **values)
+    # Central DP on top (issue 22's loopback test of the central mode): ε in every round of a real deployment.
+    dp = {"mode": "central", "noise-multiplier": 1.0, "clip": 1.0, "delta": 1e-3}
+    scenario = write_tiny_scenario(tmp_path, tiny_bert, {"mode": "none", "dp": dp}, name="tiny-warm", **values)
     out, tree = tmp_path / "run", _Tree()
     command = [sys.executable, "-m", "fedadapt.cli", "serve", "--config", str(scenario), "--insecure"]
     command += ["--local-supernodes", str(NODES), "--rounds", str(ROUNDS), "--out", str(out)]
@@ -60,6 +63,9 @@ def test_each_device_serves_every_round_from_one_warm_parent_even_after_a_task_r
     assert metrics["complete"] and [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[0]["accepted"] == NODES and rounds[2]["accepted"] == NODES, rounds
     assert rounds[1]["accepted"] == 1 and len(rounds[1]["rejected"]) == 1, rounds[1]
+    epsilons = [r["epsilon"] for r in rounds]
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2] == metrics["summary"]["epsilon"]
+    assert all(r["dp"]["accounted"] and r["dp"]["population"] == NODES for r in rounds)
     for index in range(NODES):
         log = (out / serve_module.SUPERNODE_LOG.format(index=index)).read_text(errors="replace")
         assert log.count(warm_executor.READY_LINE) == 1, log[-3000:]  # warmed up once
