@@ -28,10 +28,15 @@ from fedadapt.fleet.scenario import (
 from fedadapt.fleet.scenario_file import MAX_SCENARIO_BYTES, load_scenario
 from fedadapt.methods import METHODS
 from fedadapt.privacy.config import PRIVACY_BOUNDS, PrivacyConfig
+from fedadapt.privacy.dp.config import ADAPTIVE_KEYS, DP_BOUNDS, DpConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 README = PROJECT_ROOT / "simulations" / "README.md"
-ALL_BOUNDS = SCENARIO_BOUNDS | {f"privacy.{key}": bound for key, bound in PRIVACY_BOUNDS.items()}
+ALL_BOUNDS = (
+    SCENARIO_BOUNDS
+    | {f"privacy.{key}": bound for key, bound in PRIVACY_BOUNDS.items()}
+    | {f"privacy.dp.{key}": bound for key, bound in DP_BOUNDS.items()}
+)
 # Files are not opened by scenario_from_dict: naming one lifts the synthetic task's messages cap, so each key's
 # own range is what is tested.
 FILE_DATA = "train.csv"
@@ -123,6 +128,11 @@ def test_long_lists_are_refused() -> None:
 def _scenario(key: str, value: Any) -> ScenarioConfig:
     """A scenario whose only unusual value is ``key = value``, with what that key needs around it."""
     data: dict[str, Any] = {"data": FILE_DATA, "num-clients": SCENARIO_BOUNDS["num-clients"].high}
+    if key.startswith("privacy.dp."):
+        name = key.removeprefix("privacy.dp.")
+        noise = {} if name in ("noise-multiplier", "target-epsilon") else {"noise-multiplier": 1.0}
+        clip = {"clip": "adaptive", "initial-clip": 0.1} if name in ADAPTIVE_KEYS else {}
+        return scenario_from_dict({**data, "privacy": {"dp": {**noise, **clip, name: value}}})
     if key.startswith("privacy."):
         name = key.removeprefix("privacy.")
         privacy: dict[str, Any] = {"num-shares": 1000, "reconstruction-threshold": 1000, name: value}
@@ -168,6 +178,8 @@ def _inside_ends(bound: Bound) -> list[float]:
 
 
 def _value_of(scenario: ScenarioConfig, key: str) -> Any:
+    if key.startswith("privacy.dp."):
+        return getattr(scenario.privacy.dp, key.removeprefix("privacy.dp.").replace("-", "_"))
     if key.startswith("privacy."):
         return getattr(scenario.privacy, key.removeprefix("privacy.").replace("-", "_"))
     if key.startswith("scripted-faults."):
@@ -229,6 +241,9 @@ def test_every_numeric_field_has_a_range() -> None:
     keys |= {
         f"privacy.{f.name.replace('_', '-')}" for f in dataclasses.fields(PrivacyConfig) if numeric.search(str(f.type))
     }
+    keys |= {
+        f"privacy.dp.{f.name.replace('_', '-')}" for f in dataclasses.fields(DpConfig) if numeric.search(str(f.type))
+    }
     keys |= {  # every built-in method's numeric settings, for the [method-settings] table
         f"method-settings.{f.name.replace('_', '-')}"
         for config_class in METHODS.values()
@@ -262,7 +277,7 @@ def _readme_rows() -> dict[str, str]:
 @pytest.mark.parametrize("key", sorted(ALL_BOUNDS))
 def test_the_readme_states_each_range(key: str) -> None:
     rows = _readme_rows()
-    base, _, field = key.removeprefix("privacy.").partition(".")
+    base, _, field = key.removeprefix("privacy.dp.").removeprefix("privacy.").partition(".")
     assert base in rows, f"simulations/README.md has no row for `{base}`"
     assert str(ALL_BOUNDS[key]) in rows[base], (key, rows[base])
     if field:
