@@ -35,6 +35,8 @@ DATA_PATH = "data-path"  # the device's own data file (else its partition of the
 IDENTITY_KEY = "identity-key"  # the device's ECDSA P-384 key (its SuperNode key): signs its SecAgg+ messages
 ROSTER = "roster"  # the devices' public keys, one OpenSSH line each: whom SecAgg+ messages may come from
 REQUIRE_PRIVACY = "require-privacy"  # the weakest privacy mode this device takes part in: none | aead | secagg+
+REQUIRE_DP = "require-dp"  # "distributed": take part only where the device noises its own delta before masking
+DP_REQUIREMENTS = ("", "distributed")
 PREFIX_CACHE_MB = "prefix-cache-mb"  # MiB the device's frozen-prefix cache may take in its state folder
 DEVICE_ROOT_ENV = "FEDADAPT_DEVICE_ROOT"  # simulation: the folder every virtual device keeps its files in
 DEFAULT_STATE_DIR = Path("~/.fedadapt/device")  # a device with no state-dir configured
@@ -53,6 +55,7 @@ class Device:
     roster: Path | None = None
     required_privacy: str = "none"  # the run config (the server's word) cannot take the device below this
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
+    required_dp: str = ""  # "distributed": the device refuses runs where it does not add its own noise share
 
     def in_scenario(self, scenario: ScenarioConfig) -> DeviceContext:
         """This device as a round in ``scenario`` takes it (``fedadapt.fleet.device_round``)."""
@@ -75,7 +78,11 @@ def device_from_config(node_config: Mapping[str, Any], environ: Mapping[str, str
     if required not in MODES:
         raise ConfigError(f"node config {REQUIRE_PRIVACY!r} must be one of {MODES}, got {required!r}")
     cache_bytes = _prefix_cache_bytes(node_config)
-    return Device(partition_id, state_dir, _path(node_config, DATA_PATH), identity, roster, required, cache_bytes)
+    required_dp = str(node_config.get(REQUIRE_DP, "") or "")
+    if required_dp not in DP_REQUIREMENTS:
+        raise ConfigError(f"node config {REQUIRE_DP!r} must be 'distributed' or left out, got {required_dp!r}")
+    data = _path(node_config, DATA_PATH)
+    return Device(partition_id, state_dir, data, identity, roster, required, cache_bytes, required_dp)
 
 
 def enforce_privacy_policy(device: Device, privacy: PrivacyConfig) -> None:
@@ -94,6 +101,12 @@ def enforce_privacy_policy(device: Device, privacy: PrivacyConfig) -> None:
         raise ConfigError(
             f"this device requires secagg+ against a malicious server (node config {REQUIRE_PRIVACY!r}), the run "
             "sets assume-honest-server = true: it does not take part"
+        )
+    if device.required_dp == "distributed" and (privacy.dp is None or privacy.dp.mode != "distributed"):
+        asked = "no differential privacy" if privacy.dp is None else f"{privacy.dp.mode} DP"
+        raise ConfigError(
+            f"this device requires distributed DP (node config {REQUIRE_DP!r}): it adds its own noise share before "
+            f"its delta leaves it; the run asks for {asked}: it does not take part"
         )
 
 

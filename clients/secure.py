@@ -59,7 +59,7 @@ def run_stage(msg: Message, context: Context, run: FleetRun, sealer: ClientSeale
         # The server can only check the total: an honest device keeps its own weight within the cap.
         num_examples = min(update.num_examples, run.scenario.max_examples_per_client)
         if privacy.dp is not None:  # clipped (and noised, distributed) here: the server only sees the sum
-            vector = _private_vector(vector, run, config.get(protocol.DP_CLIP))
+            vector = _private_vector(vector, run, config.get(protocol.DP_CLIP), server_round)
             num_examples = 1  # DP-FedAvg: every device weighs the same, whatever its data
         step = secagg_client.mask(privacy, server_round, session, vector, num_examples)
         schema_id = update.schema.schema_id
@@ -116,18 +116,33 @@ def _train(msg: Message, run: FleetRun, device: Device, server_round: int) -> Lo
     return train_client_update(fleet_device, payload_bytes(msg, protocol.ADAPTER_STATE), server_round)
 
 
-def _private_vector(vector: np.ndarray, run: FleetRun, server_clip: object) -> np.ndarray:
-    """The device's DP vector (fedadapt.privacy.dp.device): every parameter but the clip norm from its own scenario."""
-    from fedadapt.privacy.dp.device import private_vector, round_clip  # dp_accounting: DP runs only
+def _private_vector(vector: np.ndarray, run: FleetRun, server_clip: object, server_round: int) -> np.ndarray:
+    """The device's DP vector (fedadapt.privacy.dp.device): every parameter but the clip norm from its own scenario.
+
+    The noise was sized for the scenario's rounds: a round beyond them would spend privacy nobody planned for.
+    """
+    from fedadapt.privacy.dp.device import needed_clipping_range, private_vector, round_clip  # DP runs only
 
     scenario = run.scenario
     dp = scenario.privacy.dp
     assert dp is not None
+    if server_round > scenario.rounds:
+        raise SecAggError(
+            f"round {server_round} is beyond the scenario's {scenario.rounds}: the DP noise was planned for those; "
+            "this device does not take part"
+        )
     try:
         clip = round_clip(dp, server_clip)
     except ConfigError as err:
         raise SecAggError(f"the server's round config is unusable for DP: {err}") from None
-    return private_vector(vector, dp, clip, scenario.num_clients, scenario.sample_size, scenario.rounds)
+    sizes = (scenario.num_clients, scenario.sample_size, scenario.rounds)
+    needed = needed_clipping_range(dp, clip, *sizes)
+    if scenario.privacy.clipping_range < needed:
+        raise SecAggError(
+            f"privacy clipping-range {scenario.privacy.clipping_range:g} would clip this device's DP values (clip "
+            f"norm {clip:g} and noise): it needs at least {needed:.4g}; this device does not take part"
+        )
+    return private_vector(vector, dp, clip, *sizes)
 
 
 def _delta_vector(update: LocalUpdate, max_norm: float | None) -> tuple[np.ndarray, bool]:

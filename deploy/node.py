@@ -46,6 +46,7 @@ class NodeConfig:
     port: int | None = None  # the SuperNode's own ClientAppIo port; None: a free one
     require_privacy: str = "none"  # the weakest privacy mode the device takes part in (the run config can't lower it)
     prefix_cache_mb: float | None = None  # MiB its frozen-prefix cache may take in state_dir; None: the default
+    require_dp: bool = False  # take part only in runs where the device adds its own DP noise share (distributed)
     cold: bool = False  # Flower's fresh process per message instead of the warm executor
 
     def __post_init__(self) -> None:
@@ -70,6 +71,8 @@ class NodeConfig:
             raise ConfigError(f"--require-privacy must be one of {MODES}, got {self.require_privacy!r}")
         if self.require_privacy == "secagg+" and (self.roster is None or self.auth_key is None):
             raise ConfigError("--require-privacy secagg+ needs --roster and --auth-key (the device signs with its key)")
+        if self.require_dp and self.require_privacy != "secagg+":
+            raise ConfigError("--require-dp needs --require-privacy secagg+: distributed DP runs only under secagg+")
         if self.roster is not None and not self.roster.is_file():
             raise ConfigError(f"--roster {self.roster} does not exist")
         if self.data is not None and not self.data.exists():
@@ -89,6 +92,8 @@ class NodeConfig:
         if self.roster is not None:
             node_config += f' roster="{self.roster.resolve()}"'
         node_config += f' require-privacy="{self.require_privacy}"'
+        if self.require_dp:
+            node_config += ' require-dp="distributed"'
         if self.prefix_cache_mb is not None:
             node_config += f" prefix-cache-mb={self.prefix_cache_mb!r}"
         command = [find_tool("flower-supernode"), "--superlink", self.superlink]

@@ -353,6 +353,13 @@ def node(
         ),
     ] = None,
     cold_devices: Annotated[bool, typer.Option(help=COLD_DEVICES_HELP)] = False,
+    require_dp: Annotated[
+        bool,
+        typer.Option(
+            help="Take part only in runs with distributed differential privacy: this device adds its own noise "
+            "share before its delta leaves it (needs --require-privacy secagg+)."
+        ),
+    ] = False,
 ) -> None:
     """Join a federation as one device: a Flower SuperNode that runs fedadapt's ClientApp."""
     if ctx.invoked_subcommand is not None:
@@ -376,6 +383,7 @@ def node(
         require_privacy=require_privacy,
         prefix_cache_mb=prefix_cache_mb,
         cold=cold_devices,
+        require_dp=require_dp,
     )
     raise typer.Exit(launcher.run_node(config))
 

@@ -99,6 +99,9 @@ class Federation:
         # Client-level differential privacy ([privacy.dp]): the noise is fixed (or solved) here, before round 1.
         dp, scenario = self.privacy.dp, self.scenario
         self.dp = None if dp is None else DpRounds(dp, scenario.num_clients, scenario.sample_size, scenario.rounds)
+        if self.dp is not None and self.privacy.secure_aggregation:
+            values = self.schema.num_params("shared") + self.dp.extra_values
+            self.dp.secure(self.privacy.clipping_range, self.privacy.quantization_step, values)
         self.stopped: str | None = None  # why the run ended before its planned rounds (max-epsilon)
         self._started = False  # whether this process has run a round yet (the first waits for the fleet)
         self._key: bytes | None = None  # the checkpoint key, read or made when the first checkpoint is written
@@ -170,7 +173,8 @@ class Federation:
         nodes = wait_for_nodes(grid, self.scenario.sample_size, timeout, minimum=None if first else minimum)
         rng = random.Random(self._secret_seed(server_round, "sampling")) if self.run_secret else self.rng
         sampled = sorted(rng.sample(sorted(nodes), min(self.scenario.sample_size, len(nodes))))
-        if self.dp is not None and self.dp.exceeds_budget(len(nodes), len(sampled)):
+        fewest = max(self.scenario.min_clients, 2 if self.privacy.secure_aggregation else 1)  # a round's fewest
+        if self.dp is not None and self.dp.exceeds_budget(len(nodes), len(sampled), min_survivors=fewest):
             budget = self.dp.config.max_epsilon
             raise BudgetSpent(
                 f"one more round would take ε above max-epsilon {budget} (ε = {self.dp.epsilon:.4g} after "
@@ -272,11 +276,17 @@ class Federation:
         )
         record |= outcome.record
         if self.dp is not None:
+            decoded = outcome.vector is not None  # the server learnt the round's (noised) sum
             outcome.mean, unclipped = self._private_mean(outcome, record, len(sampled))
             aggregated = outcome.mean is not None and record["accepted"] >= self.scenario.min_clients
-            survivors = record["accepted"] if aggregated else None
+            # Distributed DP protects against the server itself: a sum it decoded is spent, applied or not.
+            spent = decoded if self.dp.config.mode == "distributed" else aggregated
             record[RECORD_KEY] = self.dp.finish_round(
-                population, len(sampled), aggregated, unclipped=unclipped, survivors=survivors
+                population,
+                len(sampled),
+                spent,
+                unclipped=unclipped if aggregated else None,
+                survivors=record["accepted"] if spent else None,
             )
             record["epsilon"] = record[RECORD_KEY]["epsilon"]
         if outcome.mean is not None and record["accepted"] < self.scenario.min_clients:

@@ -38,6 +38,7 @@ from fedadapt.privacy.dp.adaptive_clip import (
 )
 from fedadapt.privacy.dp.clipping import clip_delta
 from fedadapt.privacy.dp.config import DpConfig
+from fedadapt.privacy.dp.device import encoding_slack, needed_clipping_range, values_range_per_clip
 from fedadapt.privacy.dp.noise import add_gaussian, central_noise_std, effective_noise_multiplier, make_rng
 from fedadapt.privacy.dp.plan import plan_dp
 
@@ -89,11 +90,31 @@ class DpRounds:
         self, config: DpConfig, population: int, sample_size: int, rounds: int, seed: int | None = None
     ) -> None:
         self.config = config
+        self.rounds = rounds
         self.plan = plan_dp(config, population, sample_size, rounds)
         self.accountant = Accountant(config.sampling, self.plan.delta)
         self.adaptive = AdaptiveClip.from_config(config) if config.adaptive else None
         self.clip = config.initial_clip_norm
         self.rng = make_rng(seed)  # seed: tests only (known noise protects nothing)
+        # Under SecAgg+ (``secure``): the encoding can move a clipped vector by up to this much (L2), so a device's
+        # sensitivity is C + slack; and the clip norm may not outgrow what the clipping range carries unclipped.
+        self.encoding_slack = 0.0
+        self.max_clip = math.inf
+
+    def secure(self, privacy_clipping_range: float, quantization_step: float, values: int) -> None:
+        """Set the SecAgg+ limits: the encoding's slack, and the largest clip the clipping range carries.
+
+        ConfigError when the clip norm (fixed, or adaptive's first) already needs more than the clipping range.
+        """
+        n, m, rounds = self.plan.population, self.plan.sample_size, self.rounds
+        if needed_clipping_range(self.config, self.clip, n, m, rounds) > privacy_clipping_range:
+            raise ConfigError(
+                f"privacy clipping-range {privacy_clipping_range:g} would clip the DP values of clip norm "
+                f"{self.clip:g} (with the devices' noise shares): raise it to at least "
+                f"{needed_clipping_range(self.config, self.clip, n, m, rounds):.4g}, or lower the clip"
+            )
+        self.max_clip = privacy_clipping_range / values_range_per_clip(self.config, n, m, rounds)
+        self.encoding_slack = encoding_slack(quantization_step, values)
 
     @property
     def epsilon(self) -> float:
@@ -111,6 +132,13 @@ class DpRounds:
                 )
             if not isinstance(entry, Mapping):
                 raise AccountantStateError(f"round {record.get('round')}: the dp record must be an object")
+            recorded = (entry.get("delta"), entry.get("sampling"), entry.get("mode"))
+            if recorded != (self.plan.delta, self.config.sampling, self.config.mode):
+                raise AccountantStateError(
+                    f"round {record.get('round')} ran with DP (δ, sampling, mode) = {recorded}, this scenario has "
+                    f"{(self.plan.delta, self.config.sampling, self.config.mode)}: ε would mix two accountings; "
+                    "resume with the scenario that started the run"
+                )
             if entry.get("accounted"):
                 events.append([entry.get("noise_multiplier"), entry.get("population"), entry.get("sample_size")])
         state = {"format": "fedadapt-dp-accountant/1", "sampling": self.config.sampling, "delta": self.plan.delta}
@@ -124,13 +152,18 @@ class DpRounds:
             self.adaptive = AdaptiveClip(float(clip), self.adaptive.target_quantile, self.adaptive.learning_rate)
             self.clip = float(clip)
 
-    def exceeds_budget(self, population: int, sample_size: int) -> bool:
-        """Whether one more round of m of n devices would take ε above max-epsilon (False without a budget)."""
+    def exceeds_budget(self, population: int, sample_size: int, min_survivors: int = 1) -> bool:
+        """Whether one more round of m of n devices could take ε above max-epsilon (False without a budget).
+
+        In distributed mode a round may end with as few as ``min_survivors`` noise shares in its sum (fewer shares:
+        less noise, a higher cost), so the round is priced at that worst case before it starts.
+        """
         if self.config.max_epsilon is None:
             return False
-        return self.accountant.next_round_exceeds(
-            float(self.config.max_epsilon), self.plan.noise_multiplier, population, sample_size
-        )
+        z = self.plan.noise_multiplier
+        if self.config.mode == "distributed":
+            z = effective_noise_multiplier(z, min(max(min_survivors, 1), self.plan.sample_size), self.plan.sample_size)
+        return self.accountant.next_round_exceeds(float(self.config.max_epsilon), z, population, sample_size)
 
     def central_sum(self, schema: AdapterSchema, sampled: int) -> DpSum:
         """The aggregator of a central-DP round over ``sampled`` devices (the fixed denominator)."""
@@ -179,6 +212,8 @@ class DpRounds:
         z = self.plan.noise_multiplier
         if self.config.mode == "distributed" and survivors is not None:
             z = effective_noise_multiplier(z, survivors, self.plan.sample_size)
+        # SecAgg+'s rounding may carry a clipped vector up to C + slack: the noise is z·C over that sensitivity.
+        z *= self.clip / (self.clip + self.encoding_slack)
         entry: dict[str, Any] = {
             "mode": self.config.mode,
             "clip": self.clip,
@@ -192,6 +227,7 @@ class DpRounds:
         else:
             entry["epsilon"] = self.accountant.epsilon
         entry["delta"] = self.plan.delta
+        entry["sampling"] = self.config.sampling
         if clipped_bits is not None:
             entry["clipped"] = sum(bool(b) for b in clipped_bits)
         if self.adaptive is not None and aggregated:
@@ -200,6 +236,9 @@ class DpRounds:
                 unclipped = noisy_unclipped_fraction(clipped_bits, sample_size, stddev, self.rng)
             if unclipped is not None:
                 self.adaptive = self.adaptive.next(unclipped)
+                if self.adaptive.clip > self.max_clip:  # capping a noised estimate: post-processing, no cost
+                    capped = self.max_clip
+                    self.adaptive = AdaptiveClip(capped, self.adaptive.target_quantile, self.adaptive.learning_rate)
                 self.clip = self.adaptive.clip
                 entry["noisy_unclipped_fraction"] = unclipped
         entry["next_clip"] = self.clip

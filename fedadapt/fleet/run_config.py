@@ -71,7 +71,9 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
         _flag(run_config, key) for key in (RUN_RESUME, RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_ACCEPT_UNVERIFIED)
     )
     server_key = str(run_config.get(RUN_SERVER_KEY, ""))
-    scenario = with_overrides(load_scenario(scenario_path), rounds=rounds or None, clients_per_round=per_round or None)
+    written = load_scenario(scenario_path)
+    _check_dp_overrides(written, rounds, per_round)
+    scenario = with_overrides(written, rounds=rounds or None, clients_per_round=per_round or None)
     if full_model:
         scenario = full_model_variant(scenario)
     return FleetRun(
@@ -83,6 +85,28 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
         server_public_key=str(run_config.get(RUN_SERVER_PUBLIC_KEY, "")),
         accept_unverified_checkpoints=accept_unverified,
     )
+
+
+def _check_dp_overrides(scenario: ScenarioConfig, rounds: int, per_round: int) -> None:
+    """Under distributed DP a device sizes its noise share from the scenario's rounds and devices per round; the
+    run config, which the server sets and nobody signs, must not change them (fewer planned rounds or more devices
+    per round would each shrink every share)."""
+    dp = scenario.privacy.dp
+    if dp is None or dp.mode != "distributed":
+        return
+    changed = [
+        f"{key} {value} (the scenario has {written})"
+        for key, value, written in (
+            (RUN_NUM_ROUNDS, rounds, scenario.rounds),
+            (RUN_CLIENTS_PER_ROUND, per_round, scenario.sample_size),
+        )
+        if value and value != written
+    ]
+    if changed:
+        raise ConfigError(
+            f"the run config sets {', '.join(changed)}: under distributed DP each device sizes its noise from the "
+            "scenario file, which the run config may not change; edit rounds or clients-per-round in the scenario"
+        )
 
 
 def phase_variant(scenario: ScenarioConfig, phase: str, out_dir: Path) -> ScenarioConfig:

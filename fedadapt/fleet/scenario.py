@@ -248,6 +248,13 @@ class ScenarioConfig:
         if not isinstance(self.privacy, PrivacyConfig):
             raise ConfigError(f"privacy must be a PrivacyConfig, got {type(self.privacy).__name__}")
         self.privacy.check_fleet(self.sample_size)
+        if self.privacy.dp is not None and self.head_warmup_rounds:
+            # The warm-up runs as its own run: two accountants whose ε nobody adds up would under-report ε.
+            raise ConfigError(
+                f"head-warmup-rounds ({self.head_warmup_rounds}) with [privacy.dp] would account the warm-up and "
+                "the rest as two runs and report only the second's ε; set head-warmup-rounds = 0 (or train the "
+                "head in the DP run itself)"
+            )
 
     def _check_head_warmup(self) -> None:
         """A head warm-up needs rounds after it and an adapter to warm the head up for."""

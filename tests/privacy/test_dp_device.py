@@ -65,3 +65,32 @@ def test_dropped_devices_shares_are_accounted_as_less_noise() -> None:
     assert full["noise_multiplier"] == pytest.approx(1.2) and entry["epsilon"] > full["epsilon"]
     central = DpRounds(DpConfig(noise_multiplier=1.2, clip=0.5, delta=1e-3), N, M, ROUNDS, seed=0)
     assert central.finish_round(N, M, aggregated=True, survivors=6)["noise_multiplier"] == 1.2  # server-added
+
+
+def test_a_device_that_requires_distributed_dp_refuses_runs_without_it() -> None:
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from clients.device import device_from_config, enforce_privacy_policy
+    from fedadapt.fleet.scenario import scenario_from_dict
+
+    device = device_from_config({"partition-id": 0, "require-dp": "distributed", "require-privacy": "secagg+"})
+    secure = {"mode": "secagg+", "num-shares": 3}
+    distributed = scenario_from_dict(
+        {
+            "num-clients": 20,
+            "clients-per-round": 5,
+            "privacy": {**secure, "dp": {"mode": "distributed", "noise-multiplier": 1.0}},
+        }
+    )
+    enforce_privacy_policy(device, distributed.privacy)  # takes part
+    for dp in (None, {"mode": "central", "noise-multiplier": 1.0}):
+        privacy = {**secure, **({"dp": dp} if dp else {})}
+        offered = scenario_from_dict({"num-clients": 20, "clients-per-round": 5, "privacy": privacy})
+        with pytest.raises(ConfigError, match="requires distributed DP"):
+            enforce_privacy_policy(device, offered.privacy)
+    with pytest.raises(ConfigError, match="'require-dp'"):
+        device_from_config({"partition-id": 0, "require-dp": "yes"})

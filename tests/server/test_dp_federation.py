@@ -26,7 +26,7 @@ from server_harness import (
 from fedadapt.aggregate.dp_rounds import DpRounds, DpSum
 from fedadapt.aggregate.validation import CheckedDelta
 from fedadapt.delta.state import AdapterSchema, TensorSpec
-from fedadapt.errors import ConfigError
+from fedadapt.errors import AccountantStateError, ConfigError
 from fedadapt.fleet.scenario import scenario_from_dict
 from fedadapt.privacy.dp.config import DpConfig
 from fedadapt.privacy.keys import generate_server_keys
@@ -159,3 +159,64 @@ def test_the_default_delta_is_refused_for_a_fleet_too_small_for_it() -> None:
     with pytest.raises(ConfigError, match="set delta yourself"):
         DpRounds(DpConfig(noise_multiplier=1.0), population=5, sample_size=4, rounds=2)
     assert json.dumps(DpRounds(DpConfig(noise_multiplier=1.0), 20, 5, 2).summary())  # 1/20^1.1 = 0.037 is fine
+
+
+# --- what an adversarial review found (each test fails on the code before its fix) ------------------------------
+
+
+def test_dp_with_a_head_warmup_is_refused_its_two_runs_would_split_epsilon() -> None:
+    privacy = {"mode": "none", "dp": {"noise-multiplier": 1.0, "delta": 1e-3}}
+    with pytest.raises(ConfigError, match="head-warmup-rounds"):
+        scenario_from_dict({"num-clients": 20, "rounds": 5, "head-warmup-rounds": 2, "privacy": privacy})
+
+
+def test_under_distributed_dp_the_run_config_cannot_shrink_the_devices_noise(tmp_path: Path) -> None:
+    from fedadapt.fleet.run_config import fleet_run_from_config
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(
+        'name = "s"\ndata = "synthetic"\nnum-clients = 20\nrounds = 50\nclients-per-round = 5\n'
+        '[privacy]\nmode = "secagg+"\n[privacy.dp]\nmode = "distributed"\ntarget-epsilon = 3.0\n'
+    )
+    base = {"scenario": str(scenario), "out-dir": str(tmp_path / "run")}
+    assert fleet_run_from_config(base, tmp_path).scenario.rounds == 50
+    for override in ({"num-rounds": 1}, {"clients-per-round": 20}):
+        with pytest.raises(ConfigError, match="may not change"):
+            fleet_run_from_config(base | override, tmp_path)
+    assert fleet_run_from_config(base | {"num-rounds": 50}, tmp_path).scenario.rounds == 50  # the same: fine
+
+
+def test_a_distributed_round_is_priced_at_its_fewest_shares_before_it_starts() -> None:
+    config = DpConfig(mode="distributed", noise_multiplier=3.0, clip=1.0, delta=1e-3, max_epsilon=5.0)
+    rounds = DpRounds(config, 100, 10, 20, seed=0)
+    spent = 0
+    while not rounds.exceeds_budget(100, 10, min_survivors=6):
+        rounds.finish_round(100, 10, aggregated=True, survivors=6)  # every round ends with 6 of 10 shares
+        spent += 1
+    assert spent > 1 and rounds.epsilon <= 5.0  # never over budget, even with the shortfall
+
+
+def test_a_resume_under_another_delta_is_refused() -> None:
+    config = DpConfig(noise_multiplier=1.0, clip=1.0, delta=1e-3)
+    first = DpRounds(config, 100, 10, 5, seed=0)
+    history = [{"round": 1, "dp": first.finish_round(100, 10, aggregated=True, clipped_bits=[False])}]
+    other = DpRounds(DpConfig(noise_multiplier=1.0, clip=1.0, delta=1e-5), 100, 10, 5, seed=0)
+    with pytest.raises(AccountantStateError, match="would mix two accountings"):
+        other.resume(history)
+    same = DpRounds(config, 100, 10, 5, seed=0)
+    same.resume(history)
+    assert same.epsilon == first.epsilon
+
+
+def test_secure_aggregation_limits_the_clip_to_what_its_clipping_range_carries() -> None:
+    distributed = DpConfig(mode="distributed", noise_multiplier=1.0, clip=0.5, delta=1e-3)
+    with pytest.raises(ConfigError, match="raise it to at least"):
+        DpRounds(distributed, 100, 10, 5, seed=0).secure(0.5, 2 / 65536, 1000)  # C + the shares' tails > 0.5
+    adaptive = DpConfig(
+        mode="central", noise_multiplier=1.0, clip="adaptive", initial_clip=0.5, clipped_count_stddev=5.0, delta=1e-3
+    )
+    rounds = DpRounds(adaptive, 100, 10, 5, seed=0)
+    rounds.secure(1.0, 2 / 65536, 1000)
+    rounds.finish_round(100, 10, aggregated=True, unclipped=0.0)  # everyone clipped: C wants to grow
+    rounds.finish_round(100, 10, aggregated=True, unclipped=0.0)
+    assert rounds.clip <= 1.0 == rounds.max_clip

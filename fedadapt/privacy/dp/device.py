@@ -26,6 +26,39 @@ from fedadapt.privacy.dp.noise import device_noise_std, make_rng
 from fedadapt.privacy.dp.plan import cached_plan
 
 CLIP_BOUND = Bound("float", 0, 1e6, low_open=True)
+# SecAgg+ clips every masked value to ±clipping-range: a noised value beyond it would no longer carry the Gaussian
+# noise the accountant assumes. Values stay within C (+ 6 share stds) but for about 2 in 10⁹.
+SHARE_TAIL = 6.0
+
+
+def needed_clipping_range(config: DpConfig, clip: float, population: int, sample_size: int, rounds: int) -> float:
+    """The smallest SecAgg+ clipping-range that leaves a device's DP values unclipped (but for 6-σ tails)."""
+    return max(
+        clip * values_range_per_clip(config, population, sample_size, rounds),
+        bit_range(config, population, sample_size, rounds),
+    )
+
+
+def values_range_per_clip(config: DpConfig, population: int, sample_size: int, rounds: int) -> float:
+    """The range a device's delta values (≤ C, plus its noise share in distributed mode) need, per unit of C."""
+    if config.mode != "distributed":
+        return 1.0
+    plan = cached_plan(config, population, sample_size, rounds)
+    return 1.0 + SHARE_TAIL * device_noise_std(plan.delta_noise_multiplier, 1.0, sample_size)
+
+
+def bit_range(config: DpConfig, population: int, sample_size: int, rounds: int) -> float:
+    """The range the adaptive clip's centred bit (±½, plus its noise share in distributed mode) needs; 0 if fixed."""
+    if not config.adaptive:
+        return 0.0
+    stddev = cached_plan(config, population, sample_size, rounds).clipped_count_stddev or 0.0
+    share = stddev / math.sqrt(sample_size) if config.mode == "distributed" else 0.0
+    return 0.5 + SHARE_TAIL * share
+
+
+def encoding_slack(quantization_step: float, values: int) -> float:
+    """How far SecAgg+'s stochastic rounding can move a vector of ``values`` values (< one step each), in L2."""
+    return quantization_step * math.sqrt(values)
 
 
 def round_clip(config: DpConfig, server_clip: object) -> float:
