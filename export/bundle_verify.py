@@ -8,8 +8,8 @@ Rules, each failure a BundleError naming the file and the field:
 - JSON files are read with a size and a nesting-depth limit (fedadapt.jsonsafe).
 - The manifest's fields have the types and ranges the readers rely on (``check_manifest``).
 - Every path the manifest names (``graph``, ``graphs``, adapter ``file``, ``files``, the on-device
-  graphs, ``required_operators``) is a relative POSIX path with no ``..``, no symlink anywhere
-  along it inside the bundle, and resolves inside it.
+  graphs (and the int8 prefix, when there is one), ``required_operators``) is a relative POSIX path
+  with no ``..``, no symlink anywhere along it inside the bundle, and resolves inside it.
 - A file is used only if ``files`` lists it, and only after its size (first: a huge file is refused
   without being read) and then its sha256 match the manifest; ``read_verified`` returns the bytes
   it hashed, so what was checked is what is used.
@@ -67,6 +67,7 @@ GRAD_PREFIX = "grad."
 ADAPTERS_DIR = "adapters"  # a swappable bundle's users: adapters/<name>.onnx_adapter
 ADAPTER_SUFFIX = ".onnx_adapter"
 ON_DEVICE_FILES = ("prefix", "train_step", "program")
+ON_DEVICE_OPTIONAL_FILES = ("prefix_int8",)  # written with --quantize int8: checked like the others when present
 PROGRAM_BACKENDS = ("xnnpack", "portable")  # what train_step.pte was lowered with: the runtime must register it
 # ``--ort`` bundles: the operators a minimal ONNX Runtime build needs (export/required_operators.py).
 REQUIRED_OPERATORS = "required_operators"
@@ -130,7 +131,7 @@ def named_paths(manifest: Mapping[str, Any]) -> list[str]:
     """Every path a checked manifest names: files, graph, graphs, adapter files, on-device graphs, operators list."""
     adapters = manifest.get("adapters", {})
     on_device = manifest.get(ON_DEVICE_SECTION, {})
-    extra = [on_device[key] for key in ON_DEVICE_FILES if key in on_device]
+    extra = [on_device[key] for key in (*ON_DEVICE_FILES, *ON_DEVICE_OPTIONAL_FILES) if key in on_device]
     extra += [manifest[REQUIRED_OPERATORS]] if REQUIRED_OPERATORS in manifest else []
     return sorted({*manifest["files"], graph_file(manifest), *manifest.get("graphs", {}), *_files_of(adapters), *extra})
 
@@ -249,6 +250,9 @@ def _check_on_device(
         raise BundleError(f"{where}: only a swappable bundle can train on the device (its mode: {manifest['mode']})")
     for key in ON_DEVICE_FILES:
         listed(_path_field(section, key, where), f"{ON_DEVICE_SECTION}.{key}")
+    for key in ON_DEVICE_OPTIONAL_FILES:
+        if key in section:
+            listed(_path_field(section, key, where), f"{ON_DEVICE_SECTION}.{key}")
     for key, high in (("train_layers", MAX_LAYERS), ("frozen_layers", MAX_LAYERS), ("hidden_size", MAX_HIDDEN)):
         _int_field(section, key, 0 if key.endswith("layers") else 1, high, where)
     _int_field(section, "batch_size", 1, MAX_TRAIN_BATCH, where)

@@ -41,7 +41,7 @@ from export.joining import join_bundle
 from export.layout import layout_of
 from export.loading import check_against_fresh_model, load_for_export, read_adapter_manifest
 from export.merged import export_merged
-from export.on_device import ON_DEVICE_SECTION, ORT_GRAPHS, OnDeviceExport, write_on_device
+from export.on_device import ON_DEVICE_SECTION, OnDeviceExport, write_on_device
 from export.ort_adapters import adapter_runner, write_adapter_file
 from export.parity import ParityResult, RunGraph, onnx_runner
 from export.report import ExportReport
@@ -141,7 +141,10 @@ def _write_files(config: ExportConfig, staging: Path, export_graph: GraphExporte
         write_adapter_file(staging / adapter_file(config.user_name), per_user_tensors(model))
         adapter_seconds = time.perf_counter() - started
     seconds = export_graph(model, staging / graph_file, config.opset) + adapter_seconds
-    on_device = None if config.on_device is None else write_on_device(model, config.on_device, staging, config.opset)
+    on_device = None
+    if config.on_device is not None:
+        int8_texts = config.texts if config.quantize == "int8" else None  # the prefix is quantized as the graph is
+        on_device = write_on_device(model, config.on_device, staging, config.opset, int8_texts)
     write_tokenizer(staging, model.backbone.tokenizer)
     write_labels(staging, model.labels)
     padding = tokenizer_padding(model.backbone.tokenizer)
@@ -168,7 +171,7 @@ def _runner_maker(config: ExportConfig, staging: Path) -> MakeRunner:
 def _write_required_operators(staging: Path, graphs: dict[str, dict[str, str]], written: _Written) -> dict[str, Any]:
     """required_operators.config for every graph the phone may run in ONNX Runtime: .ort copies, on-device graphs."""
     ort_graphs = [name for name, entry in graphs.items() if entry["format"] == "ort"]
-    return write_required_operators(staging, ort_graphs, ORT_GRAPHS if written.on_device is not None else ())
+    return write_required_operators(staging, ort_graphs, written.on_device.ort_graphs if written.on_device else ())
 
 
 def _operators_field(config: ExportConfig) -> dict[str, str]:

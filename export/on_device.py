@@ -43,7 +43,9 @@ from export.bundle_verify import ON_DEVICE_SECTION as ON_DEVICE_SECTION  # re-ex
 from export.config import ON_DEVICE_EXTRA, OnDeviceConfig
 from export.errors import ExportError
 from export.graph import check_onnx, make_overridable, write_onnx
+from export.on_device_int8 import tokenized, write_prefix_int8
 from export.on_device_program import write_program
+from export.quantize import int8_file
 from export.swappable import parameters_replaced
 from fedadapt.errors import ConfigError
 from fedadapt.model.adapter_model import AdapterModel
@@ -55,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 FOLDER = "on_device"
 PREFIX_FILE = f"{FOLDER}/prefix.onnx"
+PREFIX_INT8_FILE = int8_file(PREFIX_FILE)  # with --quantize int8: the prefix quantized as the main graph is
 TRAIN_STEP_FILE = f"{FOLDER}/train_step.onnx"
 PROGRAM_FILE = f"{FOLDER}/train_step.pte"
 ORT_GRAPHS = (PREFIX_FILE, TRAIN_STEP_FILE)  # what the phone's trainer runs in ONNX Runtime (the .pte: ExecuTorch)
@@ -331,10 +334,17 @@ class OnDeviceExport:
 
     manifest: dict[str, Any]
     report: dict[str, Any]
+    ort_graphs: tuple[str, ...] = ORT_GRAPHS  # what the phone may run in ONNX Runtime (the operators list covers them)
 
 
-def write_on_device(model: AdapterModel, config: OnDeviceConfig, folder: Path, opset: int) -> OnDeviceExport:
-    """Write the prefix, the step graph and the ExecuTorch program for ``model``'s user into ``folder``."""
+def write_on_device(
+    model: AdapterModel, config: OnDeviceConfig, folder: Path, opset: int, int8_texts: Sequence[str] | None = None
+) -> OnDeviceExport:
+    """Write the prefix, the step graph and the ExecuTorch program for ``model``'s user into ``folder``.
+
+    ``int8_texts`` (``--quantize int8``): also write ``prefix.int8.onnx`` and measure its states against
+    the fp32 prefix's on these texts.
+    """
     if config.sequence_length > model.max_text_tokens:
         raise ConfigError(
             f"the on-device sequence length {config.sequence_length} is more than the backbone's "
@@ -343,6 +353,10 @@ def write_on_device(model: AdapterModel, config: OnDeviceConfig, folder: Path, o
     part = personal_part(model, config.train_layers)
     (folder / FOLDER).mkdir(exist_ok=True)
     prefix_seconds = write_prefix(model, part, config, folder / PREFIX_FILE, opset)
+    prefix_int8 = None
+    if int8_texts is not None:
+        feeds = tokenized(model.backbone.tokenizer, int8_texts, config.sequence_length)
+        prefix_int8 = write_prefix_int8(folder, PREFIX_FILE, part.prefix_tensors, feeds)
     step, names = eager_train_step(model, part)
     batch = example_batch(config, int(encoder_parts(model).config.hidden_size), len(model.labels))
     # One joint program each: torch.onnx and to_edge both change the program they are given.
@@ -358,6 +372,7 @@ def write_on_device(model: AdapterModel, config: OnDeviceConfig, folder: Path, o
     hidden_size = int(batch[0].shape[-1])
     section = {
         "prefix": PREFIX_FILE,
+        **({"prefix_int8": PREFIX_INT8_FILE} if prefix_int8 is not None else {}),
         "train_step": TRAIN_STEP_FILE,
         "program": PROGRAM_FILE,
         "train_layers": config.train_layers,
@@ -381,6 +396,8 @@ def write_on_device(model: AdapterModel, config: OnDeviceConfig, folder: Path, o
         "program_gradient_max_abs_diff": program.gradient_max_abs_diff,
         "seconds": {"prefix": prefix_seconds, "train_step": step_seconds, "program": program.seconds},
     }
+    if prefix_int8 is not None:
+        report["prefix_int8"] = prefix_int8
     logger.info(
         "on-device training: prefix of %d layers, %d trainable tensors, gradients within %.1e of PyTorch; "
         "train_step.pte lowered with %s, within %.1e",
@@ -390,4 +407,5 @@ def write_on_device(model: AdapterModel, config: OnDeviceConfig, folder: Path, o
         program.backend,
         program.gradient_max_abs_diff,
     )
-    return OnDeviceExport(section, report)
+    ort_graphs = (*ORT_GRAPHS, PREFIX_INT8_FILE) if prefix_int8 is not None else ORT_GRAPHS
+    return OnDeviceExport(section, report, ort_graphs)

@@ -17,6 +17,9 @@ outputs its manifest section names, the data file is read with size, row and tex
 an unknown label is refused with the labels the user has. Any error leaves the bundle as it was: the
 adapter file and the manifest are written beside their final paths and renamed into place last.
 
+``--prefix-precision int8`` computes the prefix states with the bundle's ``prefix.int8.onnx`` (exported
+with ``--quantize int8``) instead of ``prefix.onnx``; the step, the scoring and the adapter are the same.
+
 ``--runtime executorch`` runs the same loop on ExecuTorch's ``train_step.pte`` instead. ExecuTorch's
 Python runtime loads libtorch, so that mode is for checking the program against the ONNX step here;
 a phone runs the ``.pte`` with ExecuTorch's C++ training module.
@@ -81,6 +84,7 @@ DEFAULT_EPOCHS = 5
 DEFAULT_EVAL_FRACTION = 0.2
 EVAL_BATCH = 32
 RUNTIMES = ("onnxruntime", "executorch")
+PREFIX_PRECISIONS = {"fp32": "prefix", "int8": "prefix_int8"}  # --prefix-precision -> the on-device section's key
 REFUSED: tuple[type[BaseException], ...] = (FedAdaptError, OSError, ValueError, *ORT_ERRORS)  # main() exits 2
 
 
@@ -297,6 +301,7 @@ class PersonalizeConfig:
     seed: int = 0
     threads: int = 0
     runtime: str = "onnxruntime"
+    prefix_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if not ADAPTER_NAME.fullmatch(self.user):
@@ -313,6 +318,10 @@ class PersonalizeConfig:
             raise ConfigError(f"--threads must be 0 (ONNX Runtime's choice) to 1024, got {self.threads}")
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"--runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.prefix_precision not in PREFIX_PRECISIONS:
+            raise ConfigError(
+                f"--prefix-precision must be one of {list(PREFIX_PRECISIONS)}, got {self.prefix_precision!r}"
+            )
 
 
 @dataclass
@@ -327,6 +336,7 @@ class PersonalizeReport:
     learning_rate: float
     seed: int
     runtime: str
+    prefix_precision: str
     accuracy_before: float | None
     accuracy_after: float | None
     first_loss: float  # the mean loss of the first epoch's steps (of the first steps, if fewer)
@@ -343,7 +353,9 @@ class PersonalizeReport:
 class PhoneTrainer:
     """A verified bundle's graphs, ready to train any of its users' personal parts."""
 
-    def __init__(self, bundle: Path, threads: int = 0, runtime: str = "onnxruntime") -> None:
+    def __init__(
+        self, bundle: Path, threads: int = 0, runtime: str = "onnxruntime", prefix_precision: str = "fp32"
+    ) -> None:
         self.classifier = PhoneClassifier(bundle)  # checks the manifest, backbone.onnx, tokenizer and labels
         self.bundle, self.manifest = self.classifier.bundle, self.classifier.manifest
         section = self.manifest.get(ON_DEVICE_SECTION)
@@ -357,22 +369,41 @@ class PhoneTrainer:
         self.options.log_severity_level = 3
         self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning drains the battery
         self.options.intra_op_num_threads = threads
-        prefix_path = self.bundle / section["prefix"]
+        self.prefix_file = self._prefix_file(prefix_precision)
+        self.prefix = self._prefix_session(self.prefix_file)
+        self.step = self._step_function(runtime)
+        self.tokenizer = self._training_tokenizer()
+
+    def _prefix_file(self, precision: str) -> str:
+        """The prefix graph ``--prefix-precision`` asks for; ConfigError, naming what the bundle has, if it has none."""
+        key = PREFIX_PRECISIONS.get(precision)
+        if key is None:
+            raise ConfigError(f"--prefix-precision must be one of {list(PREFIX_PRECISIONS)}, got {precision!r}")
+        if key not in self.section:
+            has = {p: self.section[k] for p, k in PREFIX_PRECISIONS.items() if k in self.section}
+            raise ConfigError(
+                f"--prefix-precision {precision}: {self.bundle} has no {precision} prefix (its prefixes: {has}); "
+                f"export it with --quantize int8 --on-device-training, or use --prefix-precision fp32"
+            )
+        return str(self.section[key])
+
+    def _prefix_session(self, name: str) -> ort.InferenceSession:
+        """The verified prefix graph ``name``, whose inputs and output must be what the manifest section says."""
+        path = self.bundle / name
         try:
-            self.prefix = ort.InferenceSession(
-                read_verified(self.bundle, self.manifest, section["prefix"], MAX_GRAPH_BYTES),
+            session = ort.InferenceSession(
+                read_verified(self.bundle, self.manifest, name, MAX_GRAPH_BYTES),
                 self.options,
                 providers=["CPUExecutionProvider"],
             )
         except ORT_ERRORS as err:
-            raise BundleError(f"ONNX Runtime cannot load {prefix_path}: {err}") from None
-        wanted = sorted(["input_ids", "attention_mask", *section["prefix_inputs"]])
+            raise BundleError(f"ONNX Runtime cannot load {path}: {err}") from None
+        wanted = sorted(["input_ids", "attention_mask", *self.section["prefix_inputs"]])
         # The user's tensors below the top are overridable initializers, which get_inputs() leaves out.
-        found = [i.name for i in [*self.prefix.get_inputs(), *self.prefix.get_overridable_initializers()]]
-        if sorted(found) != wanted or [o.name for o in self.prefix.get_outputs()] != [HIDDEN]:
-            raise BundleError(f"{prefix_path} does not match its manifest section; export the bundle again")
-        self.step = self._step_function(runtime)
-        self.tokenizer = self._training_tokenizer()
+        found = [i.name for i in [*session.get_inputs(), *session.get_overridable_initializers()]]
+        if sorted(found) != wanted or [o.name for o in session.get_outputs()] != [HIDDEN]:
+            raise BundleError(f"{path} does not match its manifest section; export the bundle again")
+        return session
 
     def _step_function(self, runtime: str) -> StepFunction:
         section = self.section
@@ -431,7 +462,7 @@ class PhoneTrainer:
         return read_adapter_file(self.classifier.verified_adapter(name))
 
     def prefix_states(self, texts: Sequence[str], tensors: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """``prefix.onnx`` once per text, with the user's tensors below the top: states (N, T, H) and masks (N, T)."""
+        """The prefix (fp32 or int8) once per text, with the user's tensors below the top: states (N, T, H), masks."""
         batch = self.section["batch_size"]
         feeds_below = {name: tensors[name] for name in self.section["prefix_inputs"]}
         states, masks = [], []
@@ -445,12 +476,12 @@ class PhoneTrainer:
                     [HIDDEN], {"input_ids": input_ids, "attention_mask": attention_mask, **feeds_below}
                 )
             except ORT_ERRORS as err:
-                raise BundleError(f"ONNX Runtime failed running {self.section['prefix']}: {str(err)[:300]}") from None
+                raise BundleError(f"ONNX Runtime failed running {self.prefix_file}: {str(err)[:300]}") from None
             hidden = np.asarray(hidden)
             expected = (len(input_ids), self.section["sequence_length"], self.section["hidden_size"])
             if hidden.shape != expected or hidden.dtype != np.float32:
                 raise BundleError(
-                    f"{self.section['prefix']} returned {hidden.dtype} {hidden.shape} states; the manifest says "
+                    f"{self.prefix_file} returned {hidden.dtype} {hidden.shape} states; the manifest says "
                     f"float32 {expected}: export the bundle again"
                 )
             states.append(hidden)
@@ -510,7 +541,7 @@ class PhoneTrainer:
 
 def personalize(config: PersonalizeConfig) -> PersonalizeReport:
     """Train ``config.user``'s personal part on ``config.data`` and write their adapter into the bundle."""
-    trainer = PhoneTrainer(config.bundle, config.threads, config.runtime)
+    trainer = PhoneTrainer(config.bundle, config.threads, config.runtime, config.prefix_precision)
     manifest, adapters = trainer.manifest, trainer.manifest["adapters"]
     source = config.user if config.user in adapters else config.start_from
     if source is None:
@@ -566,6 +597,7 @@ def personalize(config: PersonalizeConfig) -> PersonalizeReport:
             learning_rate=learning_rate,
             seed=config.seed,
             runtime=config.runtime,
+            prefix_precision=config.prefix_precision,
             accuracy_before=before,
             accuracy_after=after,
             first_loss=float(np.mean(losses[:per_epoch])),
@@ -626,6 +658,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--threads", type=int, default=0, help="threads of ONNX Runtime and ExecuTorch (0: their default)")
     run.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
+    run.add_argument(
+        "--prefix-precision",
+        choices=list(PREFIX_PRECISIONS),
+        default="fp32",
+        help="int8: the prefix states come from prefix.int8.onnx (bundles exported with --quantize int8)",
+    )
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--check-imports", action="store_true", help=argparse.SUPPRESS)  # tests: modules a phone lacks
     return parser.parse_args(argv)
@@ -646,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             threads=args.threads,
             runtime=args.runtime,
+            prefix_precision=args.prefix_precision,
         )
         report = personalize(config).to_dict()
     except REFUSED as err:  # a bad bundle, data file or request: say so, exit 2
@@ -656,7 +695,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{report['user']}: {report['steps']} steps on {report['train_examples']} examples ({report['runtime']})")
+    prefix = "" if report["prefix_precision"] == "fp32" else f", {report['prefix_precision']} prefix"
+    counts = f"{report['steps']} steps on {report['train_examples']} examples"
+    print(f"{report['user']}: {counts} ({report['runtime']}{prefix})")
     if report["accuracy_before"] is not None:
         print(
             f"held-out accuracy on {report['eval_examples']} examples: {report['accuracy_before']:.3f} -> "

@@ -104,7 +104,9 @@ def exported(adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "bundle"
     on_device = OnDeviceConfig(train_layers=1, batch_size=4, sequence_length=SEQUENCE, learning_rate=0.2)
     # --ort: the operator list covers the on-device graphs too, and every trainer test runs on such a bundle.
-    export_adapter(ExportConfig(adapter=adapter, out=out, mode="swappable", on_device=on_device, ort=True))
+    # --quantize int8: the prefix gets its int8 copy too (prefix.int8.onnx), for --prefix-precision int8.
+    config = ExportConfig(adapter=adapter, out=out, mode="swappable", on_device=on_device, ort=True, quantize="int8")
+    export_adapter(config)
     return out
 
 
@@ -153,13 +155,114 @@ def test_the_manifest_lists_the_on_device_graphs_and_splits_every_per_user_tenso
 def test_the_operators_list_covers_the_on_device_graphs(exported: Path) -> None:
     manifest = json.loads((exported / MANIFEST_FILE).read_text())
     graphs = json.loads((exported / "report.json").read_text())["required_operators"]["graphs"]
-    assert graphs == ["backbone.ort", "on_device/prefix.onnx", "on_device/train_step.onnx"]
+    on_device = ["on_device/prefix.onnx", "on_device/train_step.onnx", "on_device/prefix.int8.onnx"]
+    assert graphs == ["backbone.ort", "backbone.int8.ort", *on_device]
     assert not (exported / "on_device" / "train_step.ort").exists()  # converted for the list only, not shipped
     operators = config_operators(exported / manifest["required_operators"])["ai.onnx"]
     inference, step = onnx_operators(exported / "backbone.onnx"), onnx_operators(exported / "on_device/train_step.onnx")
-    assert operators <= inference | step | onnx_operators(exported / "on_device/prefix.onnx")
+    prefixes = onnx_operators(exported / "on_device/prefix.onnx") | onnx_operators(
+        exported / "on_device/prefix.int8.onnx"
+    )
+    assert operators <= inference | step | prefixes | onnx_operators(exported / "backbone.int8.onnx")
+    # The int8 graphs' products, as ONNX Runtime fuses them when it converts a graph (MatMulInteger and its scaling).
+    assert "DynamicQuantizeLinear" in operators
+    assert "MatMulIntegerToFloat" in config_operators(exported / manifest["required_operators"])["com.microsoft"]
     # The step graph's loss and backward need operators no inference graph has: they must be in the list.
     assert {"LogSoftmax", "ScatterElements"} <= operators and not {"LogSoftmax", "ScatterElements"} & inference
+
+
+INT8_PREFIX = "on_device/prefix.int8.onnx"
+# The int8 prefix's states against the fp32 prefix's: ||int8 - fp32|| / ||fp32|| over the kept tokens. Measured
+# 0.8 % on this tiny BERT and 1.6 % on MiniLM (docs/on-device.md); 5 % leaves room for other hosts' int8 kernels,
+# while a prefix that dropped the user's tensors below the top is further off than that (checked below).
+INT8_RELATIVE_ERROR = 0.05
+
+
+def relative_error(found: np.ndarray, expected: np.ndarray, masks: np.ndarray) -> float:
+    kept = masks.astype(bool)
+    return float(np.linalg.norm(found[kept] - expected[kept]) / np.linalg.norm(expected[kept]))
+
+
+def test_the_int8_prefix_is_written_listed_and_reported(exported: Path) -> None:
+    manifest = json.loads((exported / MANIFEST_FILE).read_text())
+    assert manifest[ON_DEVICE_SECTION]["prefix_int8"] == INT8_PREFIX
+    data = (exported / INT8_PREFIX).read_bytes()
+    assert manifest["files"][INT8_PREFIX] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    report = json.loads((exported / REPORT_FILE).read_text())[ON_DEVICE_SECTION]["prefix_int8"]
+    assert report["graph"] == INT8_PREFIX and report["source"] == "on_device/prefix.onnx"
+    assert report["bytes"] == len(data) and report["fp32_bytes"] == manifest["files"]["on_device/prefix.onnx"]["bytes"]
+    assert report["quantization"]["per_user_tensors"] == "float32"
+    figures = report["vs_fp32"]
+    assert 0 < figures["relative_error"] < INT8_RELATIVE_ERROR and 0 < figures["max_abs_diff"] < 0.5, figures
+    assert figures["tokens"] > 0 and report["shipped_graph_on_this_host"]["graph"] == INT8_PREFIX
+
+
+def test_the_int8_prefix_computes_the_fp32_prefixs_states_with_any_users_tensors(bundle: Path) -> None:
+    """The user's tensors below the top stay fp32 inputs of the int8 prefix: other tensors move its states as
+    they move the fp32 prefix's, so the user's own adapter file feeds it."""
+    fp32, int8 = PhoneTrainer(bundle), PhoneTrainer(bundle, prefix_precision="int8")
+    assert int8.prefix_file == INT8_PREFIX and fp32.prefix_file == "on_device/prefix.onnx"
+    texts = read_examples(write_csv(bundle.parent / "data.csv", user_rows(10, seed=11)), LABELS).texts
+    tensors = fp32.start_tensors("alice")
+    rng = np.random.default_rng(0)
+    other = {n: (v + rng.normal(0, 0.5, v.shape)).astype(np.float32) for n, v in tensors.items()}
+    states = {}
+    for name, values in (("alice", tensors), ("other", other)):
+        reference, masks = fp32.prefix_states(texts, values)
+        found, found_masks = int8.prefix_states(texts, values)
+        assert np.array_equal(masks, found_masks) and found.dtype == np.float32
+        assert relative_error(found, reference, masks) < INT8_RELATIVE_ERROR, name
+        states[name] = (reference, found)
+    # Changed tensors below the top change the fp32 states by far more than int8 differs from fp32: a prefix that
+    # had baked alice's tensors in would fail the bound above for "other".
+    assert relative_error(states["other"][0], states["alice"][0], masks) > 4 * INT8_RELATIVE_ERROR
+
+
+def test_a_tampered_int8_prefix_is_refused_before_it_runs(bundle: Path) -> None:
+    path = bundle / INT8_PREFIX
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(BundleError, match="on_device/prefix.int8.onnx differs from the manifest"):
+        PhoneTrainer(bundle, prefix_precision="int8")
+
+
+def test_personalize_with_the_int8_prefix_trains_an_adapter_the_bundle_serves(bundle: Path) -> None:
+    data = write_csv(bundle.parent / "bob.csv", user_rows(60, seed=4))
+    command = [sys.executable, str(TRAINER), "personalize", str(bundle), "--user", "bob", "--from", "alice"]
+    command += ["--data", str(data), "--epochs", "8", "--json", "--check-imports", "--prefix-precision", "int8"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=bundle.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["prefix_precision"] == "int8" and report["forbidden_modules"] == []
+    assert report["last_loss"] < report["first_loss"]
+    assert report["accuracy_after"] >= report["accuracy_before"], report
+    phone = PhoneClassifier(bundle)  # verifies the rewritten manifest and the new file's sha256
+    phone.use("bob")  # the adapter fits backbone.onnx: the bundle serves it
+    predictions = phone.logits(TRAIN_TEXTS).argmax(-1)
+    assert predictions.shape == (len(TRAIN_TEXTS),)
+    recorded = json.loads((bundle / REPORT_FILE).read_text())["adapters"]["bob"]["trained_on_device"]
+    assert recorded["prefix_precision"] == "int8"
+    # The same run on the fp32 prefix (same split, batches and steps) learns the same: the int8 states are close.
+    fp32 = personalize(PersonalizeConfig(bundle=bundle, user="carol", data=data, start_from="alice", epochs=8))
+    assert abs(fp32.accuracy_after - report["accuracy_after"]) <= 1 / 12 + 1e-9  # at most one of 12 held-out texts
+    assert abs(fp32.last_loss - report["last_loss"]) <= 0.1 * fp32.last_loss + 0.01, (fp32, report)
+
+
+def test_the_int8_prefix_on_a_bundle_without_it_is_refused_naming_what_it_has(bundle: Path) -> None:
+    """A bundle exported without --quantize int8 (here: the fixture's, with the int8 prefix taken out)."""
+    path = bundle / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    del manifest[ON_DEVICE_SECTION]["prefix_int8"], manifest["files"][INT8_PREFIX]
+    path.write_text(json.dumps(manifest))
+    (bundle / INT8_PREFIX).unlink()
+    before = digests(bundle)
+    data = write_csv(bundle.parent / "alice.csv", user_rows(12, seed=8))
+    command = [sys.executable, str(TRAINER), "personalize", str(bundle), "--user", "alice", "--data", str(data)]
+    done = subprocess.run([*command, "--prefix-precision", "int8"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--prefix-precision int8" in done.stderr and "no int8 prefix" in done.stderr
+    assert "'fp32': 'on_device/prefix.onnx'" in done.stderr and "--quantize int8" in done.stderr
+    assert digests(bundle) == before
+    PhoneTrainer(bundle)  # the fp32 prefix still trains: the int8 one is optional
 
 
 def test_one_step_computes_torchs_gradients(bundle: Path, adapter: Path) -> None:
@@ -329,6 +432,10 @@ def test_csv_headers_and_labels_are_checked(tmp_path: Path) -> None:
         (lambda s: s.update(sequence_length=10**9), "sequence_length"),
         (lambda s: s.update(prefix="../outside.onnx"), "not a plain relative path"),
         (lambda s: s.update(program_backend="vulkan"), "program_backend"),
+        (lambda s: s.update(prefix_int8="../outside.onnx"), "prefix_int8: '../outside.onnx' is not a plain relative"),
+        (lambda s: s.update(prefix_int8=7), "prefix_int8 must be a JSON str"),
+        (lambda s: s.update(prefix_int8=None), "prefix_int8 must be a JSON str"),
+        (lambda s: s.update(prefix_int8="on_device/x.onnx"), "prefix_int8 'on_device/x.onnx' is not listed in files"),
     ],
 )
 def test_a_hostile_on_device_section_is_refused_by_name(bundle: Path, change: Any, message: str) -> None:
