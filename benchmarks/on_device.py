@@ -6,15 +6,17 @@ Run:  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/on_device.py [--layers 0 1 2]
 1. A global LoRA (r=8) adapter is trained centrally on every synthetic user's training part (1 epoch),
    the federated starting point a phone receives.
 2. For each K in ``--layers`` it is exported as a swappable bundle with ``--on-device-training
-   --train-layers K`` (batch 8 x 64 tokens): file sizes and export seconds.
+   --train-layers K --quantize int8`` (batch 8 x 64 tokens): file sizes and export seconds.
 3. One training step (8 x 64, 1 thread): eager PyTorch (the same top-of-model step, forward and
    backward), ONNX Runtime on ``train_step.onnx`` (the torch-free trainer's engine) and ExecuTorch on
    ``train_step.pte``; medians of ``--repeats`` after warm-up, and each runtime's ratio to PyTorch.
-   The prefix per example (8 x 64, 1 thread) in ONNX Runtime and in PyTorch.
+   The prefix per example (8 x 64, 1 thread) in ONNX Runtime (fp32 and int8) and in PyTorch.
 4. Every synthetic user personalizes the global adapter on 75% of their examples and is scored on the
    rest: on the device (export/phone_trainer.py, ONNX Runtime) and the same personalization in PyTorch
    (the same split, batches, SGD and steps; the prefix states from torch). Accuracy before and after,
-   the gain, and the gap between the two after-accuracies (goal: within 1 point).
+   the gain, and the gap between the two after-accuracies (goal: within 1 point). The device run is
+   repeated with the int8 prefix (``--prefix-precision int8``); the export reports how far its states are
+   from the fp32 prefix's.
 5. The trainer's peak resident memory for one user, read from the child process's ru_maxrss.
 
 Prints a markdown report and writes it with results.json to ``--out``.
@@ -87,7 +89,11 @@ def export_bundle(adapter: Path, layers: int, out: Path) -> tuple[Path, float]:
         train_layers=layers, batch_size=BATCH, sequence_length=TOKENS, learning_rate=LEARNING_RATE
     )
     started = time.perf_counter()
-    export_adapter(ExportConfig(adapter=adapter, out=bundle, mode="swappable", on_device=on_device, force=True))
+    # --quantize int8: the prefix's int8 copy too (prefix.int8.onnx), timed and scored beside the fp32 prefix.
+    config = ExportConfig(
+        adapter=adapter, out=bundle, mode="swappable", on_device=on_device, force=True, quantize="int8"
+    )
+    export_adapter(config)
     return bundle, time.perf_counter() - started
 
 
@@ -122,6 +128,7 @@ def step_times(adapter: Path, bundle: Path, layers: int, repeats: int) -> dict[s
         loss.backward()
 
     trainer = PhoneTrainer(bundle, threads=1)
+    int8_prefix = PhoneTrainer(bundle, threads=1, prefix_precision="int8")
     tensors = trainer.start_tensors(next(iter(trainer.manifest["adapters"])))
     trained = {n: tensors[n] for n in trainer.section["trainable"]}
     batch = {
@@ -145,6 +152,8 @@ def step_times(adapter: Path, bundle: Path, layers: int, repeats: int) -> dict[s
         "onnxruntime": median_seconds(lambda: trainer.step(batch, trained), repeats),
         "executorch": median_seconds(lambda: executorch(batch, trained), repeats),
         "prefix_onnxruntime_per_example": median_seconds(lambda: trainer.prefix_states(texts, below), repeats) / BATCH,
+        "prefix_int8_onnxruntime_per_example": median_seconds(lambda: int8_prefix.prefix_states(texts, below), repeats)
+        / BATCH,
         "prefix_pytorch_per_example": median_seconds(lambda: prefix_states(model, encoded, part.frozen_layers), repeats)
         / BATCH,
     }
@@ -200,39 +209,46 @@ def personal_accuracy(adapter: Path, bundle: Path, users: dict[str, Any], out: P
     label_names = None
     for index, (user, (texts, labels)) in enumerate(sorted(users.items())):
         work = Path(tempfile.mkdtemp(dir=out))
-        copy = Path(shutil.copytree(bundle, work / "bundle"))
         data = write_user_csv(work / f"{user}.csv", texts, labels)
-        source = next(iter(json.loads((copy / "manifest.json").read_text())["adapters"]))
-        report = personalize(
-            PersonalizeConfig(
-                bundle=copy,
-                user=user,
-                data=data,
-                start_from=source,
-                epochs=epochs,
-                eval_fraction=EVAL_FRACTION,
-                seed=index,
+        source = next(iter(json.loads((bundle / "manifest.json").read_text())["adapters"]))
+        runs = {}
+        for precision in ("fp32", "int8"):  # the same user, split and steps on each prefix, from the same start
+            copy = Path(shutil.copytree(bundle, work / f"bundle-{precision}"))
+            runs[precision] = personalize(
+                PersonalizeConfig(
+                    bundle=copy,
+                    user=user,
+                    data=data,
+                    start_from=source,
+                    epochs=epochs,
+                    eval_fraction=EVAL_FRACTION,
+                    seed=index,
+                    prefix_precision=precision,
+                )
             )
-        )
+        report, int8 = runs["fp32"], runs["int8"]
         trainer = PhoneTrainer(bundle)
         label_names = label_names or trainer.classifier.labels_of(source)
         ids = np.array([label_names.index(x) for x in labels])
         in_torch = torch_personalization(adapter, trainer, texts, ids, index, epochs)
         assert report.accuracy_before is not None and report.accuracy_after is not None
+        assert int8.accuracy_after is not None
         rows.append(
             {
                 "before": report.accuracy_before,
                 "device": report.accuracy_after,
+                "device_int8_prefix": int8.accuracy_after,
                 "pytorch": in_torch,
                 "train_seconds": report.train_seconds,
             }
         )
         shutil.rmtree(work)
-    mean = {key: statistics.mean(r[key] for r in rows) for key in ("before", "device", "pytorch")}
+    mean = {key: statistics.mean(r[key] for r in rows) for key in ("before", "device", "device_int8_prefix", "pytorch")}
     return {
         "users": dict(zip(sorted(users), rows, strict=True)),
         "mean": mean,
         "gap_points": 100 * (mean["device"] - mean["pytorch"]),
+        "int8_prefix_gap_points": 100 * (mean["device_int8_prefix"] - mean["device"]),
     }
 
 
@@ -300,7 +316,9 @@ def main() -> None:
         bundle, export_seconds = export_bundle(adapter, layers, out)
         manifest = json.loads((bundle / "manifest.json").read_text())
         section = manifest["on_device_training"]
-        sizes = {key: manifest["files"][section[key]]["bytes"] for key in ("prefix", "train_step", "program")}
+        files = ("prefix", "prefix_int8", "train_step", "program")
+        sizes = {key: manifest["files"][section[key]]["bytes"] for key in files}
+        prefix_int8 = json.loads((bundle / "report.json").read_text())["on_device_training"]["prefix_int8"]
         adapter_bytes = manifest["files"][next(iter(manifest["adapters"].values()))["file"]]["bytes"]
         entry = {
             "export_seconds": export_seconds,
@@ -308,6 +326,7 @@ def main() -> None:
             "step_seconds": step_times(adapter, bundle, layers, args.repeats),
             "accuracy": personal_accuracy(adapter, bundle, users, out, args.epochs),
             "trainer_peak_rss_mib": trainer_peak_rss(bundle, first_user, users[first_user], out),
+            "prefix_int8_vs_fp32": prefix_int8["vs_fp32"],
         }
         results["layers"][layers] = entry
         print(json.dumps({layers: entry}, indent=1), flush=True)
@@ -344,6 +363,22 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {entry['accuracy']['gap_points']:+.2f} | {sizes['prefix'] / 2**20:.1f} MB "
             f"| {sizes['train_step'] / 2**20:.2f} MB | {sizes['program'] / 2**20:.2f} MB "
             f"| {sizes['adapter'] / 2**10:.0f} KB | {entry['trainer_peak_rss_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        "| K | prefix per example, fp32 (ms) | int8 (ms) | int8 / fp32 | prefix.onnx | prefix.int8.onnx "
+        "| states: max abs diff | relative error | after, fp32 prefix | after, int8 prefix | int8 - fp32 (points) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for layers, entry in results["layers"].items():
+        t, sizes, mean = entry["step_seconds"], entry["bytes"], entry["accuracy"]["mean"]
+        fp32, int8 = t["prefix_onnxruntime_per_example"], t["prefix_int8_onnxruntime_per_example"]
+        states = entry["prefix_int8_vs_fp32"]
+        lines.append(
+            f"| {layers} | {1e3 * fp32:.2f} | {1e3 * int8:.2f} | {int8 / fp32:.2f}x | {sizes['prefix'] / 2**20:.1f} MB "
+            f"| {sizes['prefix_int8'] / 2**20:.1f} MB | {states['max_abs_diff']:.3g} | {states['relative_error']:.2%} "
+            f"| {mean['device']:.3f} | {mean['device_int8_prefix']:.3f} "
+            f"| {entry['accuracy']['int8_prefix_gap_points']:+.2f} |"
         )
     return "\n".join(lines) + "\n"
 
