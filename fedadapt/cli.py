@@ -441,7 +441,8 @@ def export_command(
         str | None,
         typer.Option(
             help="int8: also write an ONNX Runtime dynamically quantized graph (*.int8.onnx) beside the fp32 one; "
-            "swappable bundles keep the per-user adapter inputs fp32. Its agreement with PyTorch is reported."
+            "swappable bundles keep the per-user adapter inputs fp32. Its agreement with PyTorch is reported. "
+            "With --on-device-training the prefix gets an int8 copy too (on_device/prefix.int8.onnx)."
         ),
     ] = None,
     ort_format: Annotated[
