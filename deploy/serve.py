@@ -43,7 +43,7 @@ from typing import Any
 
 from deploy import executors, warm_executor
 from fedadapt.errors import ConfigError
-from fedadapt.fleet.run_config import CLIENT_STATE_FOLDER
+from fedadapt.fleet.run_config import CLIENT_STATE_FOLDER, MetricsEndpoint
 from fedadapt.fleet.variants import with_overrides
 from simulations.processes import (
     find_tool,
@@ -119,6 +119,7 @@ def serve(
     show: bool = True,
     empty_clients: bool = False,
     accept_unverified: bool = False,
+    endpoint: MetricsEndpoint | None = None,
 ) -> dict[str, Any]:
     """Run the scenario on a SuperLink of this process's own and return its metrics.json contents.
 
@@ -128,7 +129,13 @@ def serve(
     from simulations.plots import write_plots
 
     plan = plan_simulation(
-        scenario, rounds, out, resume, empty_clients=empty_clients, accept_unverified=accept_unverified
+        scenario,
+        rounds,
+        out,
+        resume,
+        empty_clients=empty_clients,
+        accept_unverified=accept_unverified,
+        endpoint=endpoint,
     )
     if plan.scenario.head_warmup_rounds:
         raise ConfigError(

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedadapt.errors import ConfigError, FedAdaptError
+from fedadapt.fleet.run_config import LOOPBACK, MetricsEndpoint
 from fedadapt.methods import make_method_config
 
 app = typer.Typer(
@@ -220,6 +221,9 @@ COLD_DEVICES_HELP = (
     "Let Flower start a fresh ClientApp process for every message (imports and model load each time) "
     "instead of forking it from a warm process that imported them once."
 )
+METRICS_PORT_HELP = "Serve Prometheus metrics of the run at http://HOST:PORT/metrics (default: off)."
+METRICS_HOST_HELP = "Address the metrics port binds to; anything but loopback is reachable without TLS or a password."
+DASHBOARD_HELP = "Also serve a live page of the run at http://HOST:PORT/ (needs --metrics-port)."
 ACCEPT_UNVERIFIED_HELP = (
     "With --resume: also resume from checkpoints this server cannot authenticate (older formats, a lost or "
     "replaced checkpoint key). Only for files you trust."
@@ -251,10 +255,19 @@ def simulate(
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/sim-<name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = False,
     accept_unverified_checkpoints: Annotated[bool, typer.Option(help=ACCEPT_UNVERIFIED_HELP)] = False,
+    metrics_port: Annotated[int, typer.Option(help=METRICS_PORT_HELP)] = 0,
+    metrics_host: Annotated[str, typer.Option(help=METRICS_HOST_HELP)] = LOOPBACK,
+    dashboard: Annotated[bool, typer.Option(help=DASHBOARD_HELP)] = False,
 ) -> None:
     """Run a fleet scenario in Flower's simulation engine: metrics.json and final_adapter/ in --out."""
+    endpoint = MetricsEndpoint(port=metrics_port, host=metrics_host, dashboard=dashboard)  # fails fast
     _app("simulate").simulate(
-        scenario, rounds=rounds, out=out, resume=resume, accept_unverified=accept_unverified_checkpoints
+        scenario,
+        rounds=rounds,
+        out=out,
+        resume=resume,
+        accept_unverified=accept_unverified_checkpoints,
+        endpoint=endpoint,
     )
 
 
@@ -284,8 +297,12 @@ def serve(
     ] = None,
     insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication: local demos only.")] = False,
     cold_devices: Annotated[bool, typer.Option(help=COLD_DEVICES_HELP)] = False,
+    metrics_port: Annotated[int, typer.Option(help=METRICS_PORT_HELP)] = 0,
+    metrics_host: Annotated[str, typer.Option(help=METRICS_HOST_HELP)] = LOOPBACK,
+    dashboard: Annotated[bool, typer.Option(help=DASHBOARD_HELP)] = False,
 ) -> None:
     """Run a scenario on a real Flower SuperLink (TLS + SuperNode authentication unless --insecure)."""
+    endpoint = MetricsEndpoint(port=metrics_port, host=metrics_host, dashboard=dashboard)  # fails fast
     launcher = _app("serve")
     deployment = launcher.Deployment(
         host=host,
@@ -303,6 +320,7 @@ def serve(
         out=out,
         resume=resume,
         accept_unverified=accept_unverified_checkpoints,
+        endpoint=endpoint,
     )
 
 

@@ -19,7 +19,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -63,6 +63,17 @@ from server.replies import (
     reply_stream,
     unexpected_reason,
 )
+from server.run_state import (
+    AGGREGATING,
+    CHECKPOINTING,
+    EVALUATING,
+    FAILED,
+    FINISHED,
+    STOPPED,
+    TRAINING,
+    WAITING,
+    RoundObserver,
+)
 from server.secure_round import run_secure_round
 
 logger = logging.getLogger(__name__)
@@ -105,6 +116,7 @@ class Federation:
         self.stopped: str | None = None  # why the run ended before its planned rounds (max-epsilon)
         self._started = False  # whether this process has run a round yet (the first waits for the fleet)
         self._key: bytes | None = None  # the checkpoint key, read or made when the first checkpoint is written
+        self.observers: list[RoundObserver] = []  # told each stage and round (metrics endpoint, status file)
 
     @property
     def secret_sampling(self) -> bool:
@@ -146,6 +158,14 @@ class Federation:
 
     def run_rounds(self, grid: Grid) -> None:
         """Run the remaining rounds, checkpointing after each, then write the final adapter and metrics."""
+        try:
+            self._run_rounds(grid)
+        except BaseException:
+            self._notify(lambda o: o.stage(FAILED, self.completed_rounds))
+            raise
+        self._notify(lambda o: o.stage(STOPPED if self.stopped else FINISHED, self.completed_rounds))
+
+    def _run_rounds(self, grid: Grid) -> None:
         for server_round in range(self.completed_rounds + 1, self.scenario.rounds + 1):
             try:
                 record = self.run_round(grid, server_round)
@@ -153,13 +173,23 @@ class Federation:
                 self.stopped = str(spent)
                 logger.warning("stopping before round %d: %s", server_round, spent)
                 break
+            self._notify(lambda o: o.stage(CHECKPOINTING, server_round))  # noqa: B023  (called at once)
             self.history.append(record)
             save_checkpoint(self.run.out_dir, self._checkpoint(), self._checkpoint_key())
             self.write_metrics(complete=False)
+            self._notify(lambda o: o.round_finished(record, self.completed_rounds))  # noqa: B023  (called at once)
             logger.info("round %d: %s", server_round, _round_line(record))
         self.model.load_state(self.global_state, "shared")
         save_adapter(self.model, self.run.out_dir / FINAL_ADAPTER)
         self.write_metrics(complete=True)
+
+    def _notify(self, tell: Callable[[RoundObserver], None]) -> None:
+        """Tell every observer; one that fails is logged and never ends the round."""
+        for observer in self.observers:
+            try:
+                tell(observer)
+            except Exception:
+                logger.exception("round observer %s failed", type(observer).__name__)
 
     def run_round(self, grid: Grid, server_round: int) -> dict[str, Any]:
         """One round, plain or secure: returns its metrics record."""
@@ -170,9 +200,11 @@ class Federation:
         self._started = True
         timeout = self.scenario.node_timeout if first else self.scenario.rejoin_timeout
         minimum = max(self.scenario.min_clients, 2 if self.privacy.secure_aggregation else 1)
+        self._notify(lambda o: o.stage(WAITING, server_round))
         nodes = wait_for_nodes(grid, self.scenario.sample_size, timeout, minimum=None if first else minimum)
         rng = random.Random(self._secret_seed(server_round, "sampling")) if self.run_secret else self.rng
         sampled = sorted(rng.sample(sorted(nodes), min(self.scenario.sample_size, len(nodes))))
+        self._notify(lambda o: o.round_sampled(server_round, len(nodes), len(sampled)))
         fewest = max(self.scenario.min_clients, 2 if self.privacy.secure_aggregation else 1)  # a round's fewest
         if self.dp is not None and self.dp.exceeds_budget(len(nodes), len(sampled), min_survivors=fewest):
             budget = self.dp.config.max_epsilon
@@ -185,6 +217,7 @@ class Federation:
         if server_round == 1 and self.scenario.server_warmup_epochs:
             record["server_warmup"] = self._train_on_proxy(self.scenario.server_warmup_epochs, 0, "warm start")
         blob = serialize_state(self.global_state, self.schema, "shared", "none")
+        self._notify(lambda o: o.stage(TRAINING, server_round))
         if self.privacy.secure_aggregation:
             record, client_metrics = self._secure_round(grid, sampled, server_round, blob, record, len(nodes))
         else:
@@ -195,9 +228,11 @@ class Federation:
                 aggregated = record["accepted"] > 0
                 record[RECORD_KEY] = self.dp.finish_round(len(nodes), len(sampled), aggregated, clipped_bits=bits)
                 record["epsilon"] = record[RECORD_KEY]["epsilon"]
+        self._notify(lambda o: o.stage(AGGREGATING, server_round))  # replies in and folded: server fine-tuning next
         if self.scenario.server_finetune_epochs and record["accepted"]:
             epochs = self.scenario.server_finetune_epochs
             record["server_finetune"] = self._train_on_proxy(epochs, server_round, "fine-tuning")
+        self._notify(lambda o: o.stage(EVALUATING, server_round))
         record |= self._evaluate(client_metrics)
         record["client_results"] = client_metrics
         record["seconds"] = time.perf_counter() - start

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from flwr.app import Context
@@ -42,4 +44,27 @@ def main(grid: Grid, context: Context) -> None:
     federation = Federation(run, context.run_id)
     if run.resume:
         federation.resume()
-    federation.run_rounds(grid)
+    with watched(federation):
+        federation.run_rounds(grid)
+
+
+@contextlib.contextmanager
+def watched(federation: Federation) -> Iterator[None]:
+    """The run's metrics endpoint (when the run config asks for one) for as long as the rounds run."""
+    endpoint = federation.run.metrics
+    if not endpoint.enabled:
+        yield
+        return
+    from server.monitoring import MetricsObserver, MetricsServer, RunFacts, RunMetrics  # prometheus: only when asked
+
+    scenario = federation.scenario
+    facts = RunFacts(scenario.name, federation.privacy.mode, scenario.rounds, dp=federation.dp is not None)
+    metrics = RunMetrics(facts)
+    metrics.resumed(federation.history)
+    server = MetricsServer(endpoint, metrics.registry)
+    server.start()
+    federation.observers.append(MetricsObserver(metrics))
+    try:
+        yield
+    finally:
+        server.stop()

@@ -43,8 +43,11 @@ from fedadapt.fleet.run_config import (
     PHASE_WHOLE,
     RUN_ACCEPT_UNVERIFIED,
     RUN_CLIENTS_PER_ROUND,
+    RUN_DASHBOARD,
     RUN_EMPTY_CLIENTS,
     RUN_FULL_MODEL,
+    RUN_METRICS_HOST,
+    RUN_METRICS_PORT,
     RUN_NUM_ROUNDS,
     RUN_OUT_DIR,
     RUN_PHASE,
@@ -52,6 +55,7 @@ from fedadapt.fleet.run_config import (
     RUN_SCENARIO,
     RUN_SERVER_KEY,
     RUN_SERVER_PUBLIC_KEY,
+    MetricsEndpoint,
     phase_variant,
 )
 from fedadapt.fleet.scenario import ScenarioConfig
@@ -102,6 +106,7 @@ class SimulationPlan:
     empty_clients: bool = False  # benchmarks: clients reply at once with a zero delta
     accept_unverified: bool = False  # resume even from checkpoints the server cannot authenticate
     phase: str = PHASE_WHOLE  # with head-warmup-rounds: which of the two runs this is (``scenario`` stays whole)
+    metrics: MetricsEndpoint = MetricsEndpoint()  # the ServerApp's Prometheus endpoint and live page (off: port 0)
 
     @property
     def metrics_file(self) -> Path:
@@ -135,6 +140,7 @@ class SimulationPlan:
             full_model=True,
             empty_clients=self.empty_clients,
             accept_unverified=self.accept_unverified,
+            metrics=self.metrics,
         )
 
 
@@ -145,6 +151,7 @@ def plan_simulation(
     resume: bool,
     empty_clients: bool = False,
     accept_unverified: bool = False,
+    endpoint: MetricsEndpoint | None = None,
 ) -> SimulationPlan:
     """Check the scenario and the out dir before anything starts."""
     scenario_path = Path(scenario).expanduser().resolve()
@@ -152,7 +159,11 @@ def plan_simulation(
     out_dir = (Path(out) if out else _default_out_dir(config.name, resume)).expanduser().resolve()
     refuse_unless_resuming(out_dir, resume)
     resuming = resume and _has_checkpoints(out_dir)
-    return SimulationPlan(scenario_path, config, out_dir, resuming, False, empty_clients, accept_unverified)
+    endpoint = endpoint or MetricsEndpoint()
+    endpoint.warn_if_exposed()
+    return SimulationPlan(
+        scenario_path, config, out_dir, resuming, False, empty_clients, accept_unverified, metrics=endpoint
+    )
 
 
 def refuse_unless_resuming(out_dir: Path, resume: bool) -> None:
@@ -197,6 +208,7 @@ def simulate(
     show: bool = True,
     empty_clients: bool = False,
     accept_unverified: bool = False,
+    endpoint: MetricsEndpoint | None = None,
 ) -> dict[str, Any]:
     """Run the scenario to its last round and return the contents of its metrics.json.
 
@@ -205,11 +217,12 @@ def simulate(
     rounds, numbered on, and the warm-up's own record stays in ``<out>/head-warmup``.
     With ``full-model = true`` the scenario then runs again as full-model FedAvg in
     ``<out>/full-model``, and the summary gains a ``full_model`` comparison of the two.
-    PNG plots (accuracy.png, bytes.png) go beside metrics.json.
+    PNG plots (accuracy.png, bytes.png) go beside metrics.json. ``endpoint``: the ServerApp's Prometheus endpoint
+    (docs/deployment.md, "Watching a run").
     """
     from simulations.plots import write_plots
 
-    plan = plan_simulation(scenario, rounds, out, resume, empty_clients, accept_unverified)
+    plan = plan_simulation(scenario, rounds, out, resume, empty_clients, accept_unverified, endpoint)
     if plan.scenario.head_warmup_rounds:
         warmup = run_head_warmup(plan.head_warmup_plan(resume), show)
         metrics = chain_head_warmup(warmup, run_plan(plan.after_head_warmup_plan(), show))
@@ -352,6 +365,12 @@ def run_config_values(plan: SimulationPlan) -> dict[str, str | int | bool]:
         RUN_ACCEPT_UNVERIFIED: plan.accept_unverified,
         RUN_PHASE: plan.phase,
     }
+    if plan.metrics.enabled:
+        values |= {
+            RUN_METRICS_PORT: plan.metrics.port,
+            RUN_METRICS_HOST: plan.metrics.host,
+            RUN_DASHBOARD: plan.metrics.dashboard,
+        }
     if plan.scenario.privacy.sealed:
         values |= run_keys(plan.out_dir)
     return values

@@ -6,8 +6,10 @@ benchmark and privacy switches; ``fleet_run_from_config`` checks them and loads 
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +32,72 @@ RUN_SERVER_KEY = "server-key"  # the server's X25519 private key file (privacy m
 RUN_SERVER_PUBLIC_KEY = "server-public-key"  # its public key for the clients: 64 hex characters or server.pub's path
 RUN_ACCEPT_UNVERIFIED = "accept-unverified-checkpoints"  # resume from checkpoints the server cannot authenticate
 RUN_PHASE = "phase"  # a scenario with head-warmup-rounds runs as two runs: "head-warmup", then "after-head-warmup"
+RUN_METRICS_PORT = "metrics-port"  # > 0: the ServerApp serves Prometheus metrics (and the live page) on this port
+RUN_METRICS_HOST = "metrics-host"  # the address that port binds to (loopback unless the operator says otherwise)
+RUN_DASHBOARD = "dashboard"  # also serve the live page (/) beside /metrics
 RUN_KEYS = (
     *(RUN_SCENARIO, RUN_OUT_DIR, RUN_NUM_ROUNDS, RUN_CLIENTS_PER_ROUND, RUN_RESUME, RUN_CLIENT_STATE_DIR),
     *(RUN_FULL_MODEL, RUN_EMPTY_CLIENTS, RUN_SERVER_KEY, RUN_SERVER_PUBLIC_KEY, RUN_ACCEPT_UNVERIFIED, RUN_PHASE),
+    *(RUN_METRICS_PORT, RUN_METRICS_HOST, RUN_DASHBOARD),
 )
+LOOPBACK = "127.0.0.1"
+MAX_HOST_LENGTH = 253  # the longest DNS name
 CLIENT_STATE_FOLDER = "clients"
 FINAL_ADAPTER = "final_adapter"  # <out>/final_adapter: the run's last global adapter, written by the server
 HEAD_WARMUP_FOLDER = "head-warmup"  # <out>/head-warmup: a head warm-up's own run (metrics, checkpoints, final head)
 PHASE_WHOLE, PHASE_HEAD_WARMUP, PHASE_AFTER_HEAD_WARMUP = "", "head-warmup", "after-head-warmup"
 PHASES = (PHASE_WHOLE, PHASE_HEAD_WARMUP, PHASE_AFTER_HEAD_WARMUP)
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where the ServerApp serves its Prometheus metrics and live page; off (port 0) by default."""
+
+    port: int = 0  # 0: no endpoint
+    host: str = LOOPBACK
+    dashboard: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port < 65536:
+            raise ConfigError(f"--metrics-port must be in 1..65535 (0: off), got {self.port!r}")
+        host = self.host
+        if not isinstance(host, str) or not 0 < len(host) <= MAX_HOST_LENGTH or host != host.strip():
+            raise ConfigError(f"--metrics-host must be an IP address or host name, got {self.host!r}")
+        if self.dashboard and not self.port:
+            raise ConfigError("--dashboard is served on the metrics port: add --metrics-port")
+
+    @property
+    def enabled(self) -> bool:
+        return self.port > 0
+
+    @property
+    def exposed(self) -> bool:
+        """Whether the endpoint can be reached from other machines (any address but loopback)."""
+        return self.enabled and not is_loopback(self.host)
+
+    def warn_if_exposed(self) -> None:
+        """Log a warning when the endpoint listens beyond loopback: it has no TLS and no authentication."""
+        if self.exposed:
+            logger.warning(
+                "the metrics endpoint listens on %s:%d, reachable beyond this machine without TLS or authentication: "
+                "anyone who reaches it reads the run's progress and rejection reasons (use 127.0.0.1 and an SSH "
+                "tunnel, or a firewall)",
+                self.host,
+                self.port,
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only: ``localhost`` or a loopback IP address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 @dataclass(frozen=True)
@@ -52,6 +111,7 @@ class FleetRun:
     server_key: Path | None = None  # only the server reads it
     server_public_key: str = ""
     accept_unverified_checkpoints: bool = False  # resume even from checkpoints that fail authentication
+    metrics: MetricsEndpoint = field(default_factory=MetricsEndpoint)  # the server's Prometheus endpoint
 
     @property
     def keys_dir(self) -> Path:
@@ -84,6 +144,7 @@ def fleet_run_from_config(run_config: Mapping[str, Any], project_root: Path) -> 
         server_key=_resolve(server_key, Path.cwd(), RUN_SERVER_KEY) if server_key else None,
         server_public_key=str(run_config.get(RUN_SERVER_PUBLIC_KEY, "")),
         accept_unverified_checkpoints=accept_unverified,
+        metrics=metrics_endpoint_from_config(run_config),
     )
 
 
@@ -107,6 +168,15 @@ def _check_dp_overrides(scenario: ScenarioConfig, rounds: int, per_round: int) -
             f"the run config sets {', '.join(changed)}: under distributed DP each device sizes its noise from the "
             "scenario file, which the run config may not change; edit rounds or clients-per-round in the scenario"
         )
+
+
+def metrics_endpoint_from_config(run_config: Mapping[str, Any]) -> MetricsEndpoint:
+    """The run config's ``metrics-port``, ``metrics-host`` and ``dashboard`` (all optional)."""
+    port = _count(run_config, RUN_METRICS_PORT)
+    host = run_config.get(RUN_METRICS_HOST, LOOPBACK)
+    if not isinstance(host, str):
+        raise ConfigError(f"{RUN_METRICS_HOST} must be a string, got {host!r}")
+    return MetricsEndpoint(port=port, host=host or LOOPBACK, dashboard=_flag(run_config, RUN_DASHBOARD))
 
 
 def phase_variant(scenario: ScenarioConfig, phase: str, out_dir: Path) -> ScenarioConfig:

@@ -1,0 +1,215 @@
+"""The ServerApp's Prometheus metrics: what the round loop reports, in a registry of its own, on an HTTP port.
+
+Only aggregates leave the server here: counts, bytes, times, the global model's scores, the server's memory,
+ε, and rejection counts by a short reason class (never a device id, a key, a delta or a client's text), so
+the label values are a fixed, small set whatever clients send. docs/deployment.md lists every metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, start_http_server
+
+from fedadapt.errors import ConfigError
+from fedadapt.fleet.resources import current_rss_bytes
+from fedadapt.fleet.run_config import MetricsEndpoint
+from fedadapt.privacy.secagg.stages import STAGES as SECAGG_STAGES
+from server.run_state import STAGES, STARTING
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "fedadapt"
+# Rounds take seconds (tiny models on loopback) to an hour (phones on mobile networks).
+SECONDS_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600, math.inf)
+
+# Reason class of a rejection, from the server's own wording of it (server/replies.py, fedadapt/aggregate):
+# the first pattern found names it. A client-chosen string can only move a reason between these classes.
+REASON_CLASSES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("timeout", re.compile(r"^no reply within the round timeout")),
+    ("client_error", re.compile(r"^client error")),
+    ("envelope", re.compile(r"^envelope rejected")),
+    ("malformed", re.compile(r"^malformed reply")),
+    ("too_large", re.compile(r"^(payload|StateError: blob) of \d+ bytes exceeds")),
+    ("duplicate", re.compile(r"^a second reply from the same client")),
+    ("examples", re.compile(r"^num[-_]examples ")),
+    ("norm", re.compile(r"^StateError: delta L2 norm")),
+    ("schema", re.compile(r"^(SchemaMismatch|StateError|SerializationError|[A-Za-z]*Error): ")),
+    ("unexpected", re.compile(r"^unexpected ")),
+)
+OTHER_REASON = "other"
+DROPPED_LABELS = tuple(f"dropped_{stage.removeprefix('secagg-')}" for stage in SECAGG_STAGES)
+REASON_LABELS = (*(name for name, _ in REASON_CLASSES), *DROPPED_LABELS, OTHER_REASON)
+
+
+def reason_class(reason: object) -> str:
+    """The short class of a rejection reason, one of ``REASON_LABELS`` (bounded label cardinality)."""
+    text = reason if isinstance(reason, str) else ""
+    return next((name for name, pattern in REASON_CLASSES if pattern.search(text)), OTHER_REASON)
+
+
+def dropped_class(stage: object) -> str:
+    """The class of a secagg+ device lost at ``stage``: ``dropped_<stage>`` for a protocol stage, else other."""
+    if isinstance(stage, str) and stage in SECAGG_STAGES:
+        return f"dropped_{stage.removeprefix('secagg-')}"
+    return OTHER_REASON
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the metrics say about the run as a whole."""
+
+    scenario: str
+    privacy: str
+    planned_rounds: int
+    dp: bool = False
+
+
+class RunMetrics:
+    """The run's Prometheus metrics in their own ``CollectorRegistry`` (never the process-wide one)."""
+
+    def __init__(self, facts: RunFacts) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        Info(f"{PREFIX}_run", "The run: scenario name and privacy mode.", registry=r).info(
+            {"scenario": facts.scenario[:100], "privacy": facts.privacy}
+        )
+        self.planned = Gauge(f"{PREFIX}_rounds_planned", "Rounds the run is to take.", registry=r)
+        self.planned.set(facts.planned_rounds)
+        self.completed = Gauge(f"{PREFIX}_rounds_completed", "Rounds completed (metrics.json rounds).", registry=r)
+        self.round = Gauge(f"{PREFIX}_round", "The round in progress (the last one once the run ends).", registry=r)
+        self.stage = Enum(f"{PREFIX}_stage", "What the server is doing.", states=list(STAGES), registry=r)
+        self.connected = Gauge(f"{PREFIX}_devices_connected", "Devices connected when the round sampled.", registry=r)
+        self.sampled = Gauge(f"{PREFIX}_devices_sampled", "Devices sampled in the round in progress.", registry=r)
+        self.accepted = Gauge(f"{PREFIX}_devices_accepted", "Devices whose update the last round used.", registry=r)
+        self.accepted_total = Counter(f"{PREFIX}_updates_accepted", "Updates accepted, all rounds.", registry=r)
+        self.rejected = Counter(
+            f"{PREFIX}_updates_rejected", "Updates rejected or lost, by reason class.", ["reason"], registry=r
+        )
+        self.bytes_up = Counter(f"{PREFIX}_bytes_up", "Bytes devices uploaded to the server.", registry=r)
+        self.bytes_down = Counter(f"{PREFIX}_bytes_down", "Bytes the server sent to devices.", registry=r)
+        self.round_seconds = Histogram(
+            f"{PREFIX}_round_seconds", "Seconds per round.", buckets=SECONDS_BUCKETS, registry=r
+        )
+        self.exchange_seconds = Histogram(
+            f"{PREFIX}_exchange_seconds",
+            "Seconds from sending the global state to the last reply (or the deadline).",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.accuracy = Gauge(f"{PREFIX}_accuracy", "The global model's accuracy after the last round.", registry=r)
+        self.loss = Gauge(f"{PREFIX}_loss", "The global model's loss after the last round (NaN: none).", registry=r)
+        self.memory = Gauge(f"{PREFIX}_server_resident_bytes", "The server process's resident memory.", registry=r)
+        self.memory.set_function(lambda: float(current_rss_bytes() or math.nan))
+        self.epsilon = (
+            Gauge(f"{PREFIX}_dp_epsilon", "ε spent so far (differential privacy).", registry=r) if facts.dp else None
+        )
+        for reason in REASON_LABELS:  # every class shows from the start, at 0
+            self.rejected.labels(reason=reason)
+        self.stage.state(STARTING)
+
+    def set_stage(self, stage: str, server_round: int | None = None) -> None:
+        self.stage.state(stage)
+        if server_round is not None:
+            self.round.set(server_round)
+
+    def round_sampled(self, server_round: int, connected: int, sampled: int) -> None:
+        self.round.set(server_round)
+        self.connected.set(connected)
+        self.sampled.set(sampled)
+
+    def round_finished(self, record: dict[str, Any], completed: int) -> None:
+        """Fold one round's metrics.json record in."""
+        self.completed.set(completed)
+        self.round.set(_number(record.get("round")))
+        self.accepted.set(_number(record.get("accepted")))
+        self.add_rounds([record])
+        self.round_seconds.observe(_number(record.get("seconds")))
+        if "exchange_seconds" in record:
+            self.exchange_seconds.observe(_number(record["exchange_seconds"]))
+        self.accuracy.set(_number(record.get("accuracy")))
+        self.loss.set(_number(record.get("loss")))
+        if self.epsilon is not None and record.get("epsilon") is not None:
+            self.epsilon.set(_number(record["epsilon"]))
+
+    def add_rounds(self, records: Iterable[dict[str, Any]]) -> None:
+        """Add rounds' totals to the counters (all of a resumed run's earlier rounds at start)."""
+        for record in records:
+            self.accepted_total.inc(max(_number(record.get("accepted")), 0.0))
+            self.bytes_up.inc(max(_number(record.get("bytes_up")), 0.0))
+            self.bytes_down.inc(max(_number(record.get("bytes_down")), 0.0))
+            for entry in record.get("rejected") or ():
+                self.rejected.labels(reason=reason_class(entry.get("reason"))).inc()
+            for entry in record.get("dropped") or ():
+                self.rejected.labels(reason=dropped_class(entry.get("stage"))).inc()
+
+    def resumed(self, history: list[dict[str, Any]]) -> None:
+        """A resumed run: its counters start from the rounds already in metrics.json, so they equal its totals."""
+        if history:
+            self.add_rounds(history)
+            last = history[-1]
+            self.completed.set(len(history))
+            self.round.set(_number(last.get("round")))
+            self.accuracy.set(_number(last.get("accuracy")))
+            self.loss.set(_number(last.get("loss")))
+            if self.epsilon is not None and last.get("epsilon") is not None:
+                self.epsilon.set(_number(last["epsilon"]))
+
+
+def _number(value: object) -> float:
+    """A record's number as a float; NaN for None or anything that is not a finite-or-not number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    return float(value)
+
+
+class MetricsObserver:
+    """A ``RoundObserver`` that keeps ``RunMetrics`` up to date."""
+
+    def __init__(self, metrics: RunMetrics) -> None:
+        self.metrics = metrics
+
+    def stage(self, stage: str, server_round: int) -> None:
+        self.metrics.set_stage(stage, server_round)
+
+    def round_sampled(self, server_round: int, connected: int, sampled: int) -> None:
+        self.metrics.round_sampled(server_round, connected, sampled)
+
+    def round_finished(self, record: dict[str, Any], completed: int) -> None:
+        self.metrics.round_finished(record, completed)
+
+
+class MetricsServer:
+    """The HTTP endpoint of a registry: ``start`` binds it (in a daemon thread), ``stop`` frees the port."""
+
+    def __init__(self, endpoint: MetricsEndpoint, registry: CollectorRegistry) -> None:
+        self.endpoint = endpoint
+        self.registry = registry
+        self._server: Any = None
+
+    def start(self) -> None:
+        self.endpoint.warn_if_exposed()
+        try:
+            self._server, _ = start_http_server(self.endpoint.port, addr=self.endpoint.host, registry=self.registry)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot serve metrics on {self.endpoint.host}:{self.endpoint.port} ({err.strerror or err}): "
+                "choose a free --metrics-port"
+            ) from err
+        logger.info("Prometheus metrics on http://%s/metrics", _authority(self.endpoint))
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _authority(endpoint: MetricsEndpoint) -> str:
+    host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+    return f"{host}:{endpoint.port}"
