@@ -324,6 +324,58 @@ def serve(
     )
 
 
+RUN_FAILED = 1  # `fedadapt status`: the run failed (2 stays a usage or input error)
+
+
+@app.command()
+@_reports_errors()
+def status(
+    folder: Annotated[Path, typer.Argument(help="The run's folder (its --out): metrics.json and status.json.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """A running or finished run's state from its folder; exits 1 when the run failed."""
+    from fedadapt.fleet.run_status import inspect_run
+
+    report = inspect_run(folder)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        _print_status(report)
+    if report.failed:
+        raise typer.Exit(RUN_FAILED)
+
+
+def _print_status(report: Any) -> None:
+    """The verdict, the figures so far, and the last rounds as a table."""
+    planned = "?" if report.planned is None else str(report.planned)
+    typer.echo(f"{report.folder}: {report.state.upper()} ({report.why})")
+    where = f", {report.stage} in round {report.round}" if report.stage and report.state == "running" else ""
+    typer.echo(f"  scenario {report.scenario or '?'}, privacy {report.privacy or '?'}{where}")
+    typer.echo(f"  rounds: {report.completed} of {planned} done")
+    if report.accuracy is not None or report.epsilon is not None:
+        accuracy = "-" if report.accuracy is None else f"{report.accuracy:.4f}"
+        epsilon = "" if report.epsilon is None else f", ε {report.epsilon:.4g}"
+        typer.echo(f"  last accuracy: {accuracy}{epsilon}")
+    rejected = sum(report.rejected.values())
+    classes = ", ".join(f"{reason} {count}" for reason, count in report.rejected.items())
+    typer.echo(f"  rejected: {rejected}" + (f" ({classes})" if classes else ""))
+    if report.rounds:
+        table = Table(title="last rounds")
+        for name in ("round", "accuracy", "ε", "accepted", "rejected", "bytes up", "seconds"):
+            table.add_column(name, justify="right")
+        for row in report.rounds[-10:]:
+            table.add_row(
+                *(_cell(row[k], f) for k, f in (("round", "{}"), ("accuracy", "{:.4f}"), ("epsilon", "{:.3g}"))),
+                f"{_cell(row['accepted'], '{}')}/{_cell(row['clients'], '{}')}",
+                *(_cell(row[k], f) for k, f in (("rejected", "{}"), ("bytes_up", "{:,}"), ("seconds", "{:.1f}"))),
+            )
+        Console().print(table)
+
+
+def _cell(value: Any, form: str) -> str:
+    return "-" if value is None else form.format(value)
+
+
 node_app = typer.Typer(
     help="Join a federation as one device (a Flower SuperNode running fedadapt's ClientApp), or make its key.",
     invoke_without_command=True,

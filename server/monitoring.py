@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +16,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, start_http_server
 
 from fedadapt.errors import ConfigError
+from fedadapt.fleet.rejections import CLASSES as REASON_LABELS
+from fedadapt.fleet.rejections import round_rejections
 from fedadapt.fleet.resources import current_rss_bytes
 from fedadapt.fleet.run_config import MetricsEndpoint
-from fedadapt.privacy.secagg.stages import STAGES as SECAGG_STAGES
 from server.run_state import STAGES, STARTING
 
 logger = logging.getLogger(__name__)
@@ -27,37 +27,6 @@ logger = logging.getLogger(__name__)
 PREFIX = "fedadapt"
 # Rounds take seconds (tiny models on loopback) to an hour (phones on mobile networks).
 SECONDS_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600, math.inf)
-
-# Reason class of a rejection, from the server's own wording of it (server/replies.py, fedadapt/aggregate):
-# the first pattern found names it. A client-chosen string can only move a reason between these classes.
-REASON_CLASSES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("timeout", re.compile(r"^no reply within the round timeout")),
-    ("client_error", re.compile(r"^client error")),
-    ("envelope", re.compile(r"^envelope rejected")),
-    ("malformed", re.compile(r"^malformed reply")),
-    ("too_large", re.compile(r"^(payload|StateError: blob) of \d+ bytes exceeds")),
-    ("duplicate", re.compile(r"^a second reply from the same client")),
-    ("examples", re.compile(r"^num[-_]examples ")),
-    ("norm", re.compile(r"^StateError: delta L2 norm")),
-    ("schema", re.compile(r"^(SchemaMismatch|StateError|SerializationError|[A-Za-z]*Error): ")),
-    ("unexpected", re.compile(r"^unexpected ")),
-)
-OTHER_REASON = "other"
-DROPPED_LABELS = tuple(f"dropped_{stage.removeprefix('secagg-')}" for stage in SECAGG_STAGES)
-REASON_LABELS = (*(name for name, _ in REASON_CLASSES), *DROPPED_LABELS, OTHER_REASON)
-
-
-def reason_class(reason: object) -> str:
-    """The short class of a rejection reason, one of ``REASON_LABELS`` (bounded label cardinality)."""
-    text = reason if isinstance(reason, str) else ""
-    return next((name for name, pattern in REASON_CLASSES if pattern.search(text)), OTHER_REASON)
-
-
-def dropped_class(stage: object) -> str:
-    """The class of a secagg+ device lost at ``stage``: ``dropped_<stage>`` for a protocol stage, else other."""
-    if isinstance(stage, str) and stage in SECAGG_STAGES:
-        return f"dropped_{stage.removeprefix('secagg-')}"
-    return OTHER_REASON
 
 
 @dataclass(frozen=True)
@@ -143,10 +112,8 @@ class RunMetrics:
             self.accepted_total.inc(max(_number(record.get("accepted")), 0.0))
             self.bytes_up.inc(max(_number(record.get("bytes_up")), 0.0))
             self.bytes_down.inc(max(_number(record.get("bytes_down")), 0.0))
-            for entry in record.get("rejected") or ():
-                self.rejected.labels(reason=reason_class(entry.get("reason"))).inc()
-            for entry in record.get("dropped") or ():
-                self.rejected.labels(reason=dropped_class(entry.get("stage"))).inc()
+            for reason, count in round_rejections(record).items():
+                self.rejected.labels(reason=reason).inc(count)
 
     def resumed(self, history: list[dict[str, Any]]) -> None:
         """A resumed run: its counters start from the rounds already in metrics.json, so they equal its totals."""

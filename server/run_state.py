@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-# The round loop moves through WAITING..CHECKPOINTING every round; the run ends FINISHED (its planned rounds),
-# STOPPED (before them: the privacy budget) or FAILED (an error ended the server).
-STARTING, WAITING, TRAINING, AGGREGATING, EVALUATING, CHECKPOINTING = (
-    *("starting", "waiting", "training", "aggregating", "evaluating", "checkpointing"),
+from fedadapt.fleet.run_status import (  # noqa: F401  (the stages, for the round loop and its observers)
+    AGGREGATING,
+    CHECKPOINTING,
+    EVALUATING,
+    FAILED,
+    FINISHED,
+    STAGES,
+    STARTING,
+    STOPPED,
+    TRAINING,
+    WAITING,
 )
-FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"
-STAGES = (STARTING, WAITING, TRAINING, AGGREGATING, EVALUATING, CHECKPOINTING, FINISHED, STOPPED, FAILED)
-ENDED = (FINISHED, STOPPED, FAILED)
 
 
 class RoundObserver(Protocol):

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedadapt.checkpoint.rounds import list_checkpoints
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.run_config import fleet_run_from_config
+from fedadapt.fleet.run_status import StatusFile
 from server.federation import Federation
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # inside the FAB Flower unpacks, or the checkout
@@ -50,14 +51,15 @@ def main(grid: Grid, context: Context) -> None:
 
 @contextlib.contextmanager
 def watched(federation: Federation) -> Iterator[None]:
-    """The run's metrics endpoint (when the run config asks for one) for as long as the rounds run."""
+    """The run's status.json, and its metrics endpoint when the run config asks for one, while the rounds run."""
+    scenario = federation.scenario
+    federation.observers.append(StatusFile(federation.run.out_dir, scenario.rounds, federation.completed_rounds))
     endpoint = federation.run.metrics
     if not endpoint.enabled:
         yield
         return
     from server.monitoring import MetricsObserver, MetricsServer, RunFacts, RunMetrics  # prometheus: only when asked
 
-    scenario = federation.scenario
     facts = RunFacts(scenario.name, federation.privacy.mode, scenario.rounds, dp=federation.dp is not None)
     metrics = RunMetrics(facts)
     metrics.resumed(federation.history)

@@ -25,9 +25,11 @@ from server_harness import (
 )
 
 from fedadapt.errors import ConfigError
+from fedadapt.fleet.rejections import CLASSES as REASON_LABELS
+from fedadapt.fleet.rejections import reason_class
 from fedadapt.fleet.run_config import MetricsEndpoint, fleet_run_from_config
 from server import monitoring
-from server.monitoring import REASON_LABELS, RunFacts, RunMetrics, reason_class
+from server.monitoring import RunFacts, RunMetrics
 from simulations.processes import free_port
 
 HOSTILE = 103  # partition 2's node: its replies lose their content
