@@ -126,7 +126,7 @@ def serve(
     ``empty_clients`` (benchmarks): devices reply at once with a zero delta, so a round costs only
     Flower's message exchange, the ClientApp process start and the server's own work.
     """
-    from simulations.plots import write_plots
+    from server.plots import write_plots
 
     plan = plan_simulation(
         scenario,

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, make_wsgi_app
 
 from fedadapt.errors import ConfigError
 from fedadapt.fleet.rejections import CLASSES as REASON_LABELS
@@ -23,6 +28,13 @@ from fedadapt.fleet.run_config import MetricsEndpoint
 from server.run_state import STAGES, STARTING
 
 logger = logging.getLogger(__name__)
+
+# The live page runs no script and loads nothing but its own plots; nothing here is worth caching.
+SECURITY_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+]
 
 PREFIX = "fedadapt"
 # Rounds take seconds (tiny models on loopback) to an hour (phones on mobile networks).
@@ -152,29 +164,83 @@ class MetricsObserver:
 
 
 class MetricsServer:
-    """The HTTP endpoint of a registry: ``start`` binds it (in a daemon thread), ``stop`` frees the port."""
+    """The HTTP endpoint: ``/metrics`` (the registry, through prometheus-client's own exposition) and, with a
+    dashboard, the live page ``/`` and its plots. ``start`` binds it (requests are served in threads), ``stop``
+    frees the port."""
 
-    def __init__(self, endpoint: MetricsEndpoint, registry: CollectorRegistry) -> None:
+    def __init__(self, endpoint: MetricsEndpoint, registry: CollectorRegistry, out_dir: Path | None = None) -> None:
         self.endpoint = endpoint
-        self.registry = registry
-        self._server: Any = None
+        self.app = MonitorApp(registry, out_dir if endpoint.dashboard else None)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.endpoint.warn_if_exposed()
         try:
-            self._server, _ = start_http_server(self.endpoint.port, addr=self.endpoint.host, registry=self.registry)
+            self._server = _bind(self.endpoint, self.app)
         except OSError as err:
             raise ConfigError(
                 f"cannot serve metrics on {self.endpoint.host}:{self.endpoint.port} ({err.strerror or err}): "
                 "choose a free --metrics-port"
             ) from err
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fedadapt-metrics", daemon=True)
+        self._thread.start()
         logger.info("Prometheus metrics on http://%s/metrics", _authority(self.endpoint))
+        if self.endpoint.dashboard:
+            logger.info("the run's live page on http://%s/", _authority(self.endpoint))
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class MonitorApp:
+    """The WSGI application behind the endpoint: GET and HEAD of a fixed set of paths, 404 for anything else."""
+
+    def __init__(self, registry: CollectorRegistry, out_dir: Path | None) -> None:
+        self.metrics = make_wsgi_app(registry)
+        self.out_dir = out_dir  # None: no dashboard
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return _respond(start_response, "405 Method Not Allowed", "text/plain", b"GET only\n")
+        if path == "/metrics":
+            return cast(Iterable[bytes], self.metrics(environ, start_response))
+        if self.out_dir is None:
+            return _respond(start_response, "404 Not Found", "text/plain", b"only /metrics is served here\n")
+        from server import dashboard  # matplotlib and the page: only with --dashboard
+
+        if path in ("/", "/index.html"):
+            return _respond(start_response, "200 OK", "text/html; charset=utf-8", dashboard.page(self.out_dir).encode())
+        png = dashboard.read_plot(self.out_dir, path.removeprefix("/"))
+        if png is None:
+            return _respond(start_response, "404 Not Found", "text/plain", b"not found\n")
+        return _respond(start_response, "200 OK", "image/png", png)
+
+
+def _respond(start_response: Any, status: str, content_type: str, body: bytes) -> list[bytes]:
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), *SECURITY_HEADERS]
+    start_response(status, headers)
+    return [body]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds would flood the run's log."""
+
+
+def _bind(endpoint: MetricsEndpoint, app: MonitorApp) -> WSGIServer:
+    """A threading WSGI server on the endpoint's host and port (IPv4 or IPv6, as the host resolves)."""
+    family = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True
+
+    return make_server(endpoint.host, endpoint.port, app, Server, handler_class=_QuietHandler)
 
 
 def _authority(endpoint: MetricsEndpoint) -> str:

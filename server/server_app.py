@@ -63,9 +63,13 @@ def watched(federation: Federation) -> Iterator[None]:
     facts = RunFacts(scenario.name, federation.privacy.mode, scenario.rounds, dp=federation.dp is not None)
     metrics = RunMetrics(facts)
     metrics.resumed(federation.history)
-    server = MetricsServer(endpoint, metrics.registry)
+    server = MetricsServer(endpoint, metrics.registry, federation.run.out_dir)
     server.start()
     federation.observers.append(MetricsObserver(metrics))
+    if endpoint.dashboard:
+        from server.dashboard import PlotRefresher  # matplotlib: only with the live page
+
+        federation.observers.append(PlotRefresher(federation.run.out_dir))
     try:
         yield
     finally:

@@ -220,7 +220,7 @@ def simulate(
     PNG plots (accuracy.png, bytes.png) go beside metrics.json. ``endpoint``: the ServerApp's Prometheus endpoint
     (docs/deployment.md, "Watching a run").
     """
-    from simulations.plots import write_plots
+    from server.plots import write_plots
 
     plan = plan_simulation(scenario, rounds, out, resume, empty_clients, accept_unverified, endpoint)
     if plan.scenario.head_warmup_rounds:

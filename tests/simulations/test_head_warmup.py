@@ -58,7 +58,7 @@ class InProcessRuns:
 def runs(monkeypatch: pytest.MonkeyPatch) -> InProcessRuns:
     fake = InProcessRuns()
     monkeypatch.setattr(runner, "run_plan", fake)
-    monkeypatch.setattr("simulations.plots.write_plots", lambda *args: None)
+    monkeypatch.setattr("server.plots.write_plots", lambda *args: None)
     return fake
 
 
@@ -131,7 +131,7 @@ def test_resume_after_a_crash_past_the_warmup_does_not_run_it_again(tiny_bert: P
     crashing = InProcessRuns(fail_phase="after-head-warmup")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(runner, "run_plan", crashing)
-        patch.setattr("simulations.plots.write_plots", lambda *args: None)
+        patch.setattr("server.plots.write_plots", lambda *args: None)
         with pytest.raises(runner.SimulationError, match="went down"):
             runner.simulate(scenario_file, out=out, show=False)
         with pytest.raises(ConfigError, match="--resume"):  # the warm-up's checkpoints are a run's

@@ -16,7 +16,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 if str(PROJECT_ROOT) not in sys.path:  # the apps are not installed
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from simulations.plots import write_plots  # noqa: E402
+from server.plots import write_plots  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FULL_MODEL_BYTES = 90_000_000
@@ -101,7 +101,7 @@ def test_input_is_not_modified_and_no_temp_files_are_left(tmp_path: Path) -> Non
 def test_plotting_loads_no_model_stack(tmp_path: Path) -> None:
     """Writing the PNGs is matplotlib and a file rename: torch, transformers and peft stay unloaded (seconds saved)."""
     code = (
-        "import json, sys; from pathlib import Path; from simulations.plots import write_plots; "
+        "import json, sys; from pathlib import Path; from server.plots import write_plots; "
         "write_plots(Path(sys.argv[1]), json.loads(sys.argv[2])); "
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'safetensors') if m in sys.modules))"
     )
