@@ -208,7 +208,7 @@ def test_secagg_fails_beyond_its_tolerance_then_recovers_a_node_killed_mid_round
     """With distributed DP on top (issue 22's loopback test): the failed round spends no privacy, and the round a
     device is killed in is accounted with the noise of the two shares that made it into the sum."""
     _skip_without_flower()
-    dp = {"mode": "distributed", "noise-multiplier": 1.0, "clip": 1.0, "delta": 1e-3}
+    dp = {"mode": "distributed", "noise-multiplier": 1.0, "clip": 0.1, "delta": 1e-3}  # ±1 carries the shares
     privacy = {"mode": "secagg+", "num-shares": 3, "reconstruction-threshold": 2, "dp": dp}
     # Round 3's stall of device 2 holds its masked-input ClientApp past the kill below, so the kill lands in
     # that stage however fast the warm child trains (a kill after it replied would hit the consistency stage).
@@ -242,9 +242,11 @@ def test_secagg_fails_beyond_its_tolerance_then_recovers_a_node_killed_mid_round
     assert third["loss"] != second["loss"]  # the aggregate moved the global state
     # DP: every device weighs 1; round 2 released nothing; round 3 had 2 of the 3 planned noise shares.
     assert [r["dp"]["accounted"] for r in rounds] == [True, False, True]
-    assert [r["dp"]["noise_multiplier"] for r in (rounds[0], third)] == [1.0, pytest.approx((2 / 3) ** 0.5)]
+    # z = 1, less SecAgg+'s rounding slack (a few %: C / (C + step·√n)), and √(2/3) of it with two shares.
+    full, short = rounds[0]["dp"]["noise_multiplier"], third["dp"]["noise_multiplier"]
+    assert 0.9 < full < 1.0 and short == pytest.approx(full * (2 / 3) ** 0.5)
     accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    for z in (1.0, (2 / 3) ** 0.5):
+    for z in (full, short):
         accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(3, 3, dp_accounting.GaussianDpEvent(z / 2)))
     assert metrics["summary"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-3), rel=1e-9)
     assert second["epsilon"] == rounds[0]["epsilon"] < third["epsilon"]
