@@ -412,7 +412,8 @@ def write_plot(path: Path, rows: Mapping[str, Mapping[str, Any]], title: str) ->
     ax.set_ylabel("final accuracy (Banking77 test split)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
     fig.savefig(path, format="png")
 
 
