@@ -30,6 +30,7 @@ import torch
 from fedadapt.aggregate.validation import CheckedDelta
 from fedadapt.delta.state import AdapterSchema, State, TensorSpec, check_state, unflatten_state
 from fedadapt.errors import AccountantStateError, ConfigError, EmptyAggregateError
+from fedadapt.privacy.dp.accounting import FORMAT as ACCOUNTANT_FORMAT
 from fedadapt.privacy.dp.accounting import Accountant
 from fedadapt.privacy.dp.adaptive_clip import (
     AdaptiveClip,
@@ -107,11 +108,11 @@ class DpRounds:
         ConfigError when the clip norm (fixed, or adaptive's first) already needs more than the clipping range.
         """
         n, m, rounds = self.plan.population, self.plan.sample_size, self.rounds
-        if needed_clipping_range(self.config, self.clip, n, m, rounds) > privacy_clipping_range:
+        needed = needed_clipping_range(self.config, self.clip, n, m, rounds)
+        if needed > privacy_clipping_range:
             raise ConfigError(
                 f"privacy clipping-range {privacy_clipping_range:g} would clip the DP values of clip norm "
-                f"{self.clip:g} (with the devices' noise shares): raise it to at least "
-                f"{needed_clipping_range(self.config, self.clip, n, m, rounds):.4g}, or lower the clip"
+                f"{self.clip:g} (with the devices' noise shares): raise it to at least {needed:.4g}, or lower the clip"
             )
         self.max_clip = privacy_clipping_range / values_range_per_clip(self.config, n, m, rounds)
         self.encoding_slack = encoding_slack(quantization_step, values)
@@ -141,7 +142,7 @@ class DpRounds:
                 )
             if entry.get("accounted"):
                 events.append([entry.get("noise_multiplier"), entry.get("population"), entry.get("sample_size")])
-        state = {"format": "fedadapt-dp-accountant/1", "sampling": self.config.sampling, "delta": self.plan.delta}
+        state = {"format": ACCOUNTANT_FORMAT, "sampling": self.config.sampling, "delta": self.plan.delta}
         self.accountant = Accountant.from_json(
             state | {"events": events}, sampling=self.config.sampling, delta=self.plan.delta
         )
