@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedadapt.aggregate.dp_rounds import RECORD_KEY, DpRounds, DpSum
-from fedadapt.aggregate.fedavg import Averager, ReceivedDelta, aggregate_round
+from fedadapt.aggregate.fedavg import Averager, ReceivedDelta, RoundStep, aggregate_round
 from fedadapt.aggregate.server_optimizers import ServerOptimizer
 from fedadapt.aggregate.server_training import load_proxy, train_on_proxy
 from fedadapt.aggregate.validation import REASON_LIMIT, DeltaValidator
@@ -53,6 +53,7 @@ from fedadapt.fleet.resources import memory_record
 from fedadapt.fleet.run_config import FINAL_ADAPTER, FleetRun
 from fedadapt.privacy.transport import ServerOpener, sealed_delta_overhead
 from fedadapt.train.loop import TrainConfig, evaluate
+from fedadapt.train.prototypes import PrototypeHeadStep, label_name_basis
 from server.replies import (
     DeltaReply,
     bytes_to_array,
@@ -265,7 +266,7 @@ class Federation:
         plan = ReplyPlan(
             opener=self.opener,
             validator=self.validator,
-            optimizer=self.optimizer,
+            optimizer=self._round_step(server_round),
             server_round=server_round,
             timeout=self.scenario.round_timeout,
             max_payload=self.payload_limit,
@@ -329,13 +330,23 @@ class Federation:
             record["error"] = f"only {record['accepted']} clients are in the sum, fewer than min-clients ({minimum})"
             logger.warning("round %d: %s; the global state stays as it was", server_round, record["error"])
         elif outcome.mean is not None:
-            self.global_state = self.optimizer.step(self.global_state, outcome.mean)
+            self.global_state = self._round_step(server_round).step(self.global_state, outcome.mean)
         if outcome.mean is None or "error" in record:
             record["accepted"] = 0
         record["rejected"] = [
             {"client": d["client"], "reason": f"{d['stage']}: {d['reason']}"} for d in record["dropped"]
         ]
         return record, outcome.client_metrics
+
+    def _round_step(self, server_round: int) -> RoundStep:
+        """The server optimizer, or in a prototype round (``head-fit = "prototypes"``) the head fitted from the
+        round's mean class statistic, projected onto the class names' span if ``prototype-basis`` says so."""
+        if not self.scenario.prototype_round(server_round):
+            return self.optimizer
+        basis = None
+        if self.scenario.prototype_basis == "label-names":
+            basis = label_name_basis(self.model, self.model.labels, self.scenario.max_length)
+        return PrototypeHeadStep(self.schema, basis)
 
     def _private_mean(self, outcome: Any, record: dict[str, Any], sampled: int) -> tuple[State | None, float | None]:
         """The DP mean of a secure round (None when the round released nothing) and its noised unclipped fraction.
@@ -480,7 +491,7 @@ class ReplyPlan:
 
     opener: ServerOpener
     validator: DeltaValidator
-    optimizer: ServerOptimizer
+    optimizer: RoundStep
     server_round: int
     timeout: float  # the round timeout, named in the reason of a missing reply
     max_payload: int  # the largest legal payload (delta blob, sealed in sealed modes)

@@ -18,7 +18,6 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from fedadapt.aggregate.server_optimizers import ServerOptimizer
 from fedadapt.aggregate.validation import REASON_LIMIT, CheckedDelta, DeltaValidator, check_num_examples
 from fedadapt.delta.state import (
     PARTS,
@@ -94,6 +93,16 @@ class Averager(Protocol):
     def result(self) -> State: ...
 
 
+class RoundStep(Protocol):
+    """What turns the round's mean into the next global state: a ``ServerOptimizer``, or for a prototype round
+    ``fedadapt.train.prototypes.PrototypeHeadStep``."""
+
+    schema_id: str
+    part: Part
+
+    def step(self, global_state: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor]) -> State: ...
+
+
 class ReceivedDelta(NamedTuple):
     """One client's delta as the server received it, not yet checked: the client's id (for logs), the serialized
     delta and the example count the client claims. (A device builds its reply as
@@ -121,7 +130,7 @@ def aggregate_round(
     global_state: Mapping[str, torch.Tensor],
     replies: Iterable[ReceivedDelta | tuple[str, bytes, int]],
     validator: DeltaValidator,
-    optimizer: ServerOptimizer,
+    optimizer: RoundStep,
     min_clients: int = 1,
     max_examples: int | None = None,
     averager: Averager | None = None,

@@ -29,6 +29,7 @@ from fedadapt.fleet.faults import SimulatedDeviceFailure, device_fault, stall_se
 from fedadapt.fleet.scenario import ScenarioConfig
 from fedadapt.model.adapter_model import AdapterModel
 from fedadapt.train.loop import EvalResult, evaluate
+from fedadapt.train.prototypes import class_mean_statistic
 
 logger = logging.getLogger(__name__)
 
@@ -82,26 +83,31 @@ def train_client_update(device: DeviceContext, global_blob: bytes, server_round:
         raise DataError(f"client {partition_id} has no training examples")
     # Scoring the received global model too costs a forward pass per round: only when asked.
     before = _evaluate_or_none(model, test_set, scenario.device) if scenario.eval_before_training else None
-    config = train_config(scenario, _round_seed(device, server_round), partition_id)
-    result, cache_metrics = train_on_device(device, model, split.train.texts, train_set, config)
-    after = _evaluate_or_none(model, test_set, scenario.device)
+    if scenario.prototype_round(server_round):
+        # No training: the device's class-mean statistic stands in for its delta (fedadapt.train.prototypes).
+        started = time.perf_counter()
+        delta = class_mean_statistic(model, train_set, scenario.batch_size, scenario.device)
+        work: dict[str, float | int] = {
+            "prototype-examples": len(train_set),
+            "train-seconds": time.perf_counter() - started,
+        }
+        after = None  # the received head is not what this round makes: nothing to score
+    else:
+        config = train_config(scenario, _round_seed(device, server_round), partition_id)
+        result, cache_metrics = train_on_device(device, model, split.train.texts, train_set, config)
+        work = {"train-loss": result.final_loss, "train-steps": result.steps, "train-seconds": result.seconds}
+        work |= cache_metrics
+        after = _evaluate_or_none(model, test_set, scenario.device)
+        delta = compute_delta(model.state("shared"), global_shared)
     fault = device_fault(scenario, server_round, partition_id)
     if fault == "crash":  # after training, before anything is saved or sent: the round's work is lost
         raise SimulatedDeviceFailure(f"client {partition_id} crashed in round {server_round} (a simulated fault)")
-    delta = compute_delta(model.state("shared"), global_shared)
     if scenario.personal_head:
         _save_personal(model, device)
     if fault == "stall":
         logger.info("client %d straggles in round %d: replying after the round timeout", partition_id, server_round)
         time.sleep(stall_seconds(scenario))
-    metrics: dict[str, float | int] = {
-        "partition-id": partition_id,
-        "train-loss": result.final_loss,
-        "train-steps": result.steps,
-        "train-seconds": result.seconds,
-        "test-examples": len(test_set),
-        **cache_metrics,
-    }
+    metrics: dict[str, float | int] = {"partition-id": partition_id, **work, "test-examples": len(test_set)}
     if scenario.personal_head:
         metrics["personal-restored"] = int(restored)
     if scenario.tier_steps:

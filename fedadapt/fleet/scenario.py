@@ -36,6 +36,12 @@ FAULT_KINDS = ("crash", "stall")
 COMPRESSIONS = ("none", "fp16", "int8")
 
 
+HEAD_FITS = ("trained", "prototypes")  # how the global head starts: trained by the rounds, or fitted in round 1
+
+
+PROTOTYPE_BASES = ("none", "label-names")  # the public subspace a prototype head is projected onto (train.prototypes)
+
+
 MAX_CLIENTS = 100_000
 
 
@@ -197,6 +203,8 @@ class ScenarioConfig:
     server_device: str = "auto"  # the server's training and central evaluation: auto | cpu | cuda[:N]
     initial_head: str | None = None  # an adapter folder whose head starts the global head (a head warm start)
     head_warmup_rounds: int = 0  # the first N of ``rounds`` train only the head (fleet.variants.head_warmup_variant)
+    head_fit: str = "trained"  # "prototypes": round 1 fits the global head from class prototypes (train.prototypes)
+    prototype_basis: str = "none"  # "label-names": the prototype head is projected onto the names' public span
     privacy: PrivacyConfig = PrivacyConfig()  # the [privacy] table: none | aead | secagg+ and SecAgg+ parameters
 
     def __post_init__(self) -> None:
@@ -245,6 +253,10 @@ class ScenarioConfig:
             )
         if self.head_warmup_rounds:
             self._check_head_warmup()
+        _check_choice("head-fit", self.head_fit, HEAD_FITS)
+        _check_choice("prototype-basis", self.prototype_basis, PROTOTYPE_BASES)
+        if self.head_fit == "prototypes":
+            self._check_prototype_head()
         if not isinstance(self.privacy, PrivacyConfig):
             raise ConfigError(f"privacy must be a PrivacyConfig, got {type(self.privacy).__name__}")
         self.privacy.check_fleet(self.sample_size)
@@ -274,6 +286,25 @@ class ScenarioConfig:
                     f"head-warmup-rounds trains the global head before the adapter; it does not go with {setting}: "
                     "drop one of them"
                 )
+
+    def _check_prototype_head(self) -> None:
+        """A prototype round fits the one global head, in round 1, from what devices send instead of training."""
+        refused = {
+            "personal-head = true": self.personal_head,  # no global head to fit
+            "initial-head": self.initial_head is not None,  # round 1 would overwrite it
+            "head-warmup-rounds": bool(self.head_warmup_rounds),  # two ways of starting the head
+            "server-warmup-epochs": bool(self.server_warmup_epochs),  # trained, then overwritten in round 1
+        }
+        for setting, present in refused.items():
+            if present:
+                raise ConfigError(
+                    f'head-fit = "prototypes" fits the global head in round 1; it does not go with {setting}: '
+                    "drop one of them"
+                )
+
+    def prototype_round(self, server_round: int) -> bool:
+        """Whether devices send class-mean statistics this round instead of training (round 1 of head-fit)."""
+        return self.head_fit == "prototypes" and server_round == 1
 
     @property
     def sample_size(self) -> int:

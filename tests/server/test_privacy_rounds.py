@@ -924,3 +924,74 @@ def test_secagg_dp_refuses_a_device_that_claims_more_weight(
     record = run.metrics["rounds"][0]
     assert "claimed more" in record["error"] and record["accepted"] == 0 and not record["dp"]["accounted"]
     assert _max_difference(_state(run.out, 1), _initial_state(run.grid, run.out)) == 0.0
+
+
+# --- the prototype head (head-fit = "prototypes"): round 1 fits the head from the devices' class means -----------
+
+
+def _statistic_mean(run: SharedRun, nodes: list[int], folder: Path, weighted: bool) -> tuple[Any, torch.Tensor]:
+    """The schema and the mean head-weight statistic of ``nodes`` in round 1, recomputed here: example-weighted
+    (FedAvg) or each device weighing 1 (DP)."""
+    from fedadapt.train.prototypes import head_specs
+
+    total: torch.Tensor | float = 0.0
+    weights = 0
+    for node in nodes:
+        update = _retrain(run.grid, run.scenario, 1, node, folder)
+        weight = head_specs(update.schema)[0].name
+        assert "train-steps" not in update.metrics and update.metrics["prototype-examples"] > 0  # no training
+        count = update.num_examples if weighted else 1
+        total = total + update.delta[weight].double() * count
+        weights += count
+    assert isinstance(total, torch.Tensor)
+    return update.schema, total / weights
+
+
+def _row_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
+
+
+@pytest.mark.parametrize("privacy", [None, PRIVACY_SECAGG], ids=["none", "secagg+"])
+def test_a_prototype_round_fits_the_head_from_the_fleets_class_means(
+    privacy: dict[str, Any] | None, tiny_bert: Path, tmp_path: Path, server_keys: KeyFiles
+) -> None:
+    """Round 1: no device trains; the server's head is the fleet's example-weighted class means scaled to norm 16
+    (the secure sum only rounds them); round 2 trains from that head as usual."""
+    from fedadapt.train.prototypes import PROTOTYPE_SCALE, head_specs
+
+    keys = server_keys if privacy else None
+    run = _shared_run(tiny_bert, tmp_path, privacy, keys, rounds=2, head_fit="prototypes")
+    first, second = run.metrics["rounds"]
+    assert first["accepted"] == 3 and second["accepted"] == 3 and first["accuracy"] is not None
+    schema, mean = _statistic_mean(run, [101, 102, 103], tmp_path, weighted=True)
+    weight, bias = head_specs(schema)
+    fitted = _state(run.out, 1)
+    present = mean.norm(dim=1) > 0
+    assert present.sum() >= 2  # the tiny fleet's data has several classes
+    assert torch.allclose(fitted[weight.name][present].double().norm(dim=1), torch.tensor(PROTOTYPE_SCALE).double())
+    assert not fitted[weight.name][~present].any() and not fitted[bias.name].any()
+    assert _row_cosines(fitted[weight.name][present], mean[present]).min() > (0.9999 if privacy else 1 - 1e-6)
+    assert _max_difference(_state(run.out, 2), fitted) > 0  # round 2 trained the head
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_a_private_prototype_round_releases_the_noised_mean_of_clipped_class_means(
+    mode: str, tiny_bert: Path, tmp_path: Path, server_keys: KeyFiles
+) -> None:
+    """Under DP each device weighs 1 and its statistic is clipped like any delta (here C = 1 ≥ every statistic's
+    norm): the head is the unweighted mean's direction plus noise of std z·C/m per value; ε is accounted."""
+    from fedadapt.train.prototypes import head_specs
+
+    dp = {"mode": mode, "noise-multiplier": 0.01, "clip": 1.0, "delta": 1e-3}
+    secure = {**PRIVACY_SECAGG, "clipping-range": 2.0, "dp": dp}  # room for the devices' noise shares
+    privacy = secure if mode == "distributed" else {"mode": "none", "dp": dp}
+    run = _shared_run(tiny_bert, tmp_path, privacy, server_keys, rounds=1, head_fit="prototypes")
+    record = run.metrics["rounds"][0]
+    assert record["accepted"] == 3 and record["epsilon"] > 0
+    schema, mean = _statistic_mean(run, [101, 102, 103], tmp_path, weighted=False)
+    assert mean.norm(dim=1).max() < 1.0  # no statistic was clipped: C = 1 bounds a class mean's row
+    fitted = _state(run.out, 1)[head_specs(schema)[0].name]
+    present = mean.norm(dim=1) > 0
+    cosines = _row_cosines(fitted[present], mean[present])
+    assert cosines.min() > 0.97  # noise std 0.01 / 3 per value against rows of norm ~0.3
+    assert cosines.min() < 1 - 1e-7  # but noise there is
